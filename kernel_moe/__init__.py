@@ -1,0 +1,36 @@
+"""kernel_moe: fused Mixture-of-Experts kernels for torch.compile.
+
+    import kernel_moe
+    report = kernel_moe.optimize(model, kernel_moe.KernelConfig.for_moe(top_k=2))
+    model = torch.compile(model, fullgraph=True)
+
+Importing this package registers the ``kernel_moe::`` custom ops; it never initialises
+CUDA and does not need triton.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kernel_moe.config import KernelConfig
+from kernel_moe.errors import KernelMoEError, UnsupportedInputError, UnsupportedModuleError
+from kernel_moe.layers import FusedMoE
+from kernel_moe.manager import UnifiedManager, optimize, restore
+from kernel_moe.report import OptimizeReport
+
+logging.getLogger("kernel_moe").addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedMoE",
+    "KernelConfig",
+    "KernelMoEError",
+    "OptimizeReport",
+    "UnifiedManager",
+    "UnsupportedInputError",
+    "UnsupportedModuleError",
+    "optimize",
+    "restore",
+    "__version__",
+]

@@ -1,0 +1,46 @@
+"""Command line: ``python -m kernel_moe demo | bench | env``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def _env() -> None:
+    import torch
+
+    from kernel_moe.ops.backend import triton_available
+
+    print(f"python {platform.python_version()}, torch {torch.__version__}, triton installed: {triton_available()}")
+    print(f"cuda available: {torch.cuda.is_available()}")
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()}")
+    try:
+        import transformers
+
+        print(f"transformers {transformers.__version__}")
+    except ImportError:
+        print("transformers not installed (extra 'hf')")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m kernel_moe", description=__doc__)
+    parser.add_argument("command", choices=["demo", "bench", "env"])
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from kernel_moe.demo import run_demo
+
+        run_demo()
+    elif args.command == "bench":
+        from kernel_moe.bench.cli import main as bench_main
+
+        return bench_main(rest)
+    else:
+        _env()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

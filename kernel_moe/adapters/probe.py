@@ -1,0 +1,104 @@
+"""Proof by computation: run the original module and a candidate on the same probe input.
+
+Every swap is preceded by a probe: a seeded random input of the module's dtype and device,
+evaluated without gradients and in eval mode (dropout off), on the original module and on
+the candidate. The candidate is accepted only when the outputs agree within the dtype's
+tolerance; the first candidate that agrees wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from kernel_moe.reference.activations import apply_pointwise
+
+PROBE_SEED = 20240611
+POINTWISE = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Temporarily put a module and its descendants in eval mode, then restore each flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def probe_input(shape: tuple[int, ...], like: torch.Tensor, seed: int = PROBE_SEED) -> torch.Tensor:
+    """A seeded standard-normal tensor with the dtype and device of ``like``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
+
+
+def mismatch(out: torch.Tensor, ref: torch.Tensor) -> str | None:
+    """None when ``out`` matches ``ref`` within the dtype tolerance, else a short description."""
+    if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
+        return f"shape {getattr(out, 'shape', type(out).__name__)} != {tuple(ref.shape)}"
+    a, b = out.double(), ref.double()
+    if not torch.isfinite(b).all():
+        return "reference output has non-finite values on the probe"
+    scale = b.abs().max().item()
+    if scale == 0.0:
+        return "reference output is all zeros on the probe, so equivalence cannot be shown"
+    if ref.dtype in (torch.float32, torch.float64):
+        err = (a - b).abs().max().item() / scale
+        return None if err <= 1e-4 else f"max relative error {err:.2e} > 1e-4"
+    err = ((a - b).norm() / b.norm()).item()
+    return None if err <= 2e-2 else f"relative error {err:.2e} > 2e-2"
+
+
+def run_module(module: nn.Module, x: torch.Tensor) -> object:
+    with torch.no_grad(), eval_mode(module):
+        return module(x)
+
+
+def identify_activation(fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
+    """Name of the pointwise activation that ``fn`` computes (silu, gelu, gelu_tanh, relu), or None."""
+    x = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            y = fn(x)
+    except Exception:
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return None
+    for name in POINTWISE:
+        if torch.allclose(y.double(), apply_pointwise(x, name), atol=1e-6, rtol=1e-6):
+            return name
+    return None
+
+
+def first_match(
+    build: Callable[[object], nn.Module],
+    candidates: list,
+    reference: Callable[[torch.Tensor], object],
+    x: torch.Tensor,
+    compare_output: Callable[[object], torch.Tensor] = lambda y: y,  # type: ignore[assignment,return-value]
+) -> tuple[object, nn.Module] | str:
+    """Try candidates in order; return (candidate, built module) for the first whose output on
+    ``x`` matches ``reference(x)``, else the reason of the closest failure."""
+    ref = reference(x)
+    reasons = []
+    for cand in candidates:
+        try:
+            mod = build(cand)
+            out = run_module(mod, x)
+        except Exception as exc:  # a candidate that cannot run is simply not a match
+            reasons.append(f"{type(exc).__name__}: {exc}")
+            continue
+        why = mismatch(compare_output(out), compare_output(ref))
+        if why is None:
+            return cand, mod
+        reasons.append(why)
+    return "no candidate matched the probe (" + "; ".join(dict.fromkeys(reasons))[:300] + ")"
+
+
+__all__ = ["eval_mode", "probe_input", "mismatch", "run_module", "identify_activation", "first_match"]

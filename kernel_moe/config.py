@@ -1,0 +1,149 @@
+"""KernelConfig: what the user asks kernel_moe to do, validated when it is built.
+
+A frozen dataclass: every field is checked in ``__post_init__`` and a bad value raises
+``ValueError`` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+BACKENDS = ("auto", "triton", "torch")
+LOAD_BALANCING = ("none", "auxiliary_loss", "dynamic")
+CAPACITY_PRIORITIES = ("score", "position")
+
+
+def _fail(field: str, value: object, allowed: str) -> None:
+    raise ValueError(f"KernelConfig.{field}={value!r} is invalid; allowed: {allowed}")
+
+
+def _check_int(field: str, value: object, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(field, value, f"an int >= {minimum}" + (" or None" if optional else ""))
+
+
+def _check_float(field: str, value: object, minimum: float, strict: bool, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    if not ok:
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        _fail(field, value, f"a finite number {bound}" + (" or None" if optional else ""))
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Configuration of :class:`kernel_moe.UnifiedManager`.
+
+    - ``num_experts`` / ``top_k``: what the user expects to find in each MoE module. ``None``
+      takes them from the module; a module whose value differs is skipped with that reason
+      (never silently re-routed).
+    - ``capacity_factor``: ``None`` is dropless. A number caps each expert at
+      ``ceil(capacity_factor * T * k / E)`` tokens (at least ``min_capacity``); tokens over
+      capacity are dropped in ``capacity_priority`` order ("score" or "position").
+    - ``load_balancing``: "none", "auxiliary_loss" (Switch load-balancing loss and router
+      z-loss, weighted by ``aux_loss_weight`` / ``z_loss_weight``) or "dynamic" (aux-loss-free
+      per-expert selection bias updated at ``bias_update_rate``).
+    - ``router_jitter``: multiplicative router-input noise in training only (0 disables).
+    - ``expert_parallel``: sharding experts over ranks (not available in this version).
+    - ``backend``: "auto" (Triton kernels on CUDA, the PyTorch path on CPU), "triton" (always
+      the Triton kernels; on CPU tensors only with TRITON_INTERPRET=1) or "torch".
+    - ``swap_moe`` / ``swap_ffn``: which module kinds are swapped (dense FFNs are opt-in).
+    - ``verify``: prove each candidate equivalent on a probe input before swapping it;
+      ``verify_tokens`` is the probe size.
+    - ``deterministic``: a fixed reduction order on the GPU (no atomics).
+    """
+
+    num_experts: int | None = None
+    top_k: int | None = None
+    capacity_factor: float | None = None
+    min_capacity: int = 0
+    capacity_priority: str = "score"
+    load_balancing: str = "none"
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    bias_update_rate: float = 1e-3
+    router_jitter: float = 0.0
+    expert_parallel: bool = False
+    backend: str = "auto"
+    swap_moe: bool = True
+    swap_ffn: bool = False
+    verify: bool = True
+    verify_tokens: int = 16
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("num_experts", self.num_experts, 1, optional=True)
+        _check_int("top_k", self.top_k, 1, optional=True)
+        if self.num_experts is not None and self.top_k is not None and self.top_k > self.num_experts:
+            _fail("top_k", self.top_k, f"an int in [1, num_experts={self.num_experts}]")
+        _check_float("capacity_factor", self.capacity_factor, 0.0, strict=True, optional=True)
+        _check_int("min_capacity", self.min_capacity, 0)
+        if self.capacity_priority not in CAPACITY_PRIORITIES:
+            _fail("capacity_priority", self.capacity_priority, ", ".join(CAPACITY_PRIORITIES))
+        if self.load_balancing not in LOAD_BALANCING:
+            _fail("load_balancing", self.load_balancing, ", ".join(LOAD_BALANCING))
+        _check_float("aux_loss_weight", self.aux_loss_weight, 0.0, strict=False)
+        _check_float("z_loss_weight", self.z_loss_weight, 0.0, strict=False)
+        _check_float("bias_update_rate", self.bias_update_rate, 0.0, strict=False)
+        _check_float("router_jitter", self.router_jitter, 0.0, strict=False)
+        if self.router_jitter >= 1.0:
+            _fail("router_jitter", self.router_jitter, "a number in [0, 1)")
+        if not isinstance(self.expert_parallel, bool):
+            _fail("expert_parallel", self.expert_parallel, "True or False")
+        if self.expert_parallel:
+            _fail("expert_parallel", self.expert_parallel, "False (expert parallelism is not available in this version)")
+        if self.backend not in BACKENDS:
+            _fail("backend", self.backend, ", ".join(BACKENDS))
+        for name in ("swap_moe", "swap_ffn", "verify", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
+        if not (self.swap_moe or self.swap_ffn):
+            _fail("swap_moe", self.swap_moe, "True when swap_ffn is False (otherwise nothing can be swapped)")
+        _check_int("verify_tokens", self.verify_tokens, 1)
+
+    @classmethod
+    def for_moe(
+        cls,
+        num_experts: int | None = None,
+        top_k: int | None = None,
+        capacity_factor: float | None = None,
+        load_balancing: str = "none",
+        router_jitter: float = 0.0,
+        expert_parallel: bool = False,
+        backend: str = "auto",
+        **kwargs: object,
+    ) -> KernelConfig:
+        """A config that swaps MoE modules (dense FFNs untouched unless ``swap_ffn=True``)."""
+        return cls._build(
+            num_experts=num_experts,
+            top_k=top_k,
+            capacity_factor=capacity_factor,
+            load_balancing=load_balancing,
+            router_jitter=router_jitter,
+            expert_parallel=expert_parallel,
+            backend=backend,
+            **kwargs,
+        )
+
+    @classmethod
+    def for_ffn(cls, backend: str = "auto", swap_moe: bool = False, **kwargs: object) -> KernelConfig:
+        """A config that swaps dense FFN modules (Linear -> act -> Linear, SwiGLU gate/up/down)."""
+        return cls._build(backend=backend, swap_moe=swap_moe, swap_ffn=True, **kwargs)
+
+    @classmethod
+    def _build(cls, **kwargs: object) -> KernelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"KernelConfig has no field {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> KernelConfig:
+        """A copy with some fields changed (validated again)."""
+        return self._build(**{**dataclasses.asdict(self), **changes})

@@ -1,0 +1,85 @@
+"""Descriptions of what a swapped layer computes, produced by the adapters.
+
+A spec names tensors by attribute path relative to the swapped module (the new layer
+adopts the original module's children under the same names, so the paths and the
+``state_dict`` keys stay the same).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from kernel_moe.layers.weights import WeightSource
+from kernel_moe.routing.topk import RoutingSpec
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """Routed experts: up [E, N, H], down [E, H, I], optional biases, and the activation."""
+
+    num_experts: int
+    hidden: int
+    intermediate: int
+    up: WeightSource
+    down: WeightSource
+    up_bias: WeightSource | None = None
+    down_bias: WeightSource | None = None
+    activation: str = "silu"
+    glu: str = "concat"
+    alpha: float = 1.702
+    limit: float = math.inf
+
+    def describe(self) -> str:
+        act = self.activation if self.glu == "none" else f"{self.activation}-glu({self.glu})"
+        return f"{self.num_experts}x[{self.hidden}->{self.intermediate}] {act}" + (" +bias" if self.up_bias else "")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """Router logits = x @ weight.T (+ bias), in fp32 when ``fp32_logits``; then ``routing``.
+
+    ``selection_bias`` is the path of a per-expert bias added to the scores for selection only.
+    """
+
+    weight: str
+    routing: RoutingSpec
+    bias: str | None = None
+    selection_bias: str | None = None
+    fp32_logits: bool = False
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """A whole MoE block: router + routed experts (+ optional shared expert).
+
+    - ``shared_expert``: path of a module applied to every token and added to the output.
+    - ``shared_gate``: path of a Linear(H, 1) whose sigmoid scales the shared expert.
+    - ``input_jitter``: Mixtral-style multiplicative input noise in training.
+    - ``returns``: "tensor", or "tensor_logits" for blocks that return (output, router logits).
+    - ``training_fallback``: a reason to run the original module in training mode (dropout or
+      noise the fused layer does not reproduce); None when the fused path is exact in training too.
+    """
+
+    router: RouterSpec
+    experts: ExpertsSpec
+    shared_expert: str | None = None
+    shared_gate: str | None = None
+    input_jitter: float = 0.0
+    returns: str = "tensor"
+    training_fallback: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def top_k(self) -> int:
+        return self.router.routing.top_k
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def describe(self) -> str:
+        parts = [self.router.routing.describe(), self.experts.describe()]
+        if self.shared_expert:
+            parts.append("shared" + ("(gated)" if self.shared_gate else ""))
+        return ", ".join(parts)

@@ -1,0 +1,251 @@
+"""UnifiedManager: walk a model, prove and swap recognized MoE modules, report, restore."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kernel_moe.adapters import registered_adapters
+from kernel_moe.adapters.base import Adapter, Skip, check_expected_shape
+from kernel_moe.adapters.probe import mismatch, probe_input, run_module
+from kernel_moe.config import KernelConfig
+from kernel_moe.errors import KernelMoEError, UnsupportedModuleError
+from kernel_moe.layers.moe import FusedMoE
+from kernel_moe.layers.spec import MoESpec
+from kernel_moe.layers.weights import get_attr_path
+from kernel_moe.report import OptimizeReport, SkipRecord, SwapRecord
+
+logger = logging.getLogger("kernel_moe")
+
+FilterFn = Callable[[nn.Module, str], bool]
+FUSED_LAYERS = (FusedMoE,)
+
+
+def _not_yet_available(config: KernelConfig) -> str | None:
+    if config.capacity_factor is not None:
+        return f"capacity_factor={config.capacity_factor!r} (only None, dropless, is available in this version)"
+    if config.load_balancing != "none":
+        return f"load_balancing={config.load_balancing!r} (only 'none' is available in this version)"
+    if config.router_jitter != 0.0:
+        return f"router_jitter={config.router_jitter!r} (only 0.0 is available in this version)"
+    return None
+
+
+def _returns_kind(ref: object, x: torch.Tensor, num_experts: int) -> str | None:
+    """How the original block returns: "tensor", "tensor_logits", or None when unsupported."""
+    if isinstance(ref, torch.Tensor):
+        return "tensor" if ref.shape == x.shape else None
+    if isinstance(ref, tuple) and len(ref) == 2 and all(isinstance(t, torch.Tensor) for t in ref):
+        out, logits = ref
+        if out.shape == x.shape and logits.shape == (x.numel() // x.shape[-1], num_experts):
+            return "tensor_logits"
+    return None
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
+        return all(_same(x, y) for x, y in zip(a, b))
+    return False
+
+
+def _first(out: object) -> object:
+    return out[0] if isinstance(out, tuple) else out
+
+
+class UnifiedManager:
+    """Swaps recognized MoE modules of a model for kernel_moe's fused layers.
+
+    >>> manager = UnifiedManager(KernelConfig.for_moe(top_k=2))
+    >>> report = manager.optimize(model)      # in place
+    >>> manager.restore(model)                # the original modules again
+    """
+
+    def __init__(self, config: KernelConfig | None = None, adapters: list[Adapter] | None = None) -> None:
+        if config is not None and not isinstance(config, KernelConfig):
+            raise ValueError(f"config must be a KernelConfig, got {type(config).__name__}")
+        self.config = config if config is not None else KernelConfig.for_moe()
+        self.adapters = list(adapters) if adapters is not None else registered_adapters()
+
+    def optimize(self, model: nn.Module, filter_fn: FilterFn | None = None, strict: bool = False) -> OptimizeReport:
+        """Swap every recognized, proven-equivalent module in place and return the report.
+
+        ``filter_fn(module, fqn)`` returning False leaves a module alone. With ``strict=True``
+        a candidate that cannot be swapped raises UnsupportedModuleError instead of being skipped.
+        """
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        missing = _not_yet_available(self.config)
+        if missing:
+            raise KernelMoEError(f"KernelConfig.{missing}")
+        report = OptimizeReport()
+        done: list[str] = []
+        for fqn, module in list(model.named_modules()):
+            if any(fqn.startswith(p + ".") for p in done):
+                continue
+            if isinstance(module, FUSED_LAYERS):
+                report.already_optimized.append(fqn or "<root>")
+                done.append(fqn)
+                continue
+            if filter_fn is not None and not filter_fn(module, fqn):
+                continue
+            outcome = self._convert(module)
+            if outcome is None:
+                continue
+            if isinstance(outcome, Skip):
+                self._skip(report, fqn, module, outcome.reason, strict)
+                continue
+            if fqn == "":
+                self._skip(report, "<root>", module,
+                           "the model itself is an MoE block and cannot be swapped in place; "
+                           "use UnifiedManager.convert(module) to get the fused layer", strict)
+                continue
+            parent_name, _, child_name = fqn.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, outcome)
+            done.append(fqn)
+            report.swapped.append(SwapRecord(
+                name=fqn,
+                original_class=type(module).__name__,
+                new_class=type(outcome).__name__,
+                num_experts=outcome.num_experts,
+                top_k=outcome.top_k,
+                parameters=sum(p.numel() for p in module.parameters()),
+                details=outcome.spec.describe() + (
+                    f"; training runs the original ({outcome.spec.training_fallback})"
+                    if outcome.spec.training_fallback else ""),
+            ))
+        logger.info(report.summary())
+        return report
+
+    def convert(self, module: nn.Module) -> nn.Module:
+        """The fused layer for one MoE module (not placed anywhere); raises if it cannot be swapped."""
+        outcome = self._convert(module)
+        if outcome is None:
+            raise UnsupportedModuleError(f"{type(module).__name__} is not recognized as an MoE module")
+        if isinstance(outcome, Skip):
+            raise UnsupportedModuleError(f"{type(module).__name__}: {outcome.reason}")
+        return outcome
+
+    @staticmethod
+    def restore(model: nn.Module) -> int:
+        """Put the original modules back in place of every fused layer; returns how many."""
+        restored = 0
+        for fqn, module in list(model.named_modules()):
+            if isinstance(module, FUSED_LAYERS) and fqn:
+                parent_name, _, child_name = fqn.rpartition(".")
+                setattr(model.get_submodule(parent_name), child_name, module.original)
+                restored += 1
+        return restored
+
+    def _skip(self, report: OptimizeReport, fqn: str, module: nn.Module, reason: str, strict: bool) -> None:
+        if strict:
+            raise UnsupportedModuleError(f"{fqn} ({type(module).__name__}): {reason}")
+        report.skipped.append(SkipRecord(fqn, type(module).__name__, reason))
+
+    def _convert(self, module: nn.Module) -> nn.Module | Skip | None:
+        """Ask each adapter; prove its candidates; the first proven layer wins."""
+        reasons = []
+        for adapter in self.adapters:
+            candidates = adapter.candidates(module, self.config)
+            if candidates is None:
+                continue
+            if isinstance(candidates, Skip):
+                reasons.append(candidates.reason)
+                continue
+            outcome = self._prove(module, candidates)
+            if isinstance(outcome, Skip):
+                reasons.append(outcome.reason)
+                continue
+            return outcome
+        return Skip("; ".join(reasons)) if reasons else None
+
+    def _prove(self, module: nn.Module, specs: list[MoESpec]) -> FusedMoE | Skip:
+        if not self.config.verify:
+            spec = specs[0]
+            return check_expected_shape(spec.num_experts, spec.top_k, self.config) or FusedMoE(
+                module, spec, self.config.backend)
+        like = get_attr_path(module, specs[0].router.weight)
+        if like.device.type == "meta":
+            return Skip("parameters are on the meta device, so equivalence cannot be verified")
+        H, E, P = specs[0].experts.hidden, specs[0].num_experts, self.config.verify_tokens
+        ref = x = None
+        error = ""
+        for shape in ((1, P, H), (P, H)):
+            x = probe_input(shape, like)
+            try:
+                ref = run_module(module, x)
+                break
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        if ref is None:
+            return Skip(f"the original forward failed on a probe input ({error[:200]})")
+        kind = _returns_kind(ref, x, E)
+        if kind is None:
+            return Skip(f"forward returns {type(ref).__name__} that the fused layer cannot reproduce")
+        reasons = []
+        for spec in specs:
+            spec = dataclasses.replace(spec, returns=kind)
+            try:
+                layer = FusedMoE(module, spec, self.config.backend)
+                out = run_module(layer, x)
+            except Exception as exc:
+                reasons.append(f"{type(exc).__name__}: {exc}")
+                continue
+            why = mismatch(_first(out), _first(ref))
+            if why is None and kind == "tensor_logits":
+                why = mismatch(out[1], ref[1])
+            if why is not None:
+                reasons.append(why)
+                continue
+            unexpected = check_expected_shape(spec.num_experts, spec.top_k, self.config)
+            if unexpected is not None:
+                return unexpected
+            fallback = self._training_check(module, layer, x)
+            if fallback is not None:
+                layer.spec = dataclasses.replace(spec, training_fallback=fallback)
+            return layer
+        return Skip("not proven equivalent: " + "; ".join(dict.fromkeys(reasons))[:400])
+
+    @staticmethod
+    def _training_check(module: nn.Module, layer: FusedMoE, x: torch.Tensor) -> str | None:
+        """None when the fused layer reproduces the original's training-mode forward too,
+        else the reason training steps must run the original module."""
+        flags = [(m, m.training) for m in module.modules()]
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                module.train()
+                torch.manual_seed(1)
+                first = module(x)
+                torch.manual_seed(2)
+                second = module(x)
+                if not _same(first, second):
+                    return "its training-mode forward is stochastic (dropout or noise)"
+                layer.train()
+                ours = layer(x)
+                why = mismatch(_first(ours), _first(first))
+                return None if why is None else f"training-mode forward differs: {why}"
+        except Exception as exc:
+            return f"training-mode forward could not be checked ({type(exc).__name__})"
+        finally:
+            for m, flag in flags:
+                m.training = flag
+            layer.training = module.training
+
+
+def optimize(model: nn.Module, config: KernelConfig | None = None, filter_fn: FilterFn | None = None,
+             strict: bool = False) -> OptimizeReport:
+    """One-line form: ``kernel_moe.optimize(model)`` swaps in place and returns the report."""
+    return UnifiedManager(config).optimize(model, filter_fn=filter_fn, strict=strict)
+
+
+def restore(model: nn.Module) -> int:
+    """Undo optimize(): the original modules are put back."""
+    return UnifiedManager.restore(model)
+
+
+__all__ = ["UnifiedManager", "optimize", "restore"]

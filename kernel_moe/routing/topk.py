@@ -1,0 +1,136 @@
+"""Top-k router math: scores, expert selection and routing weights, in plain PyTorch.
+
+Legend: T tokens, E experts, K experts per token, G expert groups.
+
+Differentiable with respect to the logits (gradients reach the router weights through the
+routing weights); the selected expert ids are integers and carry no gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCORINGS = ("softmax", "sigmoid")
+ORDERS = ("score_then_topk", "topk_then_score")
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How router logits [T, E] become routing weights [T, K] and expert ids [T, K].
+
+    - ``scoring``: "softmax" over the experts, or "sigmoid" per expert.
+    - ``order``: "score_then_topk" scores all E experts then takes the k best (Mixtral,
+      Qwen, DeepSeek); "topk_then_score" takes the k largest logits then scores only them
+      (GPT-OSS: softmax over the k selected logits).
+    - ``renormalize``: divide the k selected weights by their sum.
+    - ``scaling``: multiply the final weights (DeepSeek's routed_scaling_factor).
+    - ``num_groups`` / ``topk_groups``: group-limited selection (DeepSeek-V3): experts are
+      split into G groups, each group is scored by the sum of its two best (biased) scores,
+      and only experts of the ``topk_groups`` best groups can be selected.
+    - ``score_dtype``: "float32" computes scores in fp32 (most models); "input" keeps the
+      logits' dtype.
+    A selection bias (aux-loss-free balancing, DeepSeek's ``e_score_correction_bias``) is
+    passed to :func:`route` separately: it changes which experts are chosen, not the weights.
+    """
+
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"
+    order: str = "score_then_topk"
+    renormalize: bool = False
+    scaling: float = 1.0
+    num_groups: int = 1
+    topk_groups: int = 1
+    score_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"RoutingSpec.num_experts={self.num_experts!r} must be an int >= 1")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"RoutingSpec.top_k={self.top_k!r} must be an int in [1, num_experts={self.num_experts}]"
+            )
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"RoutingSpec.scoring={self.scoring!r}; allowed: {', '.join(SCORINGS)}")
+        if self.order not in ORDERS:
+            raise ValueError(f"RoutingSpec.order={self.order!r}; allowed: {', '.join(ORDERS)}")
+        if self.order == "topk_then_score" and self.scoring != "softmax":
+            raise ValueError("RoutingSpec.order='topk_then_score' is defined for scoring='softmax' only")
+        if self.num_groups < 1 or self.num_experts % self.num_groups != 0:
+            raise ValueError(
+                f"RoutingSpec.num_groups={self.num_groups!r} must be >= 1 and divide num_experts={self.num_experts}"
+            )
+        if not 1 <= self.topk_groups <= self.num_groups:
+            raise ValueError(
+                f"RoutingSpec.topk_groups={self.topk_groups!r} must be in [1, num_groups={self.num_groups}]"
+            )
+        if self.num_groups > 1 and self.top_k > self.topk_groups * (self.num_experts // self.num_groups):
+            raise ValueError(
+                f"RoutingSpec.top_k={self.top_k} exceeds the experts in the {self.topk_groups} selectable groups"
+            )
+        if self.score_dtype not in ("float32", "input"):
+            raise ValueError(f"RoutingSpec.score_dtype={self.score_dtype!r}; allowed: float32, input")
+
+    def describe(self) -> str:
+        """A short human-readable form for reports, e.g. 'softmax>top2>renorm'."""
+        parts = [self.scoring, f"top{self.top_k}"] if self.order == "score_then_topk" else [f"top{self.top_k}", self.scoring]
+        if self.num_groups > 1:
+            parts.insert(1, f"groups{self.topk_groups}/{self.num_groups}")
+        if self.renormalize:
+            parts.append("renorm")
+        if self.scaling != 1.0:
+            parts.append(f"x{self.scaling:g}")
+        return ">".join(parts)
+
+
+def _group_limited_mask(choice_TE: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """Keep only experts of the best ``topk_groups`` groups: returns choice scores with the
+    others set to -inf. A group's score is the sum of its two best expert scores."""
+    T, E = choice_TE.shape
+    G = spec.num_groups
+    per_group = E // G
+    grouped_TGe = choice_TE.view(T, G, per_group)
+    best = min(2, per_group)
+    group_score_TG = grouped_TGe.topk(best, dim=-1).values.sum(dim=-1)
+    group_idx_Tg = group_score_TG.topk(spec.topk_groups, dim=-1, sorted=False).indices
+    keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, group_idx_Tg, True)
+    keep_TE = keep_TG.unsqueeze(-1).expand(T, G, per_group).reshape(T, E)
+    return choice_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+def route(
+    logits_TE: torch.Tensor,
+    spec: RoutingSpec,
+    selection_bias_E: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (routing weights [T, K], expert ids [T, K] int64).
+
+    Weights are in fp32 when ``spec.score_dtype == "float32"``, else in the logits' dtype.
+    """
+    logits = logits_TE.float() if spec.score_dtype == "float32" else logits_TE
+    if spec.order == "topk_then_score":
+        choice_TE = logits if selection_bias_E is None else logits + selection_bias_E
+        if spec.num_groups > 1:
+            choice_TE = _group_limited_mask(choice_TE, spec)
+        ids_TK = choice_TE.topk(spec.top_k, dim=-1).indices
+        weights_TK = torch.softmax(logits.gather(1, ids_TK), dim=-1)
+    else:
+        scores_TE = torch.softmax(logits, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits)
+        choice_TE = scores_TE if selection_bias_E is None else scores_TE + selection_bias_E
+        if spec.num_groups > 1:
+            choice_TE = _group_limited_mask(choice_TE, spec)
+        if selection_bias_E is None and spec.num_groups == 1:
+            weights_TK, ids_TK = scores_TE.topk(spec.top_k, dim=-1)
+        else:
+            ids_TK = choice_TE.topk(spec.top_k, dim=-1).indices
+            weights_TK = scores_TE.gather(1, ids_TK)
+        if spec.renormalize:
+            denom = weights_TK.sum(dim=-1, keepdim=True)
+            if spec.scoring == "sigmoid":
+                denom = denom + 1e-20
+            weights_TK = weights_TK / denom
+    if spec.scaling != 1.0:
+        weights_TK = weights_TK * spec.scaling
+    return weights_TK, ids_TK
