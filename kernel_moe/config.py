@@ -13,6 +13,7 @@ from dataclasses import dataclass
 BACKENDS = ("auto", "triton", "torch")
 LOAD_BALANCING = ("none", "auxiliary_loss", "dynamic")
 CAPACITY_PRIORITIES = ("score", "position")
+ROUTING_MODES = ("token_choice", "expert_choice")
 
 
 def _fail(field: str, value: object, allowed: str) -> None:
@@ -46,6 +47,8 @@ class KernelConfig:
     - ``capacity_factor``: ``None`` is dropless. A number caps each expert at
       ``ceil(capacity_factor * T * k / E)`` tokens (at least ``min_capacity``); tokens over
       capacity are dropped in ``capacity_priority`` order ("score" or "position").
+    - ``routing``: "token_choice" (each token picks top_k experts, the original block's
+      routing) or "expert_choice" (each expert picks its top-capacity tokens).
     - ``load_balancing``: "none", "auxiliary_loss" (Switch load-balancing loss and router
       z-loss, weighted by ``aux_loss_weight`` / ``z_loss_weight``) or "dynamic" (aux-loss-free
       per-expert selection bias updated at ``bias_update_rate``).
@@ -64,6 +67,7 @@ class KernelConfig:
     capacity_factor: float | None = None
     min_capacity: int = 0
     capacity_priority: str = "score"
+    routing: str = "token_choice"
     load_balancing: str = "none"
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
@@ -86,6 +90,8 @@ class KernelConfig:
         _check_int("min_capacity", self.min_capacity, 0)
         if self.capacity_priority not in CAPACITY_PRIORITIES:
             _fail("capacity_priority", self.capacity_priority, ", ".join(CAPACITY_PRIORITIES))
+        if self.routing not in ROUTING_MODES:
+            _fail("routing", self.routing, ", ".join(ROUTING_MODES))
         if self.load_balancing not in LOAD_BALANCING:
             _fail("load_balancing", self.load_balancing, ", ".join(LOAD_BALANCING))
         _check_float("aux_loss_weight", self.aux_loss_weight, 0.0, strict=False)

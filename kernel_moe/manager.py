@@ -13,8 +13,8 @@ from kernel_moe.adapters import registered_adapters
 from kernel_moe.adapters.base import Adapter, Skip, check_expected_shape
 from kernel_moe.adapters.probe import mismatch, probe_input, run_module
 from kernel_moe.config import KernelConfig
-from kernel_moe.errors import KernelMoEError, UnsupportedModuleError
-from kernel_moe.layers.moe import FusedMoE
+from kernel_moe.errors import UnsupportedModuleError
+from kernel_moe.layers.moe import FusedMoE, RoutingOptions
 from kernel_moe.layers.spec import MoESpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.report import OptimizeReport, SkipRecord, SwapRecord
@@ -23,16 +23,6 @@ logger = logging.getLogger("kernel_moe")
 
 FilterFn = Callable[[nn.Module, str], bool]
 FUSED_LAYERS = (FusedMoE,)
-
-
-def _not_yet_available(config: KernelConfig) -> str | None:
-    if config.capacity_factor is not None:
-        return f"capacity_factor={config.capacity_factor!r} (only None, dropless, is available in this version)"
-    if config.load_balancing != "none":
-        return f"load_balancing={config.load_balancing!r} (only 'none' is available in this version)"
-    if config.router_jitter != 0.0:
-        return f"router_jitter={config.router_jitter!r} (only 0.0 is available in this version)"
-    return None
 
 
 def _returns_kind(ref: object, x: torch.Tensor, num_experts: int) -> str | None:
@@ -80,9 +70,6 @@ class UnifiedManager:
         """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        missing = _not_yet_available(self.config)
-        if missing:
-            raise KernelMoEError(f"KernelConfig.{missing}")
         report = OptimizeReport()
         done: list[str] = []
         for fqn, module in list(model.named_modules()):
@@ -115,7 +102,8 @@ class UnifiedManager:
                 num_experts=outcome.num_experts,
                 top_k=outcome.top_k,
                 parameters=sum(p.numel() for p in module.parameters()),
-                details=outcome.spec.describe() + (
+                details=outcome.spec.describe() + (f"; {outcome.options.describe()}" if outcome.options.describe()
+                                                   else "") + (
                     f"; training runs the original ({outcome.spec.training_fallback})"
                     if outcome.spec.training_fallback else ""),
             ))
@@ -160,6 +148,11 @@ class UnifiedManager:
             outcome = self._prove(module, candidates)
             if isinstance(outcome, Skip):
                 reasons.append(outcome.reason)
+                continue
+            try:
+                outcome.configure(RoutingOptions.from_config(self.config))
+            except ValueError as exc:
+                reasons.append(str(exc))
                 continue
             return outcome
         return Skip("; ".join(reasons)) if reasons else None

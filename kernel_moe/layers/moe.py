@@ -10,6 +10,8 @@ Legend: T tokens, H hidden, E experts, K top-k.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +19,58 @@ from torch import nn
 from kernel_moe.layers.spec import MoESpec
 from kernel_moe.layers.weights import ExpertListWeight, get_attr_path
 from kernel_moe.ops import experts as _experts_op  # noqa: F401  (registers kernel_moe::fused_experts)
+from kernel_moe.routing.balancing import expert_counts
+from kernel_moe.routing.capacity import apply_capacity, expert_capacity
+from kernel_moe.routing.expert_choice import expert_choice_route
+from kernel_moe.routing.jitter import jitter_input
+from kernel_moe.routing.losses import load_balancing_loss, router_z_loss
 from kernel_moe.routing.topk import route
+
+
+@dataclass(frozen=True)
+class RoutingOptions:
+    """Routing features the user asked for in KernelConfig, applied on top of the proven
+    routing of the original block (so they change its outputs on purpose).
+
+    - ``mode``: "token_choice" (each token picks k experts) or "expert_choice" (each expert
+      picks its top-capacity tokens; capacity from ``capacity_factor``, default 1.0).
+    - ``capacity_factor`` / ``min_capacity`` / ``capacity_priority``: token-choice capacity;
+      dropped slots contribute zero and are counted in ``FusedMoE.dropped_tokens``.
+    - ``load_balancing``: "auxiliary_loss" sets ``FusedMoE.aux_loss`` in training;
+      "dynamic" keeps a per-expert selection bias ``expert_bias`` updated from the load.
+    - ``router_jitter``: multiplicative noise on the router input in training.
+    """
+
+    mode: str = "token_choice"
+    capacity_factor: float | None = None
+    min_capacity: int = 0
+    capacity_priority: str = "score"
+    load_balancing: str = "none"
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    bias_update_rate: float = 1e-3
+    router_jitter: float = 0.0
+
+    @classmethod
+    def from_config(cls, config) -> RoutingOptions:
+        return cls(
+            mode=config.routing, capacity_factor=config.capacity_factor, min_capacity=config.min_capacity,
+            capacity_priority=config.capacity_priority, load_balancing=config.load_balancing,
+            aux_loss_weight=config.aux_loss_weight, z_loss_weight=config.z_loss_weight,
+            bias_update_rate=config.bias_update_rate, router_jitter=config.router_jitter,
+        )
+
+    def describe(self) -> str:
+        parts = []
+        if self.mode != "token_choice":
+            parts.append(self.mode)
+        if self.capacity_factor is not None:
+            parts.append(f"capacity x{self.capacity_factor:g}")
+        if self.load_balancing != "none":
+            parts.append(self.load_balancing)
+        if self.router_jitter:
+            parts.append(f"jitter {self.router_jitter:g}")
+        return ", ".join(parts)
 
 
 def adopt_children(layer: nn.Module, original: nn.Module) -> None:
@@ -50,10 +103,25 @@ class FusedMoE(nn.Module):
         self.hidden_size = spec.experts.hidden
         self._stacked_weights: dict[str, torch.Tensor] = {}
         self._track_routing = False
+        self.options = RoutingOptions()
+        self.aux_loss: torch.Tensor | None = None
+        self.dropped_tokens: torch.Tensor | None = None
         device = get_attr_path(self, spec.router.weight).device
         self.register_buffer("routing_counts", torch.zeros(self.num_experts, dtype=torch.int64, device=device),
                              persistent=False)
         self._bind_weights()
+
+    def configure(self, options: RoutingOptions) -> None:
+        """Enable routing features; "dynamic" balancing adds a persistent ``expert_bias`` [E]
+        and a ``load_counts`` [E] accumulator (call kernel_moe.training.update_expert_biases)."""
+        if options.mode == "expert_choice" and self.spec.router.routing.order != "score_then_topk":
+            raise ValueError("routing='expert_choice' needs a router that scores all experts (score_then_topk)")
+        self.options = options
+        if options.load_balancing == "dynamic" and not hasattr(self, "expert_bias"):
+            device = self.routing_counts.device
+            self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32, device=device))
+            self.register_buffer("load_counts", torch.zeros(self.num_experts, dtype=torch.int64, device=device),
+                                 persistent=False)
 
     @property
     def original(self) -> nn.Module:
@@ -90,22 +158,9 @@ class FusedMoE(nn.Module):
             return F.linear(x_TH.float(), w_EH.float(), None if b_E is None else b_E.float())
         return F.linear(x_TH, w_EH, b_E)
 
-    def forward(self, hidden_states: torch.Tensor):
-        if self.training and self.spec.training_fallback is not None:
-            return self.original(hidden_states)
-        spec = self.spec
-        H = self.hidden_size
-        x_TH = hidden_states.reshape(-1, H)
-        if self.training and spec.input_jitter > 0:
-            noise = torch.empty_like(x_TH).uniform_(1.0 - spec.input_jitter, 1.0 + spec.input_jitter)
-            x_TH = x_TH * noise
-        logits_TE = self.router_logits(x_TH)
-        sel_bias = get_attr_path(self, spec.router.selection_bias) if spec.router.selection_bias else None
-        weights_TK, ids_TK = route(logits_TE, spec.router.routing, sel_bias)
-        if self._track_routing:
-            self.routing_counts.index_add_(0, ids_TK.reshape(-1), torch.ones_like(ids_TK.reshape(-1)))
-        ex = spec.experts
-        out_TH = torch.ops.kernel_moe.fused_experts(
+    def _experts(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        ex = self.spec.experts
+        return torch.ops.kernel_moe.fused_experts(
             x_TH,
             weights_TK,
             ids_TK,
@@ -119,6 +174,49 @@ class FusedMoE(nn.Module):
             ex.limit,
             self.backend,
         )
+
+    def _expert_choice(self, x_TH: torch.Tensor, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each expert takes its top-C tokens: (output [T, H], expert id of each of the E*C slots)."""
+        opts, E = self.options, self.num_experts
+        T = x_TH.shape[0]
+        C = expert_capacity(T, 1, E, opts.capacity_factor or 1.0, opts.min_capacity)
+        weights_EC, tok_EC = expert_choice_route(logits_TE, C, self.spec.router.routing.scoring)
+        tok_S = tok_EC.reshape(-1)
+        ids_S1 = torch.arange(E, device=x_TH.device).repeat_interleave(C).unsqueeze(-1)
+        y_SH = self._experts(x_TH.index_select(0, tok_S), weights_EC.reshape(-1, 1), ids_S1)
+        out_TH = torch.zeros_like(x_TH).index_add_(0, tok_S, y_SH)
+        return out_TH, ids_S1
+
+    def forward(self, hidden_states: torch.Tensor):
+        if self.training and self.spec.training_fallback is not None:
+            return self.original(hidden_states)
+        spec, opts = self.spec, self.options
+        x_TH = hidden_states.reshape(-1, self.hidden_size)
+        if self.training and spec.input_jitter > 0:
+            x_TH = jitter_input(x_TH, spec.input_jitter, True)
+        router_in = jitter_input(x_TH, opts.router_jitter, self.training) if opts.router_jitter > 0 else x_TH
+        logits_TE = self.router_logits(router_in)
+        if opts.mode == "expert_choice":
+            out_TH, ids_TK = self._expert_choice(x_TH, logits_TE)
+        else:
+            sel_bias = get_attr_path(self, spec.router.selection_bias) if spec.router.selection_bias else None
+            if opts.load_balancing == "dynamic":
+                sel_bias = self.expert_bias if sel_bias is None else sel_bias + self.expert_bias
+            weights_TK, ids_TK = route(logits_TE, spec.router.routing, sel_bias)
+            if opts.capacity_factor is not None:
+                T, K = ids_TK.shape
+                capacity = expert_capacity(T, K, self.num_experts, opts.capacity_factor, opts.min_capacity)
+                weights_TK, ids_TK, _, self.dropped_tokens = apply_capacity(
+                    weights_TK, ids_TK, self.num_experts, capacity, opts.capacity_priority)
+            out_TH = self._experts(x_TH, weights_TK, ids_TK)
+        if self._track_routing:
+            self.routing_counts += expert_counts(ids_TK, self.num_experts)
+        if self.training and opts.load_balancing == "auxiliary_loss":
+            probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+            self.aux_loss = opts.aux_loss_weight * load_balancing_loss(probs_TE, ids_TK, self.num_experts) + (
+                opts.z_loss_weight * router_z_loss(logits_TE))
+        if self.training and opts.load_balancing == "dynamic":
+            self.load_counts += expert_counts(ids_TK, self.num_experts)
         if spec.shared_expert is not None:
             shared_TH = get_attr_path(self, spec.shared_expert)(x_TH)
             if spec.shared_gate is not None:
@@ -130,4 +228,5 @@ class FusedMoE(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"{self.spec.describe()}, backend={self.backend}"
+        extra = self.options.describe()
+        return f"{self.spec.describe()}, backend={self.backend}" + (f", {extra}" if extra else "")

@@ -19,7 +19,6 @@ reproducible.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -31,7 +30,7 @@ def _multiplicative_noise(
     generator: torch.Generator | None,
     name: str,
 ) -> torch.Tensor:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 <= eps < 1:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:  # also rejects NaN, inf
         raise ValueError(f"{name}: eps={eps!r} must be a number in [0, 1)")
     if not x.dtype.is_floating_point:
         raise ValueError(f"{name}: input dtype {x.dtype} must be floating point")
