@@ -11,6 +11,7 @@ CUDA and does not need triton.
 from __future__ import annotations
 
 import logging
+import sys
 
 from kernel_moe.config import KernelConfig
 from kernel_moe.errors import KernelMoEError, UnsupportedInputError, UnsupportedModuleError
@@ -19,6 +20,17 @@ from kernel_moe.manager import UnifiedManager, optimize, restore
 from kernel_moe.report import OptimizeReport
 
 logging.getLogger("kernel_moe").addHandler(logging.NullHandler())
+
+
+def register_experts_implementation() -> bool:
+    """Make ``model.set_experts_implementation("kernel_moe")`` available in transformers."""
+    from kernel_moe.adapters.transformers_interface import register
+
+    return register()
+
+
+if "transformers" in sys.modules:
+    register_experts_implementation()
 
 __version__ = "0.1.0"
 
@@ -31,6 +43,7 @@ __all__ = [
     "UnsupportedInputError",
     "UnsupportedModuleError",
     "optimize",
+    "register_experts_implementation",
     "restore",
     "__version__",
 ]

@@ -26,17 +26,17 @@ def _env() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from kernel_moe.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m kernel_moe", description=__doc__)
     parser.add_argument("command", choices=["demo", "bench", "env"])
-    args, rest = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     if args.command == "demo":
         from kernel_moe.demo import run_demo
 
         run_demo()
-    elif args.command == "bench":
-        from kernel_moe.bench.cli import main as bench_main
-
-        return bench_main(rest)
     else:
         _env()
     return 0

@@ -11,18 +11,20 @@ from torch import nn
 
 from kernel_moe.adapters import registered_adapters
 from kernel_moe.adapters.base import Adapter, Skip, check_expected_shape
-from kernel_moe.adapters.probe import mismatch, probe_input, run_module
+from kernel_moe.adapters.probe import PROBE_SEED, mismatch, probe_input, run_module
 from kernel_moe.config import KernelConfig
 from kernel_moe.errors import UnsupportedModuleError
-from kernel_moe.layers.moe import FusedMoE, RoutingOptions
-from kernel_moe.layers.spec import MoESpec
+from kernel_moe.layers import FusedExperts, FusedFFN, FusedMoE, RoutingOptions, SwappedLayer
+from kernel_moe.layers.spec import ExpertsOnlySpec, FFNSpec, MoESpec
 from kernel_moe.layers.weights import get_attr_path
+from kernel_moe.ops.backend import resolve_backend
+from kernel_moe.ops.backend import resolve_backend
 from kernel_moe.report import OptimizeReport, SkipRecord, SwapRecord
 
 logger = logging.getLogger("kernel_moe")
 
 FilterFn = Callable[[nn.Module, str], bool]
-FUSED_LAYERS = (FusedMoE,)
+FUSED_LAYERS = (SwappedLayer,)
 
 
 def _returns_kind(ref: object, x: torch.Tensor, num_experts: int) -> str | None:
@@ -102,8 +104,9 @@ class UnifiedManager:
                 num_experts=outcome.num_experts,
                 top_k=outcome.top_k,
                 parameters=sum(p.numel() for p in module.parameters()),
-                details=outcome.spec.describe() + (f"; {outcome.options.describe()}" if outcome.options.describe()
-                                                   else "") + (
+                details=outcome.spec.describe() + (
+                    f"; {outcome.options.describe()}" if getattr(outcome, "options", None) and
+                    outcome.options.describe() else "") + (
                     f"; training runs the original ({outcome.spec.training_fallback})"
                     if outcome.spec.training_fallback else ""),
             ))
@@ -149,43 +152,44 @@ class UnifiedManager:
             if isinstance(outcome, Skip):
                 reasons.append(outcome.reason)
                 continue
-            try:
-                outcome.configure(RoutingOptions.from_config(self.config))
-            except ValueError as exc:
-                reasons.append(str(exc))
-                continue
+            if isinstance(outcome, FusedMoE):
+                try:
+                    outcome.configure(RoutingOptions.from_config(self.config))
+                except ValueError as exc:
+                    reasons.append(str(exc))
+                    continue
+            outcome.deterministic = self.config.deterministic
             return outcome
         return Skip("; ".join(reasons)) if reasons else None
 
-    def _prove(self, module: nn.Module, specs: list[MoESpec]) -> FusedMoE | Skip:
+    def _prove(self, module: nn.Module, specs: list) -> nn.Module | Skip:
+        build = LAYER_FOR_SPEC[type(specs[0])]
         if not self.config.verify:
-            spec = specs[0]
-            return check_expected_shape(spec.num_experts, spec.top_k, self.config) or FusedMoE(
-                module, spec, self.config.backend)
-        like = get_attr_path(module, specs[0].router.weight)
+            return _expected(specs[0], self.config) or build(module, specs[0], self.config.backend)
+        like = _weight_like(module, specs[0])
         if like.device.type == "meta":
             return Skip("parameters are on the meta device, so equivalence cannot be verified")
-        H, E, P = specs[0].experts.hidden, specs[0].num_experts, self.config.verify_tokens
-        ref = x = None
+        resolve_backend(self.config.backend, like.device)  # an unusable backend is the user's error: raise
+        ref = args = None
         error = ""
-        for shape in ((1, P, H), (P, H)):
-            x = probe_input(shape, like)
+        for args in _probe_args(specs[0], self.config.verify_tokens, like):
             try:
-                ref = run_module(module, x)
+                ref = run_module(module, *args)
                 break
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
         if ref is None:
             return Skip(f"the original forward failed on a probe input ({error[:200]})")
-        kind = _returns_kind(ref, x, E)
-        if kind is None:
+        kind = _returns_kind(ref, args[0], getattr(specs[0], "num_experts", 0))
+        if kind is None or (kind != "tensor" and not isinstance(specs[0], MoESpec)):
             return Skip(f"forward returns {type(ref).__name__} that the fused layer cannot reproduce")
         reasons = []
         for spec in specs:
-            spec = dataclasses.replace(spec, returns=kind)
+            if isinstance(spec, MoESpec):
+                spec = dataclasses.replace(spec, returns=kind)
             try:
-                layer = FusedMoE(module, spec, self.config.backend)
-                out = run_module(layer, x)
+                layer = build(module, spec, self.config.backend)
+                out = run_module(layer, *args)
             except Exception as exc:
                 reasons.append(f"{type(exc).__name__}: {exc}")
                 continue
@@ -195,17 +199,17 @@ class UnifiedManager:
             if why is not None:
                 reasons.append(why)
                 continue
-            unexpected = check_expected_shape(spec.num_experts, spec.top_k, self.config)
+            unexpected = _expected(spec, self.config)
             if unexpected is not None:
                 return unexpected
-            fallback = self._training_check(module, layer, x)
+            fallback = self._training_check(module, layer, args)
             if fallback is not None:
                 layer.spec = dataclasses.replace(spec, training_fallback=fallback)
             return layer
         return Skip("not proven equivalent: " + "; ".join(dict.fromkeys(reasons))[:400])
 
     @staticmethod
-    def _training_check(module: nn.Module, layer: FusedMoE, x: torch.Tensor) -> str | None:
+    def _training_check(module: nn.Module, layer: nn.Module, args: tuple) -> str | None:
         """None when the fused layer reproduces the original's training-mode forward too,
         else the reason training steps must run the original module."""
         flags = [(m, m.training) for m in module.modules()]
@@ -213,13 +217,13 @@ class UnifiedManager:
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 module.train()
                 torch.manual_seed(1)
-                first = module(x)
+                first = module(*args)
                 torch.manual_seed(2)
-                second = module(x)
+                second = module(*args)
                 if not _same(first, second):
                     return "its training-mode forward is stochastic (dropout or noise)"
                 layer.train()
-                ours = layer(x)
+                ours = layer(*args)
                 why = mismatch(_first(ours), _first(first))
                 return None if why is None else f"training-mode forward differs: {why}"
         except Exception as exc:
@@ -228,6 +232,37 @@ class UnifiedManager:
             for m, flag in flags:
                 m.training = flag
             layer.training = module.training
+
+
+def _expected(spec, config: KernelConfig) -> Skip | None:
+    if isinstance(spec, MoESpec):
+        return check_expected_shape(spec.num_experts, spec.top_k, config)
+    if isinstance(spec, ExpertsOnlySpec) and config.num_experts not in (None, spec.num_experts):
+        return Skip(f"module has num_experts={spec.num_experts}, config expects num_experts={config.num_experts}")
+    return None
+
+
+def _weight_like(module: nn.Module, spec) -> torch.Tensor:
+    """A tensor of the module whose dtype and device the probe input takes."""
+    if isinstance(spec, MoESpec):
+        return get_attr_path(module, spec.router.weight)
+    source = spec.experts.down if isinstance(spec, ExpertsOnlySpec) else spec.down
+    return get_attr_path(module, source.paths()[0])
+
+
+def _probe_args(spec, tokens: int, like: torch.Tensor) -> list[tuple]:
+    """Argument tuples to try, in order, for probing a module of this spec's kind."""
+    if isinstance(spec, ExpertsOnlySpec):
+        H, E = spec.experts.hidden, spec.num_experts
+        x = probe_input((tokens, H), like)
+        scores = probe_input((tokens, E), like, seed=PROBE_SEED + 1).float().softmax(dim=-1)
+        weights, ids = scores.topk(min(2, E), dim=-1)
+        return [(x, ids, weights.to(like.dtype))]
+    H = spec.experts.hidden if isinstance(spec, MoESpec) else spec.hidden
+    return [(probe_input((1, tokens, H), like),), (probe_input((tokens, H), like),)]
+
+
+LAYER_FOR_SPEC = {MoESpec: FusedMoE, FFNSpec: FusedFFN, ExpertsOnlySpec: FusedExperts}
 
 
 def optimize(model: nn.Module, config: KernelConfig | None = None, filter_fn: FilterFn | None = None,

@@ -7,10 +7,16 @@ The registry order is the order in which adapters are asked; register your own w
 from __future__ import annotations
 
 from kernel_moe.adapters.base import Adapter, Skip
+from kernel_moe.adapters.ffn import DenseFFNAdapter
 from kernel_moe.adapters.handwritten import HandwrittenMoEAdapter
-from kernel_moe.adapters.transformers import TransformersMoEAdapter
+from kernel_moe.adapters.transformers import TransformersExpertsAdapter, TransformersMoEAdapter
 
-_REGISTRY: list[Adapter] = [TransformersMoEAdapter(), HandwrittenMoEAdapter()]
+_REGISTRY: list[Adapter] = [
+    TransformersMoEAdapter(),
+    HandwrittenMoEAdapter(),
+    TransformersExpertsAdapter(),
+    DenseFFNAdapter(),
+]
 
 
 def registered_adapters() -> list[Adapter]:

@@ -108,6 +108,8 @@ def prove_expert_form(expert: nn.Module, hidden: int, tokens: int) -> ExpertForm
     if isinstance(forms, Skip):
         return forms
     like = next(expert.parameters())
+    if like.device.type == "meta":
+        return Skip("parameters are on the meta device, so the expert MLP cannot be probed")
     x = probe_input((tokens, hidden), like)
     found = first_match(lambda f: _form_reference(expert, f), forms, lambda t: run_module(expert, t), x)
     if isinstance(found, str):

@@ -55,9 +55,10 @@ def mismatch(out: torch.Tensor, ref: torch.Tensor) -> str | None:
     return None if err <= 2e-2 else f"relative error {err:.2e} > 2e-2"
 
 
-def run_module(module: nn.Module, x: torch.Tensor) -> object:
+def run_module(module: nn.Module, *args: torch.Tensor) -> object:
+    """module(*args) without gradients, in eval mode."""
     with torch.no_grad(), eval_mode(module):
-        return module(x)
+        return module(*args)
 
 
 def identify_activation(fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:

@@ -18,7 +18,7 @@ from torch import nn
 from kernel_moe.adapters.base import Skip
 from kernel_moe.adapters.probe import identify_activation, mismatch, probe_input
 from kernel_moe.config import KernelConfig
-from kernel_moe.layers.spec import ExpertsSpec, MoESpec, RouterSpec
+from kernel_moe.layers.spec import ExpertsOnlySpec, ExpertsSpec, MoESpec, RouterSpec
 from kernel_moe.layers.weights import StackedWeight
 from kernel_moe.reference.activations import apply_activation
 from kernel_moe.routing.topk import RoutingSpec
@@ -118,6 +118,50 @@ def _routing_candidates(block: nn.Module, router: nn.Module, num_experts: int, h
     return specs
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def experts_specs(experts: nn.Module, prefix: str, hidden: int | None) -> list[ExpertsSpec] | Skip:
+    """Candidate ExpertsSpecs for a stacked experts module at attribute path ``prefix``.
+
+    ``hidden`` comes from the router when known; otherwise it is read from the weight shapes
+    (both layouts are proposed when the shapes alone do not settle it)."""
+    has_gate = isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+    up_name = "gate_up_proj" if has_gate else "up_proj"
+    w_up, w_down = getattr(experts, up_name), experts.down_proj
+    E = w_down.shape[0]
+    if getattr(experts, "has_post_expert_norm", False):
+        return Skip("experts apply a post-expert norm, which the fused op does not compute")
+    flag = getattr(experts, "is_transposed", None)
+    layouts = [flag] if isinstance(flag, bool) else [False, True]
+    glu_hint = "concat" if getattr(experts, "is_concatenated", True) else "interleaved"
+    has_bias = getattr(experts, "has_bias", None)
+    if has_bias is None:
+        has_bias = isinstance(getattr(experts, up_name + "_bias", None), torch.Tensor)
+    specs: list[ExpertsSpec] = []
+    reason = f"{_join(prefix, up_name)} shape {tuple(w_up.shape)} and down_proj {tuple(w_down.shape)} do not chain"
+    for transposed in layouts:
+        H_w, N = (w_up.shape[1], w_up.shape[2]) if transposed else (w_up.shape[2], w_up.shape[1])
+        down_shape = (E, N // 2 if has_gate else N, H_w) if transposed else (E, H_w, N // 2 if has_gate else N)
+        if (hidden is not None and H_w != hidden) or tuple(w_down.shape) != down_shape or w_up.shape[0] != E:
+            continue
+        I = N // 2 if has_gate else N
+        acts = _activation_candidates(experts, has_gate, glu_hint, I)
+        if isinstance(acts, Skip):
+            return acts
+        for act, glu, alpha, limit in acts:
+            specs.append(ExpertsSpec(
+                num_experts=E, hidden=H_w, intermediate=I,
+                up=StackedWeight(_join(prefix, up_name), transposed=transposed),
+                down=StackedWeight(_join(prefix, "down_proj"), transposed=transposed),
+                up_bias=StackedWeight(_join(prefix, up_name + "_bias")) if has_bias else None,
+                down_bias=StackedWeight(_join(prefix, "down_proj_bias")) if has_bias else None,
+                activation=act, glu=glu, alpha=alpha, limit=limit,
+            ))
+    return specs or Skip(reason)
+
+
 class TransformersMoEAdapter:
     """Adapter for transformers MoE blocks with 3-D stacked expert weights."""
 
@@ -130,10 +174,7 @@ class TransformersMoEAdapter:
         if not found:
             return None
         ex_name, experts = found[0]
-        has_gate = isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
-        up_name = "gate_up_proj" if has_gate else "up_proj"
-        w_up, w_down = getattr(experts, up_name), experts.down_proj
-        E = w_down.shape[0]
+        E = experts.down_proj.shape[0]
         routers = [
             (p, m) for p, m in module.named_modules()
             if p and not p.startswith(ex_name) and isinstance(getattr(m, "weight", None), torch.Tensor)
@@ -143,26 +184,11 @@ class TransformersMoEAdapter:
             return Skip(f"{ex_name}: no router with a [{E}, H] weight found in the block")
         router_path, router = routers[0]
         H = router.weight.shape[1]
-        if getattr(experts, "has_post_expert_norm", False):
-            return Skip("experts apply a post-expert norm, which the fused op does not compute")
-        transposed = getattr(experts, "is_transposed", None)
-        if transposed is None:
-            transposed = w_up.shape[1] == H and w_up.shape[2] != H
-        N = w_up.shape[2] if transposed else w_up.shape[1]
-        if (w_up.shape[1] if transposed else w_up.shape[2]) != H:
-            return Skip(f"{ex_name}.{up_name} shape {tuple(w_up.shape)} does not match hidden size {H}")
-        I = N // 2 if has_gate else N
-        glu_hint = "concat" if getattr(experts, "is_concatenated", True) else "interleaved"
-        acts = _activation_candidates(experts, has_gate, glu_hint, I)
-        if isinstance(acts, Skip):
-            return acts
-        has_bias = getattr(experts, "has_bias", None)
-        if has_bias is None:
-            has_bias = isinstance(getattr(experts, up_name + "_bias", None), torch.Tensor)
-        up_b = StackedWeight(f"{ex_name}.{up_name}_bias") if has_bias else None
-        down_b = StackedWeight(f"{ex_name}.down_proj_bias") if has_bias else None
-        sel_bias = next((f"{router_path}.{n}" for n in ("e_score_correction_bias",) if
-                         isinstance(getattr(router, n, None), torch.Tensor)), None)
+        ex_specs = experts_specs(experts, ex_name, H)
+        if isinstance(ex_specs, Skip):
+            return ex_specs
+        sel_bias = f"{router_path}.e_score_correction_bias" if isinstance(
+            getattr(router, "e_score_correction_bias", None), torch.Tensor) else None
         router_bias = router_path + ".bias" if isinstance(getattr(router, "bias", None), torch.Tensor) else None
         routings = _routing_candidates(module, router, E, sel_bias is not None, router_bias is not None)
         if isinstance(routings, Skip):
@@ -171,13 +197,7 @@ class TransformersMoEAdapter:
         shared_gate = next((n for n in SHARED_GATE_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
         jitter = getattr(module, "jitter_noise", 0.0)
         specs = []
-        for act, glu, alpha, limit in acts:
-            experts_spec = ExpertsSpec(
-                num_experts=E, hidden=H, intermediate=I,
-                up=StackedWeight(f"{ex_name}.{up_name}", transposed=transposed),
-                down=StackedWeight(f"{ex_name}.down_proj", transposed=transposed),
-                up_bias=up_b, down_bias=down_b, activation=act, glu=glu, alpha=alpha, limit=limit,
-            )
+        for experts_spec in ex_specs:
             for routing in routings:
                 for fp32 in (False, True):
                     rspec = RouterSpec(weight=router_path + ".weight", bias=router_bias, routing=routing,
@@ -186,3 +206,19 @@ class TransformersMoEAdapter:
                                          shared_gate=shared_gate,
                                          input_jitter=float(jitter) if isinstance(jitter, (int, float)) else 0.0))
         return specs
+
+
+class TransformersExpertsAdapter:
+    """Adapter for a stacked experts module on its own (``forward(hidden, top_k_index,
+    top_k_weights)``), used when its block was not swapped whole."""
+
+    name = "transformers-experts"
+
+    def candidates(self, module: nn.Module, config: KernelConfig) -> list[ExpertsOnlySpec] | Skip | None:
+        if not config.swap_moe or not is_stacked_experts(module):
+            return None
+        hidden = getattr(module, "hidden_dim", None) or getattr(module, "hidden_size", None)
+        specs = experts_specs(module, "", hidden if isinstance(hidden, int) else None)
+        if isinstance(specs, Skip):
+            return specs
+        return [ExpertsOnlySpec(experts=s) for s in specs]

@@ -1,6 +1,9 @@
 """nn.Modules swapped into user models; their forward calls kernel_moe ops only."""
 
-from kernel_moe.layers.moe import FusedMoE
-from kernel_moe.layers.spec import ExpertsSpec, MoESpec, RouterSpec
+from kernel_moe.layers.experts import FusedExperts, SwappedLayer
+from kernel_moe.layers.ffn import FusedFFN
+from kernel_moe.layers.moe import FusedMoE, RoutingOptions
+from kernel_moe.layers.spec import ExpertsOnlySpec, ExpertsSpec, FFNSpec, MoESpec, RouterSpec
 
-__all__ = ["ExpertsSpec", "FusedMoE", "MoESpec", "RouterSpec"]
+__all__ = ["ExpertsOnlySpec", "ExpertsSpec", "FFNSpec", "FusedExperts", "FusedFFN", "FusedMoE", "MoESpec",
+           "RouterSpec", "RoutingOptions", "SwappedLayer"]

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernel_moe.layers.experts import SwappedLayer, expert_weight_sources, run_experts
 from kernel_moe.layers.spec import MoESpec
-from kernel_moe.layers.weights import ExpertListWeight, get_attr_path
-from kernel_moe.ops import experts as _experts_op  # noqa: F401  (registers kernel_moe::fused_experts)
+from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.routing.balancing import expert_counts
 from kernel_moe.routing.capacity import apply_capacity, expert_capacity
 from kernel_moe.routing.expert_choice import expert_choice_route
@@ -73,35 +73,18 @@ class RoutingOptions:
         return ", ".join(parts)
 
 
-def adopt_children(layer: nn.Module, original: nn.Module) -> None:
-    """Register the original module's children, parameters and buffers on ``layer`` under
-    the same names, so that state_dict keys and tensors are identical."""
-    for name, child in original.named_children():
-        layer.add_module(name, child)
-    for name, param in original.named_parameters(recurse=False):
-        layer.register_parameter(name, param)
-    persistent = set(original.state_dict(keep_vars=True).keys())
-    for name, buf in original.named_buffers(recurse=False):
-        layer.register_buffer(name, buf, persistent=name in persistent)
-
-
-class FusedMoE(nn.Module):
-    """A routed-experts block running kernel_moe's fused op.
+class FusedMoE(SwappedLayer):
+    """A routed-experts block: router, routing, the fused experts op, shared expert.
 
     ``original`` is kept (unregistered) for :func:`kernel_moe.restore` and for training
     steps the fused path does not reproduce (``spec.training_fallback``).
     """
 
     def __init__(self, original: nn.Module, spec: MoESpec, backend: str = "auto") -> None:
-        super().__init__()
-        adopt_children(self, original)
-        self.__dict__["_original"] = original
-        self.spec = spec
-        self.backend = backend
+        super().__init__(original, spec, backend)
         self.num_experts = spec.num_experts
         self.top_k = spec.top_k
         self.hidden_size = spec.experts.hidden
-        self._stacked_weights: dict[str, torch.Tensor] = {}
         self._track_routing = False
         self.options = RoutingOptions()
         self.aux_loss: torch.Tensor | None = None
@@ -123,24 +106,8 @@ class FusedMoE(nn.Module):
             self.register_buffer("load_counts", torch.zeros(self.num_experts, dtype=torch.int64, device=device),
                                  persistent=False)
 
-    @property
-    def original(self) -> nn.Module:
-        return self.__dict__["_original"]
-
-    def _weight_sources(self):
-        ex = self.spec.experts
-        return [s for s in (ex.up, ex.down, ex.up_bias, ex.down_bias) if s is not None]
-
-    def _bind_weights(self) -> None:
-        for source in self._weight_sources():
-            source.bind(self)
-
-    def _apply(self, fn, recurse: bool = True):
-        """After .to()/.half()/..., re-point per-expert weights into fresh stacked storage."""
-        result = super()._apply(fn, recurse)
-        if any(isinstance(s, ExpertListWeight) for s in self._weight_sources()):
-            self._bind_weights()
-        return result
+    def _weight_sources(self) -> list:
+        return expert_weight_sources(self.spec.experts)
 
     def track_routing(self, enabled: bool = True) -> None:
         """Accumulate per-expert slot counts into ``routing_counts`` on every forward."""
@@ -159,21 +126,7 @@ class FusedMoE(nn.Module):
         return F.linear(x_TH, w_EH, b_E)
 
     def _experts(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-        ex = self.spec.experts
-        return torch.ops.kernel_moe.fused_experts(
-            x_TH,
-            weights_TK,
-            ids_TK,
-            ex.up.get(self),
-            ex.down.get(self),
-            ex.up_bias.get(self) if ex.up_bias is not None else None,
-            ex.down_bias.get(self) if ex.down_bias is not None else None,
-            ex.activation,
-            ex.glu,
-            ex.alpha,
-            ex.limit,
-            self.backend,
-        )
+        return run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic)
 
     def _expert_choice(self, x_TH: torch.Tensor, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each expert takes its top-C tokens: (output [T, H], expert id of each of the E*C slots)."""
@@ -229,4 +182,4 @@ class FusedMoE(nn.Module):
 
     def extra_repr(self) -> str:
         extra = self.options.describe()
-        return f"{self.spec.describe()}, backend={self.backend}" + (f", {extra}" if extra else "")
+        return super().extra_repr() + (f", {extra}" if extra else "")

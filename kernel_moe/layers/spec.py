@@ -83,3 +83,40 @@ class MoESpec:
         if self.shared_expert:
             parts.append("shared" + ("(gated)" if self.shared_gate else ""))
         return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """A dense FFN: up [N, H] (gate/up concatenated when gated), down [H, I], activation."""
+
+    hidden: int
+    intermediate: int
+    up: WeightSource
+    down: WeightSource
+    up_bias: WeightSource | None = None
+    down_bias: WeightSource | None = None
+    activation: str = "silu"
+    glu: str = "concat"
+    alpha: float = 1.702
+    limit: float = math.inf
+    training_fallback: str | None = None
+
+    def describe(self) -> str:
+        act = self.activation if self.glu == "none" else f"{self.activation}-glu({self.glu})"
+        return f"dense [{self.hidden}->{self.intermediate}] {act}" + (" +bias" if self.up_bias else "")
+
+
+@dataclass(frozen=True)
+class ExpertsOnlySpec:
+    """Routed experts called as ``experts(hidden_states, top_k_index, top_k_weights)`` (the
+    transformers experts interface), swapped alone when the block's router is not fused."""
+
+    experts: ExpertsSpec
+    training_fallback: str | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def describe(self) -> str:
+        return "experts only: " + self.experts.describe()

@@ -76,10 +76,20 @@ class ExpertListWeight:
         layer._stacked_weights[self.key] = stacked
 
     def is_bound(self, layer: nn.Module) -> bool:
-        """True when the first Parameter still points into the stacked storage."""
+        """True when every per-expert tensor still is its view of the stacked storage (a
+        Parameter replaced or moved since bind() is not)."""
         stacked = layer._stacked_weights.get(self.key)
-        first = get_attr_path(layer, self.parts[0][0])
-        return stacked is not None and first.data_ptr() == stacked.data_ptr() and first.dtype == stacked.dtype
+        if stacked is None:
+            return False
+        base, step = stacked.data_ptr(), stacked.element_size()
+        for e, expert in enumerate(self._params(layer)):
+            offset = 0
+            for p in expert:
+                expected = base + (e * stacked.stride(0) + offset * stacked.stride(1)) * step
+                if p.dtype != stacked.dtype or p.device != stacked.device or p.data_ptr() != expected:
+                    return False
+                offset += p.shape[0]
+        return True
 
     def get(self, layer: nn.Module) -> torch.Tensor:
         if torch.is_grad_enabled() and any(p.requires_grad for ps in self._params(layer) for p in ps):

@@ -93,16 +93,18 @@ def fused_experts(
     alpha: float,
     limit: float,
     backend: str,
+    deterministic: bool = True,
 ) -> Tensor:
     """Routed experts: x [T, H], topk_weights/topk_ids [T, K], w_up [E, N, H], w_down [E, H, I],
-    b_up [E, N] or None, b_down [E, H] or None -> [T, H] in x's dtype."""
+    b_up [E, N] or None, b_down [E, H] or None -> [T, H] in x's dtype. ``deterministic``
+    selects a fixed reduction order on the Triton path (the CPU path always has one)."""
     _check_inputs(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu)
     if resolve_backend(backend, x.device) == "triton":
         from kernel_moe.kernels import fused_experts_triton
 
         return fused_experts_triton(
             x, topk_weights, topk_ids, w_up, w_down, b_up, b_down,
-            activation=activation, glu=glu, alpha=alpha, limit=limit,
+            activation=activation, glu=glu, alpha=alpha, limit=limit, deterministic=deterministic,
         )
     return torch_impl.experts_forward(
         x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit
@@ -110,7 +112,8 @@ def fused_experts(
 
 
 @fused_experts.register_fake
-def _fused_experts_fake(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, backend):
+def _fused_experts_fake(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, backend,
+                        deterministic=True):
     _check_inputs(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu)
     return x.new_empty(x.shape)
 
@@ -152,7 +155,7 @@ def _fused_experts_backward_fake(grad_out, x, topk_weights, topk_ids, w_up, w_do
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, backend = inputs
+    x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, backend = inputs[:12]
     ctx.save_for_backward(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down)
     ctx.act = (activation, glu, alpha, limit, backend)
 
@@ -171,7 +174,7 @@ def _backward(ctx, grad_out):
         g_down,
         g_bup if b_up is not None else None,
         g_bdown if b_down is not None else None,
-        None, None, None, None, None,
+        None, None, None, None, None, None,
     )
 
 

@@ -48,6 +48,58 @@ def _bias(b_EX: torch.Tensor | None, e: int) -> torch.Tensor | None:
     return None if b_EX is None else b_EX[e]
 
 
+def mlp_forward(
+    x_MH: torch.Tensor,
+    w_up_NH: torch.Tensor,
+    w_down_HI: torch.Tensor,
+    b_up_N: torch.Tensor | None,
+    b_down_H: torch.Tensor | None,
+    activation: str,
+    glu: str,
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
+    """One MLP (an expert, or a dense FFN): [M, H] -> [M, H]."""
+    h_MN = F.linear(x_MH, w_up_NH, b_up_N)
+    return F.linear(apply_activation(h_MN, activation, glu, alpha, limit), w_down_HI, b_down_H)
+
+
+def mlp_backward(
+    g_MH: torch.Tensor,
+    scale_M: torch.Tensor | None,
+    x_MH: torch.Tensor,
+    w_up_NH: torch.Tensor,
+    w_down_HI: torch.Tensor,
+    b_up_N: torch.Tensor | None,
+    b_down_H: torch.Tensor | None,
+    activation: str,
+    glu: str,
+    alpha: float,
+    limit: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``scale_M[:, None] * mlp_forward(x_MH)`` given d/d out ``g_MH``, recomputing the
+    forward. Returns (dx [M, H] acc dtype, dw_up [N, H], dw_down [H, I], db_up [N] | None,
+    db_down [H] | None, d scale [M] acc dtype | None)."""
+    acc = torch.promote_types(x_MH.dtype, torch.float32)
+    h_MN = F.linear(x_MH, w_up_NH, b_up_N)
+    a_MI = apply_activation(h_MN, activation, glu, alpha, limit)
+    d_scale = None
+    dy_MH = g_MH.to(acc)
+    if scale_M is not None:
+        y_MH = F.linear(a_MI, w_down_HI, b_down_H)
+        d_scale = (dy_MH * y_MH.to(acc)).sum(dim=-1)
+        dy_MH = dy_MH * scale_M.to(acc).unsqueeze(-1)
+    dy_MH = dy_MH.to(w_down_HI.dtype)
+    dw_down = dy_MH.t() @ a_MI.to(dy_MH.dtype)
+    db_down = dy_MH.to(acc).sum(dim=0).to(b_down_H.dtype) if b_down_H is not None else None
+    da_MI = (dy_MH @ w_down_HI).to(a_MI.dtype)
+    dh_MN = activation_backward(h_MN, da_MI, activation, glu, alpha, limit).to(w_up_NH.dtype)
+    dw_up = dh_MN.t() @ x_MH.to(dh_MN.dtype)
+    db_up = dh_MN.to(acc).sum(dim=0).to(b_up_N.dtype) if b_up_N is not None else None
+    dx_MH = (dh_MN @ w_up_NH).to(acc)
+    return dx_MH, dw_up, dw_down, db_up, db_down, d_scale
+
+
 def experts_forward(
     x_TH: torch.Tensor,
     topk_weights_TK: torch.Tensor,
@@ -67,10 +119,8 @@ def experts_forward(
     out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
     weights_S = topk_weights_TK.reshape(-1)
     for e, tok_M, slot_M in _expert_groups(topk_ids_TK, w_up_ENH.shape[0]):
-        x_MH = x_TH.index_select(0, tok_M)
-        h_MN = F.linear(x_MH, w_up_ENH[e], _bias(b_up_EN, e))
-        a_MI = apply_activation(h_MN, activation, glu, alpha, limit)
-        y_MH = F.linear(a_MI, w_down_EHI[e], _bias(b_down_EH, e))
+        y_MH = mlp_forward(x_TH.index_select(0, tok_M), w_up_ENH[e], w_down_EHI[e], _bias(b_up_EN, e),
+                           _bias(b_down_EH, e), activation, glu, alpha, limit)
         y_MH = y_MH.to(acc_dtype).mul_(weights_S.index_select(0, slot_M).to(acc_dtype).unsqueeze(-1))
         out_TH.index_add_(0, tok_M, y_MH)
     return out_TH.to(x_TH.dtype)
@@ -97,31 +147,26 @@ def experts_backward(
     """
     T, H = x_TH.shape
     K = topk_ids_TK.shape[1]
-    f32 = torch.promote_types(x_TH.dtype, torch.float32)
-    grad_x_TH = torch.zeros(T, H, dtype=f32, device=x_TH.device)
-    grad_w_S = torch.zeros(T * K, dtype=f32, device=x_TH.device)
+    acc = torch.promote_types(x_TH.dtype, torch.float32)
+    grad_x_TH = torch.zeros(T, H, dtype=acc, device=x_TH.device)
+    grad_w_S = torch.zeros(T * K, dtype=acc, device=x_TH.device)
     grad_w_up = torch.zeros(w_up_ENH.shape, dtype=w_up_ENH.dtype, device=w_up_ENH.device)
     grad_w_down = torch.zeros(w_down_EHI.shape, dtype=w_down_EHI.dtype, device=w_down_EHI.device)
     grad_b_up = torch.zeros_like(b_up_EN) if b_up_EN is not None else x_TH.new_zeros(0)
     grad_b_down = torch.zeros_like(b_down_EH) if b_down_EH is not None else x_TH.new_zeros(0)
     weights_S = topk_weights_TK.reshape(-1)
     for e, tok_M, slot_M in _expert_groups(topk_ids_TK, w_up_ENH.shape[0]):
-        x_MH = x_TH.index_select(0, tok_M)
-        g_MH = grad_out_TH.index_select(0, tok_M)
-        h_MN = F.linear(x_MH, w_up_ENH[e], _bias(b_up_EN, e))
-        a_MI = apply_activation(h_MN, activation, glu, alpha, limit)
-        y_MH = F.linear(a_MI, w_down_EHI[e], _bias(b_down_EH, e))
-        grad_w_S[slot_M] = (g_MH.to(f32) * y_MH.to(f32)).sum(dim=-1)
-        dy_MH = (g_MH.to(f32) * weights_S.index_select(0, slot_M).to(f32).unsqueeze(-1)).to(w_down_EHI.dtype)
-        grad_w_down[e] = (dy_MH.t() @ a_MI.to(dy_MH.dtype)).to(grad_w_down.dtype)
-        if b_down_EH is not None:
-            grad_b_down[e] = dy_MH.to(f32).sum(dim=0).to(grad_b_down.dtype)
-        da_MI = (dy_MH @ w_down_EHI[e].to(dy_MH.dtype)).to(a_MI.dtype)
-        dh_MN = activation_backward(h_MN, da_MI, activation, glu, alpha, limit).to(w_up_ENH.dtype)
-        grad_w_up[e] = (dh_MN.t() @ x_MH.to(dh_MN.dtype)).to(grad_w_up.dtype)
-        if b_up_EN is not None:
-            grad_b_up[e] = dh_MN.to(f32).sum(dim=0).to(grad_b_up.dtype)
-        grad_x_TH.index_add_(0, tok_M, (dh_MN @ w_up_ENH[e].to(dh_MN.dtype)).to(f32))
+        dx, dw_up, dw_down, db_up, db_down, d_scale = mlp_backward(
+            grad_out_TH.index_select(0, tok_M), weights_S.index_select(0, slot_M), x_TH.index_select(0, tok_M),
+            w_up_ENH[e], w_down_EHI[e], _bias(b_up_EN, e), _bias(b_down_EH, e), activation, glu, alpha, limit)
+        grad_w_S[slot_M] = d_scale
+        grad_w_up[e] = dw_up
+        grad_w_down[e] = dw_down
+        if db_up is not None:
+            grad_b_up[e] = db_up
+        if db_down is not None:
+            grad_b_down[e] = db_down
+        grad_x_TH.index_add_(0, tok_M, dx)
     return (
         grad_x_TH.to(x_TH.dtype),
         grad_w_S.view(T, K).to(topk_weights_TK.dtype),
@@ -132,4 +177,4 @@ def experts_backward(
     )
 
 
-__all__ = ["experts_forward", "experts_backward"]
+__all__ = ["experts_forward", "experts_backward", "mlp_backward", "mlp_forward"]

@@ -1,0 +1,103 @@
+"""FusedExperts: routed experts alone, called with precomputed routing.
+
+Swapped in for a transformers ``*Experts`` module when its block's router is not one the
+fused MoE layer reproduces: ``forward(hidden_states [T, H], top_k_index [T, K],
+top_k_weights [T, K]) -> [T, H]``, the signature of transformers' experts interface.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernel_moe.layers.spec import ExpertsOnlySpec, ExpertsSpec
+from kernel_moe.layers.weights import ExpertListWeight
+from kernel_moe.ops import experts as _experts_op  # noqa: F401  (registers kernel_moe::fused_experts)
+
+
+def run_experts(layer: nn.Module, ex: ExpertsSpec, x_TH: torch.Tensor, weights_TK: torch.Tensor,
+                ids_TK: torch.Tensor, backend: str, deterministic: bool = True) -> torch.Tensor:
+    """The fused experts op on the weights ``ex`` names on ``layer``: [T, H] -> [T, H]."""
+    return torch.ops.kernel_moe.fused_experts(
+        x_TH,
+        weights_TK,
+        ids_TK,
+        ex.up.get(layer),
+        ex.down.get(layer),
+        ex.up_bias.get(layer) if ex.up_bias is not None else None,
+        ex.down_bias.get(layer) if ex.down_bias is not None else None,
+        ex.activation,
+        ex.glu,
+        ex.alpha,
+        ex.limit,
+        backend,
+        deterministic,
+    )
+
+
+class SwappedLayer(nn.Module):
+    """Common base of the swapped-in layers: adopts the original's children (same state_dict
+    keys and Parameter objects), keeps the original for restore(), binds stacked weights."""
+
+    def __init__(self, original: nn.Module, spec, backend: str) -> None:
+        super().__init__()
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        for name, param in original.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        persistent = set(original.state_dict(keep_vars=True).keys())
+        for name, buf in original.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=name in persistent)
+        self.__dict__["_original"] = original
+        self.spec = spec
+        self.backend = backend
+        self._stacked_weights: dict[str, torch.Tensor] = {}
+        self.deterministic = True
+
+    @property
+    def original(self) -> nn.Module:
+        return self.__dict__["_original"]
+
+    def _weight_sources(self) -> list:
+        return []
+
+    def _bind_weights(self) -> None:
+        for source in self._weight_sources():
+            source.bind(self)
+
+    def _apply(self, fn, recurse: bool = True):
+        """After .to()/.half()/..., re-point per-expert weights into fresh stacked storage."""
+        result = super()._apply(fn, recurse)
+        if any(isinstance(s, ExpertListWeight) for s in self._weight_sources()):
+            self._bind_weights()
+        return result
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.describe()}, backend={self.backend}"
+
+
+def expert_weight_sources(ex: ExpertsSpec) -> list:
+    return [s for s in (ex.up, ex.down, ex.up_bias, ex.down_bias) if s is not None]
+
+
+class FusedExperts(SwappedLayer):
+    """Routed experts with routing given by the caller."""
+
+    def __init__(self, original: nn.Module, spec: ExpertsOnlySpec, backend: str = "auto") -> None:
+        super().__init__(original, spec, backend)
+        self.num_experts = spec.num_experts
+        self.top_k = 0
+        self._bind_weights()
+
+    def _weight_sources(self) -> list:
+        return expert_weight_sources(self.spec.experts)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self.training and self.spec.training_fallback is not None:
+            return self.original(hidden_states, top_k_index, top_k_weights)
+        H = self.spec.experts.hidden
+        x_TH = hidden_states.reshape(-1, H)
+        ids_TK = top_k_index.reshape(x_TH.shape[0], -1)
+        weights_TK = top_k_weights.reshape(ids_TK.shape)
+        out_TH = run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic)
+        return out_TH.reshape(hidden_states.shape)

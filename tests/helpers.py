@@ -1,0 +1,249 @@
+"""Helpers shared by the core tests: op inputs, comparisons, tiny MoE models, state checks.
+
+Legend: T tokens, H hidden, E experts, K top-k, I intermediate, N up features (2*I gated, else I).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernel_moe.reference.moe import naive_moe_experts
+
+FP32_TOL = dict(atol=1e-5, rtol=1e-5)
+GRAD_TOL = dict(atol=1e-4, rtol=1e-4)
+LOW_TOL = dict(atol=2e-2, rtol=2e-2)
+MIN_SQNR_DB = 30.0
+
+
+# --- comparisons -------------------------------------------------------------------------
+
+
+def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Signal-to-quantisation-noise ratio of ``out`` against ``ref``, in dB (inf when equal)."""
+    ref = ref.double()
+    noise = (out.double() - ref).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def assert_fp32_close(out: torch.Tensor, ref: torch.Tensor, **tol) -> None:
+    """fp32 outputs against the reference: atol/rtol 1e-5 unless told otherwise."""
+    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
+    assert out.dtype == ref.dtype, (out.dtype, ref.dtype)
+    torch.testing.assert_close(out, ref, **{**FP32_TOL, **tol})
+
+
+def assert_low_precision_close(out: torch.Tensor, ref_fp32: torch.Tensor, min_sqnr: float = MIN_SQNR_DB) -> None:
+    """bf16/fp16 outputs against an fp32 reference of the same inputs: 2e-2 and an SQNR floor."""
+    assert out.shape == ref_fp32.shape, (tuple(out.shape), tuple(ref_fp32.shape))
+    assert ref_fp32.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref_fp32, **LOW_TOL)
+    if ref_fp32.numel():
+        snr = sqnr_db(out, ref_fp32)
+        assert snr >= min_sqnr, f"SQNR {snr:.1f} dB < {min_sqnr} dB"
+
+
+# --- op inputs ---------------------------------------------------------------------------
+
+
+def op_inputs(
+    T: int,
+    H: int,
+    I: int,
+    E: int,
+    K: int,
+    *,
+    glu: str = "concat",
+    bias: bool = False,
+    dtype: torch.dtype = torch.float32,
+    routing: str = "random",
+    seed: int = 0,
+) -> dict:
+    """Random inputs of ``kernel_moe::fused_experts`` with outputs of order one.
+
+    ``routing``: "random" (top-k of random logits: distinct experts per token), "one" (every
+    token to experts 0..K-1), "few" (only experts 0 and E-1 ever chosen, K <= 2).
+    Routing weights are fp32 (what the routers produce); everything else is in ``dtype``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    N = 2 * I if glu != "none" else I
+    x_TH = torch.randn(T, H, generator=g)
+    if routing == "random":
+        logits_TE = torch.randn(T, E, generator=g)
+        weights_TK, ids_TK = torch.softmax(logits_TE, dim=-1).topk(K, dim=-1)
+    elif routing == "one":
+        ids_TK = torch.arange(K).expand(T, K).clone()
+        weights_TK = torch.rand(T, K, generator=g) + 0.1
+    elif routing == "few":
+        assert K <= 2
+        ids_TK = torch.tensor([0, E - 1][:K]).expand(T, K).clone()
+        weights_TK = torch.rand(T, K, generator=g) + 0.1
+    else:
+        raise ValueError(routing)
+    w_up_ENH = torch.randn(E, N, H, generator=g) / math.sqrt(H)
+    w_down_EHI = torch.randn(E, H, I, generator=g) / math.sqrt(I)
+    b_up_EN = torch.randn(E, N, generator=g) * 0.1 if bias else None
+    b_down_EH = torch.randn(E, H, generator=g) * 0.1 if bias else None
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    return dict(
+        x=cast(x_TH),
+        topk_weights=weights_TK.contiguous(),
+        topk_ids=ids_TK.contiguous(),
+        w_up=cast(w_up_ENH),
+        w_down=cast(w_down_EHI),
+        b_up=cast(b_up_EN),
+        b_down=cast(b_down_EH),
+    )
+
+
+def as_fp32(inputs: dict) -> dict:
+    """The same inputs with every floating tensor upcast to fp32 (for a reference)."""
+    return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
+
+
+def run_op(inputs: dict, activation: str = "silu", glu: str = "concat", alpha: float = 1.702,
+           limit: float = math.inf, backend: str = "auto") -> torch.Tensor:
+    """``torch.ops.kernel_moe.fused_experts`` on a dict from :func:`op_inputs`."""
+    i = inputs
+    return torch.ops.kernel_moe.fused_experts(
+        i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"],
+        activation, glu, alpha, limit, backend,
+    )
+
+
+def run_reference(inputs: dict, activation: str = "silu", glu: str = "concat", alpha: float = 1.702,
+                  limit: float = math.inf) -> torch.Tensor:
+    """The truth: ``naive_moe_experts`` on the same inputs."""
+    i = inputs
+    return naive_moe_experts(
+        i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"],
+        activation, glu, alpha, limit,
+    )
+
+
+# --- tiny hand-written MoE models ----------------------------------------------------------
+
+
+class SwiGLUExpert(nn.Module):
+    """Mixtral-style expert: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(hidden, inter, bias=bias)
+        self.w3 = nn.Linear(hidden, inter, bias=bias)
+        self.w2 = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TopKMoE(nn.Module):
+    """A hand-written sparse MoE block: gate Linear, softmax, top-k, optional renorm, per-expert loop.
+
+    Accepts [..., H] inputs and returns the same shape.
+    """
+
+    def __init__(self, hidden: int = 16, inter: int = 24, num_experts: int = 4, top_k: int = 2,
+                 renormalize: bool = True, bias: bool = False) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert(hidden, inter, bias) for _ in range(num_experts))
+
+    def forward(self, x):
+        shape = x.shape
+        x_TH = x.reshape(-1, shape[-1])
+        probs_TE = torch.softmax(self.gate(x_TH).float(), dim=-1)
+        weights_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        weights_TK = weights_TK.to(x.dtype)
+        out_TH = torch.zeros_like(x_TH)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(ids_TK == e)
+            if tok.numel():
+                out_TH.index_add_(0, tok, expert(x_TH[tok]) * weights_TK[tok, slot, None])
+        return out_TH.reshape(shape)
+
+
+class TwoBlockModel(nn.Module):
+    """in_proj -> [LayerNorm -> MoE + residual] x 2 -> out_proj: two swappable blocks."""
+
+    def __init__(self, hidden: int = 16, inter: int = 24, num_experts: int = 4, top_k: int = 2,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(hidden, hidden)
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(2))
+        self.blocks = nn.ModuleList(TopKMoE(hidden, inter, num_experts, top_k, bias=bias) for _ in range(2))
+        self.out_proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        h = self.in_proj(x)
+        for norm, block in zip(self.norms, self.blocks):
+            h = h + block(norm(h))
+        return self.out_proj(h)
+
+
+def tiny_mixtral_config(**overrides):
+    """A tiny transformers MixtralConfig (random weights, no download)."""
+    from transformers import MixtralConfig
+
+    kwargs = dict(
+        vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    cfg = MixtralConfig(**kwargs)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+# --- model state ---------------------------------------------------------------------------
+
+
+def snapshot_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Ordered copies of every state_dict entry."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """state_dict keys (in order), dtypes, shapes and values equal to the snapshot."""
+    state = model.state_dict()
+    assert list(state.keys()) == list(snapshot.keys())
+    for k, v in state.items():
+        ref = snapshot[k]
+        assert v.dtype == ref.dtype and v.shape == ref.shape, k
+        assert torch.equal(v, ref), k
+
+
+def param_ids(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> id() of the Parameter object."""
+    return {name: id(p) for name, p in model.named_parameters()}
+
+
+def parameter_storage_bytes(model: nn.Module, extra: tuple[torch.Tensor, ...] = ()) -> int:
+    """Bytes of the distinct storages behind the model's parameters (and ``extra`` tensors)."""
+    seen: dict[int, int] = {}
+    for t in [p for p in model.parameters()] + list(extra):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def stacked_tensors(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Every stacked weight a fused layer keeps for re-pointed per-expert Parameters."""
+    out = []
+    for m in model.modules():
+        out.extend(getattr(m, "_stacked_weights", {}).values())
+    return tuple(out)

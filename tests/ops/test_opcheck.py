@@ -1,0 +1,74 @@
+"""torch.library.opcheck of kernel_moe::fused_experts and kernel_moe::fused_experts_backward:
+schema, fake (meta) implementation, autograd registration and AOT dispatch with dynamic shapes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers import op_inputs
+
+H, I = 8, 6
+
+CASES = {
+    "silu_concat": dict(T=5, E=4, K=2),
+    "bias_gelu_none": dict(T=9, E=3, K=1, glu="none", activation="gelu", bias=True),
+    "gpt_oss_interleaved_bias": dict(T=6, E=4, K=2, glu="interleaved", activation="gpt_oss", bias=True, limit=7.0),
+    "zero_tokens": dict(T=0, E=4, K=2, bias=True),
+    "bf16": dict(T=7, E=4, K=2, dtype=torch.bfloat16, bias=True),
+    "k_equals_e_int32_ids": dict(T=4, E=3, K=3, int32=True),
+    "transposed_weights": dict(T=5, E=4, K=2, transposed=True),
+}
+
+
+def _args(T, E, K, glu="concat", activation="silu", bias=False, dtype=torch.float32, limit=math.inf,
+          int32=False, transposed=False, requires_grad=True):
+    i = op_inputs(T, H, I, E, K, glu=glu, bias=bias, dtype=dtype, seed=T + E)
+    if int32:
+        i["topk_ids"] = i["topk_ids"].to(torch.int32)
+    if transposed:
+        i["w_up"] = i["w_up"].transpose(1, 2).contiguous().transpose(1, 2)
+        i["w_down"] = i["w_down"].transpose(1, 2).contiguous().transpose(1, 2)
+    for k in ("x", "topk_weights", "w_up", "w_down", "b_up", "b_down"):
+        if i[k] is not None and requires_grad:
+            i[k].requires_grad_(True)
+    tensors = (i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"])
+    return tensors, (activation, glu, 1.702, limit, "auto")
+
+
+def _assert_passed(result: dict) -> None:
+    assert result, "opcheck ran no test"
+    failed = {k: v for k, v in result.items() if v != "SUCCESS"}
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_opcheck_fused_experts(case):
+    tensors, scalars = _args(**CASES[case])
+    _assert_passed(torch.library.opcheck(torch.ops.kernel_moe.fused_experts.default, tensors + scalars))
+
+
+@pytest.mark.parametrize("case", ["silu_concat", "gpt_oss_interleaved_bias", "zero_tokens", "bf16"])
+def test_opcheck_fused_experts_backward(case):
+    tensors, scalars = _args(**CASES[case], requires_grad=False)
+    x = tensors[0]
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
+    _assert_passed(torch.library.opcheck(torch.ops.kernel_moe.fused_experts_backward.default,
+                                         (grad_out,) + tensors + scalars))
+
+
+def test_fake_implementations_give_the_real_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    tensors, scalars = _args(T=11, E=4, K=2, bias=True, dtype=torch.bfloat16, requires_grad=False)
+    real = torch.ops.kernel_moe.fused_experts(*tensors, *scalars)
+    grad_out = torch.ones_like(real)
+    real_grads = torch.ops.kernel_moe.fused_experts_backward(grad_out, *tensors, *scalars)
+    with FakeTensorMode() as mode:
+        fake_tensors = tuple(None if t is None else mode.from_tensor(t) for t in tensors)
+        fake = torch.ops.kernel_moe.fused_experts(*fake_tensors, *scalars)
+        fake_grads = torch.ops.kernel_moe.fused_experts_backward(mode.from_tensor(grad_out), *fake_tensors, *scalars)
+    assert (fake.shape, fake.dtype) == (real.shape, real.dtype)
+    assert [(g.shape, g.dtype) for g in fake_grads] == [(g.shape, g.dtype) for g in real_grads]
