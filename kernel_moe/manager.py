@@ -18,7 +18,6 @@ from kernel_moe.layers import FusedExperts, FusedFFN, FusedMoE, RoutingOptions, 
 from kernel_moe.layers.spec import ExpertsOnlySpec, FFNSpec, MoESpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.ops.backend import resolve_backend
-from kernel_moe.ops.backend import resolve_backend
 from kernel_moe.report import OptimizeReport, SkipRecord, SwapRecord
 
 logger = logging.getLogger("kernel_moe")
@@ -164,12 +163,13 @@ class UnifiedManager:
 
     def _prove(self, module: nn.Module, specs: list) -> nn.Module | Skip:
         build = LAYER_FOR_SPEC[type(specs[0])]
+        like = _weight_like(module, specs[0])
+        if like.device.type != "meta":
+            resolve_backend(self.config.backend, like.device)  # an unusable backend is the user's error: raise
         if not self.config.verify:
             return _expected(specs[0], self.config) or build(module, specs[0], self.config.backend)
-        like = _weight_like(module, specs[0])
         if like.device.type == "meta":
             return Skip("parameters are on the meta device, so equivalence cannot be verified")
-        resolve_backend(self.config.backend, like.device)  # an unusable backend is the user's error: raise
         ref = args = None
         error = ""
         for args in _probe_args(specs[0], self.config.verify_tokens, like):

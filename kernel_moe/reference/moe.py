@@ -52,10 +52,11 @@ def naive_moe_experts(
     """Routed experts by a loop over every (token, slot) pair, accumulated in fp32.
 
     Deliberately the simplest possible formulation: out[t] = sum_j w[t, j] * expert_{id[t, j]}(x[t]).
-    Returns [T, H] in the dtype of ``x_TH``.
+    Accumulated in fp32 (fp64 for fp64 input); returns [T, H] in the dtype of ``x_TH``.
     """
     T, H = x_TH.shape
-    out_TH = torch.zeros(T, H, dtype=torch.float32, device=x_TH.device)
+    acc = torch.promote_types(x_TH.dtype, torch.float32)
+    out_TH = torch.zeros(T, H, dtype=acc, device=x_TH.device)
     for e in range(w_up_ENH.shape[0]):
         tok, slot = torch.where(topk_ids_TK == e)
         if tok.numel() == 0:
@@ -71,7 +72,7 @@ def naive_moe_experts(
             alpha,
             limit,
         )
-        out_TH.index_add_(0, tok, y_MH.float() * topk_weights_TK[tok, slot].float().unsqueeze(-1))
+        out_TH.index_add_(0, tok, y_MH.to(acc) * topk_weights_TK[tok, slot].to(acc).unsqueeze(-1))
     return out_TH.to(x_TH.dtype)
 
 

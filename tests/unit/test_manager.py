@@ -342,12 +342,13 @@ def test_meta_parameters_are_skipped_with_reason():
     assert all("meta" in r.reason for r in report.skipped) and len(report.skipped) == 2
 
 
-def test_triton_backend_on_cpu_without_interpreter_raises_clear_error(monkeypatch):
+@pytest.mark.parametrize("verify", [True, False])
+def test_triton_backend_on_cpu_without_interpreter_raises_clear_error(monkeypatch, verify):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = _model()
     snap = snapshot_state(model)
     with pytest.raises(UnsupportedInputError, match="TRITON_INTERPRET"):
-        UnifiedManager(KernelConfig.for_moe(backend="triton")).optimize(model)
+        UnifiedManager(KernelConfig.for_moe(backend="triton", verify=verify)).optimize(model)
     assert all(type(b) is TopKMoE for b in model.blocks)
     assert_same_state(model, snap)
 
