@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -10,8 +11,10 @@ import torch
 from kernel_moe.errors import UnsupportedInputError
 
 
+@functools.cache
 def triton_available() -> bool:
-    """True when the triton package can be imported (it is never imported here)."""
+    """True when the triton package can be imported (it is never imported here; cached, since
+    the lookup searches the file system)."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -136,6 +136,12 @@ def fused_experts_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of fused_experts: (grad_x, grad_topk_weights, grad_w_up, grad_w_down,
     grad_b_up or [0], grad_b_down or [0])."""
+    if resolve_backend(backend, x.device) == "triton":
+        from kernel_moe.kernels import fused_experts_backward_triton
+
+        return fused_experts_backward_triton(
+            grad_out, x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit
+        )
     return torch_impl.experts_backward(
         grad_out, x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit
     )

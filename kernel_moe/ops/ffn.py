@@ -76,6 +76,16 @@ def fused_ffn_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_w_up, grad_w_down, grad_b_up or [0], grad_b_down or [0])."""
+    if resolve_backend(backend, x.device) == "triton":
+        from kernel_moe.kernels import fused_experts_backward_triton
+
+        T = x.shape[0]
+        dx, _, dw_up, dw_down, db_up, db_down = fused_experts_backward_triton(
+            grad_out, x, x.new_ones((T, 1), dtype=torch.float32), x.new_zeros((T, 1), dtype=torch.int64),
+            w_up.unsqueeze(0), w_down.unsqueeze(0), None if b_up is None else b_up.unsqueeze(0),
+            None if b_down is None else b_down.unsqueeze(0), activation, glu, alpha, limit)
+        return (dx, dw_up.squeeze(0), dw_down.squeeze(0), db_up if b_up is None else db_up.squeeze(0),
+                db_down if b_down is None else db_down.squeeze(0))
     dx, dw_up, dw_down, db_up, db_down, _ = torch_impl.mlp_backward(
         grad_out, None, x, w_up, w_down, b_up, b_down, activation, glu, alpha, limit)
     empty = x.new_zeros(0)

@@ -113,10 +113,24 @@ def experts_forward(
     alpha: float,
     limit: float,
 ) -> torch.Tensor:
-    """out[t] = sum_j w[t, j] * expert_{id[t, j]}(x[t]); accumulated in fp32, returned in x's dtype."""
+    """out[t] = sum_j w[t, j] * expert_{id[t, j]}(x[t]); accumulated in fp32, returned in x's dtype.
+
+    Decode (T * K <= E, e.g. one token): each slot runs its expert directly, skipping the sort.
+    """
     T, H = x_TH.shape
     acc_dtype = torch.promote_types(x_TH.dtype, torch.float32)
     out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
+    E = w_up_ENH.shape[0]
+    if 0 < topk_ids_TK.numel() <= E and x_TH.device.type == "cpu":
+        weights = topk_weights_TK.tolist()
+        for t, row in enumerate(topk_ids_TK.tolist()):
+            for j, e in enumerate(row):
+                if not 0 <= e < E:
+                    raise UnsupportedInputError(f"topk_ids holds expert id {e}, outside [0, {E}) for w_up with {E} experts")
+                y_1H = mlp_forward(x_TH[t : t + 1], w_up_ENH[e], w_down_EHI[e], _bias(b_up_EN, e),
+                                   _bias(b_down_EH, e), activation, glu, alpha, limit)
+                out_TH[t : t + 1].add_(y_1H, alpha=weights[t][j])
+        return out_TH.to(x_TH.dtype)
     weights_S = topk_weights_TK.reshape(-1)
     for e, tok_M, slot_M in _expert_groups(topk_ids_TK, w_up_ENH.shape[0]):
         y_MH = mlp_forward(x_TH.index_select(0, tok_M), w_up_ENH[e], w_down_EHI[e], _bias(b_up_EN, e),
