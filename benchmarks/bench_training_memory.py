@@ -12,28 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 
 import kernel_moe
 from kernel_moe.bench.memory import measure_peak_memory
 
-H, I, E, K = 512, 1024, 8, 2
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_cpu_layer import E, H, I, K, build_block  # noqa: E402
 
 
-def build(impl: str, dtype: torch.dtype, device: str):
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    cfg = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K)
-    cfg._experts_implementation = impl
-    torch.manual_seed(0)
-    block = MixtralSparseMoeBlock(cfg)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.05)
-    holder = torch.nn.Sequential(block).to(device=device, dtype=dtype).train()
-    return holder
+def build(impl: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """The benchmark's Mixtral-style block with transformers' ``impl`` experts, in training mode."""
+    return torch.nn.Sequential(build_block(impl, dtype)).to(device=device).train()
 
 
 def step(model, x):

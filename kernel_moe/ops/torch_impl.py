@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from kernel_moe.errors import UnsupportedInputError
 from kernel_moe.reference.activations import activation_backward, apply_activation
+from kernel_moe.reference.moe import expert_mlp as mlp_forward
 
 
 def _expert_groups(
@@ -46,22 +47,6 @@ def _expert_groups(
 
 def _bias(b_EX: torch.Tensor | None, e: int) -> torch.Tensor | None:
     return None if b_EX is None else b_EX[e]
-
-
-def mlp_forward(
-    x_MH: torch.Tensor,
-    w_up_NH: torch.Tensor,
-    w_down_HI: torch.Tensor,
-    b_up_N: torch.Tensor | None,
-    b_down_H: torch.Tensor | None,
-    activation: str,
-    glu: str,
-    alpha: float,
-    limit: float,
-) -> torch.Tensor:
-    """One MLP (an expert, or a dense FFN): [M, H] -> [M, H]."""
-    h_MN = F.linear(x_MH, w_up_NH, b_up_N)
-    return F.linear(apply_activation(h_MN, activation, glu, alpha, limit), w_down_HI, b_down_H)
 
 
 def mlp_backward(

@@ -30,7 +30,7 @@ def expert_mlp(
     alpha: float = 1.702,
     limit: float = math.inf,
 ) -> torch.Tensor:
-    """One expert applied to M tokens: [M, H] -> [M, H]."""
+    """One MLP (an expert, or a dense FFN) applied to M tokens: [M, H] -> [M, H]."""
     h_MN = F.linear(x_MH, w_up_NH, b_up_N)
     a_MI = apply_activation(h_MN, activation, glu, alpha, limit)
     return F.linear(a_MI, w_down_HI, b_down_H)
