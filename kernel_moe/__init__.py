@@ -15,7 +15,7 @@ import sys
 
 from kernel_moe.config import KernelConfig
 from kernel_moe.errors import KernelMoEError, UnsupportedInputError, UnsupportedModuleError
-from kernel_moe.layers import FusedMoE
+from kernel_moe.layers import FusedExperts, FusedFFN, FusedMoE
 from kernel_moe.manager import UnifiedManager, optimize, restore
 from kernel_moe.report import OptimizeReport
 
@@ -35,6 +35,8 @@ if "transformers" in sys.modules:
 __version__ = "0.1.0"
 
 __all__ = [
+    "FusedExperts",
+    "FusedFFN",
     "FusedMoE",
     "KernelConfig",
     "KernelMoEError",
