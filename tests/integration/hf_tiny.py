@@ -56,7 +56,9 @@ _MOE_SOURCE_RE = re.compile(
     re.MULTILINE,
 )
 # Class names of MoE modules in an imported modeling module.
-_MOE_CLASS_RE = re.compile(r"(SparseMoeBlock|SparseMoe|MoeBlock|MoEBlock|MoE|Moe|MoeMLP|MoEMLP|SparseMLP|Experts|ExpertGLU)$")
+_MOE_CLASS_RE = re.compile(
+    r"(SparseMoeBlock|SparseMoe|MoeBlock|MoEBlock|MoE|Moe|MoeMLP|MoEMLP|SparseMLP|Experts|ExpertGLU)$"
+)
 
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOPK_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k_experts", "moe_top_k")
@@ -274,7 +276,11 @@ def moe_model_types() -> list[str]:
             logger.debug("skip %s: config fails: %s", model_type, exc)
             continue
         module = modeling_module(model_type)
-        if module is None or not moe_classes(module):
+        try:
+            if module is None or not moe_classes(module):
+                continue
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("skip %s: cannot inspect its modeling module: %s", model_type, exc)
             continue
         found.append(model_type)
     return sorted(found)
@@ -473,15 +479,11 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         value = value() if callable(value) else value
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and not isinstance(value, _Replace):
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
-            out[key] = dict(value) if isinstance(value, _Replace) else value
+            out[key] = value
     return out
-
-
-class _Replace(dict):
-    """An override value that replaces a dict instead of being merged into it."""
 
 
 def _set_eager(config) -> None:
@@ -595,7 +597,10 @@ def _class_candidates(model_type: str) -> list[str]:
     mappings += [
         value
         for name, value in sorted(vars(modeling_auto).items())
-        if name.endswith("_MAPPING_NAMES") and "CONFIG" not in name and isinstance(value, dict) and value not in mappings
+        if name.endswith("_MAPPING_NAMES")
+        and "CONFIG" not in name
+        and isinstance(value, dict)
+        and value not in mappings
     ]
     names = []
     for mapping in mappings:
@@ -735,23 +740,32 @@ def build_tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = cls(config)
+        model = cls._from_config(config, dtype=dtype)
+    _keep_in_fp32(model, dtype)
     randomize_weights(model, seed=seed)
-    _cast_floating(model, dtype)
     return model.eval()
 
 
 @torch.no_grad()
-def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast floating-point parameters and buffers only: ``Module.to(dtype)`` would also turn complex
-    buffers (llama4's rotary ``freqs_cis``) real and drop their imaginary part."""
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-        for name, buf in module.named_buffers(recurse=False):
-            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
-                setattr(module, name, buf.to(dtype))
+def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> None:
+    """Upcast what ``from_pretrained(dtype=...)`` keeps in fp32: ``_keep_in_fp32_modules_strict`` for
+    bf16 / fp16 and also ``_keep_in_fp32_modules`` for fp16 (routers, selection biases, norms)."""
+    patterns = set()
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        patterns |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if not patterns:
+        return
+    for module_name, module in model.named_modules():
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            full = f"{module_name}.{name}" if module_name else name
+            if tensor is None or not tensor.is_floating_point() or not any(p in full for p in patterns):
+                continue
+            if isinstance(tensor, nn.Parameter):
+                tensor.data = tensor.data.float()
+            else:
+                setattr(module, name, tensor.float())
 
 
 def forward_module(model: nn.Module) -> nn.Module:
@@ -812,7 +826,7 @@ def _vision_inputs(module: nn.Module, batch: int, gen: torch.Generator, dtype: t
     config = module.config
     params = inspect.signature(module.forward).parameters
     if "grid_thw" in params:
-        # Flattened patches [t*h*w, C*P*P] of one 4x4-patch image.
+        # One image of (2 merge) x (2 merge) patches, flattened to [t*h*w, C*P*P].
         merge = getattr(config, "spatial_merge_size", 1)
         grid = torch.tensor([[1, 2 * merge, 2 * merge]])
         patch_dim = getattr(config, "num_channels", 3) * config.patch_size**2

@@ -86,6 +86,13 @@ def test_build_is_seeded_and_takes_a_dtype():
     assert not half.training
 
 
+def test_low_precision_keeps_what_from_pretrained_keeps_in_fp32():
+    model = build_tiny_model("deepseek_v3", dtype=torch.bfloat16)
+    mlp = model.model.layers[0].mlp
+    assert mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    assert mlp.gate.e_score_correction_bias.dtype == torch.float32  # _keep_in_fp32_modules_strict
+
+
 def test_random_weights_reach_router_and_selection_bias():
     model = build_tiny_model("deepseek_v3")
     gate = model.model.layers[0].mlp.gate
