@@ -12,7 +12,6 @@ largest T relative to inputs + outputs + one [T*k, I] intermediate. Timings are 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
