@@ -27,13 +27,17 @@ _LAZY = {
     "fused_experts_triton": "kernel_moe.kernels.fused_moe",
     "moe_up_projection": "kernel_moe.kernels.fused_moe",
     "moe_down_projection": "kernel_moe.kernels.fused_moe",
+    "fused_experts_backward_triton": "kernel_moe.kernels.backward",
+    "default_backward_config": "kernel_moe.kernels.backward",
 }
 
 __all__ = [
     "AlignedRouting",
     "align_by_expert",
     "config_file_name",
+    "default_backward_config",
     "default_kernel_config",
+    "fused_experts_backward_triton",
     "fused_experts_triton",
     "get_kernel_config",
     "moe_down_projection",

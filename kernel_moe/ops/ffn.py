@@ -88,9 +88,8 @@ def fused_ffn_backward(
                 db_down if b_down is None else db_down.squeeze(0))
     dx, dw_up, dw_down, db_up, db_down, _ = torch_impl.mlp_backward(
         grad_out, None, x, w_up, w_down, b_up, b_down, activation, glu, alpha, limit)
-    empty = x.new_zeros(0)
     return (dx.to(x.dtype), dw_up.to(w_up.dtype), dw_down.to(w_down.dtype),
-            empty if db_up is None else db_up, empty if db_down is None else db_down)
+            x.new_zeros(0) if db_up is None else db_up, x.new_zeros(0) if db_down is None else db_down)
 
 
 @fused_ffn_backward.register_fake

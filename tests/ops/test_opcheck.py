@@ -72,3 +72,31 @@ def test_fake_implementations_give_the_real_shapes_and_dtypes():
         fake_grads = torch.ops.kernel_moe.fused_experts_backward(mode.from_tensor(grad_out), *fake_tensors, *scalars)
     assert (fake.shape, fake.dtype) == (real.shape, real.dtype)
     assert [(g.shape, g.dtype) for g in fake_grads] == [(g.shape, g.dtype) for g in real_grads]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("glu", ["none", "concat"])
+def test_opcheck_fused_ffn_and_backward(bias, glu):
+    torch.manual_seed(0)
+    T, H, I = 9, 20, 12
+    N = 2 * I if glu != "none" else I
+    x = torch.randn(T, H, requires_grad=True)
+    w_up = (torch.randn(N, H) * 0.2).requires_grad_()
+    w_down = (torch.randn(H, I) * 0.2).requires_grad_()
+    b_up = (torch.randn(N) * 0.1).requires_grad_() if bias else None
+    b_down = (torch.randn(H) * 0.1).requires_grad_() if bias else None
+    act = ("silu", glu, 1.702, math.inf, "torch")
+    _assert_passed(torch.library.opcheck(torch.ops.kernel_moe.fused_ffn.default, (x, w_up, w_down, b_up, b_down, *act)))
+    detached = [t.detach() if t is not None else None for t in (x, w_up, w_down, b_up, b_down)]
+    _assert_passed(torch.library.opcheck(
+        torch.ops.kernel_moe.fused_ffn_backward.default, (torch.randn(T, H), *detached, *act)))
+
+
+def test_fused_ffn_gradcheck_without_biases():
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    w_up = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    w_down = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, u, d: torch.ops.kernel_moe.fused_ffn(x, u, d, None, None, "gelu_tanh", "concat", 1.702, math.inf,
+                                                       "torch"), (x, w_up, w_down))
