@@ -21,7 +21,7 @@ from bench_cpu_layer import DenseSwiGLU, H, K, I, build_block, time_round_robin 
 import kernel_moe  # noqa: E402
 from kernel_moe.bench.device import device_name  # noqa: E402
 
-TOKENS = [int(t) for t in os.environ.get("KERNEL_MOE_BENCH_TOKENS_LIST", "1,16,128,1024,4096").split(",")]
+TOKENS = [int(t) for t in os.environ.get("KERNEL_MOE_BENCH_TOKENS", "1,16,128,1024,4096").split(",")]
 
 
 @functools.cache
