@@ -6,6 +6,7 @@ Importing this package registers the ops; it never initialises CUDA or imports t
 from kernel_moe.ops.backend import resolve_backend, triton_available, triton_interpreter_enabled
 from kernel_moe.ops.experts import fused_experts, fused_experts_backward
 from kernel_moe.ops.ffn import fused_ffn, fused_ffn_backward
+from kernel_moe.ops.gating import topk_gating
 
 __all__ = [
     "fused_experts",
@@ -13,6 +14,7 @@ __all__ = [
     "fused_ffn",
     "fused_ffn_backward",
     "resolve_backend",
+    "topk_gating",
     "triton_available",
     "triton_interpreter_enabled",
 ]

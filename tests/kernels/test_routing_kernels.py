@@ -183,3 +183,18 @@ def test_align_rejects_bad_arguments():
         align_by_expert(ids.float(), 4, 16)
     with pytest.raises(ValueError, match="num_experts"):
         align_by_expert(ids, 0, 16)
+
+
+@pytest.mark.parametrize("scoring, order, renorm", [("softmax", "score_then_topk", True),
+                                                    ("softmax", "topk_then_score", False),
+                                                    ("sigmoid", "score_then_topk", True)])
+def test_gating_op_on_triton_backend_matches_torch_backend(scoring, order, renorm):
+    logits = torch.randn(37, 9, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    w_t, ids_t = torch.ops.kernel_moe.topk_gating(logits, 3, scoring, order, renorm, 1.5, "triton")
+    w_c, ids_c = torch.ops.kernel_moe.topk_gating(logits, 3, scoring, order, renorm, 1.5, "torch")
+    assert torch.equal(ids_t, ids_c)
+    torch.testing.assert_close(w_t, w_c, atol=1e-6, rtol=1e-6)
+    upstream = torch.randn(37, 3, generator=torch.Generator().manual_seed(4))
+    (g_t,) = torch.autograd.grad((w_t * upstream).sum(), logits)
+    (g_c,) = torch.autograd.grad((w_c * upstream).sum(), logits)
+    torch.testing.assert_close(g_t, g_c)
