@@ -11,7 +11,7 @@ from torch import nn
 
 from kernel_moe.adapters import registered_adapters
 from kernel_moe.adapters.base import Adapter, Skip, check_expected_shape
-from kernel_moe.adapters.probe import PROBE_SEED, mismatch, probe_input, run_module
+from kernel_moe.adapters.probe import PROBE_SEED, outputs_mismatch, probe_input, returns_kind, run_module
 from kernel_moe.config import KernelConfig
 from kernel_moe.errors import UnsupportedModuleError
 from kernel_moe.layers import FusedExperts, FusedFFN, FusedMoE, RoutingOptions, SwappedLayer
@@ -26,27 +26,12 @@ FilterFn = Callable[[nn.Module, str], bool]
 FUSED_LAYERS = (SwappedLayer,)
 
 
-def _returns_kind(ref: object, x: torch.Tensor, num_experts: int) -> str | None:
-    """How the original block returns: "tensor", "tensor_logits", or None when unsupported."""
-    if isinstance(ref, torch.Tensor):
-        return "tensor" if ref.shape == x.shape else None
-    if isinstance(ref, tuple) and len(ref) == 2 and all(isinstance(t, torch.Tensor) for t in ref):
-        out, logits = ref
-        if out.shape == x.shape and logits.shape == (x.numel() // x.shape[-1], num_experts):
-            return "tensor_logits"
-    return None
-
-
 def _same(a: object, b: object) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and torch.equal(a, b)
     if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
         return all(_same(x, y) for x, y in zip(a, b))
     return False
-
-
-def _first(out: object) -> object:
-    return out[0] if isinstance(out, tuple) else out
 
 
 class UnifiedManager:
@@ -180,7 +165,7 @@ class UnifiedManager:
                 error = f"{type(exc).__name__}: {exc}"
         if ref is None:
             return Skip(f"the original forward failed on a probe input ({error[:200]})")
-        kind = _returns_kind(ref, args[0], getattr(specs[0], "num_experts", 0))
+        kind = returns_kind(ref, args[0], getattr(specs[0], "num_experts", 0), getattr(specs[0], "top_k", 0))
         if kind is None or (kind != "tensor" and not isinstance(specs[0], MoESpec)):
             return Skip(f"forward returns {type(ref).__name__} that the fused layer cannot reproduce")
         reasons = []
@@ -193,9 +178,7 @@ class UnifiedManager:
             except Exception as exc:
                 reasons.append(f"{type(exc).__name__}: {exc}")
                 continue
-            why = mismatch(_first(out), _first(ref))
-            if why is None and kind == "tensor_logits":
-                why = mismatch(out[1], ref[1])
+            why = outputs_mismatch(out, ref)
             if why is not None:
                 reasons.append(why)
                 continue
@@ -224,7 +207,7 @@ class UnifiedManager:
                     return "its training-mode forward is stochastic (dropout or noise)"
                 layer.train()
                 ours = layer(*args)
-                why = mismatch(_first(ours), _first(first))
+                why = outputs_mismatch(ours, first)
                 return None if why is None else f"training-mode forward differs: {why}"
         except Exception as exc:
             return f"training-mode forward could not be checked ({type(exc).__name__})"
@@ -245,7 +228,7 @@ def _expected(spec, config: KernelConfig) -> Skip | None:
 def _weight_like(module: nn.Module, spec) -> torch.Tensor:
     """A tensor of the module whose dtype and device the probe input takes."""
     if isinstance(spec, MoESpec):
-        return get_attr_path(module, spec.router.weight)
+        return spec.experts.down.get(module)
     source = spec.experts.down if isinstance(spec, ExpertsOnlySpec) else spec.down
     return get_attr_path(module, source.paths()[0])
 

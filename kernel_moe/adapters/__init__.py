@@ -10,12 +10,14 @@ from kernel_moe.adapters.base import Adapter, Skip
 from kernel_moe.adapters.ffn import DenseFFNAdapter
 from kernel_moe.adapters.handwritten import HandwrittenMoEAdapter
 from kernel_moe.adapters.transformers import TransformersExpertsAdapter, TransformersMoEAdapter
+from kernel_moe.adapters.unsupported import UnsupportedMoEAdapter
 
 _REGISTRY: list[Adapter] = [
     TransformersMoEAdapter(),
     HandwrittenMoEAdapter(),
     TransformersExpertsAdapter(),
     DenseFFNAdapter(),
+    UnsupportedMoEAdapter(),
 ]
 
 
@@ -31,4 +33,4 @@ def register_adapter(adapter: Adapter, first: bool = True) -> None:
         _REGISTRY.append(adapter)
 
 
-__all__ = ["Adapter", "Skip", "registered_adapters", "register_adapter"]
+__all__ = ["Adapter", "Skip", "register_adapter", "registered_adapters"]

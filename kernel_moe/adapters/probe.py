@@ -55,6 +55,38 @@ def mismatch(out: torch.Tensor, ref: torch.Tensor) -> str | None:
     return None if err <= 2e-2 else f"relative error {err:.2e} > 2e-2"
 
 
+def returns_kind(ref: object, x: torch.Tensor, num_experts: int, top_k: int = 0) -> str | None:
+    """How a block returns, judged by shapes (see ``MoESpec.returns``): "tensor" (output shaped
+    like the input), "tensor_logits" (output, router logits [T, E]), "tensor_weights" (output,
+    top-k routing weights [T, K]); None when the fused layer cannot reproduce it."""
+    if isinstance(ref, torch.Tensor):
+        return "tensor" if ref.shape == x.shape else None
+    if not (isinstance(ref, tuple) and len(ref) == 2 and all(isinstance(t, torch.Tensor) for t in ref)):
+        return None
+    out, extra = ref
+    T = x.numel() // x.shape[-1] if x.dim() else 0
+    if out.shape != x.shape or not extra.is_floating_point():
+        return None
+    if extra.shape == (T, num_experts):
+        return "tensor_logits"
+    if top_k and extra.shape == (T, top_k):
+        return "tensor_weights"
+    return None
+
+
+def outputs_mismatch(out: object, ref: object) -> str | None:
+    """:func:`mismatch` over every tensor of a (possibly tuple) output; None when all agree."""
+    if isinstance(ref, torch.Tensor):
+        return mismatch(out[0] if isinstance(out, tuple) else out, ref)  # type: ignore[arg-type]
+    if not isinstance(out, tuple) or len(out) != len(ref):  # type: ignore[arg-type]
+        return f"returns {type(out).__name__} where the original returns {len(ref)} values"  # type: ignore[arg-type]
+    for i, (a, b) in enumerate(zip(out, ref)):  # type: ignore[arg-type]
+        why = mismatch(a, b)
+        if why is not None:
+            return why if i == 0 else f"output {i}: {why}"
+    return None
+
+
 def run_module(module: nn.Module, *args: torch.Tensor) -> object:
     """module(*args) without gradients, in eval mode."""
     with torch.no_grad(), eval_mode(module):
@@ -82,7 +114,6 @@ def first_match(
     candidates: list,
     reference: Callable[[torch.Tensor], object],
     x: torch.Tensor,
-    compare_output: Callable[[object], torch.Tensor] = lambda y: y,  # type: ignore[assignment,return-value]
 ) -> tuple[object, nn.Module] | str:
     """Try candidates in order; return (candidate, built module) for the first whose output on
     ``x`` matches ``reference(x)``, else the reason of the closest failure."""
@@ -95,11 +126,20 @@ def first_match(
         except Exception as exc:  # a candidate that cannot run is simply not a match
             reasons.append(f"{type(exc).__name__}: {exc}")
             continue
-        why = mismatch(compare_output(out), compare_output(ref))
+        why = mismatch(out, ref)  # type: ignore[arg-type]
         if why is None:
             return cand, mod
         reasons.append(why)
     return "no candidate matched the probe (" + "; ".join(dict.fromkeys(reasons))[:300] + ")"
 
 
-__all__ = ["eval_mode", "probe_input", "mismatch", "run_module", "identify_activation", "first_match"]
+__all__ = [
+    "eval_mode",
+    "first_match",
+    "identify_activation",
+    "mismatch",
+    "outputs_mismatch",
+    "probe_input",
+    "returns_kind",
+    "run_module",
+]

@@ -36,10 +36,12 @@ def _spec_for(experts: nn.Module) -> ExpertsSpec:
 
 
 def prepare(model: nn.Module) -> int:
-    """Read and cache the layout of every stacked experts module (call before torch.compile)."""
+    """Read and cache the layout of every experts module the interface dispatches (those
+    transformers decorated with its experts flags); call before torch.compile. Raises
+    UnsupportedModuleError naming the module when one cannot run on kernel_moe."""
     count = 0
     for module in model.modules():
-        if is_stacked_experts(module):
+        if is_stacked_experts(module) and hasattr(module, "has_gate"):
             module.__dict__[_SPEC_ATTR] = _spec_for(module)
             count += 1
     return count

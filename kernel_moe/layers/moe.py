@@ -19,6 +19,8 @@ from torch import nn
 from kernel_moe.layers.experts import SwappedLayer, expert_weight_sources, run_experts
 from kernel_moe.layers.spec import MoESpec
 from kernel_moe.layers.weights import get_attr_path
+from kernel_moe.ops import gating as _gating_op  # noqa: F401  (registers kernel_moe::topk_gating)
+from kernel_moe.ops.backend import resolve_backend
 from kernel_moe.routing.balancing import expert_counts
 from kernel_moe.routing.capacity import apply_capacity, expert_capacity
 from kernel_moe.routing.expert_choice import expert_choice_route
@@ -33,7 +35,8 @@ class RoutingOptions:
     routing of the original block (so they change its outputs on purpose).
 
     - ``mode``: "token_choice" (each token picks k experts) or "expert_choice" (each expert
-      picks its top-capacity tokens; capacity from ``capacity_factor``, default 1.0).
+      picks its top ceil(capacity_factor * T * k / E) tokens, k of the original routing and
+      capacity_factor 1.0 by default: the compute of token choice).
     - ``capacity_factor`` / ``min_capacity`` / ``capacity_priority``: token-choice capacity;
       dropped slots contribute zero and are counted in ``FusedMoE.dropped_tokens``.
     - ``load_balancing``: "auxiliary_loss" sets ``FusedMoE.aux_loss`` in training;
@@ -93,13 +96,36 @@ class FusedMoE(SwappedLayer):
         self.register_buffer("routing_counts", torch.zeros(self.num_experts, dtype=torch.int64, device=device),
                              persistent=False)
         self._bind_weights()
+        self._use_gating_op = self._gating_op_applies()
+
+    def _gating_op_applies(self) -> bool:
+        """True when routing runs as the fused gating kernel: the Triton backend on this device
+        and a routing the kernel computes (no groups, no selection bias, fp32 scores)."""
+        r = self.spec.router
+        routing = r.routing
+        if r.selection_bias is not None or self.options.load_balancing == "dynamic":
+            return False
+        if routing.num_groups != 1 or routing.score_dtype != "float32":
+            return False
+        try:
+            return resolve_backend(self.backend, self.routing_counts.device) == "triton"
+        except ValueError:
+            return False
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        self._use_gating_op = self._gating_op_applies()
+        return result
 
     def configure(self, options: RoutingOptions) -> None:
         """Enable routing features; "dynamic" balancing adds a persistent ``expert_bias`` [E]
         and a ``load_counts`` [E] accumulator (call kernel_moe.training.update_expert_biases)."""
         if options.mode == "expert_choice" and self.spec.router.routing.order != "score_then_topk":
             raise ValueError("routing='expert_choice' needs a router that scores all experts (score_then_topk)")
+        if options.mode == "expert_choice" and self.spec.returns == "tensor_weights":
+            raise ValueError("routing='expert_choice' cannot reproduce a block that returns its top-k routing weights")
         self.options = options
+        self._use_gating_op = self._gating_op_applies()
         if options.load_balancing == "dynamic" and not hasattr(self, "expert_bias"):
             device = self.routing_counts.device
             self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32, device=device))
@@ -117,13 +143,14 @@ class FusedMoE(SwappedLayer):
         self.routing_counts.zero_()
 
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """[T, H] -> [T, E]."""
+        """[T, H] -> [T, E], in the router weight's dtype (fp32 when ``fp32_logits``)."""
         r = self.spec.router
         w_EH = get_attr_path(self, r.weight)
         b_E = get_attr_path(self, r.bias) if r.bias is not None else None
         if r.fp32_logits:
             return F.linear(x_TH.float(), w_EH.float(), None if b_E is None else b_E.float())
-        return F.linear(x_TH, w_EH, b_E)
+        # a router kept in another dtype than the block (fp32 under bf16) computes in its own
+        return F.linear(x_TH.to(w_EH.dtype), w_EH, None if b_E is None else b_E.to(w_EH.dtype))
 
     def _experts(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         return run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic)
@@ -132,7 +159,7 @@ class FusedMoE(SwappedLayer):
         """Each expert takes its top-C tokens: (output [T, H], expert id of each of the E*C slots)."""
         opts, E = self.options, self.num_experts
         T = x_TH.shape[0]
-        C = expert_capacity(T, 1, E, opts.capacity_factor or 1.0, opts.min_capacity)
+        C = expert_capacity(T, self.top_k, E, opts.capacity_factor or 1.0, opts.min_capacity)
         weights_EC, tok_EC = expert_choice_route(logits_TE, C, self.spec.router.routing.scoring)
         tok_S = tok_EC.reshape(-1)
         ids_S1 = torch.arange(E, device=x_TH.device).repeat_interleave(C).unsqueeze(-1)
@@ -155,7 +182,12 @@ class FusedMoE(SwappedLayer):
             sel_bias = get_attr_path(self, spec.router.selection_bias) if spec.router.selection_bias else None
             if opts.load_balancing == "dynamic":
                 sel_bias = self.expert_bias if sel_bias is None else sel_bias + self.expert_bias
-            weights_TK, ids_TK = route(logits_TE, spec.router.routing, sel_bias)
+            if self._use_gating_op:
+                rt = spec.router.routing
+                weights_TK, ids_TK = torch.ops.kernel_moe.topk_gating(
+                    logits_TE, rt.top_k, rt.scoring, rt.order, rt.renormalize, rt.scaling, self.backend)
+            else:
+                weights_TK, ids_TK = route(logits_TE, spec.router.routing, sel_bias)
             if opts.capacity_factor is not None:
                 T, K = ids_TK.shape
                 capacity = expert_capacity(T, K, self.num_experts, opts.capacity_factor, opts.min_capacity)
@@ -175,9 +207,13 @@ class FusedMoE(SwappedLayer):
             if spec.shared_gate is not None:
                 shared_TH = torch.sigmoid(get_attr_path(self, spec.shared_gate)(x_TH)) * shared_TH
             out_TH = out_TH + shared_TH
+        if spec.output_bias is not None:
+            out_TH = out_TH + get_attr_path(self, spec.output_bias)
         out = out_TH.reshape(hidden_states.shape)
         if spec.returns == "tensor_logits":
             return out, logits_TE
+        if spec.returns == "tensor_weights":
+            return out, weights_TK
         return out
 
     def extra_repr(self) -> str:

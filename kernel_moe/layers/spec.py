@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from kernel_moe.layers.weights import WeightSource
 from kernel_moe.routing.topk import RoutingSpec
 
+RETURNS = ("tensor", "tensor_logits", "tensor_weights")
+
 
 @dataclass(frozen=True)
 class ExpertsSpec:
@@ -55,8 +57,11 @@ class MoESpec:
 
     - ``shared_expert``: path of a module applied to every token and added to the output.
     - ``shared_gate``: path of a Linear(H, 1) whose sigmoid scales the shared expert.
+    - ``output_bias``: path of a bias [H] the block adds to its output.
     - ``input_jitter``: Mixtral-style multiplicative input noise in training.
-    - ``returns``: "tensor", or "tensor_logits" for blocks that return (output, router logits).
+    - ``returns``: what the block's forward returns, one of :data:`RETURNS`: "tensor" (the
+      output), "tensor_logits" (output, router logits [T, E]) or "tensor_weights" (output,
+      top-k routing weights [T, K], as GPT-OSS blocks do).
     - ``training_fallback``: a reason to run the original module in training mode (dropout or
       noise the fused layer does not reproduce); None when the fused path is exact in training too.
     """
@@ -65,10 +70,15 @@ class MoESpec:
     experts: ExpertsSpec
     shared_expert: str | None = None
     shared_gate: str | None = None
+    output_bias: str | None = None
     input_jitter: float = 0.0
     returns: str = "tensor"
     training_fallback: str | None = None
     notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.returns not in RETURNS:
+            raise ValueError(f"MoESpec.returns={self.returns!r}; allowed: {', '.join(RETURNS)}")
 
     @property
     def top_k(self) -> int:
@@ -82,6 +92,8 @@ class MoESpec:
         parts = [self.router.routing.describe(), self.experts.describe()]
         if self.shared_expert:
             parts.append("shared" + ("(gated)" if self.shared_gate else ""))
+        if self.output_bias:
+            parts.append("+output bias")
         return ", ".join(parts)
 
 

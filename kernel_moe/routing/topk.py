@@ -14,6 +14,8 @@ import torch
 
 SCORINGS = ("softmax", "sigmoid")
 ORDERS = ("score_then_topk", "topk_then_score")
+GROUP_SCORES = ("top2_sum", "max")
+SELECTION_ON = ("scores", "logits")
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,15 @@ class RoutingSpec:
       (GPT-OSS: softmax over the k selected logits).
     - ``renormalize``: divide the k selected weights by their sum.
     - ``scaling``: multiply the final weights (DeepSeek's routed_scaling_factor).
-    - ``num_groups`` / ``topk_groups``: group-limited selection (DeepSeek-V3): experts are
-      split into G groups, each group is scored by the sum of its two best (biased) scores,
-      and only experts of the ``topk_groups`` best groups can be selected.
+    - ``num_groups`` / ``topk_groups``: group-limited selection: experts are split into G
+      groups, each group gets a score, and only experts of the ``topk_groups`` best groups
+      can be selected.
+    - ``group_score``: how a group is scored from its (biased) expert scores: "top2_sum", the
+      sum of its two best (DeepSeek-V3), or "max", its best one (DeepSeek-V2).
     - ``score_dtype``: "float32" computes scores in fp32 (most models); "input" keeps the
       logits' dtype.
+    - ``selection_on``: what the selection bias is added to before the top-k: "scores" (the
+      softmax/sigmoid scores, DeepSeek-V3) or "logits" (the raw logits, scores taken after).
     A selection bias (aux-loss-free balancing, DeepSeek's ``e_score_correction_bias``) is
     passed to :func:`route` separately: it changes which experts are chosen, not the weights.
     """
@@ -44,6 +50,8 @@ class RoutingSpec:
     num_groups: int = 1
     topk_groups: int = 1
     score_dtype: str = "float32"
+    group_score: str = "top2_sum"
+    selection_on: str = "scores"
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
@@ -72,12 +80,18 @@ class RoutingSpec:
             )
         if self.score_dtype not in ("float32", "input"):
             raise ValueError(f"RoutingSpec.score_dtype={self.score_dtype!r}; allowed: float32, input")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"RoutingSpec.group_score={self.group_score!r}; allowed: {', '.join(GROUP_SCORES)}")
+        if self.selection_on not in SELECTION_ON:
+            raise ValueError(f"RoutingSpec.selection_on={self.selection_on!r}; allowed: {', '.join(SELECTION_ON)}")
 
     def describe(self) -> str:
         """A short human-readable form for reports, e.g. 'softmax>top2>renorm'."""
         parts = [self.scoring, f"top{self.top_k}"] if self.order == "score_then_topk" else [f"top{self.top_k}", self.scoring]
         if self.num_groups > 1:
-            parts.insert(1, f"groups{self.topk_groups}/{self.num_groups}")
+            parts.insert(1, f"groups{self.topk_groups}/{self.num_groups}" + ("(max)" if self.group_score == "max" else ""))
+        if self.selection_on == "logits":
+            parts.insert(1, "bias-on-logits")
         if self.renormalize:
             parts.append("renorm")
         if self.scaling != 1.0:
@@ -87,13 +101,16 @@ class RoutingSpec:
 
 def _group_limited_mask(choice_TE: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
     """Keep only experts of the best ``topk_groups`` groups: returns choice scores with the
-    others set to -inf. A group's score is the sum of its two best expert scores."""
+    others set to -inf. A group's score is the sum of its two best expert scores
+    (``group_score="top2_sum"``) or its best one (``"max"``)."""
     T, E = choice_TE.shape
     G = spec.num_groups
     per_group = E // G
     grouped_TGe = choice_TE.view(T, G, per_group)
-    best = min(2, per_group)
-    group_score_TG = grouped_TGe.topk(best, dim=-1).values.sum(dim=-1)
+    if spec.group_score == "max":
+        group_score_TG = grouped_TGe.amax(dim=-1)
+    else:
+        group_score_TG = grouped_TGe.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
     group_idx_Tg = group_score_TG.topk(spec.topk_groups, dim=-1, sorted=False).indices
     keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, group_idx_Tg, True)
     keep_TE = keep_TG.unsqueeze(-1).expand(T, G, per_group).reshape(T, E)
@@ -118,10 +135,12 @@ def route(
         weights_TK = torch.softmax(logits.gather(1, ids_TK), dim=-1)
     else:
         scores_TE = torch.softmax(logits, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits)
-        choice_TE = scores_TE if selection_bias_E is None else scores_TE + selection_bias_E
+        choice_TE = logits if spec.selection_on == "logits" else scores_TE
+        if selection_bias_E is not None:
+            choice_TE = choice_TE + selection_bias_E
         if spec.num_groups > 1:
             choice_TE = _group_limited_mask(choice_TE, spec)
-        if selection_bias_E is None and spec.num_groups == 1:
+        if selection_bias_E is None and spec.num_groups == 1 and spec.selection_on == "scores":
             weights_TK, ids_TK = scores_TE.topk(spec.top_k, dim=-1)
         else:
             ids_TK = choice_TE.topk(spec.top_k, dim=-1).indices

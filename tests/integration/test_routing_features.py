@@ -78,7 +78,7 @@ def test_expert_choice_matches_loop_reference():
     with torch.no_grad():
         out = model(x)[0]
         _, _, probs = _routing(layer, x[0])
-    capacity = math.ceil(1.0 * 12 * 1 / E)
+    capacity = math.ceil(1.0 * 12 * K / E)
     up, down = _stacked(layer)
     ref = torch.zeros(12, H)
     for e in range(E):
