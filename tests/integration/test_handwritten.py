@@ -253,6 +253,9 @@ ZOO = {
     "unnamed_glu_gate_second": Variant(4, 2, UnnamedGLU, {}, ("silu-glu",)),
     "geglu_functional": Variant(4, 2, lambda: GateUpDown(F.gelu), dict(style="masked"), ("gelu-glu",)),
     "flat_inputs_only": Variant(4, 2, W123, dict(flat_only=True), ("top2",)),
+    "sequential_experts_with_biases": Variant(
+        5, 2, lambda: nn.Sequential(nn.Linear(H, I), nn.GELU(), nn.Dropout(0.0), nn.Linear(I, H)), {},
+        ("gelu", "+bias")),
 }
 
 
