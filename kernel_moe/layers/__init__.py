@@ -1,6 +1,7 @@
 """nn.Modules swapped into user models; their forward calls kernel_moe ops only."""
 
-from kernel_moe.layers.experts import FusedExperts, SwappedLayer
+from kernel_moe.layers.base import SwappedLayer
+from kernel_moe.layers.experts import FusedExperts
 from kernel_moe.layers.ffn import FusedFFN
 from kernel_moe.layers.moe import FusedMoE, RoutingOptions
 from kernel_moe.layers.spec import ExpertsOnlySpec, ExpertsSpec, FFNSpec, MoESpec, RouterSpec

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.spec import ExpertsOnlySpec, ExpertsSpec
-from kernel_moe.layers.weights import ExpertListWeight
 from kernel_moe.ops import experts as _experts_op  # noqa: F401  (registers kernel_moe::fused_experts)
 
 
@@ -33,47 +33,6 @@ def run_experts(layer: nn.Module, ex: ExpertsSpec, x_TH: torch.Tensor, weights_T
         backend,
         deterministic,
     )
-
-
-class SwappedLayer(nn.Module):
-    """Common base of the swapped-in layers: adopts the original's children (same state_dict
-    keys and Parameter objects), keeps the original for restore(), binds stacked weights."""
-
-    def __init__(self, original: nn.Module, spec, backend: str) -> None:
-        super().__init__()
-        for name, child in original.named_children():
-            self.add_module(name, child)
-        for name, param in original.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        persistent = set(original.state_dict(keep_vars=True).keys())
-        for name, buf in original.named_buffers(recurse=False):
-            self.register_buffer(name, buf, persistent=name in persistent)
-        self.__dict__["_original"] = original
-        self.spec = spec
-        self.backend = backend
-        self._stacked_weights: dict[str, torch.Tensor] = {}
-        self.deterministic = True
-
-    @property
-    def original(self) -> nn.Module:
-        return self.__dict__["_original"]
-
-    def _weight_sources(self) -> list:
-        return []
-
-    def _bind_weights(self) -> None:
-        for source in self._weight_sources():
-            source.bind(self)
-
-    def _apply(self, fn, recurse: bool = True):
-        """After .to()/.half()/..., re-point per-expert weights into fresh stacked storage."""
-        result = super()._apply(fn, recurse)
-        if any(isinstance(s, ExpertListWeight) for s in self._weight_sources()):
-            self._bind_weights()
-        return result
-
-    def extra_repr(self) -> str:
-        return f"{self.spec.describe()}, backend={self.backend}"
 
 
 def expert_weight_sources(ex: ExpertsSpec) -> list:

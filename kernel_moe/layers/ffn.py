@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernel_moe.layers.experts import SwappedLayer
+from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.spec import FFNSpec
 from kernel_moe.ops import ffn as _ffn_op  # noqa: F401  (registers kernel_moe::fused_ffn)
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernel_moe.layers.experts import SwappedLayer, expert_weight_sources, run_experts
+from kernel_moe.layers.base import SwappedLayer
+from kernel_moe.layers.experts import expert_weight_sources, run_experts
 from kernel_moe.layers.spec import MoESpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.ops import gating as _gating_op  # noqa: F401  (registers kernel_moe::topk_gating)

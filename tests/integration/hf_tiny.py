@@ -839,3 +839,19 @@ def _vision_inputs(module: nn.Module, batch: int, gen: torch.Generator, dtype: t
     if "dataset_index" in params:
         kwargs["dataset_index"] = torch.arange(batch) % max(1, getattr(config, "num_experts", 1))
     return kwargs
+
+
+def first_tensor(output) -> torch.Tensor:
+    """The main floating-point tensor of a model output (logits / last_hidden_state / tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if hasattr(output, "values") else output
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value
+        if isinstance(value, (tuple, list)) or hasattr(value, "values"):
+            try:
+                return first_tensor(value)
+            except LookupError:
+                continue
+    raise LookupError("no floating-point tensor in the model output")

@@ -30,6 +30,7 @@ from tests.integration.hf_tiny import (  # noqa: E402
     NUM_EXPERTS,
     TinyModelError,
     build_tiny_model,
+    first_tensor,
     forward_module,
     modeling_module,
     moe_classes,
@@ -62,22 +63,6 @@ class Survey:
     swapped: int = 0
     rel_error: float | None = None
     not_run: str | None = None  # why the type could not be built at all
-
-
-def _first_tensor(output) -> torch.Tensor:
-    """The main floating-point tensor of a model output (logits / last_hidden_state / tensor)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    values = output.values() if hasattr(output, "values") else output
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value
-        if isinstance(value, (tuple, list)) or hasattr(value, "values"):
-            try:
-                return _first_tensor(value)
-            except LookupError:
-                continue
-    raise LookupError("no floating-point tensor in the model output")
 
 
 def holds_expert_weights(module: nn.Module) -> bool:
@@ -175,9 +160,9 @@ def survey(model_type: str) -> Survey:
         with torch.no_grad(), warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
             torch.manual_seed(0)  # some forwards sample (diffusion noise): same draws for both
-            out = _first_tensor(module(**inputs))
+            out = first_tensor(module(**inputs))
             torch.manual_seed(0)
-            ref = _first_tensor(ref_module(**inputs))
+            ref = first_tensor(ref_module(**inputs))
         scale = ref.double().abs().max().item()
         result.rel_error = (out.double() - ref.double()).abs().max().item() / max(scale, 1e-30)
     return result

@@ -15,6 +15,7 @@ from tests.integration.hf_tiny import (
     NUM_EXPERTS,
     TinyModelError,
     build_tiny_model,
+    first_tensor,
     forward_module,
     modeling_module,
     moe_classes,
@@ -25,22 +26,6 @@ from tests.integration.hf_tiny import (
 
 CORE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"}
 MAX_TINY_PARAMS = 16_000_000
-
-
-def _first_tensor(output) -> torch.Tensor:
-    """The main output tensor of a transformers model output (logits / last_hidden_state / tensor)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    values = output.values() if hasattr(output, "values") else output
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value
-        if isinstance(value, (tuple, list)) or hasattr(value, "values"):
-            try:
-                return _first_tensor(value)
-            except LookupError:
-                continue
-    raise LookupError("no floating-point tensor in the model output")
 
 
 def test_catalogue_has_the_core_families():
@@ -131,7 +116,7 @@ def test_tiny_model_builds_and_runs(model_type: str):
         for handle in handles:
             handle.remove()
 
-    main = _first_tensor(output)
+    main = first_tensor(output)
     assert torch.isfinite(main).all(), f"{model_type}: non-finite output"
     assert main.float().std() > 0, f"{model_type}: constant output"
     assert called, f"{model_type}: the forward pass ran no MoE module"
