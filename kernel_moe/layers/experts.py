@@ -12,13 +12,13 @@ from torch import nn
 
 from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.spec import ExpertsOnlySpec, ExpertsSpec
-from kernel_moe.ops import experts as _experts_op  # noqa: F401  (registers kernel_moe::fused_experts)
+from kernel_moe.ops.experts import call_fused_experts
 
 
 def run_experts(layer: nn.Module, ex: ExpertsSpec, x_TH: torch.Tensor, weights_TK: torch.Tensor,
                 ids_TK: torch.Tensor, backend: str, deterministic: bool = True) -> torch.Tensor:
     """The fused experts op on the weights ``ex`` names on ``layer``: [T, H] -> [T, H]."""
-    return torch.ops.kernel_moe.fused_experts(
+    return call_fused_experts(
         x_TH,
         weights_TK,
         ids_TK,

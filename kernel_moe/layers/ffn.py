@@ -10,7 +10,7 @@ import torch
 
 from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.spec import FFNSpec
-from kernel_moe.ops import ffn as _ffn_op  # noqa: F401  (registers kernel_moe::fused_ffn)
+from kernel_moe.ops.ffn import call_fused_ffn
 
 
 class FusedFFN(SwappedLayer):
@@ -31,7 +31,7 @@ class FusedFFN(SwappedLayer):
         if self.training and s.training_fallback is not None:
             return self.original(hidden_states)
         x_TH = hidden_states.reshape(-1, s.hidden)
-        out_TH = torch.ops.kernel_moe.fused_ffn(
+        out_TH = call_fused_ffn(
             x_TH, s.up.get(self)[0], s.down.get(self)[0],
             s.up_bias.get(self)[0] if s.up_bias is not None else None,
             s.down_bias.get(self)[0] if s.down_bias is not None else None,

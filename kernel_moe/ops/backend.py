@@ -1,4 +1,5 @@
-"""Which implementation runs an op for a given tensor: the Triton kernels or the PyTorch path."""
+"""Which implementation runs an op for a given tensor: the Triton kernels or the PyTorch path,
+and whether a call may skip the custom-op dispatcher."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import importlib.util
 import os
 
 import torch
+from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from kernel_moe.errors import UnsupportedInputError
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 
 @functools.cache
@@ -46,3 +51,24 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     if device.type not in ("cpu", "cuda"):
         raise UnsupportedInputError(f"backend='triton' does not support device {device.type!r}; allowed: cuda, cpu")
     return "triton"
+
+
+def direct_call_allowed(*tensors: torch.Tensor | None) -> bool:
+    """True when an op's implementation may run without the ``torch.library`` dispatcher.
+
+    The dispatcher (tens of microseconds a call on CPU) is what graph capture, fake
+    tensors and autograd need. Plain eager inference needs none of it: no compile or
+    trace in progress, no dispatch mode or functorch transform active, only plain tensors,
+    and none of them needing a gradient.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in _PLAIN_TENSOR_TYPES or (grad and t.requires_grad):
+            return False
+    return True

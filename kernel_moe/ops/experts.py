@@ -22,7 +22,7 @@ from torch import Tensor
 
 from kernel_moe.errors import UnsupportedInputError
 from kernel_moe.ops import torch_impl
-from kernel_moe.ops.backend import resolve_backend
+from kernel_moe.ops.backend import direct_call_allowed, resolve_backend
 from kernel_moe.reference.activations import check_activation
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -98,6 +98,12 @@ def fused_experts(
     """Routed experts: x [T, H], topk_weights/topk_ids [T, K], w_up [E, N, H], w_down [E, H, I],
     b_up [E, N] or None, b_down [E, H] or None -> [T, H] in x's dtype. ``deterministic``
     selects a fixed reduction order on the Triton path (the CPU path always has one)."""
+    return _fused_experts_impl(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit,
+                               backend, deterministic)
+
+
+def _fused_experts_impl(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, backend,
+                        deterministic) -> Tensor:
     _check_inputs(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu)
     if resolve_backend(backend, x.device) == "triton":
         from kernel_moe.kernels import fused_experts_triton
@@ -109,6 +115,29 @@ def fused_experts(
     return torch_impl.experts_forward(
         x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit
     )
+
+
+def call_fused_experts(
+    x: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    b_up: Optional[Tensor],
+    b_down: Optional[Tensor],
+    activation: str,
+    glu: str,
+    alpha: float,
+    limit: float,
+    backend: str,
+    deterministic: bool = True,
+) -> Tensor:
+    """``kernel_moe::fused_experts``, or in plain eager inference its implementation directly
+    (same checks, same result, without the dispatcher's cost; see ``direct_call_allowed``)."""
+    args = (x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, backend, deterministic)
+    if direct_call_allowed(x, topk_weights, w_up, w_down, b_up, b_down):
+        return _fused_experts_impl(*args)
+    return torch.ops.kernel_moe.fused_experts(*args)
 
 
 @fused_experts.register_fake

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from kernel_moe.errors import UnsupportedInputError
 from kernel_moe.ops import torch_impl
-from kernel_moe.ops.backend import resolve_backend
+from kernel_moe.ops.backend import direct_call_allowed, resolve_backend
 from kernel_moe.ops.experts import _check_inputs
 
 
@@ -43,6 +43,10 @@ def fused_ffn(
     backend: str,
 ) -> Tensor:
     """Dense FFN: x [T, H] -> [T, H] in x's dtype."""
+    return _fused_ffn_impl(x, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, backend)
+
+
+def _fused_ffn_impl(x, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, backend) -> Tensor:
     _check(x, w_up, w_down, b_up, b_down, activation, glu)
     if resolve_backend(backend, x.device) == "triton":
         from kernel_moe.kernels import fused_experts_triton
@@ -53,6 +57,25 @@ def fused_ffn(
             w_up.unsqueeze(0), w_down.unsqueeze(0), None if b_up is None else b_up.unsqueeze(0),
             None if b_down is None else b_down.unsqueeze(0), activation=activation, glu=glu, alpha=alpha, limit=limit)
     return torch_impl.mlp_forward(x, w_up, w_down, b_up, b_down, activation, glu, alpha, limit).to(x.dtype)
+
+
+def call_fused_ffn(
+    x: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    b_up: Optional[Tensor],
+    b_down: Optional[Tensor],
+    activation: str,
+    glu: str,
+    alpha: float,
+    limit: float,
+    backend: str,
+) -> Tensor:
+    """``kernel_moe::fused_ffn``, or in plain eager inference its implementation directly."""
+    args = (x, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, backend)
+    if direct_call_allowed(x, w_up, w_down, b_up, b_down):
+        return _fused_ffn_impl(*args)
+    return torch.ops.kernel_moe.fused_ffn(*args)
 
 
 @fused_ffn.register_fake

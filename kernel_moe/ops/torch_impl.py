@@ -1,17 +1,23 @@
 """The PyTorch implementation of the routed-experts op (forward and recomputing backward).
 
 It runs inside the custom op, where it is opaque to the compiler, so it may read token
-counts on the host: tokens are sorted by expert once, and each expert that received tokens
-runs two GEMMs over exactly its rows. Intermediates exist for one expert at a time, which
-keeps peak memory near inputs + outputs + one expert's [M, N] block.
+counts on the host. Forward: token-expert slots are sorted by expert once, the sorted
+token rows are gathered with one ``index_select``, and each expert's rows run as one GEMM
+written straight into a shared buffer, so the activation, the routing-weight scale and the
+combine run once per chunk of slots instead of once per expert (on CPU each small op costs
+microseconds; with many experts that overhead, not the GEMMs, dominated small batches).
+Chunks of at most ``max(MIN_CHUNK_ROWS, S / CHUNKS_PER_CALL)`` slots keep the transient
+memory a fraction of one [S, I] intermediate.
 
 Legend: T tokens, H hidden, E experts, K top-k, N up features, I intermediate, S = T*K,
-M tokens of one expert.
+C slots of one chunk, M tokens of one expert.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import accumulate
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,29 +26,56 @@ from kernel_moe.errors import UnsupportedInputError
 from kernel_moe.reference.activations import activation_backward, apply_activation
 from kernel_moe.reference.moe import expert_mlp as mlp_forward
 
+MIN_CHUNK_ROWS = 512
+CHUNKS_PER_CALL = 8
+
+
+class SortedSlots(NamedTuple):
+    """Token-expert slots in expert order (stable, so slot order within an expert)."""
+
+    counts: list[int]  # slots per expert, length E
+    order_S: torch.Tensor  # [S] slot index (t * K + j) of each sorted position
+    tok_S: torch.Tensor  # [S] token of each sorted position
+
+
+def sort_slots(topk_ids_TK: torch.Tensor, num_experts: int) -> SortedSlots:
+    """Sort the T*K slots by expert id; raises UnsupportedInputError for an id outside [0, E)."""
+    K = topk_ids_TK.shape[1]
+    ids_S = topk_ids_TK.reshape(-1)
+    try:
+        counts_E = torch.bincount(ids_S, minlength=num_experts)
+        bad = None if counts_E.numel() == num_experts else int(ids_S.max())
+    except RuntimeError:  # a negative id
+        bad = int(ids_S.min())
+    if bad is not None:
+        raise UnsupportedInputError(
+            f"topk_ids holds expert id {bad}, outside [0, {num_experts}) for w_up with {num_experts} experts"
+        )
+    order_S = torch.sort(ids_S, stable=True).indices
+    return SortedSlots(counts_E.tolist(), order_S, order_S // K)
+
 
 def _expert_groups(
     topk_ids_TK: torch.Tensor, num_experts: int
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield (expert, token indices [M], slot indices [M]) for each expert with tokens, in
     expert order and, within an expert, in slot order."""
-    K = topk_ids_TK.shape[1]
-    ids_S = topk_ids_TK.reshape(-1)
-    if ids_S.numel() == 0:
+    if topk_ids_TK.numel() == 0:
         return
-    counts_E = torch.bincount(ids_S, minlength=num_experts)
-    if counts_E.numel() != num_experts:
-        raise UnsupportedInputError(
-            f"topk_ids holds expert id {int(ids_S.max())}, outside [0, {num_experts}) for w_up with {num_experts} experts"
-        )
-    order_S = torch.sort(ids_S, stable=True).indices
+    slots = sort_slots(topk_ids_TK, num_experts)
     start = 0
-    for e, n in enumerate(counts_E.tolist()):
-        if n == 0:
-            continue
-        slots_M = order_S[start : start + n]
-        yield e, slots_M // K, slots_M
+    for e, n in enumerate(slots.counts):
+        if n:
+            yield e, slots.tok_S[start : start + n], slots.order_S[start : start + n]
         start += n
+
+
+def _linear_into(out_MX: torch.Tensor, x_MY: torch.Tensor, w_XY: torch.Tensor, b_X: torch.Tensor | None) -> None:
+    """out = x @ w.T (+ b), written into ``out`` (a row slice of a shared buffer)."""
+    if b_X is None:
+        torch.mm(x_MY, w_XY.t(), out=out_MX)
+    else:
+        torch.addmm(b_X, x_MY, w_XY.t(), out=out_MX)
 
 
 def _bias(b_EX: torch.Tensor | None, e: int) -> torch.Tensor | None:
@@ -116,12 +149,32 @@ def experts_forward(
                                    _bias(b_down_EH, e), activation, glu, alpha, limit)
                 out_TH[t : t + 1].add_(y_1H, alpha=weights[t][j])
         return out_TH.to(x_TH.dtype)
-    weights_S = topk_weights_TK.reshape(-1)
-    for e, tok_M, slot_M in _expert_groups(topk_ids_TK, w_up_ENH.shape[0]):
-        y_MH = mlp_forward(x_TH.index_select(0, tok_M), w_up_ENH[e], w_down_EHI[e], _bias(b_up_EN, e),
-                           _bias(b_down_EH, e), activation, glu, alpha, limit)
-        y_MH = y_MH.to(acc_dtype).mul_(weights_S.index_select(0, slot_M).to(acc_dtype).unsqueeze(-1))
-        out_TH.index_add_(0, tok_M, y_MH)
+    if topk_ids_TK.numel() == 0:
+        return out_TH.to(x_TH.dtype)
+    S, N = topk_ids_TK.numel(), w_up_ENH.shape[1]
+    slots = sort_slots(topk_ids_TK, E)
+    weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
+    ends = list(accumulate(slots.counts))
+    chunk = max(MIN_CHUNK_ROWS, -(-S // CHUNKS_PER_CALL))
+    for c0 in range(0, S, chunk):
+        c1 = min(S, c0 + chunk)
+        # (expert, first row, end row) of each expert's slots inside this chunk, chunk-relative
+        segments = [(e, max(end - n, c0) - c0, min(end, c1) - c0)
+                    for e, (n, end) in enumerate(zip(slots.counts, ends)) if n and end > c0 and end - n < c1]
+        tok_C = slots.tok_S[c0:c1]
+        x_CH = x_TH.index_select(0, tok_C)
+        h_CN = x_TH.new_empty(c1 - c0, N)
+        for e, lo, hi in segments:
+            _linear_into(h_CN[lo:hi], x_CH[lo:hi], w_up_ENH[e], _bias(b_up_EN, e))
+        del x_CH
+        a_CI = apply_activation(h_CN, activation, glu, alpha, limit)
+        del h_CN
+        y_CH = x_TH.new_empty(c1 - c0, H)
+        for e, lo, hi in segments:
+            _linear_into(y_CH[lo:hi], a_CI[lo:hi], w_down_EHI[e], _bias(b_down_EH, e))
+        del a_CI
+        y_CH = y_CH.to(acc_dtype).mul_(weights_S[c0:c1].unsqueeze(-1))
+        out_TH.index_add_(0, tok_C, y_CH)
     return out_TH.to(x_TH.dtype)
 
 

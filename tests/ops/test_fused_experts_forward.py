@@ -14,6 +14,7 @@ import torch
 
 from helpers import as_fp32, assert_fp32_close, assert_low_precision_close, op_inputs, run_op, run_reference
 from kernel_moe import UnsupportedInputError
+from kernel_moe.ops import torch_impl
 from kernel_moe.reference.moe import expert_mlp
 
 H, I = 32, 24
@@ -89,6 +90,25 @@ def test_all_tokens_to_one_expert_and_unused_experts(K):
     assert_fp32_close(run_op(inputs), run_reference(inputs))
     few = op_inputs(64, H, I, 8, K, routing="few", seed=8)
     assert_fp32_close(run_op(few), run_reference(few))
+
+
+@pytest.mark.parametrize("routing", ["random", "one", "few"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_chunks_that_split_experts_match_reference(monkeypatch, routing, bias):
+    """The CPU forward processes sorted slots in chunks; chunk edges falling inside an
+    expert's rows (and chunks holding several experts) must not change the result."""
+    monkeypatch.setattr(torch_impl, "MIN_CHUNK_ROWS", 5)
+    monkeypatch.setattr(torch_impl, "CHUNKS_PER_CALL", 1000)
+    inputs = op_inputs(41, H, I, 6, 2, bias=bias, routing=routing, seed=12)
+    assert_fp32_close(run_op(inputs, backend="torch"), run_reference(inputs))
+
+
+def test_negative_or_too_large_expert_ids_raise():
+    inputs = op_inputs(20, H, I, 4, 2, seed=13)
+    for bad in (-1, 4):
+        inputs["topk_ids"][3, 1] = bad
+        with pytest.raises(UnsupportedInputError, match=f"expert id {bad}, outside"):
+            run_op(inputs)
 
 
 def test_int32_ids_and_repeated_expert_in_a_row():
