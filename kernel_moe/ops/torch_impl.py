@@ -28,6 +28,8 @@ from kernel_moe.reference.moe import expert_mlp as mlp_forward
 
 MIN_CHUNK_ROWS = 512
 CHUNKS_PER_CALL = 8
+SMALL_BATCH_MEAN_ROWS = 32
+HOST_SORT_MAX_SLOTS = 64
 
 
 class SortedSlots(NamedTuple):
@@ -42,6 +44,8 @@ def sort_slots(topk_ids_TK: torch.Tensor, num_experts: int) -> SortedSlots:
     """Sort the T*K slots by expert id; raises UnsupportedInputError for an id outside [0, E)."""
     K = topk_ids_TK.shape[1]
     ids_S = topk_ids_TK.reshape(-1)
+    if ids_S.numel() <= HOST_SORT_MAX_SLOTS and ids_S.device.type == "cpu":
+        return _sort_slots_on_host(ids_S.tolist(), K, num_experts)
     try:
         counts_E = torch.bincount(ids_S, minlength=num_experts)
         bad = None if counts_E.numel() == num_experts else int(ids_S.max())
@@ -53,6 +57,19 @@ def sort_slots(topk_ids_TK: torch.Tensor, num_experts: int) -> SortedSlots:
         )
     order_S = torch.sort(ids_S, stable=True).indices
     return SortedSlots(counts_E.tolist(), order_S, order_S // K)
+
+
+def _sort_slots_on_host(ids: list[int], K: int, num_experts: int) -> SortedSlots:
+    """sort_slots for a few slots (decode): plain Python lists, three tensor ops fewer."""
+    counts = [0] * num_experts
+    for e in ids:
+        if not 0 <= e < num_experts:
+            raise UnsupportedInputError(
+                f"topk_ids holds expert id {e}, outside [0, {num_experts}) for w_up with {num_experts} experts"
+            )
+        counts[e] += 1
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # stable
+    return SortedSlots(counts, torch.tensor(order), torch.tensor([o // K for o in order]))
 
 
 def _expert_groups(
@@ -76,6 +93,118 @@ def _linear_into(out_MX: torch.Tensor, x_MY: torch.Tensor, w_XY: torch.Tensor, b
         torch.mm(x_MY, w_XY.t(), out=out_MX)
     else:
         torch.addmm(b_X, x_MY, w_XY.t(), out=out_MX)
+
+
+def _chunk_bounds(counts: list[int], chunk: int) -> list[tuple[int, int]]:
+    """Sorted-slot ranges [c0, c1) of at most ``chunk`` rows that cut an expert's rows only
+    when the expert alone holds more than a chunk (so per-expert GEMMs stay whole)."""
+    bounds = []
+    c0 = pos = 0
+    for n in counts:
+        if n == 0:
+            continue
+        if pos > c0 and pos + n - c0 > chunk:
+            bounds.append((c0, pos))
+            c0 = pos
+        pos += n
+        while pos - c0 > chunk:
+            bounds.append((c0, c0 + chunk))
+            c0 += chunk
+    if pos > c0:
+        bounds.append((c0, pos))
+    return bounds
+
+
+def _expert_runs(counts: list[int], dtype: torch.dtype) -> list[tuple[int, int, int]]:
+    """Experts with slots as runs (first expert, step, number of experts) that one strided
+    view of the stacked weights covers without reading an idle expert. Runs of consecutive
+    experts always; in fp32/fp64 one run with any step when the ids are equally spaced
+    (always so for two experts: one token of a top-2 model). Low-precision batched GEMMs
+    with a batch stride other than one expert take a slow path, hence the dtype rule."""
+    active = [e for e, n in enumerate(counts) if n]
+    if len(active) > 1 and dtype in (torch.float32, torch.float64):
+        step = active[1] - active[0]
+        if all(b - a == step for a, b in zip(active, active[1:])):
+            return [(active[0], step, len(active))]
+    runs: list[tuple[int, int, int]] = []
+    for e in active:
+        if runs and runs[-1][0] + runs[-1][2] == e:
+            runs[-1] = (runs[-1][0], 1, runs[-1][2] + 1)
+        else:
+            runs.append((e, 1, 1))
+    return runs
+
+
+def _expert_view(w: torch.Tensor, first: int, step: int, count: int) -> torch.Tensor:
+    """Experts first, first + step, ... of a stacked [E, ...] tensor as a [count, ...] view (no copy)."""
+    st = w.stride()
+    return w.as_strided((count, *w.shape[1:]), (step * st[0], *st[1:]), w.storage_offset() + first * st[0])
+
+
+def _small_batch_rows(
+    x_TH: torch.Tensor,
+    slots: SortedSlots,
+    w_up_ENH: torch.Tensor,
+    w_down_EHI: torch.Tensor,
+    b_up_EN: torch.Tensor | None,
+    b_down_EH: torch.Tensor | None,
+    activation: str,
+    glu: str,
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
+    """Expert outputs [S, H] (x's dtype, sorted-slot order) when experts get few rows each.
+
+    Each run of experts (:func:`_expert_runs`) is one batched GEMM per projection over a
+    strided view of the stacked weights, its experts' rows zero-padded to the longest: a
+    GEMV per expert leaves one of two cores idle and pays a call per expert, a batched one
+    spreads experts over the threads. A run whose padding would more than double its rows
+    runs expert by expert instead.
+    """
+    H = x_TH.shape[1]
+    x_SH = x_TH.index_select(0, slots.tok_S)
+    runs = []
+    for first, step, count in _expert_runs(slots.counts, x_TH.dtype):
+        rows = [slots.counts[first + i * step] for i in range(count)]
+        if count > 1 and count * max(rows) > 2 * sum(rows):
+            runs.extend((first + i * step, 1, 1) for i in range(count))
+        else:
+            runs.append((first, step, count))
+    starts = [0, *accumulate(slots.counts)]
+    outs = []
+    for first, step, count in runs:
+        rows = [slots.counts[first + i * step] for i in range(count)]
+        lo = starts[first]
+        hi = lo + sum(rows)
+        m = max(rows)
+        pos = None
+        if count == 1:  # one expert: a plain GEMM (batched low-precision GEMMs are slower)
+            y_MH = x_TH.new_empty(hi - lo, H)
+            h_MN = x_TH.new_empty(hi - lo, w_up_ENH.shape[1])
+            _linear_into(h_MN, x_SH[lo:hi], w_up_ENH[first], _bias(b_up_EN, first))
+            _linear_into(y_MH, apply_activation(h_MN, activation, glu, alpha, limit), w_down_EHI[first],
+                         _bias(b_down_EH, first))
+            outs.append(y_MH)
+            continue
+        if min(rows) == m:
+            x_BMH = x_SH[lo:hi].view(count, m, H)
+        else:  # row r of the run's i-th expert sits at i * m + r
+            pos = torch.tensor([i * m + r for i, n in enumerate(rows) for r in range(n)], device=x_TH.device)
+            x_BMH = x_TH.new_zeros(count * m, H).index_copy_(0, pos, x_SH[lo:hi]).view(count, m, H)
+        h_BMN = _batched_linear(x_BMH, _expert_view(w_up_ENH, first, step, count),
+                                None if b_up_EN is None else _expert_view(b_up_EN, first, step, count))
+        a_BMI = apply_activation(h_BMN, activation, glu, alpha, limit)
+        y = _batched_linear(a_BMI, _expert_view(w_down_EHI, first, step, count),
+                            None if b_down_EH is None else _expert_view(b_down_EH, first, step, count)).view(-1, H)
+        outs.append(y if pos is None else y.index_select(0, pos))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _batched_linear(x_BMY: torch.Tensor, w_BXY: torch.Tensor, b_BX: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T (+ b) per batch: [B, M, Y] -> [B, M, X]."""
+    if b_BX is None:
+        return torch.bmm(x_BMY, w_BXY.transpose(1, 2))
+    return torch.baddbmm(b_BX.unsqueeze(1), x_BMY, w_BXY.transpose(1, 2))
 
 
 def _bias(b_EX: torch.Tensor | None, e: int) -> torch.Tensor | None:
@@ -133,31 +262,25 @@ def experts_forward(
 ) -> torch.Tensor:
     """out[t] = sum_j w[t, j] * expert_{id[t, j]}(x[t]); accumulated in fp32, returned in x's dtype.
 
-    Decode (T * K <= E, e.g. one token): each slot runs its expert directly, skipping the sort.
+    Few slots per expert (decode, small batches): experts run as strided batched GEMMs
+    (:func:`_small_batch_rows`). Otherwise sorted slots run in chunks of per-expert GEMMs.
     """
     T, H = x_TH.shape
     acc_dtype = torch.promote_types(x_TH.dtype, torch.float32)
     out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
     E = w_up_ENH.shape[0]
-    if 0 < topk_ids_TK.numel() <= E and x_TH.device.type == "cpu":
-        weights = topk_weights_TK.tolist()
-        for t, row in enumerate(topk_ids_TK.tolist()):
-            for j, e in enumerate(row):
-                if not 0 <= e < E:
-                    raise UnsupportedInputError(f"topk_ids holds expert id {e}, outside [0, {E}) for w_up with {E} experts")
-                y_1H = mlp_forward(x_TH[t : t + 1], w_up_ENH[e], w_down_EHI[e], _bias(b_up_EN, e),
-                                   _bias(b_down_EH, e), activation, glu, alpha, limit)
-                out_TH[t : t + 1].add_(y_1H, alpha=weights[t][j])
-        return out_TH.to(x_TH.dtype)
     if topk_ids_TK.numel() == 0:
         return out_TH.to(x_TH.dtype)
     S, N = topk_ids_TK.numel(), w_up_ENH.shape[1]
     slots = sort_slots(topk_ids_TK, E)
     weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
+    active = sum(1 for n in slots.counts if n)
+    if S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active:
+        y_SH = _small_batch_rows(x_TH, slots, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, activation, glu, alpha,
+                                 limit)
+        return out_TH.index_add_(0, slots.tok_S, y_SH.to(acc_dtype).mul_(weights_S.unsqueeze(-1))).to(x_TH.dtype)
     ends = list(accumulate(slots.counts))
-    chunk = max(MIN_CHUNK_ROWS, -(-S // CHUNKS_PER_CALL))
-    for c0 in range(0, S, chunk):
-        c1 = min(S, c0 + chunk)
+    for c0, c1 in _chunk_bounds(slots.counts, max(MIN_CHUNK_ROWS, -(-S // CHUNKS_PER_CALL))):
         # (expert, first row, end row) of each expert's slots inside this chunk, chunk-relative
         segments = [(e, max(end - n, c0) - c0, min(end, c1) - c0)
                     for e, (n, end) in enumerate(zip(slots.counts, ends)) if n and end > c0 and end - n < c1]

@@ -103,8 +103,57 @@ def test_chunks_that_split_experts_match_reference(monkeypatch, routing, bias):
     assert_fp32_close(run_op(inputs, backend="torch"), run_reference(inputs))
 
 
-def test_negative_or_too_large_expert_ids_raise():
-    inputs = op_inputs(20, H, I, 4, 2, seed=13)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ids", [[[1, 6]], [[5, 2]], [[0, 3], [6, 3]], [[2, 2]], [[7, 1], [4, 1], [1, 7]]])
+def test_few_rows_per_expert_as_strided_batched_gemms(ids, dtype):
+    """Small batches run experts as batched GEMMs over strided views of the stacked weights:
+    equally spaced ids (one run with a step), padded rows, repeated experts, biases."""
+    T, K = len(ids), len(ids[0])
+    inputs = op_inputs(T, H, I, 8, K, bias=True, dtype=dtype, seed=14)
+    inputs["topk_ids"] = torch.tensor(ids)
+    if dtype == torch.float64:
+        inputs["topk_weights"] = inputs["topk_weights"].double()
+    out = run_op(inputs, backend="torch")
+    ref = run_reference(inputs)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    else:
+        assert_fp32_close(out, ref)
+
+
+def test_expert_runs_cover_only_experts_with_slots():
+    counts = [0, 3, 1, 0, 2, 5, 0, 1]
+    assert torch_impl._expert_runs(counts, torch.bfloat16) == [(1, 1, 2), (4, 1, 2), (7, 1, 1)]
+    assert torch_impl._expert_runs(counts, torch.float32) == [(1, 1, 2), (4, 1, 2), (7, 1, 1)]
+    spaced = [0, 1, 0, 0, 2, 0, 0, 1]
+    assert torch_impl._expert_runs(spaced, torch.float32) == [(1, 3, 3)]
+    assert torch_impl._expert_runs(spaced, torch.bfloat16) == [(1, 1, 1), (4, 1, 1), (7, 1, 1)]
+
+
+def test_chunk_bounds_tile_the_slots_and_keep_experts_whole_where_they_fit():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        E = int(torch.randint(1, 12, (1,), generator=g))
+        counts = torch.randint(0, 40, (E,), generator=g).mul(torch.rand(E, generator=g) < 0.8).tolist()
+        chunk = int(torch.randint(1, 60, (1,), generator=g))
+        bounds = torch_impl._chunk_bounds(counts, chunk)
+        S = sum(counts)
+        assert [b for b in bounds if b[0] < b[1]] == bounds
+        assert [c for b in bounds for c in b][1:-1:2] == [c for b in bounds for c in b][2::2]  # contiguous
+        assert (bounds[0][0], bounds[-1][1]) == (0, S) if S else bounds == []
+        assert all(c1 - c0 <= chunk for c0, c1 in bounds)
+        cuts = {c0 for c0, _ in bounds}
+        start = 0
+        for n in counts:  # an expert that fits in a chunk is never cut
+            if n <= chunk:
+                assert not any(start < c < start + n for c in cuts), (counts, chunk, bounds)
+            start += n
+
+
+@pytest.mark.parametrize("T", [20, 40], ids=["host-sort", "tensor-sort"])
+def test_negative_or_too_large_expert_ids_raise(T):
+    assert (2 * 20 <= torch_impl.HOST_SORT_MAX_SLOTS) and (2 * 40 > torch_impl.HOST_SORT_MAX_SLOTS)
+    inputs = op_inputs(T, H, I, 4, 2, seed=13)
     for bad in (-1, 4):
         inputs["topk_ids"][3, 1] = bad
         with pytest.raises(UnsupportedInputError, match=f"expert id {bad}, outside"):
