@@ -133,12 +133,6 @@ def route(
             choice_TE = _group_limited_mask(choice_TE, spec)
         ids_TK = choice_TE.topk(spec.top_k, dim=-1).indices
         weights_TK = torch.softmax(logits.gather(1, ids_TK), dim=-1)
-    elif (spec.scoring == "softmax" and spec.renormalize and selection_bias_E is None and spec.num_groups == 1
-          and spec.selection_on == "scores"):
-        # softmax is monotonic and the renormalization cancels its denominator, so this is
-        # the softmax of the k largest logits: two ops instead of five (decode pays per op)
-        top_TK, ids_TK = logits.topk(spec.top_k, dim=-1)
-        weights_TK = torch.softmax(top_TK, dim=-1)
     else:
         scores_TE = torch.softmax(logits, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits)
         choice_TE = logits if spec.selection_on == "logits" else scores_TE
