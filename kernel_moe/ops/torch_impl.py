@@ -117,15 +117,13 @@ def _chunk_bounds(counts: list[int], chunk: int) -> list[tuple[int, int]]:
 
 def _expert_runs(counts: list[int], dtype: torch.dtype) -> list[tuple[int, int, int]]:
     """Experts with slots as runs (first expert, step, number of experts) that one strided
-    view of the stacked weights covers without reading an idle expert. Runs of consecutive
-    experts always; in fp32/fp64 one run with any step when the ids are equally spaced
-    (always so for two experts: one token of a top-2 model). Low-precision batched GEMMs
-    with a batch stride other than one expert take a slow path, hence the dtype rule."""
+    view of the stacked weights covers without reading an idle expert: all of them when
+    :func:`_strided_run` allows (in fp32 always so for two experts), else runs of
+    consecutive experts."""
     active = [e for e, n in enumerate(counts) if n]
-    if len(active) > 1 and dtype in (torch.float32, torch.float64):
-        step = active[1] - active[0]
-        if all(b - a == step for a, b in zip(active, active[1:])):
-            return [(active[0], step, len(active))]
+    run = _strided_run(active, dtype)
+    if run is not None:
+        return [(run[0], run[1], len(active))]
     runs: list[tuple[int, int, int]] = []
     for e in active:
         if runs and runs[-1][0] + runs[-1][2] == e:
@@ -161,8 +159,8 @@ def _small_batch_rows(
     spreads experts over the threads. A run whose padding would more than double its rows
     runs expert by expert instead.
     """
-    H = x_TH.shape[1]
-    x_SH = x_TH.index_select(0, slots.tok_S)
+    T, H = x_TH.shape
+    x_SH = x_TH.expand(len(slots.tok_S), H) if T == 1 else x_TH.index_select(0, slots.tok_S)
     runs = []
     for first, step, count in _expert_runs(slots.counts, x_TH.dtype):
         rows = [slots.counts[first + i * step] for i in range(count)]
@@ -205,6 +203,62 @@ def _batched_linear(x_BMY: torch.Tensor, w_BXY: torch.Tensor, b_BX: torch.Tensor
     if b_BX is None:
         return torch.bmm(x_BMY, w_BXY.transpose(1, 2))
     return torch.baddbmm(b_BX.unsqueeze(1), x_BMY, w_BXY.transpose(1, 2))
+
+
+def _single_token_forward(
+    x_1H: torch.Tensor,
+    topk_weights_1K: torch.Tensor,
+    topk_ids_1K: torch.Tensor,
+    w_up_ENH: torch.Tensor,
+    w_down_EHI: torch.Tensor,
+    b_up_EN: torch.Tensor | None,
+    b_down_EH: torch.Tensor | None,
+    activation: str,
+    glu: str,
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
+    """Decode of one token on CPU, in as few tensor ops as possible (each costs microseconds,
+    more once other layers have evicted the caches): the K experts as one strided batched GEMM
+    per projection when their ids are equally spaced and the dtype allows it
+    (:func:`_expert_runs`), else one GEMM per expert; then out = w [1, K] @ y [K, H] in fp32."""
+    E = w_up_ENH.shape[0]
+    ids = topk_ids_1K[0].tolist()
+    for e in ids:
+        if not 0 <= e < E:
+            raise UnsupportedInputError(f"topk_ids holds expert id {e}, outside [0, {E}) for w_up with {E} experts")
+    K, H = len(ids), x_1H.shape[1]
+    acc_dtype = torch.promote_types(x_1H.dtype, torch.float32)
+    run = _strided_run(ids, x_1H.dtype)
+    if run is not None:
+        first, step = run
+        order = sorted(range(K), key=ids.__getitem__)
+        h_K1N = _batched_linear(x_1H.expand(K, 1, H), _expert_view(w_up_ENH, first, step, K),
+                                None if b_up_EN is None else _expert_view(b_up_EN, first, step, K))
+        a_K1I = apply_activation(h_K1N, activation, glu, alpha, limit)
+        y_KH = _batched_linear(a_K1I, _expert_view(w_down_EHI, first, step, K),
+                               None if b_down_EH is None else _expert_view(b_down_EH, first, step, K)).view(K, H)
+        weights_1K = topk_weights_1K.to(acc_dtype)[:, order]
+    else:
+        y_KH = torch.cat([mlp_forward(x_1H, w_up_ENH[e], w_down_EHI[e], _bias(b_up_EN, e), _bias(b_down_EH, e),
+                                      activation, glu, alpha, limit) for e in ids])
+        weights_1K = topk_weights_1K.to(acc_dtype)
+    return torch.mm(weights_1K, y_KH.to(acc_dtype)).to(x_1H.dtype)
+
+
+def _strided_run(experts: list[int], dtype: torch.dtype) -> tuple[int, int] | None:
+    """(first, step) when distinct ``experts`` are equally spaced (in any order) and one
+    strided view may take them: step 1 in any dtype, any step in fp32/fp64 only (batched
+    low-precision GEMMs with a batch stride other than one expert take a slow path)."""
+    ordered = sorted(experts)
+    if len(ordered) < 2:
+        return None
+    step = ordered[1] - ordered[0]
+    if step == 0 or any(b - a != step for a, b in zip(ordered, ordered[1:])):
+        return None
+    if step != 1 and dtype not in (torch.float32, torch.float64):
+        return None
+    return ordered[0], step
 
 
 def _bias(b_EX: torch.Tensor | None, e: int) -> torch.Tensor | None:
@@ -267,10 +321,12 @@ def experts_forward(
     """
     T, H = x_TH.shape
     acc_dtype = torch.promote_types(x_TH.dtype, torch.float32)
-    out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
     E = w_up_ENH.shape[0]
     if topk_ids_TK.numel() == 0:
-        return out_TH.to(x_TH.dtype)
+        return x_TH.new_zeros(T, H)
+    if T == 1 and x_TH.device.type == "cpu":
+        return _single_token_forward(x_TH, topk_weights_TK, topk_ids_TK, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH,
+                                     activation, glu, alpha, limit)
     S, N = topk_ids_TK.numel(), w_up_ENH.shape[1]
     slots = sort_slots(topk_ids_TK, E)
     weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
@@ -278,7 +334,9 @@ def experts_forward(
     if S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active:
         y_SH = _small_batch_rows(x_TH, slots, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, activation, glu, alpha,
                                  limit)
+        out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
         return out_TH.index_add_(0, slots.tok_S, y_SH.to(acc_dtype).mul_(weights_S.unsqueeze(-1))).to(x_TH.dtype)
+    out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
     ends = list(accumulate(slots.counts))
     for c0, c1 in _chunk_bounds(slots.counts, max(MIN_CHUNK_ROWS, -(-S // CHUNKS_PER_CALL))):
         # (expert, first row, end row) of each expert's slots inside this chunk, chunk-relative

@@ -103,19 +103,23 @@ def test_chunks_that_split_experts_match_reference(monkeypatch, routing, bias):
     assert_fp32_close(run_op(inputs, backend="torch"), run_reference(inputs))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("ids", [[[1, 6]], [[5, 2]], [[0, 3], [6, 3]], [[2, 2]], [[7, 1], [4, 1], [1, 7]]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("ids", [[[1, 6]], [[5, 2]], [[3, 4]], [[6, 4, 2]], [[0, 3], [6, 3]], [[2, 2]],
+                                 [[7, 1], [4, 1], [1, 7]], [[2, 3], [4, 3], [2, 5]]])
 def test_few_rows_per_expert_as_strided_batched_gemms(ids, dtype):
     """Small batches run experts as batched GEMMs over strided views of the stacked weights:
     equally spaced ids (one run with a step), padded rows, repeated experts, biases."""
     T, K = len(ids), len(ids[0])
     inputs = op_inputs(T, H, I, 8, K, bias=True, dtype=dtype, seed=14)
+    assert inputs["topk_weights"].dtype == torch.float32
     inputs["topk_ids"] = torch.tensor(ids)
     if dtype == torch.float64:
         inputs["topk_weights"] = inputs["topk_weights"].double()
     out = run_op(inputs, backend="torch")
-    ref = run_reference(inputs)
-    if dtype == torch.float64:
+    ref = run_reference(as_fp32(inputs) if dtype == torch.bfloat16 else inputs)
+    if dtype == torch.bfloat16:
+        assert_low_precision_close(out, ref)
+    elif dtype == torch.float64:
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     else:
         assert_fp32_close(out, ref)
