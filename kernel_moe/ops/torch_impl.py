@@ -157,14 +157,16 @@ def _small_batch_rows(
     strided view of the stacked weights, its experts' rows zero-padded to the longest: a
     GEMV per expert leaves one of two cores idle and pays a call per expert, a batched one
     spreads experts over the threads. A run whose padding would more than double its rows
-    runs expert by expert instead.
+    (with one thread: that needs any padding) runs expert by expert instead.
     """
     T, H = x_TH.shape
     x_SH = x_TH.expand(len(slots.tok_S), H) if T == 1 else x_TH.index_select(0, slots.tok_S)
+    # padding buys thread parallelism; with one thread it is only wasted work
+    max_padded = 2 if torch.get_num_threads() > 1 else 1
     runs = []
     for first, step, count in _expert_runs(slots.counts, x_TH.dtype):
         rows = [slots.counts[first + i * step] for i in range(count)]
-        if count > 1 and count * max(rows) > 2 * sum(rows):
+        if count > 1 and count * max(rows) > max_padded * sum(rows):
             runs.extend((first + i * step, 1, 1) for i in range(count))
         else:
             runs.append((first, step, count))

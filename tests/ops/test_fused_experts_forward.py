@@ -106,9 +106,20 @@ def test_chunks_that_split_experts_match_reference(monkeypatch, routing, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
 @pytest.mark.parametrize("ids", [[[1, 6]], [[5, 2]], [[3, 4]], [[6, 4, 2]], [[0, 3], [6, 3]], [[2, 2]],
                                  [[7, 1], [4, 1], [1, 7]], [[2, 3], [4, 3], [2, 5]]])
-def test_few_rows_per_expert_as_strided_batched_gemms(ids, dtype):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_few_rows_per_expert_as_strided_batched_gemms(ids, dtype, threads):
     """Small batches run experts as batched GEMMs over strided views of the stacked weights:
-    equally spaced ids (one run with a step), padded rows, repeated experts, biases."""
+    equally spaced ids (one run with a step), padded rows (with more than one thread),
+    repeated experts, biases."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_few_rows(ids, dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_few_rows(ids, dtype):
     T, K = len(ids), len(ids[0])
     inputs = op_inputs(T, H, I, 8, K, bias=True, dtype=dtype, seed=14)
     assert inputs["topk_weights"].dtype == torch.float32
