@@ -1,13 +1,14 @@
 """The PyTorch implementation of the routed-experts op (forward and recomputing backward).
 
 It runs inside the custom op, where it is opaque to the compiler, so it may read token
-counts on the host. Forward: token-expert slots are sorted by expert once, the sorted
-token rows are gathered with one ``index_select``, and each expert's rows run as one GEMM
-written straight into a shared buffer, so the activation, the routing-weight scale and the
-combine run once per chunk of slots instead of once per expert (on CPU each small op costs
-microseconds; with many experts that overhead, not the GEMMs, dominated small batches).
-Chunks of at most ``max(MIN_CHUNK_ROWS, S / CHUNKS_PER_CALL)`` slots keep the transient
-memory a fraction of one [S, I] intermediate.
+counts on the host. On CPU each small tensor op costs microseconds, so the forward is built
+to issue few of them:
+- large batches: slots sorted by expert once, token rows gathered with one ``index_select``,
+  each expert's rows as one GEMM written into a shared buffer; activation, routing-weight
+  scale and combine once per chunk of at most ``max(MIN_CHUNK_ROWS, S / CHUNKS_PER_CALL)``
+  slots, which also keeps transient memory a fraction of one [S, I] intermediate;
+- small batches: runs of experts as batched GEMMs over strided views of the stacked weights;
+- one token: its K experts likewise, combined by one [1, K] x [K, H] GEMM.
 
 Legend: T tokens, H hidden, E experts, K top-k, N up features, I intermediate, S = T*K,
 C slots of one chunk, M tokens of one expert.
