@@ -53,11 +53,15 @@ def sort_slots(topk_ids_TK: torch.Tensor, num_experts: int) -> SortedSlots:
     except RuntimeError:  # a negative id
         bad = int(ids_S.min())
     if bad is not None:
-        raise UnsupportedInputError(
-            f"topk_ids holds expert id {bad}, outside [0, {num_experts}) for w_up with {num_experts} experts"
-        )
+        raise _expert_id_error(bad, num_experts)
     order_S = torch.sort(ids_S, stable=True).indices
     return SortedSlots(counts_E.tolist(), order_S, order_S // K)
+
+
+def _expert_id_error(expert: int, num_experts: int) -> UnsupportedInputError:
+    return UnsupportedInputError(
+        f"topk_ids holds expert id {expert}, outside [0, {num_experts}) for w_up with {num_experts} experts"
+    )
 
 
 def _sort_slots_on_host(ids: list[int], K: int, num_experts: int) -> SortedSlots:
@@ -65,9 +69,7 @@ def _sort_slots_on_host(ids: list[int], K: int, num_experts: int) -> SortedSlots
     counts = [0] * num_experts
     for e in ids:
         if not 0 <= e < num_experts:
-            raise UnsupportedInputError(
-                f"topk_ids holds expert id {e}, outside [0, {num_experts}) for w_up with {num_experts} experts"
-            )
+            raise _expert_id_error(e, num_experts)
         counts[e] += 1
     order = sorted(range(len(ids)), key=ids.__getitem__)  # stable
     return SortedSlots(counts, torch.tensor(order), torch.tensor([o // K for o in order]))
@@ -160,45 +162,61 @@ def _small_batch_rows(
     spreads experts over the threads. A run whose padding would more than double its rows
     (with one thread: that needs any padding) runs expert by expert instead.
     """
-    T, H = x_TH.shape
-    x_SH = x_TH.expand(len(slots.tok_S), H) if T == 1 else x_TH.index_select(0, slots.tok_S)
+    H = x_TH.shape[1]
+    x_SH = x_TH.index_select(0, slots.tok_S)
     # padding buys thread parallelism; with one thread it is only wasted work
     max_padded = 2 if torch.get_num_threads() > 1 else 1
-    runs = []
+    runs = []  # (first expert, step, rows of each of its experts)
     for first, step, count in _expert_runs(slots.counts, x_TH.dtype):
         rows = [slots.counts[first + i * step] for i in range(count)]
         if count > 1 and count * max(rows) > max_padded * sum(rows):
-            runs.extend((first + i * step, 1, 1) for i in range(count))
+            runs.extend((first + i * step, 1, [n]) for i, n in enumerate(rows))
         else:
-            runs.append((first, step, count))
+            runs.append((first, step, rows))
     starts = [0, *accumulate(slots.counts)]
     outs = []
-    for first, step, count in runs:
-        rows = [slots.counts[first + i * step] for i in range(count)]
+    for first, step, rows in runs:
+        count, m = len(rows), max(rows)
         lo = starts[first]
-        hi = lo + sum(rows)
-        m = max(rows)
-        pos = None
+        x_MH = x_SH[lo : lo + sum(rows)]
         if count == 1:  # one expert: a plain GEMM (batched low-precision GEMMs are slower)
-            y_MH = x_TH.new_empty(hi - lo, H)
-            h_MN = x_TH.new_empty(hi - lo, w_up_ENH.shape[1])
-            _linear_into(h_MN, x_SH[lo:hi], w_up_ENH[first], _bias(b_up_EN, first))
-            _linear_into(y_MH, apply_activation(h_MN, activation, glu, alpha, limit), w_down_EHI[first],
-                         _bias(b_down_EH, first))
-            outs.append(y_MH)
+            outs.append(mlp_forward(x_MH, w_up_ENH[first], w_down_EHI[first], _bias(b_up_EN, first),
+                                    _bias(b_down_EH, first), activation, glu, alpha, limit))
             continue
+        pos = None
         if min(rows) == m:
-            x_BMH = x_SH[lo:hi].view(count, m, H)
+            x_BMH = x_MH.view(count, m, H)
         else:  # row r of the run's i-th expert sits at i * m + r
             pos = torch.tensor([i * m + r for i, n in enumerate(rows) for r in range(n)], device=x_TH.device)
-            x_BMH = x_TH.new_zeros(count * m, H).index_copy_(0, pos, x_SH[lo:hi]).view(count, m, H)
-        h_BMN = _batched_linear(x_BMH, _expert_view(w_up_ENH, first, step, count),
-                                None if b_up_EN is None else _expert_view(b_up_EN, first, step, count))
-        a_BMI = apply_activation(h_BMN, activation, glu, alpha, limit)
-        y = _batched_linear(a_BMI, _expert_view(w_down_EHI, first, step, count),
-                            None if b_down_EH is None else _expert_view(b_down_EH, first, step, count)).view(-1, H)
+            x_BMH = x_TH.new_zeros(count * m, H).index_copy_(0, pos, x_MH).view(count, m, H)
+        y = _run_mlp(x_BMH, first, step, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, activation, glu, alpha,
+                     limit).view(-1, H)
         outs.append(y if pos is None else y.index_select(0, pos))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _run_mlp(
+    x_BMH: torch.Tensor,
+    first: int,
+    step: int,
+    w_up_ENH: torch.Tensor,
+    w_down_EHI: torch.Tensor,
+    b_up_EN: torch.Tensor | None,
+    b_down_EH: torch.Tensor | None,
+    activation: str,
+    glu: str,
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
+    """Experts first, first + step, ... (B of them) on their rows: [B, M, H] -> [B, M, H],
+    one batched GEMM per projection over strided views of the stacked weights."""
+    B = x_BMH.shape[0]
+
+    def view(w: torch.Tensor | None) -> torch.Tensor | None:
+        return None if w is None else _expert_view(w, first, step, B)
+
+    h_BMN = _batched_linear(x_BMH, view(w_up_ENH), view(b_up_EN))
+    return _batched_linear(apply_activation(h_BMN, activation, glu, alpha, limit), view(w_down_EHI), view(b_down_EH))
 
 
 def _batched_linear(x_BMY: torch.Tensor, w_BXY: torch.Tensor, b_BX: torch.Tensor | None) -> torch.Tensor:
@@ -229,18 +247,15 @@ def _single_token_forward(
     ids = topk_ids_1K[0].tolist()
     for e in ids:
         if not 0 <= e < E:
-            raise UnsupportedInputError(f"topk_ids holds expert id {e}, outside [0, {E}) for w_up with {E} experts")
+            raise _expert_id_error(e, E)
     K, H = len(ids), x_1H.shape[1]
     acc_dtype = torch.promote_types(x_1H.dtype, torch.float32)
     run = _strided_run(ids, x_1H.dtype)
     if run is not None:
         first, step = run
         order = sorted(range(K), key=ids.__getitem__)
-        h_K1N = _batched_linear(x_1H.expand(K, 1, H), _expert_view(w_up_ENH, first, step, K),
-                                None if b_up_EN is None else _expert_view(b_up_EN, first, step, K))
-        a_K1I = apply_activation(h_K1N, activation, glu, alpha, limit)
-        y_KH = _batched_linear(a_K1I, _expert_view(w_down_EHI, first, step, K),
-                               None if b_down_EH is None else _expert_view(b_down_EH, first, step, K)).view(K, H)
+        y_KH = _run_mlp(x_1H.expand(K, 1, H), first, step, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, activation,
+                        glu, alpha, limit).view(K, H)
         weights_1K = topk_weights_1K.to(acc_dtype)[:, order]
     else:
         y_KH = torch.cat([mlp_forward(x_1H, w_up_ENH[e], w_down_EHI[e], _bias(b_up_EN, e), _bias(b_down_EH, e),
@@ -334,12 +349,11 @@ def experts_forward(
     slots = sort_slots(topk_ids_TK, E)
     weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
     active = sum(1 for n in slots.counts if n)
+    out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
     if S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active:
         y_SH = _small_batch_rows(x_TH, slots, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, activation, glu, alpha,
                                  limit)
-        out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
         return out_TH.index_add_(0, slots.tok_S, y_SH.to(acc_dtype).mul_(weights_S.unsqueeze(-1))).to(x_TH.dtype)
-    out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
     ends = list(accumulate(slots.counts))
     for c0, c1 in _chunk_bounds(slots.counts, max(MIN_CHUNK_ROWS, -(-S // CHUNKS_PER_CALL))):
         # (expert, first row, end row) of each expert's slots inside this chunk, chunk-relative
