@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet -e ".[test,hf,plot]"
+	$(PY) -m kernel_moe build || echo "native CPU kernels not built: the PyTorch path will be used"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -20,8 +21,9 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m kernel_moe demo
 
+# require: a native CPU extension that fails to build fails the tests instead of falling back
 test: venv
-	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/kernels
+	KERNEL_MOE_CPU_EXTENSION=require $(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/kernels
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels -q -p no:cacheprovider
 
 bench: venv

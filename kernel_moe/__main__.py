@@ -1,4 +1,4 @@
-"""Command line: ``python -m kernel_moe demo | bench | env``."""
+"""Command line: ``python -m kernel_moe demo | bench | env | build``."""
 
 from __future__ import annotations
 
@@ -16,12 +16,24 @@ def _env() -> None:
     print(f"cuda available: {torch.cuda.is_available()}")
     if torch.cuda.is_available():
         print(f"device: {torch.cuda.get_device_name()}")
+    from kernel_moe.kernels.cpu import extension_status
+
+    print(f"native CPU kernels: {extension_status()}")
     try:
         import transformers
 
         print(f"transformers {transformers.__version__}")
     except ImportError:
         print("transformers not installed (extra 'hf')")
+
+
+def _build() -> int:
+    """Compile (or load from torch's cache) the native CPU kernels now rather than on first use."""
+    from kernel_moe.kernels.cpu import extension_status
+
+    status = extension_status()
+    print(f"native CPU kernels: {status}")
+    return 0 if status.startswith(("loaded", "off")) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,12 +43,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m kernel_moe", description=__doc__)
-    parser.add_argument("command", choices=["demo", "bench", "env"])
+    parser.add_argument("command", choices=["demo", "bench", "env", "build"])
     args = parser.parse_args(argv)
     if args.command == "demo":
         from kernel_moe.demo import run_demo
 
         run_demo()
+    elif args.command == "build":
+        return _build()
     else:
         _env()
     return 0

@@ -2,7 +2,8 @@
 
 Covers token counts, expert counts, top-k, every activation and GLU layout, biases, weight
 views with any strides, non-contiguous inputs, skewed routing, low precision, NaN inputs and
-input validation.
+input validation. Every test runs twice: with the native CPU extension (where it builds) and
+with the PyTorch path alone, so that both CPU paths stay covered.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from helpers import as_fp32, assert_fp32_close, assert_low_precision_close, op_inputs, run_op, run_reference
 from kernel_moe import UnsupportedInputError
+from kernel_moe.kernels import cpu as cpu_kernels
 from kernel_moe.ops import torch_impl
 from kernel_moe.reference.moe import expert_mlp
 
@@ -26,6 +28,12 @@ ACTIVATIONS = [
     ("relu", "none"), ("relu", "concat"), ("relu", "interleaved"),
     ("gpt_oss", "concat"), ("gpt_oss", "interleaved"),
 ]
+
+
+@pytest.fixture(autouse=True, params=["auto", "off"], ids=["native", "torch"])
+def cpu_extension_setting(request, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV, request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("T", [0, 1, 7, 128, 1000])

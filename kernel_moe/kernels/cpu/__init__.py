@@ -1,0 +1,108 @@
+"""Native CPU kernels (C++), compiled on first use by torch's C++ extension builder.
+
+``grouped_matvec.cpp`` multiplies each expert's few token rows with its weights, reading every
+weight row once at close to memory bandwidth; the CPU experts op uses it for decode and small
+batches. The build needs a C++ compiler and ninja and takes about a minute on two cores; the
+result is cached by torch (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
+under a name that includes a hash of the source, the torch version and the CPU's feature flags,
+since it is compiled for this CPU (``-march=native``). ``python -m kernel_moe build`` compiles
+it ahead of time.
+
+``KERNEL_MOE_CPU_EXTENSION``: ``auto`` (default) builds or loads it on first use and falls
+back to the PyTorch path, with one warning, when that fails; ``off`` never uses it;
+``require`` raises when it cannot be built (CI uses this so that a broken build fails).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger("kernel_moe")
+
+ENV = "KERNEL_MOE_CPU_EXTENSION"
+SETTINGS = ("auto", "off", "require")
+SOURCE = Path(__file__).with_name("grouped_matvec.cpp")
+
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType | None] = {}
+_failure: dict[str, str] = {}
+
+
+def extension_setting() -> str:
+    """The validated value of ``KERNEL_MOE_CPU_EXTENSION`` (default ``auto``)."""
+    value = os.environ.get(ENV, "auto").strip().lower()
+    if value not in SETTINGS:
+        raise ValueError(f"{ENV}={value!r} is not a valid setting; allowed: {', '.join(SETTINGS)}")
+    return value
+
+
+def cpu_extension() -> ModuleType | None:
+    """The compiled module, or None when it is switched off or cannot be built here."""
+    setting = extension_setting()
+    if setting == "off":
+        return None
+    if SOURCE.name in _loaded:
+        module = _loaded[SOURCE.name]
+        if module is None and setting == "require":
+            raise RuntimeError(f"{ENV}=require but the CPU extension failed to build: {_failure[SOURCE.name]}")
+        return module
+    with _lock:
+        if SOURCE.name not in _loaded:
+            try:
+                _loaded[SOURCE.name] = _build()
+            except Exception as exc:  # no compiler, no ninja, unsupported platform, ...
+                _loaded[SOURCE.name] = None
+                _failure[SOURCE.name] = f"{type(exc).__name__}: {exc}".strip()[:2000]
+                if setting != "require":
+                    logger.warning("kernel_moe: native CPU kernels unavailable, using the PyTorch path (%s)",
+                                   _failure[SOURCE.name].splitlines()[0])
+    return cpu_extension()
+
+
+def extension_status() -> str:
+    """One line for ``python -m kernel_moe env``: loaded, off, or why it failed (builds if needed)."""
+    if extension_setting() == "off":
+        return f"off ({ENV}=off)"
+    try:
+        module = cpu_extension()
+    except RuntimeError as exc:
+        return f"failed: {exc}"
+    if module is None:
+        return f"unavailable: {_failure.get(SOURCE.name, 'unknown reason').splitlines()[0]}"
+    return f"loaded ({module.__file__})"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    text = SOURCE.read_bytes()
+    key = hashlib.sha1(text + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:12]
+    logger.info("kernel_moe: loading the native CPU kernels (compiled once per machine, about a minute)")
+    return load(
+        name=f"kernel_moe_cpu_{key}",
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+__all__ = ["ENV", "SETTINGS", "cpu_extension", "extension_setting", "extension_status"]

@@ -1,0 +1,134 @@
+"""The native CPU extension (kernels/cpu): its grouped matrix-vector kernel against fp64
+matmuls, its use by the experts op against the PyTorch path, and the setting that switches it.
+
+Where the extension cannot be built here the kernel tests are skipped with the build error;
+with ``KERNEL_MOE_CPU_EXTENSION=require`` (set by ``make test`` and CI) they fail instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import as_fp32, assert_fp32_close, assert_low_precision_close, op_inputs, run_op, run_reference
+from kernel_moe.kernels import cpu as cpu_kernels
+from kernel_moe.ops import torch_impl
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = cpu_kernels.cpu_extension()
+    if module is None:
+        pytest.skip(f"native CPU extension unavailable: {cpu_kernels.extension_status()}")
+    return module
+
+
+def _reference(x_SK, w_ENK, counts):
+    rows, start = [], 0
+    for e, n in enumerate(counts):
+        rows.append(x_SK[start : start + n].double() @ w_ENK[e].double().t())
+        start += n
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("counts", [[1], [0, 1, 0], [2, 0, 3], [5, 6, 7, 0], [9, 1, 4, 8], [0, 0, 0]],
+                         ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("K", [1, 16, 37, 512])
+def test_grouped_matvec_matches_fp64(ext, dtype, counts, K):
+    """Rows in blocks of four plus every remainder, experts without rows, K not a multiple
+    of the vector width."""
+    g = torch.Generator().manual_seed(K + len(counts))
+    E, N, S = len(counts), 24, sum(counts)
+    w_ENK = torch.randn(E, N, K, generator=g).to(dtype)
+    x_SK = torch.randn(S, K, generator=g)
+    y_SN = ext.grouped_matvec(x_SK, w_ENK, counts)
+    assert y_SN.shape == (S, N) and y_SN.dtype == torch.float32
+    torch.testing.assert_close(y_SN.double(), _reference(x_SK, w_ENK, counts), rtol=1e-5, atol=1e-5 * K**0.5)
+
+
+def test_grouped_matvec_reads_strided_weight_views(ext):
+    """Every other expert of a stack and rows sliced from a wider matrix: any expert and row
+    stride, unit stride along K."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(8, 40, 70, generator=g)
+    w_ENK = base[::2, 5:29, 3:67]  # [4, 24, 64]
+    counts = [3, 0, 5, 1]
+    x_SK = torch.randn(9, 64, generator=g)
+    torch.testing.assert_close(ext.grouped_matvec(x_SK, w_ENK, counts).double(), _reference(x_SK, w_ENK, counts),
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, w, c: (x.double(), w, c), "contiguous float32"),
+    (lambda x, w, c: (x, w.half(), c), "float32 or bfloat16"),
+    (lambda x, w, c: (x, w.transpose(1, 2), c), "unit stride"),
+    (lambda x, w, c: (x, w, c[:-1]), "counts for"),
+    (lambda x, w, c: (x, w, [c[0] + 1, *c[1:]]), "counts sum to"),
+    (lambda x, w, c: (x[:, :-1].contiguous(), w, c), "features"),
+])
+def test_grouped_matvec_rejects_bad_inputs(ext, bad, match):
+    x_SK, w_ENK, counts = torch.randn(4, 8), torch.randn(2, 6, 8), [1, 3]
+    with pytest.raises(RuntimeError, match=match):
+        ext.grouped_matvec(*bad(x_SK, w_ENK, counts))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 2, 7, 20])
+@pytest.mark.parametrize("activation,glu", [("silu", "concat"), ("gelu", "none"), ("gpt_oss", "interleaved")])
+def test_experts_op_on_the_native_path_matches_reference(ext, monkeypatch, dtype, T, activation, glu):
+    """The op takes the native path for these shapes (checked) and matches the reference,
+    biases included."""
+    calls = []
+    real = torch_impl._native_rows
+    monkeypatch.setattr(torch_impl, "_native_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = op_inputs(T, 32, 24, 8, 2, glu=glu, bias=True, dtype=dtype, seed=T)
+    out = run_op(inputs, activation, glu, 1.702, 7.0, backend="torch")
+    assert calls, "the native kernel was not used"
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        assert_fp32_close(out, run_reference(inputs, activation, glu, 1.702, 7.0))
+    else:
+        assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, 7.0))
+
+
+def test_many_rows_per_expert_or_other_dtypes_take_the_torch_path(ext, monkeypatch):
+    monkeypatch.setattr(torch_impl, "_native_rows", lambda *a, **k: pytest.fail("native path taken"))
+    many = op_inputs(200, 32, 24, 4, 2, seed=1)  # 100 rows per expert
+    assert_fp32_close(run_op(many, backend="torch"), run_reference(many))
+    fp64 = op_inputs(3, 32, 24, 4, 2, dtype=torch.float64, seed=2)
+    fp64["topk_weights"] = fp64["topk_weights"].double()
+    torch.testing.assert_close(run_op(fp64, backend="torch"), run_reference(fp64), rtol=1e-12, atol=1e-12)
+
+
+def test_off_disables_the_extension(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV, "off")
+    assert cpu_kernels.cpu_extension() is None
+    assert cpu_kernels.extension_status().startswith("off")
+    inputs = op_inputs(1, 32, 24, 8, 2, seed=5)
+    assert_fp32_close(run_op(inputs, backend="torch"), run_reference(inputs))
+
+
+def test_unknown_setting_raises_naming_the_variable(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV, "fast")
+    with pytest.raises(ValueError, match=r"KERNEL_MOE_CPU_EXTENSION='fast'.*auto, off, require"):
+        cpu_kernels.cpu_extension()
+
+
+def test_failed_build_falls_back_with_auto_and_raises_with_require(monkeypatch):
+    """A machine without a compiler: auto runs the PyTorch path, require raises the build error."""
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels, "_failure", {})
+
+    def no_compiler():
+        raise OSError("no C++ compiler found")
+
+    monkeypatch.setattr(cpu_kernels, "_build", no_compiler)
+    monkeypatch.setenv(cpu_kernels.ENV, "auto")
+    assert cpu_kernels.cpu_extension() is None
+    assert "no C++ compiler" in cpu_kernels.extension_status()
+    inputs = op_inputs(1, 32, 24, 8, 2, seed=6)
+    assert_fp32_close(run_op(inputs, backend="torch"), run_reference(inputs))
+    monkeypatch.setenv(cpu_kernels.ENV, "require")
+    with pytest.raises(RuntimeError, match="no C.. compiler"):
+        cpu_kernels.cpu_extension()
