@@ -117,5 +117,7 @@ torch::Tensor grouped_matvec(const torch::Tensor& x_SK, const torch::Tensor& w_E
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("grouped_matvec", &grouped_matvec, "y[r] = w[expert of r] @ x[r] for rows sorted by expert");
+  // the GIL is released while the kernel runs: other Python threads keep going
+  m.def("grouped_matvec", &grouped_matvec, "y[r] = w[expert of r] @ x[r] for rows sorted by expert",
+        py::call_guard<py::gil_scoped_release>());
 }
