@@ -37,8 +37,9 @@ CHUNKS_PER_CALL = 8
 SMALL_BATCH_MEAN_ROWS = 32
 HOST_SORT_MAX_SLOTS = 64
 # the native grouped matrix-vector kernel beats oneDNN / MKL up to about this many rows per
-# active expert on average (measured: bf16 1.6x at 4 rows, 0.85x at 8; fp32 1.2x at 16)
-NATIVE_MAX_MEAN_ROWS = {torch.float32: 12, torch.bfloat16: 6}
+# active expert on average (benchmarks/bench_cpu_matvec.py, cold weights, 1 and 2 threads:
+# 1.4x to 3.5x at 4 rows; at 8 rows fp32 0.9x to 1.6x, bf16 0.9x to 1.25x)
+NATIVE_MAX_MEAN_ROWS = {torch.float32: 8, torch.bfloat16: 6}
 
 
 class SortedSlots(NamedTuple):
