@@ -60,7 +60,7 @@ template <typename W>
 void grouped_matvec_impl(const W* w_ENK, int64_t stride_e, int64_t stride_n, const float* x_SK, float* y_SN,
                          int64_t N, int64_t K, const std::vector<Group>& groups) {
   const int64_t G = static_cast<int64_t>(groups.size());
-  // one task = one weight row of one group; a grain of 16 rows keeps tasks >= 8 KiB of weights
+  // one task = one weight row of one group, at least 16 of them per thread chunk
   at::parallel_for(0, G * N, 16, [&](int64_t begin, int64_t end) {
     float acc[4];
     for (int64_t i = begin; i < end; ++i) {
