@@ -67,8 +67,9 @@ class _Holder(nn.Module):
         return self.mlp(x)
 
 
-def time_round_robin(fns: dict, min_time: float, min_reps: int = 5) -> dict:
-    """Median seconds per call of each fn, calls interleaved in a shuffled order each round."""
+def time_round_robin(fns: dict, min_time: float, min_reps: int = 5, before_each=None) -> dict:
+    """Median seconds per call of each fn, calls interleaved in a shuffled order each round;
+    ``before_each()`` (untimed) runs before every timed call, e.g. to evict the caches."""
     for fn in fns.values():
         fn()
     samples = {k: [] for k in fns}
@@ -79,6 +80,8 @@ def time_round_robin(fns: dict, min_time: float, min_reps: int = 5) -> dict:
         rng.shuffle(order)
         for k in order:
             fn = fns[k]
+            if before_each is not None:
+                before_each()
             t0 = time.perf_counter()
             fn()
             samples[k].append(time.perf_counter() - t0)

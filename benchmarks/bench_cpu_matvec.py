@@ -6,18 +6,17 @@ For the Mixtral-style layer's two projections (up [2I, H] = [2048, 512], down [H
 [512, 1024], 8 experts) and a few rows per expert, prints the time of one GEMM per expert
 (``torch.mm``, what the PyTorch path runs) divided by the time of one ``grouped_matvec`` call,
 with the weights cold (a 64 MiB buffer is rewritten before every call, as other layers would
-evict them in a model) and warm. Calls are interleaved; medians.
+evict them in a model) and warm. Calls are interleaved in a shuffled order; medians
+(``bench_cpu_layer.time_round_robin``).
 """
 
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import sys
-import time
 
 import torch
+from bench_cpu_layer import time_round_robin
 
 from kernel_moe.kernels.cpu import cpu_extension
 
@@ -36,21 +35,6 @@ def _mm_per_expert(x_SK: torch.Tensor, w_ENK: torch.Tensor, counts: list[int]) -
     return out
 
 
-def _time(fns: dict, min_time: float, cold: bool) -> dict:
-    flush = torch.empty(16 * 1024 * 1024)
-    samples = {k: [] for k in fns}
-    order, rng, start = list(fns), random.Random(0), time.perf_counter()
-    while time.perf_counter() - start < min_time or min(map(len, samples.values())) < 5:
-        rng.shuffle(order)
-        for k in order:
-            if cold:
-                flush.add_(1.0)
-            t0 = time.perf_counter()
-            fns[k]()
-            samples[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per case")
@@ -59,6 +43,7 @@ def main(argv=None) -> int:
     if ext is None:
         print("native CPU extension unavailable (see python -m kernel_moe env)")
         return 1
+    flush = torch.empty(16 * 1024 * 1024)  # 64 MiB rewritten before each cold call
     print(f"grouped_matvec vs torch.mm per expert; CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'dtype':9} {'proj':5} {'rows':28} | {'mm/native cold':>14} {'mm/native warm':>14} | {'native GB/s cold':>16}")
     for dtype in (torch.float32, torch.bfloat16):
@@ -69,7 +54,8 @@ def main(argv=None) -> int:
                 x_low = x_SK.to(dtype)
                 fns = {"mm": lambda: _mm_per_expert(x_low, w_ENK, counts),  # noqa: B023
                        "native": lambda: ext.grouped_matvec(x_SK, w_ENK, counts)}  # noqa: B023
-                cold, warm = _time(fns, args.min_time, True), _time(fns, args.min_time, False)
+                cold = time_round_robin(fns, args.min_time, before_each=lambda: flush.add_(1.0))
+                warm = time_round_robin(fns, args.min_time)
                 gbs = sum(1 for n in counts if n) * N * K * w_ENK.element_size() / cold["native"] / 1e9
                 print(f"{str(dtype)[6:]:9} {proj:5} {name:28} | {cold['mm'] / cold['native']:14.2f} "
                       f"{warm['mm'] / warm['native']:14.2f} | {gbs:16.1f}")
