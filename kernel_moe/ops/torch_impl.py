@@ -401,17 +401,17 @@ def experts_forward(
     slots = sort_slots(topk_ids_TK, E)
     weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
     active = sum(1 for n in slots.counts if n)
+    y_SH = None  # expert outputs of every sorted slot, acc dtype, when few slots per expert
     if ext is not None and S <= NATIVE_MAX_MEAN_ROWS[x_TH.dtype] * active:
         y_SH = _native_rows(ext, x_TH, slots, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, activation, glu, alpha, limit)
         if T == 1:  # one token: combine its K rows by a [1, K] x [K, H] GEMM
             return torch.mm(weights_S.unsqueeze(0), y_SH).to(x_TH.dtype)
-        out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
-        return out_TH.index_add_(0, slots.tok_S, y_SH.mul_(weights_S.unsqueeze(-1))).to(x_TH.dtype)
-    out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
-    if S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active:
+    elif S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active:
         y_SH = _small_batch_rows(x_TH, slots, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, activation, glu, alpha,
-                                 limit)
-        return out_TH.index_add_(0, slots.tok_S, y_SH.to(acc_dtype).mul_(weights_S.unsqueeze(-1))).to(x_TH.dtype)
+                                 limit).to(acc_dtype)
+    out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
+    if y_SH is not None:
+        return out_TH.index_add_(0, slots.tok_S, y_SH.mul_(weights_S.unsqueeze(-1))).to(x_TH.dtype)
     ends = list(accumulate(slots.counts))
     for c0, c1 in _chunk_bounds(slots.counts, max(MIN_CHUNK_ROWS, -(-S // CHUNKS_PER_CALL))):
         # (expert, first row, end row) of each expert's slots inside this chunk, chunk-relative
