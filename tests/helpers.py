@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernel_moe.kernels import cpu as cpu_kernels
 from kernel_moe.reference.moe import naive_moe_experts
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -247,3 +248,18 @@ def stacked_tensors(model: nn.Module) -> tuple[torch.Tensor, ...]:
     for m in model.modules():
         out.extend(getattr(m, "_stacked_weights", {}).values())
     return tuple(out)
+
+
+# --- native CPU extension --------------------------------------------------------------
+
+
+def simulate_cpu_extension_build(monkeypatch, build) -> None:
+    """Forget this process's build of the native CPU extension and let ``build()`` stand for
+    the next one (raise to simulate a machine without a compiler)."""
+    monkeypatch.setattr(cpu_kernels, "_module", cpu_kernels._UNTRIED)
+    monkeypatch.setattr(cpu_kernels, "_failure", "")
+    monkeypatch.setattr(cpu_kernels, "_build", build)
+
+
+def no_compiler():
+    raise OSError("no C++ compiler found")

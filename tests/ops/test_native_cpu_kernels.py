@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import as_fp32, assert_fp32_close, assert_low_precision_close, op_inputs, run_op, run_reference
+from helpers import (as_fp32, assert_fp32_close, assert_low_precision_close, no_compiler, op_inputs, run_op,
+                     run_reference, simulate_cpu_extension_build)
 from kernel_moe.kernels import cpu as cpu_kernels
 from kernel_moe.ops import torch_impl
 
@@ -117,13 +118,7 @@ def test_unknown_setting_raises_naming_the_variable(monkeypatch):
 
 def test_failed_build_falls_back_with_auto_and_raises_with_require(monkeypatch):
     """A machine without a compiler: auto runs the PyTorch path, require raises the build error."""
-    monkeypatch.setattr(cpu_kernels, "_loaded", {})
-    monkeypatch.setattr(cpu_kernels, "_failure", {})
-
-    def no_compiler():
-        raise OSError("no C++ compiler found")
-
-    monkeypatch.setattr(cpu_kernels, "_build", no_compiler)
+    simulate_cpu_extension_build(monkeypatch, no_compiler)
     monkeypatch.setenv(cpu_kernels.ENV, "auto")
     assert cpu_kernels.cpu_extension() is None
     assert "no C++ compiler" in cpu_kernels.extension_status()

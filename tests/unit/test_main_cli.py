@@ -3,6 +3,7 @@ fails (exit 1) when they cannot be built."""
 
 from __future__ import annotations
 
+from helpers import no_compiler, simulate_cpu_extension_build
 from kernel_moe.__main__ import main
 from kernel_moe.kernels import cpu as cpu_kernels
 
@@ -14,17 +15,10 @@ def test_env_reports_the_native_cpu_kernels(capsys, monkeypatch):
 
 
 def test_build_exit_status_follows_the_build(capsys, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "_loaded", {})
-    monkeypatch.setattr(cpu_kernels, "_failure", {})
     monkeypatch.setenv(cpu_kernels.ENV, "auto")
-
-    def no_compiler():
-        raise OSError("no C++ compiler found")
-
-    monkeypatch.setattr(cpu_kernels, "_build", no_compiler)
+    simulate_cpu_extension_build(monkeypatch, no_compiler)
     assert main(["build"]) == 1
     assert "unavailable: OSError: no C++ compiler found" in capsys.readouterr().out
-    monkeypatch.setattr(cpu_kernels, "_loaded", {})
-    monkeypatch.setattr(cpu_kernels, "_build", lambda: cpu_kernels)  # any module stands for a build
+    simulate_cpu_extension_build(monkeypatch, lambda: cpu_kernels)  # any module stands for a build
     assert main(["build"]) == 0
     assert "native CPU kernels: loaded" in capsys.readouterr().out

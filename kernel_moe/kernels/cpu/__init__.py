@@ -32,8 +32,9 @@ SETTINGS = ("auto", "off", "require")
 SOURCE = Path(__file__).with_name("grouped_matvec.cpp")
 
 _lock = threading.Lock()
-_loaded: dict[str, ModuleType | None] = {}
-_failure: dict[str, str] = {}
+_UNTRIED = object()
+_module: ModuleType | None | object = _UNTRIED  # the built module, None after a failed build
+_failure = ""  # why the build failed
 
 
 def extension_setting() -> str:
@@ -45,26 +46,26 @@ def extension_setting() -> str:
 
 
 def cpu_extension() -> ModuleType | None:
-    """The compiled module, or None when it is switched off or cannot be built here."""
+    """The compiled module, or None when it is switched off or cannot be built here (the
+    build is tried once per process)."""
+    global _module, _failure
     setting = extension_setting()
     if setting == "off":
         return None
-    if SOURCE.name in _loaded:
-        module = _loaded[SOURCE.name]
-        if module is None and setting == "require":
-            raise RuntimeError(f"{ENV}=require but the CPU extension failed to build: {_failure[SOURCE.name]}")
-        return module
-    with _lock:
-        if SOURCE.name not in _loaded:
-            try:
-                _loaded[SOURCE.name] = _build()
-            except Exception as exc:  # no compiler, no ninja, unsupported platform, ...
-                _loaded[SOURCE.name] = None
-                _failure[SOURCE.name] = f"{type(exc).__name__}: {exc}".strip()[:2000]
-                if setting != "require":
-                    logger.warning("kernel_moe: native CPU kernels unavailable, using the PyTorch path (%s)",
-                                   _failure[SOURCE.name].splitlines()[0])
-    return cpu_extension()
+    if _module is _UNTRIED:
+        with _lock:
+            if _module is _UNTRIED:
+                try:
+                    _module = _build()
+                except Exception as exc:  # no compiler, no ninja, unsupported platform, ...
+                    _module = None
+                    _failure = f"{type(exc).__name__}: {exc}".strip()[:2000]
+                    if setting != "require":
+                        logger.warning("kernel_moe: native CPU kernels unavailable, using the PyTorch path (%s)",
+                                       _failure.splitlines()[0])
+    if _module is None and setting == "require":
+        raise RuntimeError(f"{ENV}=require but the CPU extension failed to build: {_failure}")
+    return _module
 
 
 def extension_status() -> str:
@@ -76,7 +77,7 @@ def extension_status() -> str:
     except RuntimeError as exc:
         return f"failed: {exc}"
     if module is None:
-        return f"unavailable: {_failure.get(SOURCE.name, 'unknown reason').splitlines()[0]}"
+        return f"unavailable: {_failure.splitlines()[0]}"
     return f"loaded ({module.__file__})"
 
 
