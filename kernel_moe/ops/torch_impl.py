@@ -12,7 +12,10 @@ to issue few of them:
 - with the native CPU extension (``kernels/cpu``), decode and small batches instead run as
   grouped matrix-vector products that read each active expert's weights once at close to
   memory bandwidth (:func:`_native_rows`); oneDNN and MKL read cold weights at a third of it
-  for such shapes.
+  for such shapes. Larger batches run its fused forward: tasks of one expert's rows (gather,
+  both GEMMs, activation) run concurrently, one thread each, and a weighted combine per token.
+  Per-expert GEMMs spread over every thread one after the other scale poorly over threads,
+  and the chunked path's layer-wide intermediates and combine cost another 10 to 20 percent.
 
 Legend: T tokens, H hidden, E experts, K top-k, N up features, I intermediate, S = T*K,
 C slots of one chunk, M tokens of one expert.
@@ -40,6 +43,7 @@ HOST_SORT_MAX_SLOTS = 64
 # active expert on average (benchmarks/bench_cpu_matvec.py, cold weights, 1 and 2 threads:
 # 1.4x to 3.5x at 4 rows; at 8 rows fp32 0.9x to 1.6x, bf16 0.9x to 1.25x)
 NATIVE_MAX_MEAN_ROWS = {torch.float32: 8, torch.bfloat16: 6}
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class SortedSlots(NamedTuple):
@@ -328,14 +332,17 @@ def mlp_backward(
     return dx_MH, dw_up, dw_down, db_up, db_down, d_scale
 
 
-def _native_extension(x_TH: torch.Tensor, w_up_ENH: torch.Tensor, w_down_EHI: torch.Tensor, S: int):
-    """The native CPU extension when it can run these tensors (CPU, fp32 or bf16 weights
-    with unit stride along the input features, few slots), else None."""
-    if (x_TH.device.type != "cpu" or x_TH.dtype not in NATIVE_MAX_MEAN_ROWS or S > MIN_CHUNK_ROWS
-            or w_up_ENH.dtype != x_TH.dtype or w_down_EHI.dtype != x_TH.dtype
-            or w_up_ENH.stride(-1) != 1 or w_down_EHI.stride(-1) != 1):
-        return None
-    return cpu_extension()
+def _matvec_fits(x_TH: torch.Tensor, w_up_ENH: torch.Tensor, w_down_EHI: torch.Tensor, S: int) -> bool:
+    """Whether the native grouped matrix-vector kernel takes these tensors: fp32 or bf16
+    weights of x's dtype with unit stride along the input features, few slots."""
+    return (x_TH.dtype in NATIVE_MAX_MEAN_ROWS and S <= MIN_CHUNK_ROWS and w_up_ENH.dtype == x_TH.dtype
+            and w_down_EHI.dtype == x_TH.dtype and w_up_ENH.stride(-1) == 1 and w_down_EHI.stride(-1) == 1)
+
+
+def _fused_fits(x_TH: torch.Tensor, *weights: torch.Tensor | None) -> bool:
+    """Whether the native fused forward takes these tensors: fp32, bf16 or fp16, weights and
+    biases of x's dtype."""
+    return x_TH.dtype in FUSED_DTYPES and all(w is None or w.dtype == x_TH.dtype for w in weights)
 
 
 def _native_rows(
@@ -383,9 +390,10 @@ def experts_forward(
 ) -> torch.Tensor:
     """out[t] = sum_j w[t, j] * expert_{id[t, j]}(x[t]); accumulated in fp32, returned in x's dtype.
 
-    Few slots per expert (decode, small batches): the native grouped matrix-vector kernel
-    where it is available (:func:`_native_rows`), else strided batched GEMMs
-    (:func:`_small_batch_rows`, :func:`_single_token_forward`). Otherwise sorted slots run in
+    With the native CPU extension: the grouped matrix-vector kernel when experts get few
+    slots each (decode, small batches; :func:`_native_rows`), else its fused forward, which
+    runs the experts' work concurrently. Without it: strided batched GEMMs for few slots per
+    expert (:func:`_small_batch_rows`, :func:`_single_token_forward`), else sorted slots in
     chunks of per-expert GEMMs.
     """
     T, H = x_TH.shape
@@ -394,15 +402,20 @@ def experts_forward(
     if topk_ids_TK.numel() == 0:
         return x_TH.new_zeros(T, H)
     S, N = topk_ids_TK.numel(), w_up_ENH.shape[1]
-    ext = _native_extension(x_TH, w_up_ENH, w_down_EHI, S)
-    if T == 1 and ext is None and x_TH.device.type == "cpu":
+    ext = cpu_extension() if x_TH.device.type == "cpu" else None
+    matvec = ext is not None and _matvec_fits(x_TH, w_up_ENH, w_down_EHI, S)
+    if T == 1 and not matvec and x_TH.device.type == "cpu":
         return _single_token_forward(x_TH, topk_weights_TK, topk_ids_TK, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH,
                                      activation, glu, alpha, limit)
     slots = sort_slots(topk_ids_TK, E)
-    weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
     active = sum(1 for n in slots.counts if n)
+    matvec = matvec and S <= NATIVE_MAX_MEAN_ROWS[x_TH.dtype] * active
+    if ext is not None and not matvec and _fused_fits(x_TH, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH):
+        return ext.fused_experts(x_TH, topk_weights_TK, slots.order_S, slots.counts, w_up_ENH, w_down_EHI, b_up_EN,
+                                 b_down_EH, activation, glu, alpha, limit)
+    weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
     y_SH = None  # expert outputs of every sorted slot, acc dtype, when few slots per expert
-    if ext is not None and S <= NATIVE_MAX_MEAN_ROWS[x_TH.dtype] * active:
+    if matvec:
         y_SH = _native_rows(ext, x_TH, slots, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, activation, glu, alpha, limit)
         if T == 1:  # one token: combine its K rows by a [1, K] x [K, H] GEMM
             return torch.mm(weights_S.unsqueeze(0), y_SH).to(x_TH.dtype)

@@ -1,11 +1,14 @@
 """The native CPU extension (kernels/cpu): its grouped matrix-vector kernel against fp64
-matmuls, its use by the experts op against the PyTorch path, and the setting that switches it.
+matmuls, its fused forward against the reference, the experts op's choice between them and
+the PyTorch path, and the setting that switches the extension.
 
 Where the extension cannot be built here the kernel tests are skipped with the build error;
 with ``KERNEL_MOE_CPU_EXTENSION=require`` (set by ``make test`` and CI) they fail instead.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -93,13 +96,96 @@ def test_experts_op_on_the_native_path_matches_reference(ext, monkeypatch, dtype
         assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, 7.0))
 
 
-def test_many_rows_per_expert_or_other_dtypes_take_the_torch_path(ext, monkeypatch):
-    monkeypatch.setattr(torch_impl, "_native_rows", lambda *a, **k: pytest.fail("native path taken"))
+def _spy_fused(monkeypatch, ext) -> list:
+    calls = []
+    real = ext.fused_experts
+    monkeypatch.setattr(ext, "fused_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_many_rows_per_expert_take_the_fused_forward_and_fp64_the_torch_path(ext, monkeypatch):
+    monkeypatch.setattr(torch_impl, "_native_rows", lambda *a, **k: pytest.fail("matrix-vector path taken"))
+    calls = _spy_fused(monkeypatch, ext)
     many = op_inputs(200, 32, 24, 4, 2, seed=1)  # 100 rows per expert
     assert_fp32_close(run_op(many, backend="torch"), run_reference(many))
+    assert calls == [1]
     fp64 = op_inputs(3, 32, 24, 4, 2, dtype=torch.float64, seed=2)
     fp64["topk_weights"] = fp64["topk_weights"].double()
     torch.testing.assert_close(run_op(fp64, backend="torch"), run_reference(fp64), rtol=1e-12, atol=1e-12)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("activation,glu", [("silu", "concat"), ("gelu_tanh", "none"), ("relu", "interleaved"),
+                                            ("gpt_oss", "interleaved")])
+def test_experts_op_on_the_fused_forward_matches_reference(ext, monkeypatch, dtype, activation, glu):
+    """Biases, uneven routing over 6 experts, 40 rows per expert on average (checked that the
+    fused forward runs)."""
+    calls = _spy_fused(monkeypatch, ext)
+    inputs = op_inputs(120, 32, 24, 6, 2, glu=glu, bias=True, dtype=dtype, seed=11)
+    out = run_op(inputs, activation, glu, 1.702, 7.0, backend="torch")
+    assert calls == [1] and out.dtype == dtype
+    if dtype == torch.float32:
+        assert_fp32_close(out, run_reference(inputs, activation, glu, 1.702, 7.0))
+    else:
+        assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, 7.0))
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("routing", ["one", "few", "random"])
+def test_fused_forward_on_one_thread_matches_reference(ext, one_thread, routing):
+    """One thread runs the tasks one after the other instead of side by side."""
+    inputs = op_inputs(300, 32, 24, 8, 2, bias=True, routing=routing, seed=12)
+    assert_fp32_close(run_op(inputs, backend="torch"), run_reference(inputs))
+
+
+def _fused_args(inputs: dict, activation: str = "silu", glu: str = "concat") -> tuple:
+    i = inputs
+    E = i["w_up"].shape[0]
+    slots = torch_impl.sort_slots(i["topk_ids"], E)
+    return (i["x"], i["topk_weights"], slots.order_S, slots.counts, i["w_up"], i["w_down"], i["b_up"], i["b_down"],
+            activation, glu, 1.702, math.inf)
+
+
+def test_fused_forward_splits_a_busy_expert_and_repeats_bit_for_bit(ext):
+    """All 1200 rows on two experts: each is cut into several tasks; two runs agree exactly
+    (every token sums its outputs in slot order, whatever the schedule)."""
+    inputs = op_inputs(600, 32, 24, 4, 2, routing="few", seed=13)
+    first = ext.fused_experts(*_fused_args(inputs))
+    assert_fp32_close(first, run_reference(inputs))
+    assert torch.equal(first, ext.fused_experts(*_fused_args(inputs)))
+
+
+def test_fused_forward_records_nothing_for_weights_that_require_grad(ext):
+    inputs = op_inputs(50, 32, 24, 4, 2, seed=14)
+    inputs["w_up"].requires_grad_(True)
+    inputs["w_down"].requires_grad_(True)
+    with torch.enable_grad():
+        out = ext.fused_experts(*_fused_args(inputs))
+    assert not out.requires_grad
+    assert_fp32_close(out, run_reference(inputs).detach())
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda a: (a[0], a[1], a[2].flip(0)[:-1], *a[3:]), "order has"),
+    (lambda a: (a[0], a[1], torch.zeros_like(a[2]), *a[3:]), "not a permutation"),
+    (lambda a: (*a[:3], [a[3][0] + 1, *a[3][1:]], *a[4:]), "counts sum to"),
+    (lambda a: (*a[:4], a[4].double(), *a[5:]), "share one dtype"),
+    (lambda a: (a[0].double(), a[1], a[2], a[3], a[4].double(), a[5].double(), *a[6:]), "float32, bfloat16"),
+    (lambda a: (*a[:8], "swish", *a[9:]), "activation 'swish'"),
+    (lambda a: (*a[:8], "gpt_oss", "none", *a[10:]), "needs a gated layout"),
+])
+def test_fused_forward_rejects_bad_inputs(ext, bad, match):
+    args = _fused_args(op_inputs(6, 8, 4, 3, 2, seed=15))
+    with pytest.raises(RuntimeError, match=match):
+        ext.fused_experts(*bad(args))
 
 
 def test_off_disables_the_extension(monkeypatch):

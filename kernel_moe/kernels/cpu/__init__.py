@@ -1,8 +1,11 @@
 """Native CPU kernels (C++), compiled on first use by torch's C++ extension builder.
 
-``grouped_matvec.cpp`` multiplies each expert's few token rows with its weights, reading every
-weight row once at close to memory bandwidth; the CPU experts op uses it for decode and small
-batches. The build needs a C++ compiler and ninja and takes about a minute on two cores; the
+- ``grouped_matvec.cpp`` multiplies each expert's few token rows with its weights, reading every
+  weight row once at close to memory bandwidth: the CPU experts op's decode and small batches;
+- ``fused_experts.cpp`` runs the whole forward of larger batches (gather, GEMMs, activation,
+  weighted combine) as tasks of one expert's rows, run concurrently, one thread each.
+
+``kernels.h`` declares them and ``bindings.cpp`` makes the Python module. The build needs a C++ compiler and ninja and takes about a minute on two cores; the
 result is cached by torch (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
 under a name that includes a hash of the source, the torch version and the CPU's feature flags,
 since it is compiled for this CPU (``-march=native``). ``python -m kernel_moe build`` compiles
@@ -29,7 +32,8 @@ logger = logging.getLogger("kernel_moe")
 
 ENV = "KERNEL_MOE_CPU_EXTENSION"
 SETTINGS = ("auto", "off", "require")
-SOURCE = Path(__file__).with_name("grouped_matvec.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("bindings.cpp", "grouped_matvec.cpp", "fused_experts.cpp"))
+HEADERS = (Path(__file__).with_name("kernels.h"),)
 
 _lock = threading.Lock()
 _UNTRIED = object()
@@ -94,12 +98,12 @@ def _cpu_flags() -> str:
 def _build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
-    text = SOURCE.read_bytes()
+    text = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     key = hashlib.sha1(text + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:12]
     logger.info("kernel_moe: loading the native CPU kernels (compiled once per machine, about a minute)")
     return load(
         name=f"kernel_moe_cpu_{key}",
-        sources=[str(SOURCE)],
+        sources=[str(path) for path in SOURCES],
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         verbose=False,

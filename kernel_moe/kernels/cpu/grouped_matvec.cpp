@@ -9,12 +9,11 @@
 //
 // Legend: E experts, N output features, K input features, S rows (sum of counts).
 
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
-#include <cstdint>
 #include <cstring>
-#include <vector>
 
 namespace {
 
@@ -84,10 +83,8 @@ void grouped_matvec_impl(const W* w_ENK, int64_t stride_e, int64_t stride_n, con
 
 }  // namespace
 
-// x_SK: [S, K] float32, contiguous; w_ENK: [E, N, K] float32 or bfloat16 with unit stride
-// along K (any expert and row strides); counts: E ints summing to S.
-// Returns y_SN: [S, N] float32.
-torch::Tensor grouped_matvec(const torch::Tensor& x_SK, const torch::Tensor& w_ENK, const std::vector<int64_t>& counts) {
+// Any expert and row strides of w_ENK; counts: E ints summing to S.
+at::Tensor grouped_matvec(const at::Tensor& x_SK, const at::Tensor& w_ENK, const std::vector<int64_t>& counts) {
   TORCH_CHECK(x_SK.dim() == 2 && x_SK.scalar_type() == at::kFloat && x_SK.is_contiguous(),
               "grouped_matvec: x must be a contiguous float32 [S, K] tensor");
   TORCH_CHECK(w_ENK.dim() == 3 && w_ENK.stride(2) == 1, "grouped_matvec: w must be [E, N, K] with unit stride along K");
@@ -105,7 +102,7 @@ torch::Tensor grouped_matvec(const torch::Tensor& x_SK, const torch::Tensor& w_E
     row += counts[e];
   }
   TORCH_CHECK(row == x_SK.size(0), "grouped_matvec: counts sum to ", row, ", x has ", x_SK.size(0), " rows");
-  auto y_SN = torch::empty({x_SK.size(0), N}, x_SK.options());
+  auto y_SN = at::empty({x_SK.size(0), N}, x_SK.options());
   if (w_ENK.scalar_type() == at::kBFloat16) {
     grouped_matvec_impl<uint16_t>(reinterpret_cast<const uint16_t*>(w_ENK.data_ptr()), w_ENK.stride(0), w_ENK.stride(1),
                                   x_SK.data_ptr<float>(), y_SN.data_ptr<float>(), N, K, groups);
@@ -114,10 +111,4 @@ torch::Tensor grouped_matvec(const torch::Tensor& x_SK, const torch::Tensor& w_E
                                y_SN.data_ptr<float>(), N, K, groups);
   }
   return y_SN;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // the GIL is released while the kernel runs: other Python threads keep going
-  m.def("grouped_matvec", &grouped_matvec, "y[r] = w[expert of r] @ x[r] for rows sorted by expert",
-        py::call_guard<py::gil_scoped_release>());
 }

@@ -1,0 +1,15 @@
+// The Python module of the native CPU kernels (kernels.h).
+
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // the GIL is released while a kernel runs: other Python threads keep going
+  m.def("grouped_matvec", &grouped_matvec, "y[r] = w[expert of r] @ x[r] for rows sorted by expert",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("fused_experts", &fused_experts, "the routed-experts forward of a batch, experts run concurrently",
+        py::arg("x"), py::arg("topk_weights"), py::arg("order"), py::arg("counts"), py::arg("w_up"), py::arg("w_down"),
+        py::arg("b_up"), py::arg("b_down"), py::arg("activation"), py::arg("glu"), py::arg("alpha"), py::arg("limit"),
+        py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,224 @@
+// The whole routed-experts forward on CPU for batches: gather, up-projection, activation,
+// down-projection and weighted combine, with the experts' work run concurrently.
+//
+// Work is cut into tasks of one expert's block of consecutive sorted rows. A task gathers its
+// token rows, runs both GEMMs and the activation on one thread, on data that stays in that
+// core's cache, and writes its expert outputs to their sorted rows of an fp32 buffer; then
+// every token sums its k outputs, weighted, in slot order (so the result does not depend on
+// the schedule). Per-expert GEMMs of tens to hundreds of rows scale poorly when each is spread
+// over every thread in turn (each thread gets a thin slice and waits at its end); whole tasks
+// per thread keep every thread busy, and the intermediate [S, N] and [S, I] tensors of a
+// layer-wide pass are never materialised. Threads take tasks largest first from a shared
+// counter, so they finish together.
+//
+// Legend: T tokens, K top-k, S = T*K sorted rows, H hidden, E experts, N up features,
+// I intermediate, M rows of one task.
+
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/grad_mode.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+
+namespace {
+
+// rows of one task: at least this many (a GEMM of fewer rows wastes its weight reads) ...
+constexpr int64_t kMinTaskRows = 16;
+// ... and about this many at most (the task's intermediates stay a few MB)
+constexpr int64_t kMaxTaskRows = 256;
+
+struct Task {
+  int64_t expert, first_row, rows;
+};
+
+// Each active expert's rows cut into blocks of about S / (2 * threads) rows (within the
+// bounds above, and under 1.5 times that), so about two tasks per thread when there are rows
+// enough; largest first.
+std::vector<Task> plan_tasks(const std::vector<int64_t>& counts, int64_t S, int64_t threads) {
+  const int64_t target = std::clamp<int64_t>((S + 2 * threads - 1) / (2 * threads), kMinTaskRows, kMaxTaskRows);
+  std::vector<Task> tasks;
+  int64_t row = 0;
+  for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
+    const int64_t n = counts[e];
+    // the nearest whole number of blocks: an expert a little over the target stays one GEMM
+    const int64_t blocks = n == 0 ? 0 : std::max<int64_t>(1, (n + target / 2) / target);
+    for (int64_t b = 0; b < blocks; ++b) {  // blocks of n / blocks rows, the first ones one row longer
+      const int64_t first = row + b * (n / blocks) + std::min(b, n % blocks);
+      tasks.push_back({e, first, n / blocks + (b < n % blocks ? 1 : 0)});
+    }
+    row += n;
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.rows > b.rows; });
+  return tasks;
+}
+
+enum class Glu { kNone, kConcat, kInterleaved };
+
+struct Activation {
+  std::string name;
+  Glu glu;
+  double alpha, limit;
+
+  at::Tensor pointwise(const at::Tensor& x) const {
+    if (name == "silu") return at::silu(x);
+    if (name == "gelu") return at::gelu(x);
+    if (name == "gelu_tanh") return at::gelu(x, "tanh");
+    return at::relu(x);
+  }
+
+  // [M, N] up-projection features -> [M, I], as kernel_moe.reference.activations defines it
+  at::Tensor operator()(const at::Tensor& h_MN) const {
+    if (glu == Glu::kNone) return pointwise(h_MN);
+    const int64_t N = h_MN.size(1), I = N / 2;
+    at::Tensor gate = glu == Glu::kConcat ? h_MN.narrow(1, 0, I) : h_MN.slice(1, 0, N, 2);
+    at::Tensor up = glu == Glu::kConcat ? h_MN.narrow(1, I, I) : h_MN.slice(1, 1, N, 2);
+    if (name == "gpt_oss") {
+      gate = gate.clamp_max(limit);
+      up = up.clamp(-limit, limit);
+      return (up + 1) * (gate * at::sigmoid(gate * alpha));
+    }
+    return pointwise(gate) * up;
+  }
+};
+
+Activation parse_activation(const std::string& name, const std::string& glu, double alpha, double limit) {
+  TORCH_CHECK(name == "silu" || name == "gelu" || name == "gelu_tanh" || name == "relu" || name == "gpt_oss",
+              "fused_experts: activation '", name, "' is not supported; allowed: silu, gelu, gelu_tanh, relu, gpt_oss");
+  TORCH_CHECK(glu == "none" || glu == "concat" || glu == "interleaved", "fused_experts: glu '", glu,
+              "' is not supported; allowed: none, concat, interleaved");
+  TORCH_CHECK(!(name == "gpt_oss" && glu == "none"), "fused_experts: activation 'gpt_oss' needs a gated layout");
+  const Glu layout = glu == "none" ? Glu::kNone : glu == "concat" ? Glu::kConcat : Glu::kInterleaved;
+  return {name, layout, alpha, limit};
+}
+
+struct Inputs {
+  const at::Tensor& x_TH;
+  const at::Tensor& tok_S;
+  const at::Tensor& w_up_ENH;
+  const at::Tensor& w_down_EHI;
+  const std::optional<at::Tensor>& b_up_EN;
+  const std::optional<at::Tensor>& b_down_EH;
+  const Activation& activation;
+};
+
+// y_SH[task rows] = expert(x[tokens of the task rows]) in fp32
+void run_task(const Task& t, const Inputs& in, const at::Tensor& y_SH) {
+  // worker threads do not inherit the caller's dispatch state, and the weights may require
+  // grad: nothing here may be recorded by autograd
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::NoGradGuard no_grad;
+  const at::Tensor x_MH = in.x_TH.index_select(0, in.tok_S.narrow(0, t.first_row, t.rows));
+  const at::Tensor w_up_NH = in.w_up_ENH.select(0, t.expert);
+  const at::Tensor w_down_HI = in.w_down_EHI.select(0, t.expert);
+  const at::Tensor h_MN = in.b_up_EN.has_value() ? at::addmm(in.b_up_EN->select(0, t.expert), x_MH, w_up_NH.t())
+                                                 : at::mm(x_MH, w_up_NH.t());
+  const at::Tensor a_MI = in.activation(h_MN);
+  const at::Tensor y_MH = in.b_down_EH.has_value()
+                              ? at::addmm(in.b_down_EH->select(0, t.expert), a_MI, w_down_HI.t())
+                              : at::mm(a_MI, w_down_HI.t());
+  y_SH.narrow(0, t.first_row, t.rows).copy_(y_MH);
+}
+
+// out[t] = sum_j weight[t, j] * y[pos[t * K + j]], summed in fp32 in slot order
+template <typename scalar_t>
+void combine(const float* y_SH, const float* weights_TK, const int64_t* pos_S, scalar_t* out_TH, int64_t T, int64_t K,
+             int64_t H) {
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(H);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < K; ++j) {
+        const float w = weights_TK[t * K + j];
+        const float* y = y_SH + pos_S[t * K + j] * H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) acc[h] += w * y[h];
+      }
+      for (int64_t h = 0; h < H; ++h) out_TH[t * H + h] = static_cast<scalar_t>(acc[h]);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_TK, const at::Tensor& order_S,
+                         const std::vector<int64_t>& counts, const at::Tensor& w_up_ENH, const at::Tensor& w_down_EHI,
+                         const std::optional<at::Tensor>& b_up_EN, const std::optional<at::Tensor>& b_down_EH,
+                         const std::string& activation, const std::string& glu, double alpha, double limit) {
+  TORCH_CHECK(x_TH.dim() == 2 && topk_weights_TK.dim() == 2 && order_S.dim() == 1 && w_up_ENH.dim() == 3 &&
+                  w_down_EHI.dim() == 3,
+              "fused_experts: x must be [T, H], topk_weights [T, K], order [S], w_up [E, N, H], w_down [E, H, I]");
+  const int64_t T = x_TH.size(0), H = x_TH.size(1), K = topk_weights_TK.size(1), S = T * K;
+  const int64_t E = w_up_ENH.size(0), N = w_up_ENH.size(1), I = w_down_EHI.size(2);
+  TORCH_CHECK(topk_weights_TK.size(0) == T && order_S.size(0) == S, "fused_experts: topk_weights is ",
+              topk_weights_TK.sizes(), " and order has ", order_S.size(0), " entries for ", T, " tokens");
+  TORCH_CHECK(w_up_ENH.size(2) == H && w_down_EHI.size(0) == E && w_down_EHI.size(1) == H,
+              "fused_experts: w_up is ", w_up_ENH.sizes(), " and w_down ", w_down_EHI.sizes(), " for hidden size ", H);
+  TORCH_CHECK(N == I || N == 2 * I, "fused_experts: w_up has ", N, " features for intermediate ", I);
+  TORCH_CHECK(w_up_ENH.scalar_type() == x_TH.scalar_type() && w_down_EHI.scalar_type() == x_TH.scalar_type(),
+              "fused_experts: x, w_up and w_down must share one dtype");
+  TORCH_CHECK(order_S.scalar_type() == at::kLong, "fused_experts: order must be int64");
+  TORCH_CHECK(x_TH.scalar_type() == at::kFloat || x_TH.scalar_type() == at::kBFloat16 ||
+                  x_TH.scalar_type() == at::kHalf,
+              "fused_experts: x must be float32, bfloat16 or float16 (outputs are summed in float32)");
+  TORCH_CHECK(x_TH.device().is_cpu() && w_up_ENH.device().is_cpu() && w_down_EHI.device().is_cpu() &&
+                  topk_weights_TK.device().is_cpu() && order_S.device().is_cpu(),
+              "fused_experts: CPU tensors only");
+  for (const auto* b : {&b_up_EN, &b_down_EH}) {
+    TORCH_CHECK(!b->has_value() || (*b)->scalar_type() == x_TH.scalar_type(), "fused_experts: biases need x's dtype");
+  }
+  TORCH_CHECK(!b_up_EN.has_value() || (b_up_EN->dim() == 2 && b_up_EN->size(0) == E && b_up_EN->size(1) == N),
+              "fused_experts: b_up must be [E, N]");
+  TORCH_CHECK(!b_down_EH.has_value() || (b_down_EH->dim() == 2 && b_down_EH->size(0) == E && b_down_EH->size(1) == H),
+              "fused_experts: b_down must be [E, H]");
+  TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, "fused_experts: ", counts.size(), " counts for ", E, " experts");
+  int64_t rows = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(counts[e] >= 0, "fused_experts: negative count for expert ", e);
+    rows += counts[e];
+  }
+  TORCH_CHECK(rows == S, "fused_experts: counts sum to ", rows, ", expected T * K = ", S);
+  const Activation act = parse_activation(activation, glu, alpha, limit);
+
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::NoGradGuard no_grad;
+  const at::Tensor order = order_S.contiguous();
+  std::vector<int64_t> pos_S(S, -1);  // sorted row of each slot t * K + j
+  const int64_t* order_ptr = order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t slot = order_ptr[i];
+    TORCH_CHECK(slot >= 0 && slot < S && pos_S[slot] < 0, "fused_experts: order is not a permutation of [0, ", S,
+                "): it holds ", slot, " at ", i);
+    pos_S[slot] = i;
+  }
+  const at::Tensor tok_S = at::div(order, K, "floor");
+  const Inputs in{x_TH, tok_S, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, act};
+  const at::Tensor y_SH = at::empty({S, H}, x_TH.options().dtype(at::kFloat));
+
+  const int64_t threads = at::get_num_threads();
+  const std::vector<Task> tasks = plan_tasks(counts, S, threads);
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  if (threads == 1 || num_tasks < threads || at::in_parallel_region()) {
+    // too few tasks to share (or already inside a parallel region): one after the other,
+    // each GEMM spread over the threads
+    for (const Task& t : tasks) run_task(t, in, y_SH);
+  } else {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t worker = begin; worker < end; ++worker) {
+        for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) run_task(tasks[i], in, y_SH);
+      }
+    });
+  }
+
+  const at::Tensor weights_TK = topk_weights_TK.to(at::kFloat).contiguous();
+  at::Tensor out_TH = at::empty({T, H}, x_TH.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_TH.scalar_type(), "fused_experts_combine", [&] {
+    combine<scalar_t>(y_SH.data_ptr<float>(), weights_TK.data_ptr<float>(), pos_S.data(), out_TH.data_ptr<scalar_t>(),
+                      T, K, H);
+  });
+  return out_TH;
+}
