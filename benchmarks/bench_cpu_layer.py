@@ -6,7 +6,8 @@ side in one process.
 
 Prints, per (dtype, T), each implementation's median time as a ratio to (c) the dense FFN
 with the active parameters (intermediate k*I), ours / (a) eager, ours / (b) grouped_mm and
-ours / (d) the dense FFN with the total parameters (intermediate E*I). Also the peak memory
+ours / (d) the dense FFN with the total parameters (intermediate E*I) and ours / ours with the
+native CPU kernels switched off (the PyTorch path alone). Also the peak memory
 of our layer at the largest T relative to inputs + outputs + one [T*k, I] intermediate.
 Timings are interleaved, in a freshly shuffled order every round, so that machine noise and
 the cache state one implementation leaves for the next hit every implementation alike.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -27,6 +29,7 @@ from torch import nn
 
 import kernel_moe
 from kernel_moe.bench.memory import measure_peak_memory
+from kernel_moe.kernels.cpu import ENV as NATIVE_ENV
 
 H, I, E, K = 512, 1024, 8, 2
 
@@ -67,6 +70,21 @@ class _Holder(nn.Module):
         return self.mlp(x)
 
 
+def without_native_kernels(fn):
+    """``fn`` run with the native CPU kernels switched off: our PyTorch path alone."""
+    def run():
+        previous = os.environ.get(NATIVE_ENV)
+        os.environ[NATIVE_ENV] = "off"
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ[NATIVE_ENV]
+            else:
+                os.environ[NATIVE_ENV] = previous
+    return run
+
+
 def time_round_robin(fns: dict, min_time: float, min_reps: int = 5, before_each=None) -> dict:
     """Median seconds per call of each fn, calls interleaved in a shuffled order each round;
     ``before_each()`` (untimed) runs before every timed call, e.g. to evict the caches."""
@@ -99,7 +117,7 @@ def main(argv=None) -> int:
     print(f"Mixtral-style layer H={H} I={I} E={E} k={K}; CPU, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
     print(f"{'dtype':9} {'T':>5} | {'ours/c':>7} {'eager/c':>8} {'gmm/c':>7} | {'ours/eager':>10} {'ours/gmm':>9}"
-          f" | {'ours/d':>7} | {'dense ms':>9}")
+          f" | {'ours/d':>7} {'ours/torch':>10} | {'dense ms':>9}")
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         eager = build_block("eager", dtype)
@@ -115,15 +133,19 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 t = time_round_robin({"ours": lambda: ours(x), "eager": lambda: eager(x),  # noqa: B023
                                       "gmm": lambda: gmm(x), "dense": lambda: dense(x),  # noqa: B023
-                                      "dense_total": lambda: dense_total(x)}, args.min_time)  # noqa: B023
+                                      "dense_total": lambda: dense_total(x),  # noqa: B023
+                                      "ours_torch": without_native_kernels(lambda: ours(x))},  # noqa: B023
+                                     args.min_time)
             row = {"dtype": dtype_name, "T": T, **{f"{k}_s": v for k, v in t.items()},
                    "ours_over_dense": t["ours"] / t["dense"], "eager_over_dense": t["eager"] / t["dense"],
                    "gmm_over_dense": t["gmm"] / t["dense"], "ours_over_eager": t["ours"] / t["eager"],
-                   "ours_over_gmm": t["ours"] / t["gmm"], "ours_over_dense_total": t["ours"] / t["dense_total"]}
+                   "ours_over_gmm": t["ours"] / t["gmm"], "ours_over_dense_total": t["ours"] / t["dense_total"],
+                   "ours_over_torch_path": t["ours"] / t["ours_torch"]}
             rows.append(row)
             print(f"{dtype_name:9} {T:>5} | {row['ours_over_dense']:7.2f} {row['eager_over_dense']:8.2f} "
                   f"{row['gmm_over_dense']:7.2f} | {row['ours_over_eager']:10.2f} {row['ours_over_gmm']:9.2f}"
-                  f" | {row['ours_over_dense_total']:7.2f} | {t['dense'] * 1e3:9.3f}")
+                  f" | {row['ours_over_dense_total']:7.2f} {row['ours_over_torch_path']:10.2f}"
+                  f" | {t['dense'] * 1e3:9.3f}")
         T = max(args.tokens)
         x = torch.randn(1, T, H, dtype=dtype)
         with torch.no_grad():
