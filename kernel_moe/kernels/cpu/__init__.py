@@ -5,11 +5,11 @@
 - ``fused_experts.cpp`` runs the whole forward of larger batches (gather, GEMMs, activation,
   weighted combine) as tasks of one expert's rows, run concurrently, one thread each.
 
-``kernels.h`` declares them and ``bindings.cpp`` makes the Python module. The build needs a C++ compiler and ninja and takes about a minute on two cores; the
-result is cached by torch (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
-under a name that includes a hash of the source, the torch version and the CPU's feature flags,
-since it is compiled for this CPU (``-march=native``). ``python -m kernel_moe build`` compiles
-it ahead of time.
+``kernels.h`` declares them and ``bindings.cpp`` makes the Python module. The build needs a C++
+compiler and ninja and takes about a minute on two cores; the result is cached by torch
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name that includes a
+hash of the sources, the torch version and the CPU's feature flags, since it is compiled for
+this CPU (``-march=native``). ``python -m kernel_moe build`` compiles it ahead of time.
 
 ``KERNEL_MOE_CPU_EXTENSION``: ``auto`` (default) builds or loads it on first use and falls
 back to the PyTorch path, with one warning, when that fails; ``off`` never uses it;

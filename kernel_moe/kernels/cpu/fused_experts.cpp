@@ -22,7 +22,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 
 namespace {
 
