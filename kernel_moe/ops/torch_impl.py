@@ -41,8 +41,8 @@ SMALL_BATCH_MEAN_ROWS = 32
 HOST_SORT_MAX_SLOTS = 64
 # the native grouped matrix-vector kernel beats the native fused forward up to about this
 # many rows per active expert on average, uniform or skewed routing alike, at 1 and 2 threads
-# (benchmarks/bench_cpu_path_choice.py: fused / matrix-vector 1.1 to 2.8 below these, fp32
-# 0.87 to 1.27 at 8 to 16 rows, bf16 0.86 to 0.98 at 5.3 to 6.9 rows); the busiest expert's
+# (benchmarks/bench_cpu_path_choice.py: fused / matrix-vector 1.02 to 2.75 below these, fp32
+# 0.87 to 1.38 at 8 to 16 rows, bf16 0.86 to 0.98 at 5.3 to 6.9 rows); the busiest expert's
 # rows matter far less than the mean
 NATIVE_MAX_MEAN_ROWS = {torch.float32: 8, torch.bfloat16: 5}
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

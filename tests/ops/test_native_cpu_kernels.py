@@ -140,10 +140,21 @@ def one_thread():
 
 
 @pytest.mark.parametrize("routing", ["one", "few", "random"])
-def test_fused_forward_on_one_thread_matches_reference(ext, one_thread, routing):
+def test_fused_forward_on_one_thread_matches_reference(ext, monkeypatch, one_thread, routing):
     """One thread runs the tasks one after the other instead of side by side."""
+    calls = _spy_fused(monkeypatch, ext)
     inputs = op_inputs(300, 32, 24, 8, 2, bias=True, routing=routing, seed=12)
     assert_fp32_close(run_op(inputs, backend="torch"), run_reference(inputs))
+    assert calls == [1]
+
+
+def test_fused_forward_with_fewer_tasks_than_threads_matches_reference(ext, monkeypatch):
+    """Ten rows, all on one expert: one task, run outside a parallel region so that its GEMMs
+    may use every thread."""
+    calls = _spy_fused(monkeypatch, ext)
+    inputs = op_inputs(10, 32, 24, 4, 1, bias=True, routing="one", seed=16)
+    assert_fp32_close(run_op(inputs, backend="torch"), run_reference(inputs))
+    assert calls == [1]
 
 
 def _fused_args(inputs: dict, activation: str = "silu", glu: str = "concat") -> tuple:
