@@ -173,13 +173,7 @@ at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_
               "fused_experts: b_up must be [E, N]");
   TORCH_CHECK(!b_down_EH.has_value() || (b_down_EH->dim() == 2 && b_down_EH->size(0) == E && b_down_EH->size(1) == H),
               "fused_experts: b_down must be [E, H]");
-  TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, "fused_experts: ", counts.size(), " counts for ", E, " experts");
-  int64_t rows = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK(counts[e] >= 0, "fused_experts: negative count for expert ", e);
-    rows += counts[e];
-  }
-  TORCH_CHECK(rows == S, "fused_experts: counts sum to ", rows, ", expected T * K = ", S);
+  check_counts("fused_experts", counts, E, S);
   const Activation act = parse_activation(activation, glu, alpha, limit);
 
   at::AutoDispatchBelowADInplaceOrView below_autograd;

@@ -93,15 +93,13 @@ at::Tensor grouped_matvec(const at::Tensor& x_SK, const at::Tensor& w_ENK, const
   TORCH_CHECK(x_SK.device().is_cpu() && w_ENK.device().is_cpu(), "grouped_matvec: CPU tensors only");
   const int64_t E = w_ENK.size(0), N = w_ENK.size(1), K = w_ENK.size(2);
   TORCH_CHECK(x_SK.size(1) == K, "grouped_matvec: x has ", x_SK.size(1), " features, w expects ", K);
-  TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, "grouped_matvec: ", counts.size(), " counts for ", E, " experts");
+  check_counts("grouped_matvec", counts, E, x_SK.size(0));
   std::vector<Group> groups;
   int64_t row = 0;
   for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK(counts[e] >= 0, "grouped_matvec: negative count for expert ", e);
     if (counts[e] > 0) groups.push_back({e, row, counts[e]});
     row += counts[e];
   }
-  TORCH_CHECK(row == x_SK.size(0), "grouped_matvec: counts sum to ", row, ", x has ", x_SK.size(0), " rows");
   auto y_SN = at::empty({x_SK.size(0), N}, x_SK.options());
   if (w_ENK.scalar_type() == at::kBFloat16) {
     grouped_matvec_impl<uint16_t>(reinterpret_cast<const uint16_t*>(w_ENK.data_ptr()), w_ENK.stride(0), w_ENK.stride(1),

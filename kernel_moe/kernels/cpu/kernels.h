@@ -12,6 +12,18 @@
 #include <string>
 #include <vector>
 
+// Checks that counts holds one non-negative row count per expert (E of them) summing to rows;
+// the error names ``kernel``.
+inline void check_counts(const char* kernel, const std::vector<int64_t>& counts, int64_t E, int64_t rows) {
+  TORCH_CHECK(static_cast<int64_t>(counts.size()) == E, kernel, ": ", counts.size(), " counts for ", E, " experts");
+  int64_t sum = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(counts[e] >= 0, kernel, ": negative count for expert ", e);
+    sum += counts[e];
+  }
+  TORCH_CHECK(sum == rows, kernel, ": counts sum to ", sum, ", expected ", rows, " rows");
+}
+
 // y[r] = w[e(r)] @ x[r], one pass over each active expert's weight rows (decode, small batches).
 // x_SK: [S, K] float32, contiguous; w_ENK: [E, N, K] float32 or bfloat16 with unit stride
 // along K. Returns y_SN: [S, N] float32.
