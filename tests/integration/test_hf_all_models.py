@@ -37,6 +37,7 @@ from tests.integration.hf_tiny import (  # noqa: E402
     moe_model_types,
     tiny_inputs,
 )
+from tests.integration.upstream_failures import known_upstream_failure  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "supported-models.md"
@@ -63,6 +64,7 @@ class Survey:
     swapped: int = 0
     rel_error: float | None = None
     not_run: str | None = None  # why the type could not be built at all
+    upstream: str | None = None  # the whole model's forward fails inside transformers (upstream_failures.py)
 
 
 def holds_expert_weights(module: nn.Module) -> bool:
@@ -157,12 +159,19 @@ def survey(model_type: str) -> Survey:
     if report.swapped:
         module, ref_module = forward_module(model), forward_module(original)
         inputs = tiny_inputs(model)
+        known = known_upstream_failure(model_type)
         with torch.no_grad(), warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
             torch.manual_seed(0)  # some forwards sample (diffusion noise): same draws for both
-            out = first_tensor(module(**inputs))
+            try:
+                ref = first_tensor(ref_module(**inputs))
+            except Exception as exc:
+                if known is None or not known.matches(exc):
+                    raise
+                result.upstream = known.describe()
+                return result
             torch.manual_seed(0)
-            ref = first_tensor(ref_module(**inputs))
+            out = first_tensor(module(**inputs))
         scale = ref.double().abs().max().item()
         result.rel_error = (out.double() - ref.double()).abs().max().item() / max(scale, 1e-30)
     return result
@@ -196,6 +205,8 @@ def test_every_moe_block_is_swapped_or_skipped_and_outputs_match(model_type: str
     for row in s.rows:
         if row.outcome == "skipped":
             assert row.reason, f"{model_type}: {row.module_class} skipped without a reason"
+    if s.upstream:
+        pytest.skip(f"{model_type}: blocks covered; the whole-model comparison cannot run: {s.upstream}")
     if s.swapped:
         assert s.rel_error is not None and s.rel_error <= OUTPUT_RTOL, (
             f"{model_type}: optimized output differs from the original: max error {s.rel_error:.2e} of the output scale")

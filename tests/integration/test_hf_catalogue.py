@@ -2,7 +2,9 @@
 
 The catalogue (:func:`moe_model_types`) is found from the installed transformers, so this file
 follows whatever version is installed. A type the installed version cannot build tiny is skipped
-with the reason; anything else that breaks fails.
+with the reason; a type whose forward fails inside transformers itself, as recorded in
+``upstream_failures.py`` for the installed version, is reported as an expected failure (and
+fails once that version range runs it); anything else that breaks fails.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tests.integration.hf_tiny import (
     tiny_config,
     tiny_inputs,
 )
+from tests.integration.upstream_failures import UPSTREAM_FAILURES, UpstreamFailure, known_upstream_failure
 
 CORE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"}
 MAX_TINY_PARAMS = 16_000_000
@@ -109,15 +112,34 @@ def test_tiny_model_builds_and_runs(model_type: str):
             called.append(tensor.detach())
 
     handles = [m.register_forward_hook(record) for m in moe_modules]
+    known = known_upstream_failure(model_type)
     try:
         with torch.no_grad():
             output = forward_module(model)(**tiny_inputs(model))
+    except Exception as exc:
+        if known is not None and known.matches(exc):
+            pytest.xfail(known.describe())
+        raise
     finally:
         for handle in handles:
             handle.remove()
+    if known is not None:
+        pytest.fail(f"{model_type} runs with this transformers, but upstream_failures.py records "
+                    f"{known.describe()}: remove the entry or narrow its version range")
 
     main = first_tensor(output)
     assert torch.isfinite(main).all(), f"{model_type}: non-finite output"
     assert main.float().std() > 0, f"{model_type}: constant output"
     assert called, f"{model_type}: the forward pass ran no MoE module"
     assert any(t.float().abs().sum() > 0 for t in called), f"{model_type}: MoE outputs are all zero"
+
+
+def test_upstream_failure_table_is_well_formed():
+    assert len({(f.model_type, f.versions) for f in UPSTREAM_FAILURES}) == len(UPSTREAM_FAILURES)
+    for entry in UPSTREAM_FAILURES:
+        assert ":" in entry.error and entry.where, entry
+    doge = known_upstream_failure("doge", "5.17.0")
+    assert doge is not None and known_upstream_failure("doge", "5.18.0") is None
+    assert known_upstream_failure("llama4", "5.23.0") is None and known_upstream_failure("mixtral", "5.24.0") is None
+    entry = UpstreamFailure("x", ">=1", "TypeError: bad", "here")
+    assert entry.matches(TypeError("bad input")) and not entry.matches(ValueError("bad"))
