@@ -11,7 +11,14 @@ from torch import nn
 
 from kernel_moe.adapters import registered_adapters
 from kernel_moe.adapters.base import Adapter, Skip, check_expected_shape
-from kernel_moe.adapters.probe import PROBE_SEED, outputs_mismatch, probe_input, returns_kind, run_module
+from kernel_moe.adapters.probe import (
+    PROBE_SEED,
+    gradients_mismatch,
+    outputs_mismatch,
+    probe_input,
+    returns_kind,
+    run_module,
+)
 from kernel_moe.config import KernelConfig
 from kernel_moe.errors import UnsupportedModuleError
 from kernel_moe.layers import FusedExperts, FusedFFN, FusedMoE, RoutingOptions, SwappedLayer
@@ -92,7 +99,9 @@ class UnifiedManager:
                     f"; {outcome.options.describe()}" if getattr(outcome, "options", None) and
                     outcome.options.describe() else "") + (
                     f"; training runs the original ({outcome.spec.training_fallback})"
-                    if outcome.spec.training_fallback else ""),
+                    if outcome.spec.training_fallback else "") + (
+                    f"; calls that need gradients run the original ({outcome.spec.gradient_fallback})"
+                    if outcome.spec.gradient_fallback else ""),
             ))
         logger.info(report.summary())
         return report
@@ -186,8 +195,9 @@ class UnifiedManager:
             if unexpected is not None:
                 return unexpected
             fallback = self._training_check(module, layer, args)
-            if fallback is not None:
-                layer.spec = dataclasses.replace(spec, training_fallback=fallback)
+            gradient = self._gradient_check(module, layer, args, train=fallback is None)
+            if fallback is not None or gradient is not None:
+                layer.spec = dataclasses.replace(spec, training_fallback=fallback, gradient_fallback=gradient)
             return layer
         return Skip("not proven equivalent: " + "; ".join(dict.fromkeys(reasons))[:400])
 
@@ -217,6 +227,25 @@ class UnifiedManager:
             layer.training = module.training
 
 
+    @staticmethod
+    def _gradient_check(module: nn.Module, layer: nn.Module, args: tuple, train: bool) -> str | None:
+        """None when the fused layer's backward gives the original's gradients (inputs and the
+        parameters that require grad) in eval mode and, when ``train``, in train mode; else the
+        reason every call that autograd records must run the original (a custom autograd
+        Function, a detached router or routing weight: nothing the forward values show)."""
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad and p.is_floating_point()]
+        try:
+            for training in (False, True) if train else (False,):
+                why = gradients_mismatch(module, layer, args, params, training)
+                if why is not None:
+                    return f"{'training' if training else 'eval'}-mode {why}"
+        except Exception as exc:
+            return f"gradients could not be checked ({type(exc).__name__}: {str(exc)[:120]})"
+        finally:
+            layer.training = module.training
+        return None
+
+
 def _expected(spec, config: KernelConfig) -> Skip | None:
     if isinstance(spec, MoESpec):
         return check_expected_shape(spec.num_experts, spec.top_k, config)
@@ -226,10 +255,9 @@ def _expected(spec, config: KernelConfig) -> Skip | None:
 
 
 def _weight_like(module: nn.Module, spec) -> torch.Tensor:
-    """A tensor of the module whose dtype and device the probe input takes."""
-    if isinstance(spec, MoESpec):
-        return spec.experts.down.get(module)
-    source = spec.experts.down if isinstance(spec, ExpertsOnlySpec) else spec.down
+    """A tensor of the module whose dtype and device the probe input takes (read by path: the
+    original module has no stacked storage of its own)."""
+    source = spec.experts.down if isinstance(spec, (MoESpec, ExpertsOnlySpec)) else spec.down
     return get_attr_path(module, source.paths()[0])
 
 

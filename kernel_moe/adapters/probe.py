@@ -20,18 +20,6 @@ PROBE_SEED = 20240611
 POINTWISE = ("silu", "gelu", "gelu_tanh", "relu")
 
 
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Temporarily put a module and its descendants in eval mode, then restore each flag."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def probe_input(shape: tuple[int, ...], like: torch.Tensor, seed: int = PROBE_SEED) -> torch.Tensor:
     """A seeded standard-normal tensor with the dtype and device of ``like``."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -87,6 +75,68 @@ def outputs_mismatch(out: object, ref: object) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def train_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Temporarily set a module and its descendants to train or eval mode, then restore each flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def eval_mode(module: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Temporarily put a module and its descendants in eval mode, then restore each flag."""
+    return train_mode(module, False)
+
+
+def _float_tensors(out: object) -> list[torch.Tensor]:
+    items = out if isinstance(out, (tuple, list)) else (out,)
+    return [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def probe_gradients(
+    module: nn.Module, args: tuple, params: list[nn.Parameter], training: bool
+) -> list[torch.Tensor]:
+    """Gradients of a seeded random projection of every floating output of ``module(*args)``
+    with respect to the floating inputs and ``params``, in train or eval mode (zeros where
+    nothing flows). The global RNG is forked and seeded, so stochastic layers draw alike."""
+    inputs = [a.detach().clone().requires_grad_() if a.is_floating_point() else a for a in args]
+    wrt = [a for a in inputs if a.requires_grad] + list(params)
+    with torch.enable_grad(), train_mode(module, training), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PROBE_SEED)
+        outs = [t for t in _float_tensors(module(*inputs)) if t.requires_grad]
+        grads = [None] * len(wrt)
+        if outs:
+            cotangents = [probe_input(tuple(t.shape), t, seed=PROBE_SEED + 2 + i) for i, t in enumerate(outs)]
+            grads = torch.autograd.grad(outs, wrt, cotangents, allow_unused=True)
+    return [torch.zeros_like(w) if g is None else g.detach() for g, w in zip(grads, wrt)]
+
+
+def gradients_mismatch(
+    module: nn.Module, layer: nn.Module, args: tuple, params: list[tuple[str, nn.Parameter]], training: bool
+) -> str | None:
+    """None when ``layer`` gives the gradients ``module`` gives (inputs and ``params``, shared by
+    both) within the dtype tolerance of :func:`mismatch`, else which gradient differs and how. A
+    gradient that is zero in the original must be zero in the layer too."""
+    tensors = [p for _, p in params]
+    ref = probe_gradients(module, args, tensors, training)
+    ours = probe_gradients(layer, args, tensors, training)
+    n_inputs = len(ref) - len(tensors)
+    names = [f"input {i}" for i in range(n_inputs)] + [f"parameter {n}" for n, _ in params]
+    for name, a, b in zip(names, ours, ref):
+        if not b.abs().max().item() > 0:
+            if a.abs().max().item() > 0:
+                return f"gradient of {name} is zero in the original but not in the fused layer"
+            continue
+        why = mismatch(a, b)
+        if why is not None:
+            return f"gradient of {name}: {why}"
+    return None
+
+
 def run_module(module: nn.Module, *args: torch.Tensor) -> object:
     """module(*args) without gradients, in eval mode."""
     with torch.no_grad(), eval_mode(module):
@@ -136,10 +186,13 @@ def first_match(
 __all__ = [
     "eval_mode",
     "first_match",
+    "gradients_mismatch",
     "identify_activation",
     "mismatch",
     "outputs_mismatch",
+    "probe_gradients",
     "probe_input",
     "returns_kind",
     "run_module",
+    "train_mode",
 ]

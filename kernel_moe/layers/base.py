@@ -37,6 +37,17 @@ class SwappedLayer(nn.Module):
     def original(self) -> nn.Module:
         return self.__dict__["_original"]
 
+    def runs_original(self, *inputs: torch.Tensor) -> bool:
+        """Whether this call must run the original module: in training when the fused path does
+        not reproduce the original's training forward, and whenever autograd records the call
+        when the fused backward does not reproduce the original's gradients."""
+        spec = self.spec
+        if self.training and spec.training_fallback is not None:
+            return True
+        if spec.gradient_fallback is None or not torch.is_grad_enabled():
+            return False
+        return any(t.requires_grad for t in inputs) or any(p.requires_grad for p in self.parameters())
+
     def _weight_sources(self) -> list:
         return []
 

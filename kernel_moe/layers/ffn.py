@@ -28,7 +28,7 @@ class FusedFFN(SwappedLayer):
 
     def forward(self, hidden_states: torch.Tensor):
         s = self.spec
-        if self.training and s.training_fallback is not None:
+        if self.runs_original(hidden_states):
             return self.original(hidden_states)
         x_TH = hidden_states.reshape(-1, s.hidden)
         out_TH = call_fused_ffn(

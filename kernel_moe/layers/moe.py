@@ -169,7 +169,7 @@ class FusedMoE(SwappedLayer):
         return out_TH, ids_S1
 
     def forward(self, hidden_states: torch.Tensor):
-        if self.training and self.spec.training_fallback is not None:
+        if self.runs_original(hidden_states):
             return self.original(hidden_states)
         spec, opts = self.spec, self.options
         x_TH = hidden_states.reshape(-1, self.hidden_size)

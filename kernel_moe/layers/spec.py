@@ -64,6 +64,9 @@ class MoESpec:
       top-k routing weights [T, K], as GPT-OSS blocks do).
     - ``training_fallback``: a reason to run the original module in training mode (dropout or
       noise the fused layer does not reproduce); None when the fused path is exact in training too.
+    - ``gradient_fallback``: a reason to run the original module whenever autograd records the
+      call (its gradients differ from the fused backward's: a custom autograd Function, a
+      detached router or routing weight); None when the fused backward is proven too.
     """
 
     router: RouterSpec
@@ -74,6 +77,7 @@ class MoESpec:
     input_jitter: float = 0.0
     returns: str = "tensor"
     training_fallback: str | None = None
+    gradient_fallback: str | None = None
     notes: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -112,6 +116,7 @@ class FFNSpec:
     alpha: float = 1.702
     limit: float = math.inf
     training_fallback: str | None = None
+    gradient_fallback: str | None = None
 
     def describe(self) -> str:
         act = self.activation if self.glu == "none" else f"{self.activation}-glu({self.glu})"
@@ -125,6 +130,7 @@ class ExpertsOnlySpec:
 
     experts: ExpertsSpec
     training_fallback: str | None = None
+    gradient_fallback: str | None = None
 
     @property
     def num_experts(self) -> int:

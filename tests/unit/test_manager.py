@@ -358,3 +358,14 @@ def test_bad_arguments_raise_value_error():
         UnifiedManager(config={"top_k": 2})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="nn.Module"):
         UnifiedManager().optimize("model")  # type: ignore[arg-type]
+
+
+def test_optimize_a_frozen_handwritten_model():
+    """Inference models are often frozen (requires_grad False): the probe reads weights by path."""
+    model = TwoBlockModel()
+    model.requires_grad_(False)
+    original = copy.deepcopy(model)
+    report = kernel_moe.optimize(model)
+    assert report.num_swapped == 2 and not report.skipped
+    x = torch.randn(3, 16)
+    assert_fp32_close(model(x), original(x))
