@@ -257,8 +257,7 @@ def _expected(spec, config: KernelConfig) -> Skip | None:
 def _weight_like(module: nn.Module, spec) -> torch.Tensor:
     """A tensor of the module whose dtype and device the probe input takes (read by path: the
     original module has no stacked storage of its own)."""
-    source = spec.experts.down if isinstance(spec, (MoESpec, ExpertsOnlySpec)) else spec.down
-    return get_attr_path(module, source.paths()[0])
+    return get_attr_path(module, spec.experts.down.paths()[0])
 
 
 def _probe_args(spec, tokens: int, like: torch.Tensor) -> list[tuple]:
@@ -269,7 +268,7 @@ def _probe_args(spec, tokens: int, like: torch.Tensor) -> list[tuple]:
         scores = probe_input((tokens, E), like, seed=PROBE_SEED + 1).float().softmax(dim=-1)
         weights, ids = scores.topk(min(2, E), dim=-1)
         return [(x, ids, weights.to(like.dtype))]
-    H = spec.experts.hidden if isinstance(spec, MoESpec) else spec.hidden
+    H = spec.experts.hidden
     return [(probe_input((1, tokens, H), like),), (probe_input((tokens, H), like),)]
 
 

@@ -11,7 +11,8 @@ from torch import nn
 from kernel_moe.adapters.base import Skip
 from kernel_moe.adapters.handwritten import expert_forms
 from kernel_moe.config import KernelConfig
-from kernel_moe.layers.spec import FFNSpec
+from kernel_moe.kernels.contract import Activation
+from kernel_moe.layers.spec import ExpertsSpec, FFNSpec
 from kernel_moe.layers.weights import ExpertListWeight
 
 
@@ -52,6 +53,7 @@ class DenseFFNAdapter:
             up_b = ExpertListWeight(((*(p + ".bias" for p in form.up),),), key="up_bias") if form.bias else None
             down_b = ExpertListWeight(((form.down + ".bias",),), key="down_bias") if form.bias else None
             inter = module.get_submodule(form.up[0]).out_features
-            specs.append(FFNSpec(hidden=hidden, intermediate=inter, up=up, down=down, up_bias=up_b,
-                                 down_bias=down_b, activation=form.activation, glu=form.glu))
+            experts = ExpertsSpec(num_experts=1, hidden=hidden, intermediate=inter, up=up, down=down, up_bias=up_b,
+                                  down_bias=down_b, activation=Activation(form.activation, form.glu))
+            specs.append(FFNSpec(experts=experts))
         return specs

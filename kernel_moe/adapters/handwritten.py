@@ -19,6 +19,7 @@ from torch import nn
 from kernel_moe.adapters.base import Skip
 from kernel_moe.adapters.probe import POINTWISE, first_match, identify_activation, probe_input, run_module
 from kernel_moe.config import KernelConfig
+from kernel_moe.kernels.contract import Activation
 from kernel_moe.layers.spec import ExpertsSpec, MoESpec, RouterSpec
 from kernel_moe.layers.weights import ExpertListWeight
 from kernel_moe.reference.moe import expert_mlp
@@ -173,7 +174,7 @@ class HandwrittenMoEAdapter:
         up_mod = experts[0].get_submodule(form.up[0])
         experts_spec = ExpertsSpec(
             num_experts=E, hidden=hidden, intermediate=up_mod.out_features, up=up, down=down,
-            up_bias=up_b, down_bias=down_b, activation=form.activation, glu=form.glu,
+            up_bias=up_b, down_bias=down_b, activation=Activation(form.activation, form.glu),
         )
         specs = []
         for router_path, router in routers:

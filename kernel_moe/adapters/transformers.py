@@ -30,6 +30,7 @@ from torch import nn
 from kernel_moe.adapters.base import Skip
 from kernel_moe.adapters.probe import POINTWISE, eval_mode, identify_activation, mismatch, probe_input
 from kernel_moe.config import KernelConfig
+from kernel_moe.kernels.contract import Activation
 from kernel_moe.layers.spec import ExpertsOnlySpec, ExpertsSpec, MoESpec, RouterSpec
 from kernel_moe.layers.weights import StackedWeight, get_attr_path
 from kernel_moe.reference.activations import apply_activation
@@ -151,7 +152,7 @@ def experts_specs(experts: nn.Module, prefix: str, hidden: int | None) -> list[E
                 down=StackedWeight(_join(prefix, "down_proj"), transposed=transposed),
                 up_bias=StackedWeight(_join(prefix, up_name + "_bias")) if has_bias else None,
                 down_bias=StackedWeight(_join(prefix, "down_proj_bias")) if has_bias else None,
-                activation=act, glu=glu, alpha=alpha, limit=limit,
+                activation=Activation(act, glu, alpha, limit),
             ))
     return specs or Skip(reason)
 
@@ -303,7 +304,8 @@ def split_experts_specs(block: nn.Module, parts: BlockParts) -> list[ExpertsSpec
             for act, glu in itertools.product(acts, glus):
                 specs.append(ExpertsSpec(num_experts=E, hidden=H, intermediate=I,
                                          up=StackedWeight(up_path, transposed=up_t),
-                                         down=StackedWeight(down_path, transposed=down_t), activation=act, glu=glu))
+                                         down=StackedWeight(down_path, transposed=down_t),
+                                         activation=Activation(act, glu)))
     return specs or Skip(f"3-D weights {a} {tuple(get_attr_path(block, a).shape)} and {b} "
                          f"{tuple(get_attr_path(block, b).shape)} do not chain H={H} -> I -> H")
 

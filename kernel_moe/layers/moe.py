@@ -20,8 +20,8 @@ from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.experts import expert_weight_sources, run_experts
 from kernel_moe.layers.spec import MoESpec
 from kernel_moe.layers.weights import get_attr_path
-from kernel_moe.ops import gating as _gating_op  # noqa: F401  (registers kernel_moe::topk_gating)
-from kernel_moe.ops.backend import resolve_backend
+from kernel_moe.kernels import resolve_backend
+from kernel_moe.ops.gating import gate
 from kernel_moe.routing.balancing import expert_counts
 from kernel_moe.routing.capacity import apply_capacity, expert_capacity
 from kernel_moe.routing.expert_choice import expert_choice_route
@@ -184,9 +184,7 @@ class FusedMoE(SwappedLayer):
             if opts.load_balancing == "dynamic":
                 sel_bias = self.expert_bias if sel_bias is None else sel_bias + self.expert_bias
             if self._use_gating_op:
-                rt = spec.router.routing
-                weights_TK, ids_TK = torch.ops.kernel_moe.topk_gating(
-                    logits_TE, rt.top_k, rt.scoring, rt.order, rt.renormalize, rt.scaling, self.backend)
+                weights_TK, ids_TK = gate(logits_TE, spec.router.routing, self.backend)
             else:
                 weights_TK, ids_TK = route(logits_TE, spec.router.routing, sel_bias)
             if opts.capacity_factor is not None:

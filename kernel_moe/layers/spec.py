@@ -7,9 +7,9 @@ adopts the original module's children under the same names, so the paths and the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from kernel_moe.kernels.contract import Activation
 from kernel_moe.layers.weights import WeightSource
 from kernel_moe.routing.topk import RoutingSpec
 
@@ -27,14 +27,15 @@ class ExpertsSpec:
     down: WeightSource
     up_bias: WeightSource | None = None
     down_bias: WeightSource | None = None
-    activation: str = "silu"
-    glu: str = "concat"
-    alpha: float = 1.702
-    limit: float = math.inf
+    activation: Activation = Activation()
+
+    def sources(self) -> list[WeightSource]:
+        """The weight sources a layer binds (biases only where present)."""
+        return [s for s in (self.up, self.down, self.up_bias, self.down_bias) if s is not None]
 
     def describe(self) -> str:
-        act = self.activation if self.glu == "none" else f"{self.activation}-glu({self.glu})"
-        return f"{self.num_experts}x[{self.hidden}->{self.intermediate}] {act}" + (" +bias" if self.up_bias else "")
+        return (f"{self.num_experts}x[{self.hidden}->{self.intermediate}] {self.activation.describe()}"
+                + (" +bias" if self.up_bias else ""))
 
 
 @dataclass(frozen=True)
@@ -103,24 +104,20 @@ class MoESpec:
 
 @dataclass(frozen=True)
 class FFNSpec:
-    """A dense FFN: up [N, H] (gate/up concatenated when gated), down [H, I], activation."""
+    """A dense FFN: the experts computation with one expert (up [1, N, H] with gate and up
+    concatenated when gated, down [1, H, I]) applied to every token with weight 1."""
 
-    hidden: int
-    intermediate: int
-    up: WeightSource
-    down: WeightSource
-    up_bias: WeightSource | None = None
-    down_bias: WeightSource | None = None
-    activation: str = "silu"
-    glu: str = "concat"
-    alpha: float = 1.702
-    limit: float = math.inf
+    experts: ExpertsSpec
     training_fallback: str | None = None
     gradient_fallback: str | None = None
 
+    @property
+    def hidden(self) -> int:
+        return self.experts.hidden
+
     def describe(self) -> str:
-        act = self.activation if self.glu == "none" else f"{self.activation}-glu({self.glu})"
-        return f"dense [{self.hidden}->{self.intermediate}] {act}" + (" +bias" if self.up_bias else "")
+        ex = self.experts
+        return f"dense [{ex.hidden}->{ex.intermediate}] {ex.activation.describe()}" + (" +bias" if ex.up_bias else "")
 
 
 @dataclass(frozen=True)

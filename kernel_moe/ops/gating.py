@@ -37,6 +37,12 @@ def topk_gating(
     return weights.float().contiguous(), ids.contiguous()
 
 
+def gate(logits_TE: Tensor, routing: RoutingSpec, backend: str) -> tuple[Tensor, Tensor]:
+    """``kernel_moe::topk_gating`` for a :class:`RoutingSpec` (the schema spells its fields out)."""
+    return torch.ops.kernel_moe.topk_gating(logits_TE, routing.top_k, routing.scoring, routing.order,
+                                            routing.renormalize, routing.scaling, backend)
+
+
 @topk_gating.register_fake
 def _topk_gating_fake(logits, top_k, scoring, order, renormalize, scaling, backend):
     T = logits.shape[0]

@@ -85,9 +85,10 @@ def holds_expert_weights(module: nn.Module) -> bool:
 def _experts_layout(ex) -> str:
     up = ex.up
     layout = "transposed " if getattr(up, "transposed", False) else ""
-    gated = "gated" if ex.glu != "none" else "no gate"
-    act = ex.activation + (f"(alpha={ex.alpha:g}, limit={ex.limit:g})" if ex.activation == "gpt_oss" else "")
-    return f"{layout}{gated} {ex.glu if ex.glu != 'none' else ''} {act}".replace("  ", " ") + (
+    a = ex.activation
+    gated = "gated" if a.gated else "no gate"
+    act = a.kind + (f"(alpha={a.alpha:g}, limit={a.limit:g})" if a.kind == "gpt_oss" else "")
+    return f"{layout}{gated} {a.glu if a.gated else ''} {act}".replace("  ", " ") + (
         " +bias" if ex.up_bias is not None else "")
 
 

@@ -257,7 +257,8 @@ def test_gpt_oss_block_fuses_with_its_tuple_output():
     assert isinstance(specs, list) and specs
     spec = specs[0]
     assert spec.router.routing.order == "topk_then_score" and spec.router.bias == "router.bias"
-    assert (spec.experts.activation, spec.experts.glu, spec.experts.up_bias is not None) == ("gpt_oss", "interleaved", True)
+    act = spec.experts.activation
+    assert (act.kind, act.glu, spec.experts.up_bias is not None) == ("gpt_oss", "interleaved", True)
     import dataclasses
 
     layer = FusedMoE(block, dataclasses.replace(spec, returns="tensor_weights"))

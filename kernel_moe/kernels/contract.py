@@ -1,0 +1,219 @@
+"""The experts contract: one value type for a call of the expert computation, the rules every
+backend keeps, and the one validator of a call's inputs.
+
+Legend: T tokens, H hidden, E experts held (local), G expert ids routed to (global), K top-k,
+N up features (2*I gated, else I), I intermediate.
+
+A call computes ``out[t] = sum_j w[t, j] * expert_{id[t, j]}(x[t])`` with
+``expert_e(x) = act(x @ w_up[e]^T + b_up[e]) @ w_down[e]^T + b_down[e]``, accumulated in fp32 and
+returned in x's dtype. The rules, the same on every backend (``kernels/cpu``, ``kernels/triton``):
+
+- **Dropped slots.** An expert id outside [0, G) marks a dropped slot (capacity overflow, an
+  expert held on another rank): it contributes nothing to the output (not even a NaN), its
+  routing-weight gradient is 0, and it adds nothing to any expert's gradient.
+- **Expert map.** With ``expert_map`` [G] (int), id g runs local expert ``expert_map[g]``; an
+  entry of -1 (or any value outside [0, E)) drops the slot. Without it, G = E and ids are local.
+  :func:`local_ids` applies it, so backends only ever see local ids.
+- **Dense calls.** Routing ``None`` means one expert (E == 1) and weight 1 for every token: the
+  dense FFN is this op with E = 1, not a second computation.
+- **Shapes only.** The output shape depends on the input shapes alone, and nothing outside a
+  backend's own code may read tensor data on the host.
+
+Backends implement :class:`ExpertsBackend`; ``kernels.select_backend`` chooses one per call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Protocol
+
+import torch
+from torch import Tensor
+
+from kernel_moe.errors import UnsupportedInputError
+
+ACTIVATION_KINDS = ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss")
+GLU_LAYOUTS = ("none", "concat", "interleaved")
+WEIGHT_FORMATS = ("full",)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """What an expert applies between its projections.
+
+    - ``kind``: silu, gelu, gelu_tanh, relu, or gpt_oss (GPT-OSS's clamped SwiGLU:
+      ``gate = min(gate, limit)``, ``up = clamp(up, -limit, limit)``,
+      ``(up + 1) * gate * sigmoid(alpha * gate)``; gated layouts only).
+    - ``glu``: "none" (act of all N = I features), "concat" (``[gate | up]``, act(gate) * up) or
+      "interleaved" (``g0, u0, g1, u1, ...``).
+    """
+
+    kind: str = "silu"
+    glu: str = "concat"
+    alpha: float = 1.702
+    limit: float = math.inf
+
+    def __post_init__(self) -> None:
+        if self.kind not in ACTIVATION_KINDS:
+            raise ValueError(f"Activation.kind={self.kind!r} is not supported; allowed: {', '.join(ACTIVATION_KINDS)}")
+        if self.glu not in GLU_LAYOUTS:
+            raise ValueError(f"Activation.glu={self.glu!r} is not supported; allowed: {', '.join(GLU_LAYOUTS)}")
+        if self.kind == "gpt_oss" and self.glu == "none":
+            raise ValueError("Activation.kind='gpt_oss' needs a gated layout (glu='concat' or 'interleaved'), got "
+                             "glu='none'")
+        for name in ("alpha", "limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ValueError(f"Activation.{name}={value!r} must be a number")
+
+    @property
+    def gated(self) -> bool:
+        return self.glu != "none"
+
+    def up_features(self, intermediate: int) -> int:
+        """N for an intermediate size I."""
+        return 2 * intermediate if self.gated else intermediate
+
+    def describe(self) -> str:
+        if not self.gated:
+            return self.kind
+        extra = f", alpha={self.alpha:g}, limit={self.limit:g}" if self.kind == "gpt_oss" else ""
+        return f"{self.kind}-glu({self.glu}{extra})"
+
+
+class StackedExperts(NamedTuple):
+    """The experts of one call: stacked weights (views, never copies), biases, the activation,
+    the weight format and the expert-id map. Built per forward by the layer (cheap: a tuple of
+    references), passed whole through Python; only the custom-op schema spells it out."""
+
+    w_up: Tensor  # [E, N, H], any strides
+    w_down: Tensor  # [E, H, I], any strides
+    b_up: Optional[Tensor] = None  # [E, N]
+    b_down: Optional[Tensor] = None  # [E, H]
+    activation: Activation = Activation()
+    weight_format: str = "full"
+    expert_map: Optional[Tensor] = None  # [G] int: local expert of each routed id, -1 = not held
+
+    @property
+    def num_experts(self) -> int:
+        """E, the experts held."""
+        return self.w_up.shape[0]
+
+    @property
+    def num_ids(self) -> int:
+        """G, the size of the id space routing chooses from."""
+        return self.expert_map.shape[0] if self.expert_map is not None else self.w_up.shape[0]
+
+
+class ExpertsGrads(NamedTuple):
+    """Gradients of a call: x [T, H], routing weights [T, K] (None for a dense call), the
+    weights [E, N, H] / [E, H, I] and the biases (None where there is none)."""
+
+    x: Tensor
+    topk_weights: Optional[Tensor]
+    w_up: Tensor
+    w_down: Tensor
+    b_up: Optional[Tensor]
+    b_down: Optional[Tensor]
+
+
+class ExpertsBackend(Protocol):
+    """A peer implementation of the contract. ``ids_TK`` are local (see :func:`local_ids`);
+    routing None is a dense call."""
+
+    name: str
+
+    def forward(self, x_TH: Tensor, weights_TK: Optional[Tensor], ids_TK: Optional[Tensor],
+                experts: StackedExperts, deterministic: bool) -> Tensor: ...
+
+    def backward(self, grad_TH: Tensor, x_TH: Tensor, weights_TK: Optional[Tensor], ids_TK: Optional[Tensor],
+                 experts: StackedExperts) -> ExpertsGrads: ...
+
+
+def local_ids(ids_TK: Tensor, experts: StackedExperts) -> Tensor:
+    """Routed ids [T, K] -> local expert ids [T, K] through ``experts.expert_map`` (dropped slots:
+    -1); without a map the ids are returned as they are (already local)."""
+    mapping = experts.expert_map
+    if mapping is None:
+        return ids_TK
+    G = mapping.shape[0]
+    routed = (ids_TK >= 0) & (ids_TK < G)
+    local = mapping.to(ids_TK.dtype).index_select(0, ids_TK.clamp(0, max(G - 1, 0)).reshape(-1)).view(ids_TK.shape)
+    held = routed & (local >= 0) & (local < experts.num_experts)
+    return torch.where(held, local, torch.full_like(local, -1))
+
+
+def validate_call(x_TH: Tensor, weights_TK: Optional[Tensor], ids_TK: Optional[Tensor],
+                  experts: StackedExperts) -> None:
+    """The one check of a call's inputs, from metadata only (no tensor data is read): shapes,
+    dtypes, devices, the activation and the weight format. Raises UnsupportedInputError naming
+    the input, what it is and what is allowed."""
+    w_up, w_down, b_up, b_down, activation, weight_format, mapping = experts
+    if not isinstance(activation, Activation):
+        raise UnsupportedInputError(f"activation must be an Activation, got {type(activation).__name__}")
+    if weight_format not in WEIGHT_FORMATS:
+        raise UnsupportedInputError(f"weight_format={weight_format!r} is not supported; allowed: "
+                                    f"{', '.join(WEIGHT_FORMATS)}")
+    if x_TH.dim() != 2:
+        raise UnsupportedInputError(f"x must be 2-D [T, H], got shape {tuple(x_TH.shape)}")
+    for name, t in (("x", x_TH), ("w_up", w_up), ("w_down", w_down), ("b_up", b_up), ("b_down", b_down)):
+        if t is not None and t.dtype not in FLOAT_DTYPES:
+            raise UnsupportedInputError(f"{name} dtype {t.dtype} is not supported; allowed: float32, bfloat16, "
+                                        "float16, float64")
+    T, H = x_TH.shape
+    if w_up.dim() != 3 or w_down.dim() != 3:
+        raise UnsupportedInputError(
+            f"w_up and w_down must be 3-D [E, N, H] and [E, H, I], got {tuple(w_up.shape)} and {tuple(w_down.shape)}")
+    E, N, H_w = w_up.shape
+    if H_w != H:
+        raise UnsupportedInputError(f"w_up is [E, N, H={H_w}] but x has H={H}")
+    if activation.gated and N % 2 != 0:
+        raise UnsupportedInputError(f"w_up has N={N} features, not even, but glu={activation.glu!r} needs "
+                                    "[gate, up] pairs")
+    I = N // 2 if activation.gated else N
+    if tuple(w_down.shape) != (E, H, I):
+        raise UnsupportedInputError(f"w_down must be [E={E}, H={H}, I={I}], got {tuple(w_down.shape)}")
+    if b_up is not None and tuple(b_up.shape) != (E, N):
+        raise UnsupportedInputError(f"b_up must be [E={E}, N={N}], got {tuple(b_up.shape)}")
+    if b_down is not None and tuple(b_down.shape) != (E, H):
+        raise UnsupportedInputError(f"b_down must be [E={E}, H={H}], got {tuple(b_down.shape)}")
+    if (weights_TK is None) != (ids_TK is None):
+        raise UnsupportedInputError("topk_weights and topk_ids must both be given, or both be None (a dense call)")
+    if ids_TK is None:
+        if E != 1 or mapping is not None:
+            raise UnsupportedInputError(f"a dense call (no routing) needs one expert and no expert map, got E={E}"
+                                        + (" and an expert map" if mapping is not None else ""))
+    else:
+        if ids_TK.dim() != 2 or ids_TK.shape[0] != T:
+            raise UnsupportedInputError(f"topk_ids must be [T={T}, K], got shape {tuple(ids_TK.shape)}")
+        if ids_TK.dtype not in ID_DTYPES:
+            raise UnsupportedInputError(f"topk_ids dtype {ids_TK.dtype} is not supported; allowed: int32, int64")
+        if weights_TK.shape != ids_TK.shape:
+            raise UnsupportedInputError(f"topk_weights shape {tuple(weights_TK.shape)} must equal topk_ids shape "
+                                        f"{tuple(ids_TK.shape)}")
+        if not weights_TK.is_floating_point():
+            raise UnsupportedInputError(f"topk_weights dtype {weights_TK.dtype} must be floating point")
+    if mapping is not None and (mapping.dim() != 1 or mapping.dtype not in ID_DTYPES):
+        raise UnsupportedInputError(f"expert_map must be a 1-D int32/int64 tensor [G], got {mapping.dtype} "
+                                    f"{tuple(mapping.shape)}")
+    for name, t in (("topk_weights", weights_TK), ("topk_ids", ids_TK), ("w_up", w_up), ("w_down", w_down),
+                    ("b_up", b_up), ("b_down", b_down), ("expert_map", mapping)):
+        if t is not None and t.device != x_TH.device:
+            raise UnsupportedInputError(f"{name} is on {t.device} but x is on {x_TH.device}; all inputs must share a "
+                                        "device")
+
+
+__all__ = [
+    "ACTIVATION_KINDS",
+    "Activation",
+    "ExpertsBackend",
+    "ExpertsGrads",
+    "GLU_LAYOUTS",
+    "StackedExperts",
+    "WEIGHT_FORMATS",
+    "local_ids",
+    "validate_call",
+]
