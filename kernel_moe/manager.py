@@ -22,7 +22,7 @@ from kernel_moe.adapters.probe import (
 from kernel_moe.config import KernelConfig
 from kernel_moe.errors import UnsupportedModuleError
 from kernel_moe.layers import FusedExperts, FusedFFN, FusedMoE, RoutingOptions, SwappedLayer
-from kernel_moe.layers.spec import ExpertsOnlySpec, FFNSpec, MoESpec
+from kernel_moe.layers.spec import ExpertsModuleSpec, FFNSpec, MoESpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.ops.backend import resolve_backend
 from kernel_moe.report import OptimizeReport, SkipRecord, SwapRecord
@@ -249,7 +249,7 @@ class UnifiedManager:
 def _expected(spec, config: KernelConfig) -> Skip | None:
     if isinstance(spec, MoESpec):
         return check_expected_shape(spec.num_experts, spec.top_k, config)
-    if isinstance(spec, ExpertsOnlySpec) and config.num_experts not in (None, spec.num_experts):
+    if isinstance(spec, ExpertsModuleSpec) and config.num_experts not in (None, spec.num_experts):
         return Skip(f"module has num_experts={spec.num_experts}, config expects num_experts={config.num_experts}")
     return None
 
@@ -262,7 +262,7 @@ def _weight_like(module: nn.Module, spec) -> torch.Tensor:
 
 def _probe_args(spec, tokens: int, like: torch.Tensor) -> list[tuple]:
     """Argument tuples to try, in order, for probing a module of this spec's kind."""
-    if isinstance(spec, ExpertsOnlySpec):
+    if isinstance(spec, ExpertsModuleSpec):
         H, E = spec.experts.hidden, spec.num_experts
         x = probe_input((tokens, H), like)
         scores = probe_input((tokens, E), like, seed=PROBE_SEED + 1).float().softmax(dim=-1)
@@ -272,7 +272,7 @@ def _probe_args(spec, tokens: int, like: torch.Tensor) -> list[tuple]:
     return [(probe_input((1, tokens, H), like),), (probe_input((tokens, H), like),)]
 
 
-LAYER_FOR_SPEC = {MoESpec: FusedMoE, FFNSpec: FusedFFN, ExpertsOnlySpec: FusedExperts}
+LAYER_FOR_SPEC = {MoESpec: FusedMoE, FFNSpec: FusedFFN, ExpertsModuleSpec: FusedExperts}
 
 
 def optimize(model: nn.Module, config: KernelConfig | None = None, filter_fn: FilterFn | None = None,

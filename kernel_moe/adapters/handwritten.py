@@ -20,10 +20,10 @@ from kernel_moe.adapters.base import Skip
 from kernel_moe.adapters.probe import POINTWISE, first_match, identify_activation, probe_input, run_module
 from kernel_moe.config import KernelConfig
 from kernel_moe.kernels.contract import Activation
-from kernel_moe.layers.spec import ExpertsSpec, MoESpec, RouterSpec
+from kernel_moe.layers.spec import ExpertsSpec, MoESpec, LinearRouter
 from kernel_moe.layers.weights import ExpertListWeight
 from kernel_moe.reference.moe import expert_mlp
-from kernel_moe.routing.topk import RoutingSpec
+from kernel_moe.routing.topk import TopKRouting
 
 TOPK_ATTRS = ("top_k", "topk", "k", "num_experts_per_tok", "num_selected_experts", "experts_per_token", "n_active")
 MAX_PROBED_K = 8
@@ -181,8 +181,8 @@ class HandwrittenMoEAdapter:
             owner = module.get_submodule(router_path.rpartition(".")[0]) if "." in router_path else module
             for k in _top_k_hints(module, owner, E):
                 for scoring, renorm in ROUTING_VARIANTS:
-                    routing = RoutingSpec(num_experts=E, top_k=k, scoring=scoring, renormalize=renorm)
-                    rspec = RouterSpec(
+                    routing = TopKRouting(num_experts=E, top_k=k, scoring=scoring, renormalize=renorm)
+                    rspec = LinearRouter(
                         weight=router_path + ".weight",
                         bias=router_path + ".bias" if router.bias is not None else None,
                         routing=routing,

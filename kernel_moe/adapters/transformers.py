@@ -31,10 +31,10 @@ from kernel_moe.adapters.base import Skip
 from kernel_moe.adapters.probe import POINTWISE, eval_mode, identify_activation, mismatch, probe_input
 from kernel_moe.config import KernelConfig
 from kernel_moe.kernels.contract import Activation
-from kernel_moe.layers.spec import ExpertsOnlySpec, ExpertsSpec, MoESpec, RouterSpec
+from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec, MoESpec, LinearRouter
 from kernel_moe.layers.weights import StackedWeight, get_attr_path
 from kernel_moe.reference.activations import apply_activation
-from kernel_moe.routing.topk import RoutingSpec, route
+from kernel_moe.routing.topk import TopKRouting, route
 
 SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 SHARED_GATE_NAMES = ("shared_expert_gate", "shared_gate")
@@ -349,7 +349,7 @@ def _scales(objs) -> list[float]:
 
 @dataclass(frozen=True)
 class RoutingCandidate:
-    routing: RoutingSpec
+    routing: TopKRouting
     selection_bias: str | None
     logits_bias: str | None
 
@@ -375,7 +375,7 @@ def routing_candidates(block: nn.Module, parts: BlockParts, top_k: int) -> list[
 
     def add(selection_bias: str | None, logits_bias: str | None, **routing: object) -> None:
         try:
-            spec = RoutingSpec(E, top_k, **routing)  # type: ignore[arg-type]
+            spec = TopKRouting(E, top_k, **routing)  # type: ignore[arg-type]
         except ValueError:  # a combination the spec rejects (e.g. groups too small for k)
             return
         out.append(RoutingCandidate(spec, selection_bias, logits_bias))
@@ -562,7 +562,7 @@ class TransformersMoEAdapter:
                     # low precision: scores in fp32, or (as some routers do) in the logits' dtype
                     for score_dtype in ("float32",) if fp32 or len(fp32_options) == 1 else ("float32", "input"):
                         routing = dataclasses.replace(cand.routing, score_dtype=score_dtype)
-                        rspec = RouterSpec(weight=parts.router_path + ".weight", bias=cand.logits_bias,
+                        rspec = LinearRouter(weight=parts.router_path + ".weight", bias=cand.logits_bias,
                                            routing=routing, selection_bias=cand.selection_bias, fp32_logits=fp32)
                         specs.append(MoESpec(router=rspec, experts=experts_spec, shared_expert=parts.shared,
                                              shared_gate=parts.shared_gate, output_bias=out_bias,
@@ -587,7 +587,7 @@ class TransformersExpertsAdapter:
 
     name = "transformers-experts"
 
-    def candidates(self, module: nn.Module, config: KernelConfig) -> list[ExpertsOnlySpec] | Skip | None:
+    def candidates(self, module: nn.Module, config: KernelConfig) -> list[ExpertsModuleSpec] | Skip | None:
         if not config.swap_moe or not is_stacked_experts(module):
             return None
         if not _takes_routing(module):
@@ -598,4 +598,4 @@ class TransformersExpertsAdapter:
         specs = experts_specs(module, "", hidden if isinstance(hidden, int) else None)
         if isinstance(specs, Skip):
             return specs
-        return [ExpertsOnlySpec(experts=s) for s in specs]
+        return [ExpertsModuleSpec(experts=s) for s in specs]

@@ -4,7 +4,15 @@ from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.experts import FusedExperts
 from kernel_moe.layers.ffn import FusedFFN
 from kernel_moe.layers.moe import FusedMoE, RoutingOptions
-from kernel_moe.layers.spec import ExpertsOnlySpec, ExpertsSpec, FFNSpec, MoESpec, RouterSpec
+from kernel_moe.layers.spec import (
+    ExpertsModuleSpec,
+    ExpertsOnlySpec,
+    ExpertsSpec,
+    FFNSpec,
+    LinearRouter,
+    MoESpec,
+    RouterSpec,
+)
 
-__all__ = ["ExpertsOnlySpec", "ExpertsSpec", "FFNSpec", "FusedExperts", "FusedFFN", "FusedMoE", "MoESpec",
-           "RouterSpec", "RoutingOptions", "SwappedLayer"]
+__all__ = ["ExpertsModuleSpec", "ExpertsOnlySpec", "ExpertsSpec", "FFNSpec", "FusedExperts", "FusedFFN", "FusedMoE",
+           "LinearRouter", "MoESpec", "RouterSpec", "RoutingOptions", "SwappedLayer"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kernel_moe.layers.base import SwappedLayer
-from kernel_moe.layers.spec import ExpertsOnlySpec, ExpertsSpec
+from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec
 from kernel_moe.ops.experts import call_fused_experts
 
 
@@ -42,7 +42,7 @@ def expert_weight_sources(ex: ExpertsSpec) -> list:
 class FusedExperts(SwappedLayer):
     """Routed experts with routing given by the caller."""
 
-    def __init__(self, original: nn.Module, spec: ExpertsOnlySpec, backend: str = "auto") -> None:
+    def __init__(self, original: nn.Module, spec: ExpertsModuleSpec, backend: str = "auto") -> None:
         super().__init__(original, spec, backend)
         self.num_experts = spec.num_experts
         self.top_k = 0

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from kernel_moe.kernels.contract import Activation
 from kernel_moe.layers.weights import WeightSource
-from kernel_moe.routing.topk import RoutingSpec
+from kernel_moe.routing.topk import TopKRouting
 
 RETURNS = ("tensor", "tensor_logits", "tensor_weights")
 
@@ -39,14 +39,15 @@ class ExpertsSpec:
 
 
 @dataclass(frozen=True)
-class RouterSpec:
-    """Router logits = x @ weight.T (+ bias), in fp32 when ``fp32_logits``; then ``routing``.
+class LinearRouter:
+    """A linear router: logits [T, E] = x @ weight.T (+ bias), in fp32 when ``fp32_logits``, which
+    ``routing`` turns into top-k weights and expert ids.
 
     ``selection_bias`` is the path of a per-expert bias added to the scores for selection only.
     """
 
     weight: str
-    routing: RoutingSpec
+    routing: TopKRouting
     bias: str | None = None
     selection_bias: str | None = None
     fp32_logits: bool = False
@@ -70,7 +71,7 @@ class MoESpec:
       detached router or routing weight); None when the fused backward is proven too.
     """
 
-    router: RouterSpec
+    router: LinearRouter
     experts: ExpertsSpec
     shared_expert: str | None = None
     shared_gate: str | None = None
@@ -121,9 +122,9 @@ class FFNSpec:
 
 
 @dataclass(frozen=True)
-class ExpertsOnlySpec:
-    """Routed experts called as ``experts(hidden_states, top_k_index, top_k_weights)`` (the
-    transformers experts interface), swapped alone when the block's router is not fused."""
+class ExpertsModuleSpec:
+    """An experts module swapped alone, called as ``experts(hidden_states, top_k_index,
+    top_k_weights)`` (the transformers experts interface) when its block's router is not fused."""
 
     experts: ExpertsSpec
     training_fallback: str | None = None
@@ -135,3 +136,7 @@ class ExpertsOnlySpec:
 
     def describe(self) -> str:
         return "experts only: " + self.experts.describe()
+
+
+RouterSpec = LinearRouter  # deprecated alias (renamed: it is a linear router, weight path + top-k routing)
+ExpertsOnlySpec = ExpertsModuleSpec  # deprecated alias (renamed: it swaps an experts module alone)

@@ -19,7 +19,7 @@ SELECTION_ON = ("scores", "logits")
 
 
 @dataclass(frozen=True)
-class RoutingSpec:
+class TopKRouting:
     """How router logits [T, E] become routing weights [T, K] and expert ids [T, K].
 
     - ``scoring``: "softmax" over the experts, or "sigmoid" per expert.
@@ -55,35 +55,35 @@ class RoutingSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ValueError(f"RoutingSpec.num_experts={self.num_experts!r} must be an int >= 1")
+            raise ValueError(f"TopKRouting.num_experts={self.num_experts!r} must be an int >= 1")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
-                f"RoutingSpec.top_k={self.top_k!r} must be an int in [1, num_experts={self.num_experts}]"
+                f"TopKRouting.top_k={self.top_k!r} must be an int in [1, num_experts={self.num_experts}]"
             )
         if self.scoring not in SCORINGS:
-            raise ValueError(f"RoutingSpec.scoring={self.scoring!r}; allowed: {', '.join(SCORINGS)}")
+            raise ValueError(f"TopKRouting.scoring={self.scoring!r}; allowed: {', '.join(SCORINGS)}")
         if self.order not in ORDERS:
-            raise ValueError(f"RoutingSpec.order={self.order!r}; allowed: {', '.join(ORDERS)}")
+            raise ValueError(f"TopKRouting.order={self.order!r}; allowed: {', '.join(ORDERS)}")
         if self.order == "topk_then_score" and self.scoring != "softmax":
-            raise ValueError("RoutingSpec.order='topk_then_score' is defined for scoring='softmax' only")
+            raise ValueError("TopKRouting.order='topk_then_score' is defined for scoring='softmax' only")
         if self.num_groups < 1 or self.num_experts % self.num_groups != 0:
             raise ValueError(
-                f"RoutingSpec.num_groups={self.num_groups!r} must be >= 1 and divide num_experts={self.num_experts}"
+                f"TopKRouting.num_groups={self.num_groups!r} must be >= 1 and divide num_experts={self.num_experts}"
             )
         if not 1 <= self.topk_groups <= self.num_groups:
             raise ValueError(
-                f"RoutingSpec.topk_groups={self.topk_groups!r} must be in [1, num_groups={self.num_groups}]"
+                f"TopKRouting.topk_groups={self.topk_groups!r} must be in [1, num_groups={self.num_groups}]"
             )
         if self.num_groups > 1 and self.top_k > self.topk_groups * (self.num_experts // self.num_groups):
             raise ValueError(
-                f"RoutingSpec.top_k={self.top_k} exceeds the experts in the {self.topk_groups} selectable groups"
+                f"TopKRouting.top_k={self.top_k} exceeds the experts in the {self.topk_groups} selectable groups"
             )
         if self.score_dtype not in ("float32", "input"):
-            raise ValueError(f"RoutingSpec.score_dtype={self.score_dtype!r}; allowed: float32, input")
+            raise ValueError(f"TopKRouting.score_dtype={self.score_dtype!r}; allowed: float32, input")
         if self.group_score not in GROUP_SCORES:
-            raise ValueError(f"RoutingSpec.group_score={self.group_score!r}; allowed: {', '.join(GROUP_SCORES)}")
+            raise ValueError(f"TopKRouting.group_score={self.group_score!r}; allowed: {', '.join(GROUP_SCORES)}")
         if self.selection_on not in SELECTION_ON:
-            raise ValueError(f"RoutingSpec.selection_on={self.selection_on!r}; allowed: {', '.join(SELECTION_ON)}")
+            raise ValueError(f"TopKRouting.selection_on={self.selection_on!r}; allowed: {', '.join(SELECTION_ON)}")
 
     def describe(self) -> str:
         """A short human-readable form for reports, e.g. 'softmax>top2>renorm'."""
@@ -99,7 +99,7 @@ class RoutingSpec:
         return ">".join(parts)
 
 
-def _group_limited_mask(choice_TE: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+def _group_limited_mask(choice_TE: torch.Tensor, spec: TopKRouting) -> torch.Tensor:
     """Keep only experts of the best ``topk_groups`` groups: returns choice scores with the
     others set to -inf. A group's score is the sum of its two best expert scores
     (``group_score="top2_sum"``) or its best one (``"max"``)."""
@@ -119,7 +119,7 @@ def _group_limited_mask(choice_TE: torch.Tensor, spec: RoutingSpec) -> torch.Ten
 
 def route(
     logits_TE: torch.Tensor,
-    spec: RoutingSpec,
+    spec: TopKRouting,
     selection_bias_E: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] -> (routing weights [T, K], expert ids [T, K] int64).
@@ -153,3 +153,6 @@ def route(
     if spec.scaling != 1.0:
         weights_TK = weights_TK * spec.scaling
     return weights_TK, ids_TK
+
+
+RoutingSpec = TopKRouting  # deprecated alias (renamed: it says how logits become top-k weights and ids)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from kernel_moe.reference.moe import naive_moe_experts
 from kernel_moe.routing.balancing import ExpertLoadTracker, expert_counts, expert_load_stats, update_expert_bias
 from kernel_moe.routing.losses import load_balancing_loss
-from kernel_moe.routing.topk import RoutingSpec, route
+from kernel_moe.routing.topk import TopKRouting, route
 
 H, E, K, I = 16, 8, 2, 16
 CLUSTER_SHARES = (0.55, 0.25, 0.12, 0.08)
@@ -38,7 +38,7 @@ class TinyMoE(nn.Module):
         self.w_up_ENH = nn.Parameter(torch.randn(E, 2 * I, H) / H**0.5)
         self.w_down_EHI = nn.Parameter(torch.randn(E, H, I) / I**0.5)
         self.register_buffer("bias_E", torch.zeros(E))
-        self.spec = RoutingSpec(E, K, renormalize=True)
+        self.spec = TopKRouting(E, K, renormalize=True)
 
     def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits_TE = self.router(x_TH)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernel_moe.routing.balancing import ExpertLoadTracker, expert_counts, expert_load_stats, update_expert_bias
-from kernel_moe.routing.topk import RoutingSpec, route
+from kernel_moe.routing.topk import TopKRouting, route
 
 
 def reference_stats(counts):
@@ -54,7 +54,7 @@ def test_load_stats_extremes(E):
 
 def test_expert_counts_matches_bincount():
     torch.manual_seed(0)
-    _, ids_TK = route(torch.randn(50, 7), RoutingSpec(7, 3))
+    _, ids_TK = route(torch.randn(50, 7), TopKRouting(7, 3))
     counts_E = expert_counts(ids_TK, 7)
     assert counts_E.dtype == torch.int64
     assert torch.equal(counts_E, torch.bincount(ids_TK.flatten(), minlength=7))
@@ -90,7 +90,7 @@ def test_update_expert_bias_steers_routing_towards_balance():
     torch.manual_seed(0)
     E, K = 8, 2
     logits_TE = torch.randn(512, E) + torch.linspace(0, 2, E)  # later experts preferred
-    spec = RoutingSpec(E, K)
+    spec = TopKRouting(E, K)
     bias_E = torch.zeros(E)
     first = None
     for _ in range(200):
@@ -153,7 +153,7 @@ def test_tracker_accumulates_and_reports():
     tracker = ExpertLoadTracker(5)
     total_E = torch.zeros(5, dtype=torch.int64)
     for _ in range(4):
-        _, ids_TK = route(torch.randn(9, 5), RoutingSpec(5, 2))
+        _, ids_TK = route(torch.randn(9, 5), TopKRouting(5, 2))
         tracker.update(ids_TK)
         total_E += torch.bincount(ids_TK.flatten(), minlength=5)
     tracker.update_counts(torch.tensor([1, 0, 0, 0, 2]))

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernel_moe.routing.capacity import apply_capacity, expert_capacity
-from kernel_moe.routing.topk import RoutingSpec, route
+from kernel_moe.routing.topk import TopKRouting, route
 
 
 def reference_capacity_mask(weights, ids, capacity, priority):
@@ -137,12 +137,12 @@ def test_apply_capacity_matches_loop_reference(case, priority):
 )
 def test_apply_capacity_edges(T, E, K, capacity, priority):
     torch.manual_seed(T * 100 + E * 10 + K)
-    weights_TK, ids_TK = route(torch.randn(T, E), RoutingSpec(E, K))
+    weights_TK, ids_TK = route(torch.randn(T, E), TopKRouting(E, K))
     check_against_reference(weights_TK, ids_TK, E, capacity, priority)
 
 
 def test_capacity_zero_drops_everything():
-    weights_TK, ids_TK = route(torch.randn(6, 4), RoutingSpec(4, 2))
+    weights_TK, ids_TK = route(torch.randn(6, 4), TopKRouting(4, 2))
     kept_TK, _, dropped_TK, num_dropped = apply_capacity(weights_TK, ids_TK, 4, 0)
     assert dropped_TK.all() and int(num_dropped) == 12 and (kept_TK == 0).all()
 
@@ -163,7 +163,7 @@ def test_all_tokens_to_one_expert(priority):
 
 def test_large_capacity_factor_drops_nothing():
     T, E, K = 33, 8, 2
-    weights_TK, ids_TK = route(torch.randn(T, E), RoutingSpec(E, K))
+    weights_TK, ids_TK = route(torch.randn(T, E), TopKRouting(E, K))
     capacity = expert_capacity(T, K, E, capacity_factor=float(E))
     kept_TK, ids_out_TK, dropped_TK, num_dropped = apply_capacity(weights_TK, ids_TK, E, capacity)
     assert capacity == T and int(num_dropped) == 0 and not dropped_TK.any()
@@ -183,7 +183,7 @@ def test_score_priority_keeps_highest_weights_position_keeps_earliest():
 def test_gradient_flows_to_kept_weights_only():
     torch.manual_seed(0)
     logits_TE = torch.randn(12, 4, requires_grad=True)
-    weights_TK, ids_TK = route(logits_TE, RoutingSpec(4, 2))
+    weights_TK, ids_TK = route(logits_TE, TopKRouting(4, 2))
     weights_TK.retain_grad()
     kept_TK, _, dropped_TK, _ = apply_capacity(weights_TK, ids_TK, 4, 4)
     assert dropped_TK.any() and (~dropped_TK).any()
@@ -195,7 +195,7 @@ def test_gradient_flows_to_kept_weights_only():
 
 def test_bf16_weights_and_int32_ids():
     torch.manual_seed(1)
-    weights_TK, ids_TK = route(torch.randn(20, 5), RoutingSpec(5, 2))
+    weights_TK, ids_TK = route(torch.randn(20, 5), TopKRouting(5, 2))
     check_against_reference(weights_TK.bfloat16(), ids_TK.int(), 5, 3, "score")
 
 

@@ -8,7 +8,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from kernel_moe.routing.capacity import apply_capacity, expert_capacity
 from kernel_moe.routing.expert_choice import expert_choice_route, expert_choice_to_slots
 from kernel_moe.routing.losses import load_balancing_loss, router_z_loss
-from kernel_moe.routing.topk import RoutingSpec, route
+from kernel_moe.routing.topk import TopKRouting, route
 
 
 def _assert_same(compiled, eager):
@@ -23,7 +23,7 @@ def test_apply_capacity_and_expert_choice_compile_with_inductor_without_graph_br
     torch.manual_seed(0)
     T, E, K = 24, 6, 2
     logits_TE = torch.randn(T, E)
-    weights_TK, ids_TK = route(logits_TE, RoutingSpec(E, K))
+    weights_TK, ids_TK = route(logits_TE, TopKRouting(E, K))
     capacity = expert_capacity(T, K, E, 1.0)
 
     for priority in ("score", "position"):
@@ -49,7 +49,7 @@ def test_routing_pipeline_is_one_graph_under_dynamic_shapes():
     """Capacity from a symbolic T, losses and Expert Choice slots: one frame for every T."""
     torch._dynamo.reset()
     E, K = 4, 2
-    spec = RoutingSpec(E, K)
+    spec = TopKRouting(E, K)
 
     def pipeline(logits_TE):
         T = logits_TE.shape[0]

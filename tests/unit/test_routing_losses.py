@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernel_moe.routing.losses import load_balancing_loss, router_z_loss
-from kernel_moe.routing.topk import RoutingSpec, route
+from kernel_moe.routing.topk import TopKRouting, route
 
 
 def reference_load_balancing(probs, ids, E):
@@ -33,7 +33,7 @@ def test_load_balancing_matches_loop_reference(T, E, K, seed):
     g = torch.Generator().manual_seed(seed)
     logits_TE = torch.randn(T, E, generator=g) * 2
     probs_TE = torch.softmax(logits_TE, dim=-1)
-    _, ids_TK = route(logits_TE, RoutingSpec(E, K))
+    _, ids_TK = route(logits_TE, TopKRouting(E, K))
     loss = load_balancing_loss(probs_TE, ids_TK, E)
     assert loss.dim() == 0 and loss.dtype == torch.float32
     expected = reference_load_balancing(probs_TE.double().tolist(), ids_TK.tolist(), E)
@@ -68,7 +68,7 @@ def test_load_balancing_gradient_through_probabilities_only():
     E, T, K = 4, 16, 2
     logits_TE = torch.randn(T, E, requires_grad=True)
     probs_TE = torch.softmax(logits_TE, dim=-1)
-    _, ids_TK = route(logits_TE.detach(), RoutingSpec(E, K))
+    _, ids_TK = route(logits_TE.detach(), TopKRouting(E, K))
     probs_TE.retain_grad()
     load_balancing_loss(probs_TE, ids_TK, E).backward()
     # d loss / d probs[t, i] = E * f_i / T: the same for every token.

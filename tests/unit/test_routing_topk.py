@@ -1,14 +1,14 @@
-"""route() against a per-token Python reference for every routing variant, and RoutingSpec validation."""
+"""route() against a per-token Python reference for every routing variant, and TopKRouting validation."""
 
 import math
 
 import pytest
 import torch
 
-from kernel_moe.routing.topk import RoutingSpec, route
+from kernel_moe.routing.topk import TopKRouting, route
 
 
-def _reference(logits_TE, spec: RoutingSpec, bias_E=None):
+def _reference(logits_TE, spec: TopKRouting, bias_E=None):
     """Token by token, in float64, written from the definitions."""
     T, E = logits_TE.shape
     weights, ids = [], []
@@ -59,7 +59,7 @@ VARIANTS = {
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_route_matches_per_token_reference(name, k, with_bias):
     E, T = 8, 13
-    spec = RoutingSpec(num_experts=E, top_k=k, **VARIANTS[name])
+    spec = TopKRouting(num_experts=E, top_k=k, **VARIANTS[name])
     g = torch.Generator().manual_seed(k + 10 * with_bias)
     logits = torch.randn(T, E, generator=g, dtype=torch.float64) * 2
     bias = torch.randn(E, generator=g, dtype=torch.float64) * 0.3 if with_bias else None
@@ -72,10 +72,10 @@ def test_route_matches_per_token_reference(name, k, with_bias):
 
 def test_top1_switch_and_k_equals_e():
     logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
-    w, ids = route(logits, RoutingSpec(4, 1))
+    w, ids = route(logits, TopKRouting(4, 1))
     assert torch.equal(ids[:, 0], logits.argmax(dim=-1))
     torch.testing.assert_close(w[:, 0], logits.softmax(dim=-1).max(dim=-1).values)
-    w, ids = route(logits, RoutingSpec(4, 4, renormalize=True))
+    w, ids = route(logits, TopKRouting(4, 4, renormalize=True))
     torch.testing.assert_close(w.sum(dim=-1), torch.ones(6))
     assert torch.equal(ids.sort(dim=-1).values, torch.arange(4).expand(6, 4))
 
@@ -83,14 +83,14 @@ def test_top1_switch_and_k_equals_e():
 def test_selection_bias_changes_choice_not_weights():
     logits = torch.tensor([[2.0, 1.9, -1.0, -2.0]])
     bias = torch.tensor([0.0, 0.0, 5.0, 0.0])
-    w, ids = route(logits, RoutingSpec(4, 1, scoring="sigmoid"), bias)
+    w, ids = route(logits, TopKRouting(4, 1, scoring="sigmoid"), bias)
     assert ids.item() == 2
     torch.testing.assert_close(w, torch.sigmoid(torch.tensor([[-1.0]])))
 
 
 def test_gradient_reaches_logits_through_weights():
     logits = torch.randn(5, 6, requires_grad=True)
-    w, _ = route(logits, RoutingSpec(6, 2, renormalize=True))
+    w, _ = route(logits, TopKRouting(6, 2, renormalize=True))
     w.sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
@@ -106,6 +106,15 @@ def test_gradient_reaches_logits_through_weights():
     (dict(num_experts=8, top_k=1, num_groups=4, topk_groups=5), "topk_groups"),
     (dict(num_experts=8, top_k=5, num_groups=4, topk_groups=2), "top_k"),
 ])
-def test_routing_spec_rejects_bad_values(kwargs, field):
+def test_topk_routing_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        RoutingSpec(**kwargs)
+        TopKRouting(**kwargs)
+
+
+def test_deprecated_names_are_aliases_of_the_renamed_classes():
+    from kernel_moe.layers import ExpertsModuleSpec, ExpertsOnlySpec, LinearRouter, RouterSpec
+    from kernel_moe.routing.topk import RoutingSpec
+
+    assert RoutingSpec is TopKRouting
+    assert RouterSpec is LinearRouter
+    assert ExpertsOnlySpec is ExpertsModuleSpec
