@@ -13,11 +13,12 @@ from kernel_moe.adapters import registered_adapters
 from kernel_moe.adapters.base import Adapter, Skip, check_expected_shape
 from kernel_moe.adapters.probe import (
     PROBE_SEED,
+    first_match,
     gradients_mismatch,
     outputs_mismatch,
     probe_input,
     returns_kind,
-    run_module,
+    run_reference,
 )
 from kernel_moe.config import KernelConfig
 from kernel_moe.errors import UnsupportedModuleError
@@ -164,42 +165,26 @@ class UnifiedManager:
             return _expected(specs[0], self.config) or build(module, specs[0], self.config.backend)
         if like.device.type == "meta":
             return Skip("parameters are on the meta device, so equivalence cannot be verified")
-        ref = args = None
-        error = ""
-        for args in _probe_args(specs[0], self.config.verify_tokens, like):
-            try:
-                ref = run_module(module, *args)
-                break
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-        if ref is None:
-            return Skip(f"the original forward failed on a probe input ({error[:200]})")
+        found = run_reference(module, _probe_args(specs[0], self.config.verify_tokens, like))
+        if isinstance(found, str):
+            return Skip(f"the original forward failed on a probe input ({found[:200]})")
+        args, ref = found
         kind = returns_kind(ref, args[0], getattr(specs[0], "num_experts", 0), getattr(specs[0], "top_k", 0))
         if kind is None or (kind != "tensor" and not isinstance(specs[0], MoESpec)):
             return Skip(f"forward returns {type(ref).__name__} that the fused layer cannot reproduce")
-        reasons = []
-        for spec in specs:
-            if isinstance(spec, MoESpec):
-                spec = dataclasses.replace(spec, returns=kind)
-            try:
-                layer = build(module, spec, self.config.backend)
-                out = run_module(layer, *args)
-            except Exception as exc:
-                reasons.append(f"{type(exc).__name__}: {exc}")
-                continue
-            why = outputs_mismatch(out, ref)
-            if why is not None:
-                reasons.append(why)
-                continue
-            unexpected = _expected(spec, self.config)
-            if unexpected is not None:
-                return unexpected
-            fallback = self._training_check(module, layer, args)
-            gradient = self._gradient_check(module, layer, args, train=fallback is None)
-            if fallback is not None or gradient is not None:
-                layer.spec = dataclasses.replace(spec, training_fallback=fallback, gradient_fallback=gradient)
-            return layer
-        return Skip("not proven equivalent: " + "; ".join(dict.fromkeys(reasons))[:400])
+        candidates = [dataclasses.replace(s, returns=kind) if isinstance(s, MoESpec) else s for s in specs]
+        match = first_match(candidates, lambda s: build(module, s, self.config.backend), ref, args)
+        if match.candidate is None:
+            return Skip("not proven equivalent: " + match.reason(400))
+        spec, layer = match.candidate, match.module
+        unexpected = _expected(spec, self.config)
+        if unexpected is not None:
+            return unexpected
+        fallback = self._training_check(module, layer, args)
+        gradient = self._gradient_check(module, layer, args, train=fallback is None)
+        if fallback is not None or gradient is not None:
+            layer.spec = dataclasses.replace(spec, training_fallback=fallback, gradient_fallback=gradient)
+        return layer
 
     @staticmethod
     def _training_check(module: nn.Module, layer: nn.Module, args: tuple) -> str | None:

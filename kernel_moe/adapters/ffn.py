@@ -9,11 +9,10 @@ from __future__ import annotations
 from torch import nn
 
 from kernel_moe.adapters.base import Skip
-from kernel_moe.adapters.handwritten import expert_forms
+from kernel_moe.adapters.handwritten import expert_forms, form_experts_spec
+from kernel_moe.adapters.structure import linear_layers
 from kernel_moe.config import KernelConfig
-from kernel_moe.kernels.contract import Activation
-from kernel_moe.layers.spec import ExpertsSpec, FFNSpec
-from kernel_moe.layers.weights import ExpertListWeight
+from kernel_moe.layers.spec import FFNSpec
 
 
 def _hidden(linears: list[tuple[str, nn.Linear]]) -> int | None:
@@ -34,11 +33,10 @@ class DenseFFNAdapter:
     def candidates(self, module: nn.Module, config: KernelConfig) -> list[FFNSpec] | Skip | None:
         if not config.swap_ffn:
             return None
-        linears = [(p, m) for p, m in module.named_modules() if isinstance(m, nn.Linear)]
-        if len(linears) not in (2, 3) or any(isinstance(m, nn.ModuleList) for m in module.modules()):
+        linears = linear_layers(module)
+        if linears is None or len(linears) not in (2, 3):
             return None
-        own = {id(p) for p in module.parameters()}
-        if own != {id(p) for _, m in linears for p in m.parameters()}:
+        if any(isinstance(m, nn.ModuleList) for m in module.modules()):
             return None
         hidden = _hidden(linears)
         if hidden is None:
@@ -48,12 +46,6 @@ class DenseFFNAdapter:
             return None
         specs = []
         for form in forms:
-            up = ExpertListWeight(((*(p + ".weight" for p in form.up),),), key="up")
-            down = ExpertListWeight(((form.down + ".weight",),), key="down")
-            up_b = ExpertListWeight(((*(p + ".bias" for p in form.up),),), key="up_bias") if form.bias else None
-            down_b = ExpertListWeight(((form.down + ".bias",),), key="down_bias") if form.bias else None
             inter = module.get_submodule(form.up[0]).out_features
-            experts = ExpertsSpec(num_experts=1, hidden=hidden, intermediate=inter, up=up, down=down, up_bias=up_b,
-                                  down_bias=down_b, activation=Activation(form.activation, form.glu))
-            specs.append(FFNSpec(experts=experts))
+            specs.append(FFNSpec(experts=form_experts_spec(form, [""], hidden, inter)))
         return specs

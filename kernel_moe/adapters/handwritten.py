@@ -17,15 +17,15 @@ import torch
 from torch import nn
 
 from kernel_moe.adapters.base import Skip
-from kernel_moe.adapters.probe import POINTWISE, first_match, identify_activation, probe_input, run_module
+from kernel_moe.adapters.probe import POINTWISE, first_match, leaf_activations, probe_input, run_module
+from kernel_moe.adapters.structure import TOPK_ATTRS, int_attr
 from kernel_moe.config import KernelConfig
 from kernel_moe.kernels.contract import Activation
-from kernel_moe.layers.spec import ExpertsSpec, MoESpec, LinearRouter
+from kernel_moe.layers.spec import ExpertsSpec, LinearRouter, MoESpec
 from kernel_moe.layers.weights import ExpertListWeight
 from kernel_moe.reference.moe import expert_mlp
 from kernel_moe.routing.topk import TopKRouting
 
-TOPK_ATTRS = ("top_k", "topk", "k", "num_experts_per_tok", "num_selected_experts", "experts_per_token", "n_active")
 MAX_PROBED_K = 8
 ROUTING_VARIANTS = (
     ("softmax", True),
@@ -47,22 +47,10 @@ class ExpertForm:
     bias: bool
 
 
-def _leaf_activations(expert: nn.Module) -> list[str]:
-    """Activations computed by the expert's non-Linear, non-Dropout leaf modules."""
-    names = []
-    for m in expert.modules():
-        if next(m.children(), None) is not None or isinstance(m, (nn.Linear, nn.Dropout)):
-            continue
-        name = identify_activation(m)
-        if name is not None:
-            names.append(name)
-    return names
-
-
 def expert_forms(expert: nn.Module, hidden: int) -> list[ExpertForm] | Skip:
     """Candidate wirings of an expert MLP, from its Linear layers' shapes."""
     linears = [(p, m) for p, m in expert.named_modules() if isinstance(m, nn.Linear)]
-    acts = _leaf_activations(expert)
+    acts = leaf_activations(expert)
     act_candidates = list(dict.fromkeys(acts)) or list(POINTWISE)
     if len(acts) > 1 and len(set(acts)) > 1:
         return Skip(f"expert holds several different activations {acts}")
@@ -90,6 +78,22 @@ def expert_forms(expert: nn.Module, hidden: int) -> list[ExpertForm] | Skip:
     return Skip(f"expert has {len(linears)} Linear layers; supported: 2 (up, down) or 3 (gate, up, down)")
 
 
+def form_experts_spec(form: ExpertForm, prefixes: list[str], hidden: int, intermediate: int) -> ExpertsSpec:
+    """The ExpertsSpec of experts wired as ``form``, one per attribute-path prefix: their Linear
+    weights (and biases) are stacked per expert, gate and up concatenated in ``form.up`` order."""
+
+    def stacked(paths: tuple[str, ...], suffix: str, key: str) -> ExpertListWeight:
+        return ExpertListWeight(tuple(tuple(pre + p + suffix for p in paths) for pre in prefixes), key=key)
+
+    return ExpertsSpec(
+        num_experts=len(prefixes), hidden=hidden, intermediate=intermediate,
+        up=stacked(form.up, ".weight", "up"), down=stacked((form.down,), ".weight", "down"),
+        up_bias=stacked(form.up, ".bias", "up_bias") if form.bias else None,
+        down_bias=stacked((form.down,), ".bias", "down_bias") if form.bias else None,
+        activation=Activation(form.activation, form.glu),
+    )
+
+
 def _form_reference(expert: nn.Module, form: ExpertForm):
     """The fused computation of one expert under a candidate wiring, as a module for probing."""
 
@@ -112,19 +116,16 @@ def prove_expert_form(expert: nn.Module, hidden: int, tokens: int) -> ExpertForm
     if like.device.type == "meta":
         return Skip("parameters are on the meta device, so the expert MLP cannot be probed")
     x = probe_input((tokens, hidden), like)
-    found = first_match(lambda f: _form_reference(expert, f), forms, lambda t: run_module(expert, t), x)
-    if isinstance(found, str):
-        return Skip(f"expert MLP not recognized: {found}")
-    return found[0]
+    match = first_match(forms, lambda f: _form_reference(expert, f), run_module(expert, x), (x,))
+    if match.candidate is None:
+        return Skip(f"expert MLP not recognized: no candidate matched the probe ({match.reason(300)})")
+    return match.candidate
 
 
 def _top_k_hints(module: nn.Module, router_owner: nn.Module, num_experts: int) -> list[int]:
-    for owner in (module, router_owner):
-        for attr in TOPK_ATTRS:
-            v = getattr(owner, attr, None)
-            if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= num_experts:
-                return [v]
-    return list(range(1, min(num_experts, MAX_PROBED_K) + 1))
+    """k declared by the block or its router's owner, else every k up to MAX_PROBED_K (the probe decides)."""
+    k = int_attr((module, router_owner), TOPK_ATTRS, 1, num_experts)
+    return [k] if k is not None else list(range(1, min(num_experts, MAX_PROBED_K) + 1))
 
 
 class HandwrittenMoEAdapter:
@@ -164,18 +165,8 @@ class HandwrittenMoEAdapter:
 
     def _specs(self, module, list_name, experts, routers, hidden, form: ExpertForm) -> list[MoESpec]:
         E = len(experts)
-        prefix = [f"{list_name}.{e}." for e in range(E)]
-        up = ExpertListWeight(tuple(tuple(pre + p + ".weight" for p in form.up) for pre in prefix), key="up")
-        down = ExpertListWeight(tuple((pre + form.down + ".weight",) for pre in prefix), key="down")
-        up_b = down_b = None
-        if form.bias:
-            up_b = ExpertListWeight(tuple(tuple(pre + p + ".bias" for p in form.up) for pre in prefix), key="up_bias")
-            down_b = ExpertListWeight(tuple((pre + form.down + ".bias",) for pre in prefix), key="down_bias")
-        up_mod = experts[0].get_submodule(form.up[0])
-        experts_spec = ExpertsSpec(
-            num_experts=E, hidden=hidden, intermediate=up_mod.out_features, up=up, down=down,
-            up_bias=up_b, down_bias=down_b, activation=Activation(form.activation, form.glu),
-        )
+        inter = experts[0].get_submodule(form.up[0]).out_features
+        experts_spec = form_experts_spec(form, [f"{list_name}.{e}." for e in range(E)], hidden, inter)
         specs = []
         for router_path, router in routers:
             owner = module.get_submodule(router_path.rpartition(".")[0]) if "." in router_path else module

@@ -3,13 +3,15 @@
 Every swap is preceded by a probe: a seeded random input of the module's dtype and device,
 evaluated without gradients and in eval mode (dropout off), on the original module and on
 the candidate. The candidate is accepted only when the outputs agree within the dtype's
-tolerance; the first candidate that agrees wins.
+tolerance; the first candidate that agrees wins (:func:`first_match`, the one loop that both
+the adapters and the manager run).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -159,40 +161,77 @@ def identify_activation(fn: Callable[[torch.Tensor], torch.Tensor]) -> str | Non
     return None
 
 
-def first_match(
-    build: Callable[[object], nn.Module],
-    candidates: list,
-    reference: Callable[[torch.Tensor], object],
-    x: torch.Tensor,
-) -> tuple[object, nn.Module] | str:
-    """Try candidates in order; return (candidate, built module) for the first whose output on
-    ``x`` matches ``reference(x)``, else the reason of the closest failure."""
-    ref = reference(x)
-    reasons = []
+def leaf_activations(module: nn.Module) -> list[str]:
+    """Activations computed by the module's parameter-free leaf modules (Dropout aside: calling it
+    would draw from the global RNG), in module order; other leaves are passed over."""
+    names = []
+    for m in module.modules():
+        if next(m.children(), None) is not None or isinstance(m, nn.Dropout) or any(True for _ in m.parameters()):
+            continue
+        name = identify_activation(m)
+        if name is not None:
+            names.append(name)
+    return names
+
+
+def run_reference(module: nn.Module, arg_options: list[tuple]) -> tuple[tuple, object] | str:
+    """(args, module(*args)) for the first argument tuple the module accepts (no gradients, eval
+    mode), else the error of the last attempt."""
+    error = "no probe arguments"
+    for args in arg_options:
+        try:
+            return args, run_module(module, *args)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    return error
+
+
+@dataclass(frozen=True)
+class Match:
+    """The outcome of :func:`first_match`: the first candidate that agrees and the module built
+    from it (both None when none agrees), and why each rejected candidate failed."""
+
+    candidate: object | None
+    module: nn.Module | None
+    failures: tuple[str, ...]
+
+    def reason(self, limit: int) -> str:
+        """The distinct failures, joined and cut to ``limit`` characters."""
+        return "; ".join(dict.fromkeys(self.failures))[:limit]
+
+
+def first_match(candidates: list, build: Callable[[object], nn.Module], ref: object, args: tuple) -> Match:
+    """The one probe loop: build each candidate in order and run it on ``args`` (no gradients,
+    eval mode); the first whose every output agrees with ``ref`` (the original's output on the
+    same ``args``) within the dtype tolerance is the match."""
+    failures = []
     for cand in candidates:
         try:
             mod = build(cand)
-            out = run_module(mod, x)
+            out = run_module(mod, *args)
         except Exception as exc:  # a candidate that cannot run is simply not a match
-            reasons.append(f"{type(exc).__name__}: {exc}")
+            failures.append(f"{type(exc).__name__}: {exc}")
             continue
-        why = mismatch(out, ref)  # type: ignore[arg-type]
+        why = outputs_mismatch(out, ref)
         if why is None:
-            return cand, mod
-        reasons.append(why)
-    return "no candidate matched the probe (" + "; ".join(dict.fromkeys(reasons))[:300] + ")"
+            return Match(cand, mod, tuple(failures))
+        failures.append(why)
+    return Match(None, None, tuple(failures))
 
 
 __all__ = [
+    "Match",
     "eval_mode",
     "first_match",
     "gradients_mismatch",
     "identify_activation",
+    "leaf_activations",
     "mismatch",
     "outputs_mismatch",
     "probe_gradients",
     "probe_input",
     "returns_kind",
     "run_module",
+    "run_reference",
     "train_mode",
 ]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kernel_moe.adapters.base import Skip
-from kernel_moe.adapters.transformers import experts_specs, is_stacked_experts
+from kernel_moe.adapters.transformers import declared_hidden, experts_specs, is_stacked_experts
 from kernel_moe.errors import KernelMoEError, UnsupportedModuleError
 from kernel_moe.layers.experts import run_experts
 from kernel_moe.layers.spec import ExpertsSpec
@@ -25,8 +25,7 @@ _SPEC_ATTR = "_kernel_moe_experts_spec"
 
 
 def _spec_for(experts: nn.Module) -> ExpertsSpec:
-    hidden = getattr(experts, "hidden_dim", None) or getattr(experts, "hidden_size", None)
-    specs = experts_specs(experts, "", hidden if isinstance(hidden, int) else None)
+    specs = experts_specs(experts, "", declared_hidden(experts))
     if isinstance(specs, Skip):
         raise UnsupportedModuleError(f"{type(experts).__name__}: {specs.reason}")
     if len(specs) != 1:

@@ -24,7 +24,9 @@ from torch import nn
 
 from kernel_moe.adapters.base import Skip
 from kernel_moe.adapters.handwritten import HandwrittenMoEAdapter
-from kernel_moe.adapters.transformers import block_parts, is_stacked_experts
+from kernel_moe.adapters.hf_blocks import block_parts
+from kernel_moe.adapters.hf_experts import is_stacked_experts
+from kernel_moe.adapters.structure import linear_layers
 from kernel_moe.config import KernelConfig
 
 _INDEXED = re.compile(r"^(?:[A-Za-z_]*?_?)?\d+$")
@@ -50,9 +52,8 @@ def _routers(module: nn.Module, exclude: str) -> dict[int, str]:
 
 def _mlp_like(module: nn.Module) -> bool:
     """Parameters only from at most three Linear layers (a single Linear counts)."""
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    own = {id(p) for p in module.parameters()}
-    return 1 <= len(linears) <= 3 and own == {id(p) for m in linears for p in m.parameters()}
+    linears = linear_layers(module)
+    return linears is not None and 1 <= len(linears) <= 3
 
 
 def _expert_items(container: nn.Module) -> list[nn.Module] | None:

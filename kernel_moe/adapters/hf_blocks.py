@@ -1,0 +1,173 @@
+"""The parts of a transformers (v5) MoE block, found by structure (never by a model name).
+
+The experts are a stacked experts child or two 3-D parameters of separate child modules; the
+router is the submodule holding an [E, H] weight outside them; a selection bias is any [E]
+tensor of the block outside the experts; a shared expert is a child made of Linear layers
+mapping H -> H (or named like one), its gate a Linear(H, 1); an output bias is an [H]
+parameter of the block itself. Whatever else the block holds is listed as ``extra``.
+
+Legend: H hidden, E experts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernel_moe.adapters.base import Skip
+from kernel_moe.adapters.hf_experts import is_stacked_experts
+from kernel_moe.adapters.structure import chain_layouts, linear_layers
+from kernel_moe.layers.weights import get_attr_path
+
+SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
+
+
+@dataclass(frozen=True)
+class RouterPlace:
+    """Where a block routes (paths relative to the block).
+
+    - ``path``: the module owning the [E, H] weight.
+    - ``owner``: the block's child that holds it (called alone to observe the routing).
+    - ``logits_bias``: an [E] bias of that module (added to the logits), if any.
+    - ``selection_biases``: the block's other [E] tensors outside the experts and shared expert
+      (candidate selection biases)."""
+
+    path: str
+    owner: str
+    logits_bias: str | None
+    selection_biases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """What a block is made of (paths relative to the block).
+
+    - ``experts``: one path, the stacked experts child; or two, the 3-D weights of a block whose
+      up and down projections live in separate modules (which is up is settled by the shapes).
+    - ``shared`` / ``shared_gate``: a shared expert and its Linear(H, 1) gate.
+    - ``output_biases``: [H] parameters of the block (candidates for a bias added to its output).
+    - ``extra``: children with parameters that are none of the above."""
+
+    experts: tuple[str, ...]
+    num_experts: int
+    hidden: int
+    router: RouterPlace
+    shared: str | None = None
+    shared_gate: str | None = None
+    output_biases: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+
+    @property
+    def split(self) -> tuple[str, str] | None:
+        """The two 3-D weight paths of a split-experts block, else None."""
+        return (self.experts[0], self.experts[1]) if len(self.experts) == 2 else None
+
+    @property
+    def experts_children(self) -> tuple[str, ...]:
+        """The block's children that hold the experts."""
+        return tuple(dict.fromkeys(p.split(".")[0] for p in self.experts))
+
+
+def _is_dense_ffn(module: nn.Module, hidden: int) -> bool:
+    """A module made of Linear layers only, one reading H and one writing H (a dense FFN)."""
+    linears = linear_layers(module)
+    return bool(linears) and any(m.in_features == hidden for _, m in linears) and any(
+        m.out_features == hidden for _, m in linears)
+
+
+def _split_experts(module: nn.Module) -> tuple[str, str] | None:
+    """Paths of the two 3-D parameters [E, ., .] of a block whose up and down projections live in
+    separate child modules (the order is settled later by the shapes), or None. Parameters of
+    convolutions and of stacked experts modules deeper in the tree do not count."""
+    threed = []
+    for path, owner in module.named_modules():
+        if isinstance(owner, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (path and is_stacked_experts(owner)):
+            continue
+        for name, t in owner.named_parameters(recurse=False):
+            if t.dim() == 3 and t.is_floating_point():
+                threed.append((f"{path}.{name}" if path else name, t))
+    if len(threed) != 2 or threed[0][1].shape[0] != threed[1][1].shape[0]:
+        return None
+    if any("." not in p or p.count(".") > 2 for p, _ in threed):
+        return None
+    return threed[0][0], threed[1][0]
+
+
+def _find_experts(module: nn.Module) -> tuple[tuple[str, ...], int] | Skip | None:
+    """(experts paths, E): one stacked experts child, else two split 3-D weights; None when the
+    block has neither."""
+    found = [n for n, c in module.named_children() if is_stacked_experts(c)]
+    if len(found) > 1:
+        return Skip(f"block holds {len(found)} experts modules ({', '.join(found)}); the fused layer routes to one")
+    if found:
+        return (found[0],), module.get_submodule(found[0]).down_proj.shape[0]
+    split = _split_experts(module)
+    if split is None:
+        return None
+    return split, get_attr_path(module, split[0]).shape[0]
+
+
+def _selection_biases(module: nn.Module, num_experts: int, skip: tuple[str, ...], router: str,
+                      logits_bias: str | None) -> tuple[str, ...]:
+    """Floating [E] (or [1, E]) parameters and buffers of the block outside the ``skip`` children,
+    the router weight and its logits bias."""
+    prefixes = tuple(p + "." for p in skip)
+    found = []
+    for path, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+        if path.startswith(prefixes) or path in (logits_bias, router + ".weight"):
+            continue
+        if t.is_floating_point() and t.numel() == num_experts and t.dim() in (1, 2) and t.shape[-1] == num_experts:
+            found.append(path)
+    return tuple(found)
+
+
+def block_parts(module: nn.Module) -> BlockParts | Skip | None:
+    """The parts of a block with a stacked experts child (or two split 3-D expert weights), or
+    None when it has none."""
+    experts = _find_experts(module)
+    if experts is None or isinstance(experts, Skip):
+        return experts
+    paths, E = experts
+    split = len(paths) == 2
+    children = tuple(dict.fromkeys(p.split(".")[0] for p in paths))
+    routers = [
+        (p, m) for p, m in module.named_modules()
+        if p and p.split(".")[0] not in children and isinstance(getattr(m, "weight", None), torch.Tensor)
+        and m.weight.dim() == 2 and m.weight.shape[0] == E
+    ]
+    if not routers:
+        return None if split else Skip(f"{paths[0]}: no router with a [{E}, H] weight found in the block")
+    router_path, router = routers[0]
+    H = router.weight.shape[1]
+    if split:
+        a, b = (get_attr_path(module, p).shape for p in paths)
+        if not (chain_layouts(a, b, H) or chain_layouts(b, a, H)):
+            return None
+    owner = router_path.split(".")[0]
+    rbias = getattr(router, "bias", None)
+    logits_bias = router_path + ".bias" if isinstance(rbias, torch.Tensor) and rbias.numel() == E else None
+    shared = shared_gate = None
+    extra = []
+    for name, child in module.named_children():
+        if name in children or name == owner or not any(True for _ in child.parameters()):
+            continue
+        if isinstance(child, nn.Linear) and child.in_features == H and child.out_features == 1 and shared_gate is None:
+            shared_gate = name
+        elif (_is_dense_ffn(child, H) or name in SHARED_NAMES) and shared is None:
+            shared = name
+        else:
+            extra.append(name)
+    if split and extra:
+        return None  # two 3-D weights inside a larger module: not recognised as an MoE block
+    skip = tuple(p for p in (*children, shared, shared_gate) if p)
+    sel = _selection_biases(module, E, skip, router_path, logits_bias)
+    out_bias = tuple(n for n, t in module.named_parameters(recurse=False)
+                     if t.dim() == 1 and t.numel() == H and n not in sel)
+    place = RouterPlace(router_path, owner, logits_bias, sel)
+    return BlockParts(paths, E, H, place, shared, shared_gate, out_bias, tuple(extra))
+
+
+__all__ = ["BlockParts", "RouterPlace", "block_parts"]

@@ -1,0 +1,166 @@
+"""Expert layouts of transformers (v5) blocks, as candidate :class:`ExpertsSpec`.
+
+Two layouts: a stacked experts module holding 3-D ``gate_up_proj`` (or ``up_proj``) and
+``down_proj`` parameters, and two 3-D parameters living in separate child modules of a block.
+The transposition comes from the flags transformers' experts interface records
+(``is_transposed``, ``is_concatenated``, ``has_bias``, ``has_gate``) or, when absent, from the
+shapes (:func:`~kernel_moe.adapters.structure.chain_layouts`); the activation is identified by
+evaluating ``act_fn`` (or an overridden ``_apply_gate``), never by a model name.
+
+Legend: T tokens, H hidden, E experts, I intermediate, N up features.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import nn
+
+from kernel_moe.adapters.base import Skip
+from kernel_moe.adapters.probe import POINTWISE, identify_activation, leaf_activations, mismatch, probe_input
+from kernel_moe.adapters.structure import (
+    ChainLayout,
+    chain_layouts,
+    numeric_attrs,
+    same_transposition,
+    tensor_attr,
+)
+from kernel_moe.kernels.contract import Activation
+from kernel_moe.layers.spec import ExpertsSpec
+from kernel_moe.layers.weights import StackedWeight, get_attr_path
+from kernel_moe.reference.activations import apply_activation
+
+
+def is_stacked_experts(module: nn.Module) -> bool:
+    """An experts module with 3-D up (gate_up_proj or up_proj) and down_proj parameters."""
+    up = tensor_attr(module, "gate_up_proj")
+    if up is None:
+        up = tensor_attr(module, "up_proj")
+    down = tensor_attr(module, "down_proj")
+    return up is not None and down is not None and up.dim() == 3 and down.dim() == 3
+
+
+def declared_hidden(experts: nn.Module) -> int | None:
+    """The hidden size an experts module declares (``hidden_dim`` or ``hidden_size``), if any."""
+    hidden = getattr(experts, "hidden_dim", None) or getattr(experts, "hidden_size", None)
+    return hidden if isinstance(hidden, int) else None
+
+
+def _default_gate_fn():
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except Exception:
+        return None
+    return _default_apply_gate
+
+
+def _named(fragment: str):
+    """A name test: whether an attribute name contains ``fragment`` (any case)."""
+    return lambda name: fragment in name.lower()
+
+
+def _activation_candidates(experts: nn.Module, has_gate: bool, glu_hint: str,
+                           intermediate: int) -> list[Activation] | Skip:
+    """Activations proven on the experts' own gate/act function.
+
+    A custom ``_apply_gate`` is evaluated on a probe wide enough to cross any clamp limit the
+    module declares, so a clamp cannot hide behind small probe values."""
+    act_fn = getattr(experts, "act_fn", None)
+    act = identify_activation(act_fn) if act_fn is not None else None
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    custom_gate = has_gate and apply_gate is not None and apply_gate is not _default_gate_fn()
+    if not custom_gate:
+        if act is None:
+            return Skip(f"experts activation {type(act_fn).__name__} is not one of silu, gelu, gelu_tanh, relu "
+                        "(the fused op has no other activation)")
+        return [Activation(act, glu_hint if has_gate else "none")]
+    limits = numeric_attrs(experts, _named("limit"))
+    alphas = numeric_attrs(experts, _named("alpha")) or [1.702]
+    options = [Activation("gpt_oss", g, a, lim) for g in dict.fromkeys((glu_hint, "interleaved", "concat"))
+               for a in alphas for lim in (limits or [math.inf])]
+    if act is not None:
+        options += [Activation(act, g) for g in dict.fromkeys((glu_hint, "concat", "interleaved"))]
+    reach = max([4.0] + [3.0 * lim for lim in limits])
+    h_TN = probe_input((16, 2 * intermediate), experts.down_proj) * reach
+    try:
+        with torch.no_grad():
+            ref_TI = experts._apply_gate(h_TN)
+    except Exception as exc:
+        return Skip(f"experts._apply_gate failed on a probe: {type(exc).__name__}: {exc}")
+    for opt in options:
+        if mismatch(apply_activation(h_TN, opt.kind, opt.glu, opt.alpha, opt.limit), ref_TI) is None:
+            return [opt]
+    clamp = f" with a clamp limit {limits[0]:g}" if limits else ""
+    return Skip(f"{type(experts).__name__}._apply_gate computes a gate function{clamp} that the fused op does not "
+                "(supported: act(gate) * up for silu/gelu/gelu_tanh/relu, and the GPT-OSS clamped GLU)")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _spec(num_experts: int, layout: ChainLayout, up: str, down: str, activation: Activation,
+          biases: tuple[str, str] | None = None) -> ExpertsSpec:
+    """The ExpertsSpec of 3-D weights at paths ``up`` and ``down`` read as ``layout``."""
+    return ExpertsSpec(
+        num_experts=num_experts, hidden=layout.hidden, intermediate=layout.intermediate,
+        up=StackedWeight(up, transposed=layout.up_transposed),
+        down=StackedWeight(down, transposed=layout.down_transposed),
+        up_bias=StackedWeight(biases[0]) if biases else None,
+        down_bias=StackedWeight(biases[1]) if biases else None,
+        activation=activation,
+    )
+
+
+def experts_specs(experts: nn.Module, prefix: str, hidden: int | None) -> list[ExpertsSpec] | Skip:
+    """Candidate ExpertsSpecs for a stacked experts module at attribute path ``prefix``.
+
+    ``hidden`` comes from the router when known; otherwise it is read from the weight shapes
+    (both layouts are proposed when the shapes alone do not settle it)."""
+    has_gate = tensor_attr(experts, "gate_up_proj") is not None
+    up_name = "gate_up_proj" if has_gate else "up_proj"
+    w_up, w_down = getattr(experts, up_name), experts.down_proj
+    E = w_down.shape[0]
+    if getattr(experts, "has_post_expert_norm", False):
+        return Skip("experts apply a norm to each expert output before the routing weight (post-expert norm), "
+                    "which the fused op does not compute")
+    if w_up.shape[0] != E:
+        return Skip(f"{_join(prefix, up_name)} holds {w_up.shape[0]} experts but down_proj holds {E} "
+                    "(extra experts without a down projection, e.g. identity experts)")
+    glu_hint = "concat" if getattr(experts, "is_concatenated", True) else "interleaved"
+    has_bias = getattr(experts, "has_bias", None)
+    if has_bias is None:
+        has_bias = tensor_attr(experts, up_name + "_bias") is not None
+    biases = (_join(prefix, up_name + "_bias"), _join(prefix, "down_proj_bias")) if has_bias else None
+    layouts = chain_layouts(w_up.shape, w_down.shape, hidden, gated=has_gate,
+                            transpositions=same_transposition(getattr(experts, "is_transposed", None)))
+    specs: list[ExpertsSpec] = []
+    for layout in layouts:
+        acts = _activation_candidates(experts, has_gate, glu_hint, layout.intermediate)
+        if isinstance(acts, Skip):
+            return acts
+        specs += [_spec(E, layout, _join(prefix, up_name), _join(prefix, "down_proj"), act, biases) for act in acts]
+    return specs or Skip(f"{_join(prefix, up_name)} shape {tuple(w_up.shape)} and down_proj {tuple(w_down.shape)} "
+                         "do not chain")
+
+
+def split_experts_specs(block: nn.Module, paths: tuple[str, str], hidden: int) -> list[ExpertsSpec] | Skip:
+    """Candidate ExpertsSpecs for two 3-D weights at ``paths`` in separate modules of ``block``:
+    every (up, down) assignment and transposition the shapes allow, each with the activations
+    the block could apply."""
+    a, b = paths
+    acts = list(dict.fromkeys(leaf_activations(block))) or list(POINTWISE)
+    specs = []
+    for up_path, down_path in ((a, b), (b, a)):
+        up, down = get_attr_path(block, up_path), get_attr_path(block, down_path)
+        for layout in chain_layouts(up.shape, down.shape, hidden):
+            glus = ["concat", "interleaved"] if layout.gated else ["none"]
+            specs += [_spec(up.shape[0], layout, up_path, down_path, Activation(act, glu))
+                      for act, glu in itertools.product(acts, glus)]
+    return specs or Skip(f"3-D weights {a} {tuple(get_attr_path(block, a).shape)} and {b} "
+                         f"{tuple(get_attr_path(block, b).shape)} do not chain H={hidden} -> I -> H")
+
+
+__all__ = ["declared_hidden", "experts_specs", "is_stacked_experts", "split_experts_specs"]

@@ -1,0 +1,234 @@
+"""How a transformers (v5) block routes: candidate readings of its router, pruned by running it.
+
+Readings (:class:`RouterReading`) are proposed from the attributes of the router, its owner,
+the block and their configs (top-k, groups, scoring, renormalisation, scaling) and from the
+biases the block holds, most likely first. Each is then checked against what the router itself
+returns on a probe input (its outputs are recognised by dtype and shape, never by position);
+the manager proves the survivors on the whole block.
+
+Legend: T tokens, H hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernel_moe.adapters.hf_blocks import BlockParts
+from kernel_moe.adapters.probe import eval_mode, probe_input
+from kernel_moe.adapters.structure import TOPK_ATTRS, int_attr, numeric_attrs
+from kernel_moe.layers.weights import get_attr_path
+from kernel_moe.routing.topk import TopKRouting, route
+
+GROUP_ATTRS = ("n_group", "num_expert_group", "num_group")
+TOPK_GROUP_ATTRS = ("topk_group", "num_topk_group")
+_SCALE_NAME = re.compile(r"(rout|moe|expert).*scal|scal.*(rout|moe|expert)", re.IGNORECASE)
+ROUTER_PROBE_TOKENS = 32
+
+
+def hint_objects(block: nn.Module, parts: BlockParts) -> list[object]:
+    """Where routing attributes are declared: the router, its owner, the block, their configs."""
+    objs: list[object] = []
+    for obj in (block.get_submodule(parts.router.path), block.get_submodule(parts.router.owner), block):
+        if obj not in objs:
+            objs.append(obj)
+    for obj in list(objs):
+        cfg = getattr(obj, "config", None)
+        if cfg is not None and cfg not in objs:
+            objs.append(cfg)
+    return objs
+
+
+def _scales(objs: list[object]) -> list[float]:
+    """Routed-output scaling factors declared by the router, block or config, then 1.0."""
+    values = [v for obj in objs for v in numeric_attrs(obj, _SCALE_NAME.search) if v > 0]
+    return list(dict.fromkeys(values + [1.0]))
+
+
+@dataclass(frozen=True)
+class RouterReading:
+    """One reading of a block's router: the top-k routing of its logits, and the paths of the
+    selection bias and logits bias it uses (None: not used)."""
+
+    routing: TopKRouting
+    selection_bias: str | None
+    logits_bias: str | None
+
+
+def _first_bool(objs: list[object], name: str) -> bool | None:
+    return next((v for o in objs for v in [getattr(o, name, None)] if isinstance(v, bool)), None)
+
+
+def router_readings(block: nn.Module, parts: BlockParts, top_k: int) -> list[RouterReading]:
+    """Readings of the block's router, most likely first (from the attributes' hints)."""
+    objs = hint_objects(block, parts)
+    E = parts.num_experts
+    norm_hint = _first_bool(objs, "norm_topk_prob")
+    renorms = [norm_hint, not norm_hint] if norm_hint is not None else [True, False]
+    scoring_hint = next((v for o in objs for v in [getattr(o, "scoring_func", None)] if v in ("softmax", "sigmoid")),
+                        None)
+    selection = parts.router.selection_biases
+    scorings = ["sigmoid", "softmax"] if selection or scoring_hint == "sigmoid" else ["softmax", "sigmoid"]
+    G = int_attr(objs, GROUP_ATTRS) or 1
+    TG = int_attr(objs, TOPK_GROUP_ATTRS) or 1
+    groups = [(1, 1, "top2_sum")]
+    if G > 1 and E % G == 0 and 1 <= TG <= G and top_k <= TG * (E // G):
+        groups = [(G, TG, "top2_sum"), (G, TG, "max"), (1, 1, "top2_sum")]
+    scales = _scales(objs)
+    biases: list[str | None] = list(selection) + [None]
+    logit_biases = [parts.router.logits_bias, None] if parts.router.logits_bias else [None]
+    out: list[RouterReading] = []
+
+    def add(selection_bias: str | None, logits_bias: str | None, **routing: object) -> None:
+        try:
+            spec = TopKRouting(E, top_k, **routing)  # type: ignore[arg-type]
+        except ValueError:  # a combination the routing rejects (e.g. groups too small for k)
+            return
+        out.append(RouterReading(spec, selection_bias, logits_bias))
+
+    for lb in logit_biases:
+        if lb is not None:  # a bias on the logits: GPT-OSS style top-k of the logits, then softmax
+            for scale in scales:
+                add(None, lb, scoring="softmax", order="topk_then_score", scaling=scale)
+        for sel, scoring, renorm, (g, tg, gs), scale in itertools.product(biases, scorings, renorms, groups, scales):
+            add(sel, lb, scoring=scoring, renormalize=renorm, scaling=scale, num_groups=g, topk_groups=tg,
+                group_score=gs)
+        for sel, renorm, scale in itertools.product(biases, renorms, scales):
+            if sel is not None:
+                add(sel, lb, scoring="sigmoid", renormalize=renorm, scaling=scale, selection_on="logits")
+        if lb is None:
+            for sel, scale in itertools.product(biases, scales):
+                add(sel, lb, scoring="softmax", order="topk_then_score", scaling=scale)
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class ObservedRouting:
+    """What the router itself returned on a probe: expert ids [T, K] and the float [T, K] tensors."""
+
+    ids_TK: torch.Tensor
+    weights_TK: list[torch.Tensor]
+    bias_arg: str | None  # the selection bias passed as the router's second argument, if any
+
+
+def _recognise(outputs: object, tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """Expert ids and same-shaped float tensors among a router's outputs (by dtype and shape)."""
+    flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+    ids = [t for t in tensors if not t.is_floating_point() and t.dtype != torch.bool and t.dim() >= 1
+           and t.numel() % tokens == 0 and t.numel() // tokens >= 1]
+    if len(ids) != 1:
+        return None
+    K = ids[0].numel() // tokens
+    ids_TK = ids[0].reshape(tokens, K)
+    floats = [t.reshape(tokens, K) for t in tensors if t.is_floating_point() and t.numel() == tokens * K]
+    return ids_TK, floats
+
+
+def observe_router(block: nn.Module, parts: BlockParts, x_TH: torch.Tensor) -> list[ObservedRouting]:
+    """Run the router child on the probe tokens (alone, then with each selection bias as its
+    second argument) and keep what can be recognised."""
+    owner = block.get_submodule(parts.router.owner)
+    T = x_TH.shape[0]
+    # [T, H] first (what most blocks pass; some routers take dim=1 as the expert axis), then [1, T, H]
+    attempts: list[tuple[tuple, str | None]] = [((x_TH,), None), ((x_TH.unsqueeze(0),), None)]
+    try:
+        n_params = len(inspect.signature(owner.forward).parameters)
+    except (TypeError, ValueError):
+        n_params = 1
+    if n_params >= 2:
+        for path in parts.router.selection_biases:
+            t = get_attr_path(block, path)
+            attempts += [((x_TH, t), path), ((x_TH.unsqueeze(0), t), path)]
+    seen: list[ObservedRouting] = []
+    done_bias: set[str | None] = set()
+    for args, bias in attempts:
+        if bias in done_bias:
+            continue
+        try:
+            with torch.no_grad(), eval_mode(owner), torch.random.fork_rng(devices=[]):
+                outputs = owner(*args)
+        except Exception:
+            continue
+        found = _recognise(outputs, T)
+        if found is not None:
+            seen.append(ObservedRouting(found[0], found[1], bias))
+            done_bias.add(bias)
+    return seen
+
+
+def _reading_route(block: nn.Module, parts: BlockParts, reading: RouterReading,
+                   x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, K], ids [T, K]) the reading computes from the router weight on ``x_TH``."""
+    w_EH = get_attr_path(block, parts.router.path + ".weight").float()
+    b_E = get_attr_path(block, reading.logits_bias).float() if reading.logits_bias else None
+    sel_E = get_attr_path(block, reading.selection_bias).float().reshape(-1) if reading.selection_bias else None
+    with torch.no_grad():
+        return route(F.linear(x_TH.float(), w_EH, b_E), reading.routing, sel_E)
+
+
+def _agrees(ours: tuple[torch.Tensor, torch.Tensor], seen: ObservedRouting, scaling: float,
+            exact: bool) -> bool:
+    """Same experts per token (as sets) and, where the router returns weights, the same weights
+    (before or after the routed scaling factor, which some blocks apply themselves)."""
+    w_TK, ids_TK = ours
+    if ids_TK.shape != seen.ids_TK.shape:
+        return False
+    ids_sorted, order = ids_TK.sort(dim=-1)
+    seen_sorted, seen_order = seen.ids_TK.long().sort(dim=-1)
+    same_T = (ids_sorted == seen_sorted).all(dim=-1)
+    if same_T.float().mean().item() < (1.0 if exact else 0.9):
+        return False
+    if not seen.weights_TK:
+        return True
+    ours_sorted = w_TK.gather(1, order)[same_T].double()
+    tol = 1e-4 if exact else 3e-2
+    for w in seen.weights_TK:
+        theirs = w.gather(1, seen_order)[same_T].double()
+        for s in dict.fromkeys((1.0, scaling)):
+            ref = ours_sorted / s
+            if torch.allclose(theirs, ref, rtol=tol, atol=tol * max(1e-6, ref.abs().max().item())):
+                return True
+    return False
+
+
+def prune_by_router(block: nn.Module, parts: BlockParts, readings: list[RouterReading],
+                    like: torch.Tensor) -> tuple[list[RouterReading], bool]:
+    """Keep the readings that reproduce what the router itself returns on a probe; (kept,
+    observed) where ``observed`` says whether the router's outputs could be read at all."""
+    x_TH = probe_input((ROUTER_PROBE_TOKENS, parts.hidden), like, seed=7)
+    observations = observe_router(block, parts, x_TH)
+    if not observations:
+        return readings, False
+    exact = like.dtype in (torch.float32, torch.float64)
+    kept = []
+    for reading in readings:
+        usable = [o for o in observations if o.bias_arg in (None, reading.selection_bias)]
+        try:
+            ours = _reading_route(block, parts, reading, x_TH)
+        except Exception:
+            continue
+        if any(_agrees(ours, o, reading.routing.scaling, exact) for o in usable):
+            kept.append(reading)
+    return kept, True
+
+
+def find_top_k(block: nn.Module, parts: BlockParts, like: torch.Tensor, observe: bool = True) -> int | None:
+    """k from the router/block/config attributes, else from the shape of the router's expert ids."""
+    E = parts.num_experts
+    k = int_attr(hint_objects(block, parts), TOPK_ATTRS, 1, E)
+    if k is not None or not observe:
+        return k
+    observations = observe_router(block, parts, probe_input((4, parts.hidden), like, seed=7))
+    if observations and 1 <= observations[0].ids_TK.shape[-1] <= E:
+        return int(observations[0].ids_TK.shape[-1])
+    return None
+
+
+__all__ = ["ObservedRouting", "RouterReading", "find_top_k", "observe_router", "prune_by_router", "router_readings"]
