@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from kernel_moe.adapters import registered_adapters
-from kernel_moe.adapters.base import Adapter, Skip, check_expected_shape
+from kernel_moe.adapters.base import Adapter, Skip
 from kernel_moe.adapters.probe import (
     PROBE_SEED,
     first_match,
@@ -22,8 +21,8 @@ from kernel_moe.adapters.probe import (
 )
 from kernel_moe.config import KernelConfig
 from kernel_moe.errors import UnsupportedModuleError
-from kernel_moe.layers import FusedExperts, FusedFFN, FusedMoE, RoutingOptions, SwappedLayer
-from kernel_moe.layers.spec import ExpertsModuleSpec, FFNSpec, MoESpec
+from kernel_moe.layers import SwappedLayer
+from kernel_moe.layers.spec import SwapSpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.ops.backend import resolve_backend
 from kernel_moe.report import OptimizeReport, SkipRecord, SwapRecord
@@ -96,13 +95,7 @@ class UnifiedManager:
                 num_experts=outcome.num_experts,
                 top_k=outcome.top_k,
                 parameters=sum(p.numel() for p in module.parameters()),
-                details=outcome.spec.describe() + (
-                    f"; {outcome.options.describe()}" if getattr(outcome, "options", None) and
-                    outcome.options.describe() else "") + (
-                    f"; training runs the original ({outcome.spec.training_fallback})"
-                    if outcome.spec.training_fallback else "") + (
-                    f"; calls that need gradients run the original ({outcome.spec.gradient_fallback})"
-                    if outcome.spec.gradient_fallback else ""),
+                details=outcome.details(),
             ))
         logger.info(report.summary())
         return report
@@ -133,7 +126,8 @@ class UnifiedManager:
         report.skipped.append(SkipRecord(fqn, type(module).__name__, reason))
 
     def _convert(self, module: nn.Module) -> nn.Module | Skip | None:
-        """Ask each adapter; prove its candidates; the first proven layer wins."""
+        """Ask each adapter; prove its candidates; build the first proven spec's layer once,
+        with everything the config asks for."""
         reasons = []
         for adapter in self.adapters:
             candidates = adapter.candidates(module, self.config)
@@ -142,49 +136,50 @@ class UnifiedManager:
             if isinstance(candidates, Skip):
                 reasons.append(candidates.reason)
                 continue
-            outcome = self._prove(module, candidates)
-            if isinstance(outcome, Skip):
-                reasons.append(outcome.reason)
+            spec = self._prove(module, candidates)
+            if isinstance(spec, Skip):
+                reasons.append(spec.reason)
                 continue
-            if isinstance(outcome, FusedMoE):
-                try:
-                    outcome.configure(RoutingOptions.from_config(self.config))
-                except ValueError as exc:
-                    reasons.append(str(exc))
-                    continue
-            outcome.deterministic = self.config.deterministic
-            return outcome
+            try:
+                return spec.build(module, self.config)
+            except ValueError as exc:  # a routing feature of the config that cannot apply to this block
+                reasons.append(str(exc))
         return Skip("; ".join(reasons)) if reasons else None
 
-    def _prove(self, module: nn.Module, specs: list) -> nn.Module | Skip:
-        build = LAYER_FOR_SPEC[type(specs[0])]
+    def _prove(self, module: nn.Module, specs: list[SwapSpec]) -> SwapSpec | Skip:
+        """The first candidate whose layer computes what ``module`` computes on a probe, with
+        the fallbacks its training forward and gradients call for; or why there is none."""
         like = _weight_like(module, specs[0])
         if like.device.type != "meta":
             resolve_backend(self.config.backend, like.device)  # an unusable backend is the user's error: raise
         if not self.config.verify:
-            return _expected(specs[0], self.config) or build(module, specs[0], self.config.backend)
+            why = specs[0].unexpected(self.config)
+            return Skip(why) if why else specs[0]
         if like.device.type == "meta":
             return Skip("parameters are on the meta device, so equivalence cannot be verified")
-        found = run_reference(module, _probe_args(specs[0], self.config.verify_tokens, like))
+
+        def draw(shape: tuple[int, ...], offset: int) -> torch.Tensor:
+            return probe_input(shape, like, seed=PROBE_SEED + offset)
+
+        found = run_reference(module, specs[0].probe_args(self.config.verify_tokens, draw))
         if isinstance(found, str):
             return Skip(f"the original forward failed on a probe input ({found[:200]})")
         args, ref = found
-        kind = returns_kind(ref, args[0], getattr(specs[0], "num_experts", 0), getattr(specs[0], "top_k", 0))
-        if kind is None or (kind != "tensor" and not isinstance(specs[0], MoESpec)):
+        kind = returns_kind(ref, args[0], specs[0].num_experts, specs[0].top_k)
+        if kind is None or specs[0].returning(kind) is None:
             return Skip(f"forward returns {type(ref).__name__} that the fused layer cannot reproduce")
-        candidates = [dataclasses.replace(s, returns=kind) if isinstance(s, MoESpec) else s for s in specs]
-        match = first_match(candidates, lambda s: build(module, s, self.config.backend), ref, args)
+        # the proof is of the original routing: the config's routing features are off here
+        plain = KernelConfig(backend=self.config.backend, deterministic=self.config.deterministic)
+        match = first_match([s.returning(kind) for s in specs], lambda s: s.build(module, plain), ref, args)
         if match.candidate is None:
             return Skip("not proven equivalent: " + match.reason(400))
         spec, layer = match.candidate, match.module
-        unexpected = _expected(spec, self.config)
-        if unexpected is not None:
-            return unexpected
-        fallback = self._training_check(module, layer, args)
-        gradient = self._gradient_check(module, layer, args, train=fallback is None)
-        if fallback is not None or gradient is not None:
-            layer.spec = dataclasses.replace(spec, training_fallback=fallback, gradient_fallback=gradient)
-        return layer
+        why = spec.unexpected(self.config)
+        if why is not None:
+            return Skip(why)
+        training = self._training_check(module, layer, args)
+        gradient = self._gradient_check(module, layer, args, train=training is None)
+        return spec.with_fallbacks(training, gradient)
 
     @staticmethod
     def _training_check(module: nn.Module, layer: nn.Module, args: tuple) -> str | None:
@@ -211,7 +206,6 @@ class UnifiedManager:
                 m.training = flag
             layer.training = module.training
 
-
     @staticmethod
     def _gradient_check(module: nn.Module, layer: nn.Module, args: tuple, train: bool) -> str | None:
         """None when the fused layer's backward gives the original's gradients (inputs and the
@@ -231,33 +225,10 @@ class UnifiedManager:
         return None
 
 
-def _expected(spec, config: KernelConfig) -> Skip | None:
-    if isinstance(spec, MoESpec):
-        return check_expected_shape(spec.num_experts, spec.top_k, config)
-    if isinstance(spec, ExpertsModuleSpec) and config.num_experts not in (None, spec.num_experts):
-        return Skip(f"module has num_experts={spec.num_experts}, config expects num_experts={config.num_experts}")
-    return None
-
-
 def _weight_like(module: nn.Module, spec) -> torch.Tensor:
     """A tensor of the module whose dtype and device the probe input takes (read by path: the
     original module has no stacked storage of its own)."""
     return get_attr_path(module, spec.experts.down.paths()[0])
-
-
-def _probe_args(spec, tokens: int, like: torch.Tensor) -> list[tuple]:
-    """Argument tuples to try, in order, for probing a module of this spec's kind."""
-    if isinstance(spec, ExpertsModuleSpec):
-        H, E = spec.experts.hidden, spec.num_experts
-        x = probe_input((tokens, H), like)
-        scores = probe_input((tokens, E), like, seed=PROBE_SEED + 1).float().softmax(dim=-1)
-        weights, ids = scores.topk(min(2, E), dim=-1)
-        return [(x, ids, weights.to(like.dtype))]
-    H = spec.experts.hidden
-    return [(probe_input((1, tokens, H), like),), (probe_input((tokens, H), like),)]
-
-
-LAYER_FOR_SPEC = {MoESpec: FusedMoE, FFNSpec: FusedFFN, ExpertsModuleSpec: FusedExperts}
 
 
 def optimize(model: nn.Module, config: KernelConfig | None = None, filter_fn: FilterFn | None = None,

@@ -33,9 +33,9 @@ def update_expert_biases(model: nn.Module, process_group: object | None = None) 
     last call (all-reduced when distributed); resets the counts. Returns the layers updated."""
     updated = 0
     for m in fused_layers(model):
-        if m.options.load_balancing != "dynamic":
+        if m.kernel_config.load_balancing != "dynamic":
             continue
-        update_expert_bias(m.expert_bias, m.load_counts, m.options.bias_update_rate, process_group)
+        update_expert_bias(m.expert_bias, m.load_counts, m.kernel_config.bias_update_rate, process_group)
         m.load_counts.zero_()
         updated += 1
     return updated

@@ -14,7 +14,7 @@ from typing import Protocol
 from torch import nn
 
 from kernel_moe.config import KernelConfig
-from kernel_moe.layers.spec import MoESpec
+from kernel_moe.layers.spec import SwapSpec
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,4 @@ class Skip:
 class Adapter(Protocol):
     name: str
 
-    def candidates(self, module: nn.Module, config: KernelConfig) -> list[MoESpec] | Skip | None: ...
-
-
-def check_expected_shape(num_experts: int, top_k: int, config: KernelConfig) -> Skip | None:
-    """A Skip when the module's experts/top-k differ from what the config says to expect."""
-    if config.num_experts is not None and config.num_experts != num_experts:
-        return Skip(f"module has num_experts={num_experts}, config expects num_experts={config.num_experts}")
-    if config.top_k is not None and config.top_k != top_k:
-        return Skip(f"module routes top_k={top_k}, config expects top_k={config.top_k}")
-    return None
+    def candidates(self, module: nn.Module, config: KernelConfig) -> list[SwapSpec] | Skip | None: ...

@@ -3,7 +3,7 @@
 from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.experts import FusedExperts
 from kernel_moe.layers.ffn import FusedFFN
-from kernel_moe.layers.moe import FusedMoE, RoutingOptions
+from kernel_moe.layers.moe import FusedMoE
 from kernel_moe.layers.spec import (
     ExpertsModuleSpec,
     ExpertsOnlySpec,
@@ -12,7 +12,8 @@ from kernel_moe.layers.spec import (
     LinearRouter,
     MoESpec,
     RouterSpec,
+    SwapSpec,
 )
 
 __all__ = ["ExpertsModuleSpec", "ExpertsOnlySpec", "ExpertsSpec", "FFNSpec", "FusedExperts", "FusedFFN", "FusedMoE",
-           "LinearRouter", "MoESpec", "RouterSpec", "RoutingOptions", "SwappedLayer"]
+           "LinearRouter", "MoESpec", "RouterSpec", "SwapSpec", "SwappedLayer"]

@@ -3,7 +3,8 @@
 It adopts the original module's children, parameters and buffers under the same names (so
 ``state_dict`` keys and Parameter objects are unchanged), keeps the original for
 ``restore()`` and training fallbacks, and binds per-expert weights into stacked storage
-(again after ``.to()`` and the like).
+(again after ``.to()`` and the like). It is built once with all it needs: the spec and the
+user's :class:`~kernel_moe.config.KernelConfig` (backend, determinism, routing features).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernel_moe.config import KernelConfig
 from kernel_moe.layers.weights import ExpertListWeight
 
 
@@ -18,8 +20,11 @@ class SwappedLayer(nn.Module):
     """Common base of the swapped-in layers: adopts the original's children (same state_dict
     keys and Parameter objects), keeps the original for restore(), binds stacked weights."""
 
-    def __init__(self, original: nn.Module, spec, backend: str) -> None:
+    def __init__(self, original: nn.Module, spec, config: KernelConfig | None = None) -> None:
         super().__init__()
+        config = config if config is not None else KernelConfig()
+        if not isinstance(config, KernelConfig):
+            raise ValueError(f"{type(self).__name__}(config={config!r}): config must be a KernelConfig or None")
         for name, child in original.named_children():
             self.add_module(name, child)
         for name, param in original.named_parameters(recurse=False):
@@ -29,9 +34,11 @@ class SwappedLayer(nn.Module):
             self.register_buffer(name, buf, persistent=name in persistent)
         self.__dict__["_original"] = original
         self.spec = spec
-        self.backend = backend
+        self.kernel_config = config
+        self.backend = config.backend
+        self.deterministic = config.deterministic
         self._stacked_weights: dict[str, torch.Tensor] = {}
-        self.deterministic = True
+        self.training = original.training
 
     @property
     def original(self) -> nn.Module:
@@ -61,6 +68,16 @@ class SwappedLayer(nn.Module):
         if any(isinstance(s, ExpertListWeight) for s in self._weight_sources()):
             self._bind_weights()
         return result
+
+    def features(self) -> str:
+        """The features the config adds on top of the proven computation ("" when none)."""
+        return ""
+
+    def details(self) -> str:
+        """What the report says about this layer: what it computes, the features the config
+        added, and when it runs the original module instead."""
+        notes = [self.spec.describe(), self.features(), *self.spec.fallback_notes()]
+        return "; ".join(n for n in notes if n)
 
     def extra_repr(self) -> str:
         return f"{self.spec.describe()}, backend={self.backend}"

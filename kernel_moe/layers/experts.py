@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernel_moe.config import KernelConfig
 from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec
 from kernel_moe.ops.experts import call_fused_experts
@@ -42,8 +43,8 @@ def expert_weight_sources(ex: ExpertsSpec) -> list:
 class FusedExperts(SwappedLayer):
     """Routed experts with routing given by the caller."""
 
-    def __init__(self, original: nn.Module, spec: ExpertsModuleSpec, backend: str = "auto") -> None:
-        super().__init__(original, spec, backend)
+    def __init__(self, original: nn.Module, spec: ExpertsModuleSpec, config: KernelConfig | None = None) -> None:
+        super().__init__(original, spec, config)
         self.num_experts = spec.num_experts
         self.top_k = 0
         self._bind_weights()

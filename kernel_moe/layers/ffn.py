@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from kernel_moe.config import KernelConfig
 from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.spec import FFNSpec
 from kernel_moe.ops.ffn import call_fused_ffn
@@ -16,8 +17,8 @@ from kernel_moe.ops.ffn import call_fused_ffn
 class FusedFFN(SwappedLayer):
     """Dense FFN layer; its weight sources hold one "expert" ([1, N, H]), indexed [0]."""
 
-    def __init__(self, original, spec: FFNSpec, backend: str = "auto") -> None:
-        super().__init__(original, spec, backend)
+    def __init__(self, original, spec: FFNSpec, config: KernelConfig | None = None) -> None:
+        super().__init__(original, spec, config)
         self.num_experts = 1
         self.top_k = 1
         self._bind_weights()

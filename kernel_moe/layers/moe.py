@@ -5,17 +5,29 @@ Parameter objects are unchanged), and its forward is router -> ``route`` ->
 ``kernel_moe::fused_experts`` (+ shared expert): no host syncs and no Python loop over
 experts, so ``torch.compile(fullgraph=True)`` captures it whole.
 
+Routing features of the user's :class:`~kernel_moe.config.KernelConfig` apply on top of the
+proven routing of the original block (so they change its outputs on purpose), read from the
+config the layer is built with:
+
+- ``routing``: "token_choice" (each token picks k experts) or "expert_choice" (each expert
+  picks its top ceil(capacity_factor * T * k / E) tokens, k of the original routing and
+  capacity_factor 1.0 by default: the compute of token choice).
+- ``capacity_factor`` / ``min_capacity`` / ``capacity_priority``: token-choice capacity;
+  dropped slots contribute zero and are counted in ``FusedMoE.dropped_tokens``.
+- ``load_balancing``: "auxiliary_loss" sets ``FusedMoE.aux_loss`` in training;
+  "dynamic" keeps a per-expert selection bias ``expert_bias`` updated from the load.
+- ``router_jitter``: multiplicative noise on the router input in training.
+
 Legend: T tokens, H hidden, E experts, K top-k.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernel_moe.config import KernelConfig
 from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.experts import expert_weight_sources, run_experts
 from kernel_moe.layers.spec import MoESpec
@@ -30,81 +42,66 @@ from kernel_moe.routing.losses import load_balancing_loss, router_z_loss
 from kernel_moe.routing.topk import route
 
 
-@dataclass(frozen=True)
-class RoutingOptions:
-    """Routing features the user asked for in KernelConfig, applied on top of the proven
-    routing of the original block (so they change its outputs on purpose).
-
-    - ``mode``: "token_choice" (each token picks k experts) or "expert_choice" (each expert
-      picks its top ceil(capacity_factor * T * k / E) tokens, k of the original routing and
-      capacity_factor 1.0 by default: the compute of token choice).
-    - ``capacity_factor`` / ``min_capacity`` / ``capacity_priority``: token-choice capacity;
-      dropped slots contribute zero and are counted in ``FusedMoE.dropped_tokens``.
-    - ``load_balancing``: "auxiliary_loss" sets ``FusedMoE.aux_loss`` in training;
-      "dynamic" keeps a per-expert selection bias ``expert_bias`` updated from the load.
-    - ``router_jitter``: multiplicative noise on the router input in training.
-    """
-
-    mode: str = "token_choice"
-    capacity_factor: float | None = None
-    min_capacity: int = 0
-    capacity_priority: str = "score"
-    load_balancing: str = "none"
-    aux_loss_weight: float = 0.01
-    z_loss_weight: float = 0.0
-    bias_update_rate: float = 1e-3
-    router_jitter: float = 0.0
-
-    @classmethod
-    def from_config(cls, config) -> RoutingOptions:
-        return cls(
-            mode=config.routing, capacity_factor=config.capacity_factor, min_capacity=config.min_capacity,
-            capacity_priority=config.capacity_priority, load_balancing=config.load_balancing,
-            aux_loss_weight=config.aux_loss_weight, z_loss_weight=config.z_loss_weight,
-            bias_update_rate=config.bias_update_rate, router_jitter=config.router_jitter,
-        )
-
-    def describe(self) -> str:
-        parts = []
-        if self.mode != "token_choice":
-            parts.append(self.mode)
-        if self.capacity_factor is not None:
-            parts.append(f"capacity x{self.capacity_factor:g}")
-        if self.load_balancing != "none":
-            parts.append(self.load_balancing)
-        if self.router_jitter:
-            parts.append(f"jitter {self.router_jitter:g}")
-        return ", ".join(parts)
+def routing_features(config: KernelConfig) -> str:
+    """The routing features ``config`` asks for on top of the proven routing, for reports ("" when
+    none): expert choice, capacity, load balancing, router jitter."""
+    parts = []
+    if config.routing != "token_choice":
+        parts.append(config.routing)
+    if config.capacity_factor is not None:
+        parts.append(f"capacity x{config.capacity_factor:g}")
+    if config.load_balancing != "none":
+        parts.append(config.load_balancing)
+    if config.router_jitter:
+        parts.append(f"jitter {config.router_jitter:g}")
+    return ", ".join(parts)
 
 
 class FusedMoE(SwappedLayer):
     """A routed-experts block: router, routing, the fused experts op, shared expert.
 
     ``original`` is kept (unregistered) for :func:`kernel_moe.restore` and for training
-    steps the fused path does not reproduce (``spec.training_fallback``).
+    steps the fused path does not reproduce (``spec.training_fallback``). The routing features
+    of ``config`` (see the module docstring) apply on top of the spec's routing; "dynamic"
+    balancing adds a persistent ``expert_bias`` [E] and a ``load_counts`` [E] accumulator (call
+    kernel_moe.training.update_expert_biases). Raises ValueError when a feature cannot apply to
+    this block.
     """
 
-    def __init__(self, original: nn.Module, spec: MoESpec, backend: str = "auto") -> None:
-        super().__init__(original, spec, backend)
+    def __init__(self, original: nn.Module, spec: MoESpec, config: KernelConfig | None = None) -> None:
+        super().__init__(original, spec, config)
+        self._check_features()
         self.num_experts = spec.num_experts
         self.top_k = spec.top_k
         self.hidden_size = spec.experts.hidden
         self._track_routing = False
-        self.options = RoutingOptions()
         self.aux_loss: torch.Tensor | None = None
         self.dropped_tokens: torch.Tensor | None = None
         device = get_attr_path(self, spec.router.weight).device
         self.register_buffer("routing_counts", torch.zeros(self.num_experts, dtype=torch.int64, device=device),
                              persistent=False)
+        if self.kernel_config.load_balancing == "dynamic" and not hasattr(self, "expert_bias"):
+            self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32, device=device))
+            self.register_buffer("load_counts", torch.zeros(self.num_experts, dtype=torch.int64, device=device),
+                                 persistent=False)
         self._bind_weights()
         self._use_gating_op = self._gating_op_applies()
+
+    def _check_features(self) -> None:
+        """Raise ValueError when the config's routing features cannot apply to this block."""
+        if self.kernel_config.routing != "expert_choice":
+            return
+        if self.spec.router.routing.order != "score_then_topk":
+            raise ValueError("routing='expert_choice' needs a router that scores all experts (score_then_topk)")
+        if self.spec.returns == "tensor_weights":
+            raise ValueError("routing='expert_choice' cannot reproduce a block that returns its top-k routing weights")
 
     def _gating_op_applies(self) -> bool:
         """True when routing runs as the fused gating kernel: the Triton backend on this device
         and a routing the kernel computes (no groups, no selection bias, fp32 scores)."""
         r = self.spec.router
         routing = r.routing
-        if r.selection_bias is not None or self.options.load_balancing == "dynamic":
+        if r.selection_bias is not None or self.kernel_config.load_balancing == "dynamic":
             return False
         if routing.num_groups != 1 or routing.score_dtype != "float32":
             return False
@@ -117,21 +114,6 @@ class FusedMoE(SwappedLayer):
         result = super()._apply(fn, recurse)
         self._use_gating_op = self._gating_op_applies()
         return result
-
-    def configure(self, options: RoutingOptions) -> None:
-        """Enable routing features; "dynamic" balancing adds a persistent ``expert_bias`` [E]
-        and a ``load_counts`` [E] accumulator (call kernel_moe.training.update_expert_biases)."""
-        if options.mode == "expert_choice" and self.spec.router.routing.order != "score_then_topk":
-            raise ValueError("routing='expert_choice' needs a router that scores all experts (score_then_topk)")
-        if options.mode == "expert_choice" and self.spec.returns == "tensor_weights":
-            raise ValueError("routing='expert_choice' cannot reproduce a block that returns its top-k routing weights")
-        self.options = options
-        self._use_gating_op = self._gating_op_applies()
-        if options.load_balancing == "dynamic" and not hasattr(self, "expert_bias"):
-            device = self.routing_counts.device
-            self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32, device=device))
-            self.register_buffer("load_counts", torch.zeros(self.num_experts, dtype=torch.int64, device=device),
-                                 persistent=False)
 
     def _weight_sources(self) -> list:
         return expert_weight_sources(self.spec.experts)
@@ -158,9 +140,9 @@ class FusedMoE(SwappedLayer):
 
     def _expert_choice(self, x_TH: torch.Tensor, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each expert takes its top-C tokens: (output [T, H], expert id of each of the E*C slots)."""
-        opts, E = self.options, self.num_experts
+        cfg, E = self.kernel_config, self.num_experts
         T = x_TH.shape[0]
-        C = expert_capacity(T, self.top_k, E, opts.capacity_factor or 1.0, opts.min_capacity)
+        C = expert_capacity(T, self.top_k, E, cfg.capacity_factor or 1.0, cfg.min_capacity)
         weights_EC, tok_EC = expert_choice_route(logits_TE, C, self.spec.router.routing.scoring)
         tok_S = tok_EC.reshape(-1)
         ids_S1 = torch.arange(E, device=x_TH.device).repeat_interleave(C).unsqueeze(-1)
@@ -171,35 +153,35 @@ class FusedMoE(SwappedLayer):
     def forward(self, hidden_states: torch.Tensor):
         if self.runs_original(hidden_states):
             return self.original(hidden_states)
-        spec, opts = self.spec, self.options
+        spec, cfg = self.spec, self.kernel_config
         x_TH = hidden_states.reshape(-1, self.hidden_size)
         if self.training and spec.input_jitter > 0:
             x_TH = jitter_input(x_TH, spec.input_jitter, True)
-        router_in = jitter_input(x_TH, opts.router_jitter, self.training) if opts.router_jitter > 0 else x_TH
+        router_in = jitter_input(x_TH, cfg.router_jitter, self.training) if cfg.router_jitter > 0 else x_TH
         logits_TE = self.router_logits(router_in)
-        if opts.mode == "expert_choice":
+        if cfg.routing == "expert_choice":
             out_TH, ids_TK = self._expert_choice(x_TH, logits_TE)
         else:
             sel_bias = get_attr_path(self, spec.router.selection_bias) if spec.router.selection_bias else None
-            if opts.load_balancing == "dynamic":
+            if cfg.load_balancing == "dynamic":
                 sel_bias = self.expert_bias if sel_bias is None else sel_bias + self.expert_bias
             if self._use_gating_op:
                 weights_TK, ids_TK = gate(logits_TE, spec.router.routing, self.backend)
             else:
                 weights_TK, ids_TK = route(logits_TE, spec.router.routing, sel_bias)
-            if opts.capacity_factor is not None:
+            if cfg.capacity_factor is not None:
                 T, K = ids_TK.shape
-                capacity = expert_capacity(T, K, self.num_experts, opts.capacity_factor, opts.min_capacity)
+                capacity = expert_capacity(T, K, self.num_experts, cfg.capacity_factor, cfg.min_capacity)
                 weights_TK, ids_TK, _, self.dropped_tokens = apply_capacity(
-                    weights_TK, ids_TK, self.num_experts, capacity, opts.capacity_priority)
+                    weights_TK, ids_TK, self.num_experts, capacity, cfg.capacity_priority)
             out_TH = self._experts(x_TH, weights_TK, ids_TK)
         if self._track_routing:
             self.routing_counts += expert_counts(ids_TK, self.num_experts)
-        if self.training and opts.load_balancing == "auxiliary_loss":
+        if self.training and cfg.load_balancing == "auxiliary_loss":
             probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-            self.aux_loss = opts.aux_loss_weight * load_balancing_loss(probs_TE, ids_TK, self.num_experts) + (
-                opts.z_loss_weight * router_z_loss(logits_TE))
-        if self.training and opts.load_balancing == "dynamic":
+            self.aux_loss = cfg.aux_loss_weight * load_balancing_loss(probs_TE, ids_TK, self.num_experts) + (
+                cfg.z_loss_weight * router_z_loss(logits_TE))
+        if self.training and cfg.load_balancing == "dynamic":
             self.load_counts += expert_counts(ids_TK, self.num_experts)
         if spec.shared_expert is not None:
             shared_TH = get_attr_path(self, spec.shared_expert)(x_TH)
@@ -215,6 +197,9 @@ class FusedMoE(SwappedLayer):
             return out, weights_TK
         return out
 
+    def features(self) -> str:
+        return routing_features(self.kernel_config)
+
     def extra_repr(self) -> str:
-        extra = self.options.describe()
+        extra = self.features()
         return super().extra_repr() + (f", {extra}" if extra else "")

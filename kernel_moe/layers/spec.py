@@ -3,17 +3,37 @@
 A spec names tensors by attribute path relative to the swapped module (the new layer
 adopts the original module's children under the same names, so the paths and the
 ``state_dict`` keys stay the same).
+
+Three kinds of swap, one spec class each: :class:`MoESpec` (a whole block: router, experts,
+shared expert), :class:`ExpertsModuleSpec` (an experts module swapped alone, routing given by
+its caller) and :class:`FFNSpec` (a dense FFN). Each kind says what differs between them (the
+layer that computes it, the arguments its forward is probed with, what of it a config can
+contradict, what it can return), so that the manager treats them alike.
+
+Legend: T tokens, H hidden, E experts, K top-k, N up features, I intermediate.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
 
 from kernel_moe.kernels.contract import Activation
 from kernel_moe.layers.weights import WeightSource
 from kernel_moe.routing.topk import TopKRouting
 
+if TYPE_CHECKING:
+    from kernel_moe.config import KernelConfig
+
 RETURNS = ("tensor", "tensor_logits", "tensor_weights")
+
+Draw = Callable[[tuple[int, ...], int], torch.Tensor]
+"""(shape, seed offset) -> a seeded probe tensor of the module's dtype and device."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +73,62 @@ class LinearRouter:
     fp32_logits: bool = False
 
 
+class SwapSpec:
+    """What every kind of spec answers (mixed into the three spec dataclasses, which all hold
+    ``experts``, ``training_fallback`` and ``gradient_fallback``)."""
+
+    experts: ExpertsSpec
+    training_fallback: str | None
+    gradient_fallback: str | None
+
+    num_experts = 1
+    top_k = 1
+
+    def layer_class(self) -> type[nn.Module]:
+        """The SwappedLayer subclass that computes this kind of spec."""
+        raise NotImplementedError
+
+    def build(self, original: nn.Module, config: KernelConfig | None = None) -> nn.Module:
+        """The layer computing this spec, adopting ``original``'s children, with everything it
+        needs from ``config`` (backend, determinism, routing features)."""
+        return self.layer_class()(original, self, config)
+
+    def probe_args(self, tokens: int, draw: Draw) -> list[tuple]:
+        """Argument tuples for the module's forward, the likeliest first: [1, T, H] tokens, then [T, H]."""
+        H = self.experts.hidden
+        return [(draw((1, tokens, H), 0),), (draw((tokens, H), 0),)]
+
+    def unexpected(self, config: KernelConfig) -> str | None:
+        """How the module contradicts what ``config`` says to expect (None when it does not)."""
+        return None
+
+    def returning(self, kind: str) -> SwapSpec | None:
+        """This spec for a module whose forward returns ``kind`` (one of :data:`RETURNS`), or None
+        when the layer cannot return that."""
+        return self if kind == "tensor" else None
+
+    def with_fallbacks(self, training: str | None, gradient: str | None) -> SwapSpec:
+        """This spec with the reasons (None: none) to run the original in training, and whenever
+        autograd records the call."""
+        return dataclasses.replace(self, training_fallback=training, gradient_fallback=gradient)  # type: ignore
+
+    def fallback_notes(self) -> list[str]:
+        """What the report says about the fallbacks to the original module."""
+        notes = []
+        if self.training_fallback:
+            notes.append(f"training runs the original ({self.training_fallback})")
+        if self.gradient_fallback:
+            notes.append(f"calls that need gradients run the original ({self.gradient_fallback})")
+        return notes
+
+    def _unexpected_experts(self, config: KernelConfig) -> str | None:
+        if config.num_experts is not None and config.num_experts != self.num_experts:
+            return f"module has num_experts={self.num_experts}, config expects num_experts={config.num_experts}"
+        return None
+
+
 @dataclass(frozen=True)
-class MoESpec:
+class MoESpec(SwapSpec):
     """A whole MoE block: router + routed experts (+ optional shared expert).
 
     - ``shared_expert``: path of a module applied to every token and added to the output.
@@ -87,12 +161,26 @@ class MoESpec:
             raise ValueError(f"MoESpec.returns={self.returns!r}; allowed: {', '.join(RETURNS)}")
 
     @property
-    def top_k(self) -> int:
+    def top_k(self) -> int:  # type: ignore[override]
         return self.router.routing.top_k
 
     @property
-    def num_experts(self) -> int:
+    def num_experts(self) -> int:  # type: ignore[override]
         return self.experts.num_experts
+
+    def layer_class(self) -> type[nn.Module]:
+        from kernel_moe.layers.moe import FusedMoE  # that module imports this one
+
+        return FusedMoE
+
+    def unexpected(self, config: KernelConfig) -> str | None:
+        why = self._unexpected_experts(config)
+        if why is None and config.top_k is not None and config.top_k != self.top_k:
+            why = f"module routes top_k={self.top_k}, config expects top_k={config.top_k}"
+        return why
+
+    def returning(self, kind: str) -> MoESpec:
+        return dataclasses.replace(self, returns=kind)
 
     def describe(self) -> str:
         parts = [self.router.routing.describe(), self.experts.describe()]
@@ -104,7 +192,7 @@ class MoESpec:
 
 
 @dataclass(frozen=True)
-class FFNSpec:
+class FFNSpec(SwapSpec):
     """A dense FFN: the experts computation with one expert (up [1, N, H] with gate and up
     concatenated when gated, down [1, H, I]) applied to every token with weight 1."""
 
@@ -116,13 +204,18 @@ class FFNSpec:
     def hidden(self) -> int:
         return self.experts.hidden
 
+    def layer_class(self) -> type[nn.Module]:
+        from kernel_moe.layers.ffn import FusedFFN  # that module imports this one
+
+        return FusedFFN
+
     def describe(self) -> str:
         ex = self.experts
         return f"dense [{ex.hidden}->{ex.intermediate}] {ex.activation.describe()}" + (" +bias" if ex.up_bias else "")
 
 
 @dataclass(frozen=True)
-class ExpertsModuleSpec:
+class ExpertsModuleSpec(SwapSpec):
     """An experts module swapped alone, called as ``experts(hidden_states, top_k_index,
     top_k_weights)`` (the transformers experts interface) when its block's router is not fused."""
 
@@ -130,9 +223,27 @@ class ExpertsModuleSpec:
     training_fallback: str | None = None
     gradient_fallback: str | None = None
 
+    top_k = 0
+
     @property
-    def num_experts(self) -> int:
+    def num_experts(self) -> int:  # type: ignore[override]
         return self.experts.num_experts
+
+    def layer_class(self) -> type[nn.Module]:
+        from kernel_moe.layers.experts import FusedExperts  # that module imports this one
+
+        return FusedExperts
+
+    def probe_args(self, tokens: int, draw: Draw) -> list[tuple]:
+        """Tokens [T, H] with a softmax top-2 routing: ids [T, K] and weights [T, K] in x's dtype."""
+        H, E = self.experts.hidden, self.num_experts
+        x_TH = draw((tokens, H), 0)
+        scores_TE = draw((tokens, E), 1).float().softmax(dim=-1)
+        weights_TK, ids_TK = scores_TE.topk(min(2, E), dim=-1)
+        return [(x_TH, ids_TK, weights_TK.to(x_TH.dtype))]
+
+    def unexpected(self, config: KernelConfig) -> str | None:
+        return self._unexpected_experts(config)
 
     def describe(self) -> str:
         return "experts only: " + self.experts.describe()

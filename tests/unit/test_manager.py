@@ -334,6 +334,19 @@ def test_verify_false_swaps_without_probing():
         assert_fp32_close(model(x), original(x))
 
 
+def test_swapped_layer_is_built_with_the_config_and_the_original_training_flag():
+    model = _model()
+    config = KernelConfig.for_moe(top_k=2, capacity_factor=4.0, deterministic=False)
+    report = UnifiedManager(config).optimize(model)
+    layer = model.blocks[0]
+    assert layer.kernel_config is config and layer.deterministic is False and layer.backend == "auto"
+    assert layer.training is False  # the model is in eval mode, and so is what replaced its blocks
+    assert report.swapped[0].details == layer.details()
+    assert "capacity x4" in layer.details()
+    with pytest.raises(ValueError, match="config must be a KernelConfig or None"):
+        FusedMoE(layer.original, layer.spec, "torch")  # type: ignore[arg-type]
+
+
 def test_meta_parameters_are_skipped_with_reason():
     with torch.device("meta"):
         model = TwoBlockModel()
