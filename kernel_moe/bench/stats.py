@@ -1,7 +1,9 @@
 """Load-balance measures of per-expert token counts, and latency summaries.
 
 Legend: E experts. Counts are the number of (token, slot) pairs routed to each expert, so
-they sum to T*K when no token is dropped.
+they sum to T*K when no token is dropped. The load measures are those of
+:mod:`kernel_moe.routing.balancing` (the one implementation), as Python floats for reports,
+and None where they are undefined (every count 0).
 """
 
 from __future__ import annotations
@@ -11,58 +13,59 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import torch
 
-def _as_counts(counts_E: Sequence[int | float]) -> list[float]:
+from kernel_moe.routing.balancing import expert_load_stats, load_entropy
+
+
+def _load_E(counts_E: Sequence[int | float]) -> torch.Tensor:
+    """The counts as an fp64 tensor [E]; ValueError when empty, negative or NaN."""
     values = [float(c) for c in counts_E]
     if not values:
         raise ValueError("counts_E is empty; allowed: one non-negative count per expert (E >= 1)")
     if any(c < 0 or math.isnan(c) for c in values):
         raise ValueError(f"counts_E={list(counts_E)!r} has a negative or NaN count; allowed: counts >= 0")
-    return values
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _measures(counts_E: Sequence[int | float]) -> dict[str, float] | None:
+    """Every load measure of the counts as floats, from :mod:`kernel_moe.routing.balancing` (the
+    one implementation); None when every count is 0 (the measures are then undefined)."""
+    load_E = _load_E(counts_E)
+    if not load_E.sum() > 0:
+        return None
+    measures = {name: float(v) for name, v in expert_load_stats(load_E).items()}
+    measures["normalized_entropy"] = float(load_entropy(load_E))
+    return measures
+
+
+def _measure(counts_E: Sequence[int | float], name: str) -> float | None:
+    measures = _measures(counts_E)
+    return None if measures is None else measures[name]
 
 
 def coefficient_of_variation(counts_E: Sequence[int | float]) -> float | None:
     """Population standard deviation / mean of the counts (0 = perfectly balanced).
     None when every count is 0."""
-    c = _as_counts(counts_E)
-    mean = sum(c) / len(c)
-    if mean == 0:
-        return None
-    return statistics.pstdev(c) / mean
+    return _measure(counts_E, "cv")
 
 
 def gini(counts_E: Sequence[int | float]) -> float | None:
     """Gini coefficient of the counts: 0 when uniform, (E-1)/E when one expert gets everything.
     None when every count is 0."""
-    c = sorted(_as_counts(counts_E))
-    n, total = len(c), sum(c)
-    if total == 0:
-        return None
-    weighted = sum((i + 1) * ci for i, ci in enumerate(c))
-    return max(0.0, 2.0 * weighted / (n * total) - (n + 1) / n)
+    return _measure(counts_E, "gini")
 
 
 def max_over_mean(counts_E: Sequence[int | float]) -> float | None:
     """Load of the busiest expert relative to the average (1 = balanced, E = all on one).
     None when every count is 0."""
-    c = _as_counts(counts_E)
-    mean = sum(c) / len(c)
-    if mean == 0:
-        return None
-    return max(c) / mean
+    return _measure(counts_E, "max_over_mean")
 
 
 def normalized_entropy(counts_E: Sequence[int | float]) -> float | None:
     """Shannon entropy of the routing distribution divided by log(E): 1 = uniform, 0 = one
     expert. 1.0 for E == 1; None when every count is 0."""
-    c = _as_counts(counts_E)
-    total = sum(c)
-    if total == 0:
-        return None
-    if len(c) == 1:
-        return 1.0
-    h = -sum((ci / total) * math.log(ci / total) for ci in c if ci > 0)
-    return h / math.log(len(c))
+    return _measure(counts_E, "normalized_entropy")
 
 
 @dataclass(frozen=True)
@@ -77,12 +80,13 @@ class LoadBalance:
 
     @classmethod
     def from_counts(cls, counts_E: Sequence[int | float]) -> LoadBalance:
+        measures = _measures(counts_E) or {}
         return cls(
-            cv=coefficient_of_variation(counts_E),
-            gini=gini(counts_E),
-            max_over_mean=max_over_mean(counts_E),
-            normalized_entropy=normalized_entropy(counts_E),
-            total=int(sum(_as_counts(counts_E))),
+            cv=measures.get("cv"),
+            gini=measures.get("gini"),
+            max_over_mean=measures.get("max_over_mean"),
+            normalized_entropy=measures.get("normalized_entropy"),
+            total=int(_load_E(counts_E).sum()),
         )
 
     def to_dict(self) -> dict:

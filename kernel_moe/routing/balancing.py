@@ -64,11 +64,10 @@ def expert_load_stats(counts_E: torch.Tensor) -> dict[str, torch.Tensor]:
       factor by which the slowest expert delays a synchronous step.
     - ``gini``: Gini coefficient of the load, 0 when uniform, (E-1)/E when one expert
       takes everything.
-    A load that is zero everywhere reports 0, 0 and 0.
+    A load that is zero everywhere reports 0, 0 and 0. This is the one implementation of these
+    measures; ``kernel_moe.bench.stats`` reports them for benchmarks.
     """
-    if counts_E.dim() != 1 or counts_E.numel() == 0:
-        raise ValueError(f"counts_E must be a non-empty [E] tensor; got shape {tuple(counts_E.shape)}")
-    load_E = counts_E.detach().to(torch.float64)
+    load_E = _load(counts_E)
     E = load_E.numel()
     mean = load_E.mean()
     positive = mean > 0
@@ -78,8 +77,29 @@ def expert_load_stats(counts_E: torch.Tensor) -> dict[str, torch.Tensor]:
     max_over_mean = torch.where(positive, load_E.max() / safe_mean, zero)
     sorted_E = torch.sort(load_E).values
     rank_E = torch.arange(1, E + 1, dtype=torch.float64, device=load_E.device)
-    gini = torch.where(positive, ((2 * rank_E - E - 1) * sorted_E).sum() / (E * E * safe_mean), zero)
+    gini = torch.where(positive, ((2 * rank_E - E - 1) * sorted_E).sum() / (E * E * safe_mean), zero).clamp_min(0)
     return {"cv": cv, "max_over_mean": max_over_mean, "gini": gini}
+
+
+def load_entropy(counts_E: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy of a load [E] as a 0-dim fp64 tensor: the Shannon entropy of the share
+    each expert gets over log(E); 1 when uniform (and for E == 1), 0 when one expert takes
+    everything or the load is zero everywhere. No host sync."""
+    load_E = _load(counts_E)
+    E = load_E.numel()
+    total = load_E.sum()
+    positive = total > 0
+    share_E = load_E / torch.where(positive, total, torch.ones_like(total))
+    entropy = -torch.special.xlogy(share_E, share_E).sum()
+    normalised = entropy / math.log(E) if E > 1 else torch.ones_like(entropy)
+    return torch.where(positive, normalised, torch.zeros_like(entropy))
+
+
+def _load(counts_E: torch.Tensor) -> torch.Tensor:
+    """Counts [E] as fp64, detached; ValueError unless a non-empty 1-D tensor."""
+    if counts_E.dim() != 1 or counts_E.numel() == 0:
+        raise ValueError(f"counts_E must be a non-empty [E] tensor; got shape {tuple(counts_E.shape)}")
+    return counts_E.detach().to(torch.float64)
 
 
 class ExpertLoadTracker:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from kernel_moe.bench.stats import (
     LatencySummary,
@@ -15,6 +16,7 @@ from kernel_moe.bench.stats import (
     normalized_entropy,
     percentile,
 )
+from kernel_moe.routing.balancing import expert_load_stats, load_entropy
 
 
 @pytest.mark.parametrize("num_experts", [1, 2, 7, 64])
@@ -52,6 +54,14 @@ def test_order_of_experts_does_not_matter():
     a, b = [5, 0, 9, 1, 3], [9, 3, 1, 5, 0]
     assert gini(a) == pytest.approx(gini(b))
     assert LoadBalance.from_counts(a).to_dict() == pytest.approx(LoadBalance.from_counts(b).to_dict())
+
+
+def test_measures_are_those_of_the_routing_load_statistics():
+    counts = [3, 0, 7, 1, 9]
+    ours = LoadBalance.from_counts(counts)
+    theirs = expert_load_stats(torch.tensor(counts))
+    assert (ours.cv, ours.gini, ours.max_over_mean) == tuple(theirs[k].item() for k in ("cv", "gini", "max_over_mean"))
+    assert ours.normalized_entropy == load_entropy(torch.tensor(counts)).item()
 
 
 def test_all_zero_counts_are_undefined_not_zero():

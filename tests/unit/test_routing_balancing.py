@@ -12,7 +12,13 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel_moe.routing.balancing import ExpertLoadTracker, expert_counts, expert_load_stats, update_expert_bias
+from kernel_moe.routing.balancing import (
+    ExpertLoadTracker,
+    expert_counts,
+    expert_load_stats,
+    load_entropy,
+    update_expert_bias,
+)
 from kernel_moe.routing.topk import TopKRouting, route
 
 
@@ -50,6 +56,21 @@ def test_load_stats_extremes(E):
     assert math.isclose(collapsed["cv"].item(), math.sqrt(E - 1), abs_tol=1e-12)
     zero = expert_load_stats(torch.zeros(E))
     assert all(v.item() == 0 for v in zero.values())
+
+
+@given(counts=st.lists(st.integers(0, 1000), min_size=1, max_size=32))
+@settings(max_examples=100, deadline=None)
+def test_load_entropy_matches_loop_reference(counts):
+    total, E = sum(counts), len(counts)
+    if total == 0:
+        expected = 0.0
+    elif E == 1:
+        expected = 1.0
+    else:
+        expected = -sum(c / total * math.log(c / total) for c in counts if c) / math.log(E)
+    entropy = load_entropy(torch.tensor(counts))
+    assert entropy.dim() == 0 and entropy.dtype == torch.float64
+    assert math.isclose(entropy.item(), expected, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def test_expert_counts_matches_bincount():
