@@ -52,8 +52,8 @@ class OptimizeReport:
         lines = [self.summary()]
         if self.swapped:
             rows = [("module", "original", "new", "experts", "top_k", "params", "details")]
-            rows += [(r.name, r.original_class, r.new_class, str(r.num_experts), str(r.top_k) if r.top_k else "-", f"{r.parameters:,}",
-                      r.details) for r in self.swapped]
+            rows += [(r.name, r.original_class, r.new_class, str(r.num_experts), str(r.top_k) if r.top_k else "-",
+                      f"{r.parameters:,}", r.details) for r in self.swapped]
             lines += ["", "swapped:"] + _table(rows)
         if self.skipped:
             rows = [("module", "class", "reason")] + [(r.name, r.module_class, r.reason) for r in self.skipped]

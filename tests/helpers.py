@@ -210,6 +210,34 @@ def tiny_mixtral_config(**overrides):
     return cfg
 
 
+def decoder_kwargs(model: nn.Module, hidden: torch.Tensor) -> dict:
+    """Keyword arguments of a transformers decoder layer of ``model`` for hidden states [B, T, H]."""
+    B, T = hidden.shape[:2]
+    position_ids = torch.arange(T).unsqueeze(0).expand(B, T)
+    return dict(attention_mask=None, position_ids=position_ids,
+                position_embeddings=model.model.rotary_emb(hidden, position_ids))
+
+
+def assert_one_graph(module: nn.Module, *args, **kwargs) -> None:
+    """``module(*args, **kwargs)`` traces as one graph without breaks."""
+    explained = torch._dynamo.explain(module)(*args, **kwargs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def assert_compiles_whole_and_matches(layer: nn.Module, layer_ref: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                                      **tol) -> None:
+    """``layer`` traces as one graph and, compiled with fullgraph=True (aot_eager), gives what
+    ``layer_ref`` gives on the same inputs within ``tol`` (first outputs of tuples compared)."""
+    with torch.no_grad():
+        assert_one_graph(layer, hidden, **kwargs)
+        out = torch.compile(layer, fullgraph=True, backend="aot_eager")(hidden, **kwargs)
+        ref = layer_ref(hidden, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    torch.testing.assert_close(out, ref, **tol)
+
+
 # --- model state ---------------------------------------------------------------------------
 
 
@@ -226,6 +254,15 @@ def assert_same_state(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> No
         ref = snapshot[k]
         assert v.dtype == ref.dtype and v.shape == ref.shape, k
         assert torch.equal(v, ref), k
+
+
+def assert_same_grads(model: nn.Module, original: nn.Module, **tol) -> None:
+    """Every parameter of ``model`` has a gradient equal (within ``tol``, default GRAD_TOL) to
+    that of the same-named parameter of ``original``."""
+    ref_params = dict(original.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, ref_params[name].grad, **(tol or GRAD_TOL), msg=name)
 
 
 def param_ids(model: nn.Module) -> dict[str, int]:

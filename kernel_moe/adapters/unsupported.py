@@ -86,8 +86,8 @@ def describe_unsupported(module: nn.Module) -> str | None:
             continue
         routers = _routers(module, name)
         stacked = [(p, t) for p, t in child.named_parameters(recurse=False) if t.dim() >= 3]
-        if stacked and all(t.shape[0] == stacked[0][1].shape[0] for _, t in stacked) and stacked[0][1].shape[0] in routers:
-            E = stacked[0][1].shape[0]
+        E = stacked[0][1].shape[0] if stacked else 0
+        if stacked and all(t.shape[0] == E for _, t in stacked) and E in routers:
             shapes = ", ".join(f"{name}.{p} {_shape(t)}" for p, t in stacked)
             return (f"experts hold 3-D weights ({shapes}) split across modules, outside the layout kernel_moe maps "
                     f"(one experts module with gate_up_proj/up_proj and down_proj); router {routers[E]}")

@@ -32,6 +32,13 @@ import torch.nn as nn
 
 from kernel_moe.bench.device import environment, resolve_device
 from kernel_moe.bench.energy import EnergyMeter, detect_energy_meter
+from kernel_moe.bench.introspect import (
+    first_tensor,
+    hidden_size_of,
+    input_embedding,
+    matmul_param_stats,
+    routed_layers,
+)
 from kernel_moe.bench.memory import measure_peak_memory, module_bytes, tensor_bytes
 from kernel_moe.bench.models import count_parameters
 from kernel_moe.bench.results import BenchmarkResults, CaseResult, LayerRouting, fill_ratios
@@ -74,63 +81,6 @@ def _positive_ints(name: str, values: Iterable[int]) -> list[int]:
     if not out or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in out):
         raise ValueError(f"MoEBenchmark.{name}={out!r}; allowed: a non-empty list of ints >= 1")
     return out
-
-
-def _first_tensor(output) -> torch.Tensor | None:
-    """The main tensor of a model output: itself, ``.logits``, ``.last_hidden_state`` or item 0."""
-    if isinstance(output, torch.Tensor):
-        return output
-    for attr in ("logits", "last_hidden_state"):
-        value = getattr(output, attr, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    return None
-
-
-def _input_embedding(model: nn.Module) -> nn.Embedding | None:
-    getter = getattr(model, "get_input_embeddings", None)
-    if callable(getter):
-        with contextlib.suppress(Exception):
-            emb = getter()
-            if isinstance(emb, nn.Embedding):
-                return emb
-    for child in model.children():
-        if isinstance(child, nn.Embedding):
-            return child
-    return None
-
-
-def _hidden_size(model: nn.Module) -> int | None:
-    for obj in (model, getattr(model, "config", None)):
-        for attr in ("hidden_size", "hidden_dim", "d_model"):
-            value = getattr(obj, attr, None) if obj is not None else None
-            if isinstance(value, int) and value > 0:
-                return value
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            return m.in_features
-    return None
-
-
-def _routed_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules exposing the routing-tracking interface of ``kernel_moe.layers.FusedMoE``."""
-    return [
-        (name, m)
-        for name, m in module.named_modules()
-        if callable(getattr(m, "track_routing", None)) and isinstance(getattr(m, "routing_counts", None), torch.Tensor)
-    ]
-
-
-def _matmul_param_stats(module: nn.Module, active_params: int) -> tuple[int, int]:
-    """(active, total) parameters that take part in matmuls: embeddings excluded unless the
-    same tensor is also a Linear weight (a tied LM head)."""
-    linear_ids = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
-    emb = {id(m.weight): m.weight.numel() for m in module.modules() if isinstance(m, nn.Embedding)}
-    lookup_only = sum(n for pid, n in emb.items() if pid not in linear_ids)
-    total = sum(p.numel() for p in module.parameters()) - lookup_only
-    return max(active_params - lookup_only, 0), max(total, 0)
 
 
 class MoEBenchmark:
@@ -221,7 +171,7 @@ class MoEBenchmark:
         self.warmup, self.min_time_s = warmup, min_time_s
         self.min_samples, self.max_samples = min_samples, max_samples
         self.input_kind = self._resolve_input_kind(input_kind)
-        self.hidden_size = hidden_size or _hidden_size(model)
+        self.hidden_size = hidden_size or hidden_size_of(model)
         if self.input_kind == "hidden" and self.hidden_size is None:
             raise ValueError("MoEBenchmark.hidden_size=None and it cannot be inferred; allowed: an int >= 1")
         self.name = name or type(model).__name__
@@ -259,7 +209,7 @@ class MoEBenchmark:
     def _resolve_input_kind(self, kind: str) -> str:
         if kind != "auto":
             return kind
-        return "ids" if _input_embedding(self.model) is not None else "hidden"
+        return "ids" if input_embedding(self.model) is not None else "hidden"
 
     # ------------------------------------------------------------------ variants
     def _copy(self) -> nn.Module:
@@ -333,7 +283,7 @@ class MoEBenchmark:
         """Seeded forward inputs for one shape: ``{"input_ids": [B, S]}`` or ``{"x": [B, S, H]}``."""
         gen = torch.Generator().manual_seed(self.seed + 1_000_003 * batch + seq)
         if self.input_kind == "ids":
-            emb = _input_embedding(self.model)
+            emb = input_embedding(self.model)
             config = getattr(self.model, "config", None)
             vocab = emb.num_embeddings if emb is not None else getattr(config, "vocab_size", None)
             if not vocab:
@@ -421,7 +371,7 @@ class MoEBenchmark:
 
     # ------------------------------------------------------------------ measurements
     def _routing(self, variant: _Variant, inputs: dict, tokens: int) -> list[LayerRouting]:
-        layers = _routed_layers(variant.eager_module)
+        layers = routed_layers(variant.eager_module)
         if not layers:
             return []
         for _, m in layers:
@@ -461,8 +411,8 @@ class MoEBenchmark:
             case.first_call_s = time.perf_counter() - t0
             for _ in range(self.warmup):
                 call()
-            out_tensor = _first_tensor(output)
-            matmul_active, matmul_total = _matmul_param_stats(variant.eager_module, case.params.active)
+            out_tensor = first_tensor(output)
+            matmul_active, matmul_total = matmul_param_stats(variant.eager_module, case.params.active)
             case.flops_estimate = 2.0 * matmul_active * case.tokens
             elt = torch.empty((), dtype=self.dtype).element_size()
             io_bytes = tensor_bytes(inputs.values()) + (0 if out_tensor is None else tensor_bytes([out_tensor]))
@@ -519,7 +469,7 @@ class MoEBenchmark:
             return
         inputs = self.make_inputs(self.batch_sizes[0], self.sequence_lengths[0])
         try:
-            expected = _first_tensor(self.make_call(ref.run_module, inputs)())
+            expected = first_tensor(self.make_call(ref.run_module, inputs)())
         except Exception as exc:
             logger.warning("bench: original output check failed: %s", exc)
             return
@@ -528,7 +478,7 @@ class MoEBenchmark:
             if v is ref or not v.equivalent or expected is None:
                 continue
             try:
-                got = _first_tensor(self.make_call(v.run_module, inputs)())
+                got = first_tensor(self.make_call(v.run_module, inputs)())
             except Exception as exc:
                 v.info["output_check"] = f"failed to run: {type(exc).__name__}: {exc}"
                 continue

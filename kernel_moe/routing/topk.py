@@ -87,9 +87,11 @@ class TopKRouting:
 
     def describe(self) -> str:
         """A short human-readable form for reports, e.g. 'softmax>top2>renorm'."""
-        parts = [self.scoring, f"top{self.top_k}"] if self.order == "score_then_topk" else [f"top{self.top_k}", self.scoring]
+        topk = f"top{self.top_k}"
+        parts = [self.scoring, topk] if self.order == "score_then_topk" else [topk, self.scoring]
         if self.num_groups > 1:
-            parts.insert(1, f"groups{self.topk_groups}/{self.num_groups}" + ("(max)" if self.group_score == "max" else ""))
+            group_score = "(max)" if self.group_score == "max" else ""
+            parts.insert(1, f"groups{self.topk_groups}/{self.num_groups}{group_score}")
         if self.selection_on == "logits":
             parts.insert(1, "bias-on-logits")
         if self.renormalize:

@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import GRAD_TOL, assert_same_state, param_ids, snapshot_state
+from helpers import assert_same_grads, assert_same_state, param_ids, snapshot_state
 from torch import nn
 
 import kernel_moe
@@ -177,10 +177,7 @@ def test_training_gradients_equal_the_original(name):
     torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-5)
     loss.backward()
     loss_ref.backward()
-    ref_params = dict(original.named_parameters())
-    for pname, p in model.named_parameters():
-        assert p.grad is not None, pname
-        torch.testing.assert_close(p.grad, ref_params[pname].grad, **GRAD_TOL, msg=pname)
+    assert_same_grads(model, original)
 
 
 def test_dropout_trains_through_the_original_and_the_report_says_so():

@@ -15,7 +15,16 @@ import warnings
 
 import pytest
 import torch
-from helpers import GRAD_TOL, assert_low_precision_close, assert_same_state, param_ids, snapshot_state
+from helpers import (
+    GRAD_TOL,
+    assert_compiles_whole_and_matches,
+    assert_low_precision_close,
+    assert_one_graph,
+    assert_same_state,
+    decoder_kwargs,
+    param_ids,
+    snapshot_state,
+)
 
 import kernel_moe
 from kernel_moe import FusedMoE
@@ -181,34 +190,16 @@ def test_bf16_model_is_close_to_an_fp32_reference_of_the_same_weights(model_type
         torch.testing.assert_close(out.float(), orig.float(), atol=2e-2, rtol=2e-2)
 
 
-def _decoder_kwargs(model, hidden):
-    T = hidden.shape[1]
-    position_ids = torch.arange(T).unsqueeze(0).expand(hidden.shape[0], T)
-    return dict(attention_mask=None, position_ids=position_ids,
-                position_embeddings=model.model.rotary_emb(hidden, position_ids))
-
-
 def test_decoder_layer_and_block_compile_fullgraph_without_graph_breaks(pair):
     model_type, model, original, _ = pair
     torch._dynamo.reset()
     layer, layer_ref = model.model.layers[0], original.model.layers[0]
     hidden = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(10))
-    kwargs = _decoder_kwargs(model, hidden)
     block = _swapped_layers(model, model_type)[0]
-    with torch.no_grad():
-        if isinstance(block, FusedMoE):
-            explained = torch._dynamo.explain(block)(hidden)
-            assert explained.graph_break_count == 0, explained.break_reasons
-            assert explained.graph_count == 1
-        explained = torch._dynamo.explain(layer)(hidden, **kwargs)
-        assert explained.graph_break_count == 0, explained.break_reasons
-        assert explained.graph_count == 1
-        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-        out = compiled(hidden, **kwargs)
-        ref = layer_ref(hidden, **kwargs)
-    out = out[0] if isinstance(out, tuple) else out
-    ref = ref[0] if isinstance(ref, tuple) else ref
-    torch.testing.assert_close(out, ref, **FP32)
+    if isinstance(block, FusedMoE):
+        with torch.no_grad():
+            assert_one_graph(block, hidden)
+    assert_compiles_whole_and_matches(layer, layer_ref, hidden, decoder_kwargs(model, hidden), **FP32)
     torch._dynamo.reset()
 
 
@@ -363,7 +354,7 @@ def test_transformers_experts_interface_runs_kernel_moe_and_compiles(model_type)
     torch._dynamo.reset()
     layer = model.model.layers[0]
     hidden = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(18))
-    kwargs = _decoder_kwargs(model, hidden)
+    kwargs = decoder_kwargs(model, hidden)
     with torch.no_grad():
         explained = torch._dynamo.explain(layer)(hidden, **kwargs)
         assert explained.graph_break_count == 0, explained.break_reasons

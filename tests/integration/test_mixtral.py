@@ -11,9 +11,11 @@ import torch
 
 import kernel_moe
 from helpers import (
-    GRAD_TOL,
+    assert_compiles_whole_and_matches,
     assert_low_precision_close,
+    assert_same_grads,
     assert_same_state,
+    decoder_kwargs,
     param_ids,
     snapshot_state,
     tiny_mixtral_config,
@@ -112,10 +114,7 @@ def test_training_gradients_match():
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
     loss.backward()
     loss_ref.backward()
-    ref_params = dict(original.named_parameters())
-    for name, p in model.named_parameters():
-        assert p.grad is not None, name
-        torch.testing.assert_close(p.grad, ref_params[name].grad, **GRAD_TOL, msg=name)
+    assert_same_grads(model, original)
 
 
 def test_bf16_block_matches_fp32_reference():
@@ -138,17 +137,5 @@ def test_compiled_decoder_layer_has_no_graph_breaks_and_matches():
     kernel_moe.optimize(model)
     layer, layer_ref = model.model.layers[0], original.model.layers[0]
     hidden = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(10))
-    position_ids = torch.arange(6).unsqueeze(0).expand(2, 6)
-    position_embeddings = model.model.rotary_emb(hidden, position_ids)
-    kwargs = dict(attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
-    with torch.no_grad():
-        explained = torch._dynamo.explain(layer)(hidden, **kwargs)
-        assert explained.graph_break_count == 0, explained.break_reasons
-        assert explained.graph_count == 1
-        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-        out = compiled(hidden, **kwargs)
-        ref = layer_ref(hidden, **kwargs)
-    out = out[0] if isinstance(out, tuple) else out
-    ref = ref[0] if isinstance(ref, tuple) else ref
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert_compiles_whole_and_matches(layer, layer_ref, hidden, decoder_kwargs(model, hidden), atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()

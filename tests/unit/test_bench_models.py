@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import tiny_mixtral_config
 from kernel_moe.bench.models import (
     DenseFFN,
     NaiveMoE,
@@ -111,17 +112,7 @@ def test_invalid_shapes_raise(kwargs, field):
 
 def _tiny_mixtral():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.MixtralConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_mixtral_config(vocab_size=128, hidden_size=64, tie_word_embeddings=False)
     torch.manual_seed(0)
     return transformers.MixtralForCausalLM(cfg), cfg
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import tiny_mixtral_config
 from kernel_moe.bench.energy import EnergyMeter, UnavailableEnergyMeter
 from kernel_moe.bench.memory import measure_peak_memory, module_bytes
 from kernel_moe.bench.models import DenseFFN, NaiveMoE, count_parameters
@@ -191,16 +192,8 @@ def test_input_kind_auto_detection():
 
 def test_transformers_model_with_experts_baselines():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.MixtralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
+    cfg = tiny_mixtral_config(vocab_size=64, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1)
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(cfg)
     r = MoEBenchmark(
