@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernel_moe.kernels import cpu as cpu_kernels
+from kernel_moe.kernels.cpu import extension as cpu_kernels
+from kernel_moe.kernels.contract import Activation
 from kernel_moe.reference.moe import naive_moe_experts
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -113,10 +114,11 @@ def as_fp32(inputs: dict) -> dict:
 
 def run_op(inputs: dict, activation: str = "silu", glu: str = "concat", alpha: float = 1.702,
            limit: float = math.inf, backend: str = "auto") -> torch.Tensor:
-    """``torch.ops.kernel_moe.fused_experts`` on a dict from :func:`op_inputs`."""
+    """``torch.ops.kernel_moe.fused_experts`` on a dict from :func:`op_inputs` (an optional
+    ``expert_map`` entry is passed too)."""
     i = inputs
     return torch.ops.kernel_moe.fused_experts(
-        i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"],
+        i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"], i.get("expert_map"),
         activation, glu, alpha, limit, backend,
     )
 
@@ -127,7 +129,7 @@ def run_reference(inputs: dict, activation: str = "silu", glu: str = "concat", a
     i = inputs
     return naive_moe_experts(
         i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"],
-        activation, glu, alpha, limit,
+        Activation(activation, glu, alpha, limit),
     )
 
 

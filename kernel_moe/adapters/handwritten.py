@@ -22,7 +22,7 @@ from kernel_moe.config import KernelConfig
 from kernel_moe.kernels.contract import Activation
 from kernel_moe.layers.spec import ExpertsSpec, MoESpec, RouterSpec
 from kernel_moe.layers.weights import ExpertListWeight
-from kernel_moe.reference.moe import expert_mlp
+from kernel_moe.kernels.cpu.mlp import Expert, mlp_forward
 from kernel_moe.routing.topk import RoutingSpec
 
 TOPK_ATTRS = ("top_k", "topk", "k", "num_experts_per_tok", "num_selected_experts", "experts_per_token", "n_active")
@@ -99,7 +99,8 @@ def _form_reference(expert: nn.Module, form: ExpertForm):
             w_up = torch.cat([m.weight for m in parts], dim=0)
             b_up = torch.cat([m.bias for m in parts], dim=0) if form.bias else None
             down = expert.get_submodule(form.down)
-            return expert_mlp(x, w_up, down.weight, b_up, down.bias if form.bias else None, form.activation, form.glu)
+            weights = Expert(w_up, down.weight, b_up, down.bias if form.bias else None)
+            return mlp_forward(x, weights, Activation(form.activation, form.glu))
 
     return _Candidate()
 

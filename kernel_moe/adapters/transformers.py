@@ -33,7 +33,7 @@ from kernel_moe.config import KernelConfig
 from kernel_moe.kernels.contract import Activation
 from kernel_moe.layers.spec import ExpertsOnlySpec, ExpertsSpec, MoESpec, RouterSpec
 from kernel_moe.layers.weights import StackedWeight, get_attr_path
-from kernel_moe.reference.activations import apply_activation
+from kernel_moe.kernels.activations import apply_activation
 from kernel_moe.routing.topk import RoutingSpec, route
 
 SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
@@ -102,7 +102,7 @@ def _activation_candidates(experts: nn.Module, has_gate: bool, glu_hint: str, in
     except Exception as exc:
         return Skip(f"experts._apply_gate failed on a probe: {type(exc).__name__}: {exc}")
     for opt in options:
-        if mismatch(apply_activation(h, *opt), ref) is None:
+        if mismatch(apply_activation(h, Activation(*opt)), ref) is None:
             return [opt]
     clamp = f" with a clamp limit {limits[0]:g}" if limits else ""
     return Skip(f"{type(experts).__name__}._apply_gate computes a gate function{clamp} that the fused op does not "

@@ -58,16 +58,16 @@ class Activation:
 
     def __post_init__(self) -> None:
         if self.kind not in ACTIVATION_KINDS:
-            raise ValueError(f"Activation.kind={self.kind!r} is not supported; allowed: {', '.join(ACTIVATION_KINDS)}")
+            raise ValueError(f"activation={self.kind!r} is not supported; allowed: {', '.join(ACTIVATION_KINDS)}")
         if self.glu not in GLU_LAYOUTS:
-            raise ValueError(f"Activation.glu={self.glu!r} is not supported; allowed: {', '.join(GLU_LAYOUTS)}")
+            raise ValueError(f"glu={self.glu!r} is not supported; allowed: {', '.join(GLU_LAYOUTS)}")
         if self.kind == "gpt_oss" and self.glu == "none":
-            raise ValueError("Activation.kind='gpt_oss' needs a gated layout (glu='concat' or 'interleaved'), got "
+            raise ValueError("activation='gpt_oss' needs a gated layout (glu='concat' or 'interleaved'), got "
                              "glu='none'")
         for name in ("alpha", "limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise ValueError(f"Activation.{name}={value!r} must be a number")
+                raise ValueError(f"activation {name}={value!r} must be a number")
 
     @property
     def gated(self) -> bool:

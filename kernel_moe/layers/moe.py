@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernel_moe.layers.base import SwappedLayer
-from kernel_moe.layers.experts import expert_weight_sources, run_experts
+from kernel_moe.layers.experts import run_experts
 from kernel_moe.layers.spec import MoESpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.kernels import resolve_backend
@@ -134,7 +134,7 @@ class FusedMoE(SwappedLayer):
                                  persistent=False)
 
     def _weight_sources(self) -> list:
-        return expert_weight_sources(self.spec.experts)
+        return self.spec.experts.sources()
 
     def track_routing(self, enabled: bool = True) -> None:
         """Accumulate per-expert slot counts into ``routing_counts`` on every forward."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernel_moe.ops.backend import resolve_backend
+from kernel_moe.kernels import resolve_backend
 from kernel_moe.routing.topk import RoutingSpec, route
 
 

@@ -1,4 +1,4 @@
-"""Native CPU kernels (C++), compiled on first use by torch's C++ extension builder.
+"""The native CPU kernels (C++): built on first use by torch's C++ extension builder, cached, loaded.
 
 - ``grouped_matvec.cpp`` multiplies each expert's few token rows with its weights, reading every
   weight row once at close to memory bandwidth: the CPU experts op's decode and small batches;
