@@ -22,35 +22,46 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from kernel_moe.errors import UnsupportedInputError
-from kernel_moe.kernels import select_backend
+from kernel_moe.kernels import scaled_inputs, select_backend
 from kernel_moe.kernels.contract import Activation, StackedExperts, local_ids, validate_call
 
 _PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
 
 
 @functools.lru_cache(maxsize=256)
-def activation_of(kind: str, glu: str, alpha: float, limit: float) -> Activation:
-    """The Activation value of the schema's four fields (cached: validated once); an invalid one
-    raises UnsupportedInputError."""
+def activation_of(fields: tuple) -> Activation:
+    """The Activation value of the schema's activation fields (kind, glu, alpha, limit,
+    gate_softcap, up_softcap), cached: validated once; an invalid one raises UnsupportedInputError."""
     try:
-        return Activation(kind, glu, alpha, limit)
+        return Activation(*fields)
     except ValueError as exc:
         raise UnsupportedInputError(str(exc)) from None
 
 
 def _flat(experts: StackedExperts) -> tuple:
-    """The schema's tensor and activation arguments of a StackedExperts, in schema order."""
+    """The schema's arguments between topk_ids and backend, in schema order."""
     act = experts.activation
     return (experts.w_up, experts.w_down, experts.b_up, experts.b_down, experts.expert_map, act.kind, act.glu,
-            act.alpha, act.limit)
+            act.alpha, act.limit, act.gate_softcap, act.up_softcap, experts.scale_inputs)
+
+
+def _unflat(args: tuple) -> StackedExperts:
+    """The StackedExperts of the schema's arguments between topk_ids and backend (see :func:`_flat`)."""
+    w_up, w_down, b_up, b_down, expert_map = args[:5]
+    return StackedExperts(w_up, w_down, b_up, b_down, activation_of(tuple(args[5:11])), "full", expert_map,
+                          bool(args[11]))
 
 
 def _forward(x: Tensor, weights: Optional[Tensor], ids: Optional[Tensor], experts: StackedExperts, backend: str,
              deterministic: bool) -> Tensor:
     validate_call(x, weights, ids, experts)
-    if ids is not None:
-        ids = local_ids(ids, experts)
-    return select_backend(backend, x.device).forward(x, weights, ids, experts, deterministic)
+    chosen = select_backend(backend, x.device)
+    if ids is None:
+        return chosen.forward(x, None, None, experts, deterministic)
+    ids = local_ids(ids, experts)
+    if experts.scale_inputs:
+        return scaled_inputs.forward(chosen, x, weights, ids, experts, deterministic)
+    return chosen.forward(x, weights, ids, experts, deterministic)
 
 
 @torch.library.custom_op("kernel_moe::fused_experts", mutates_args=())
@@ -67,23 +78,27 @@ def fused_experts(
     glu: str,
     alpha: float,
     limit: float,
+    gate_softcap: float,
+    up_softcap: float,
+    scale_inputs: bool,
     backend: str,
     deterministic: bool = True,
 ) -> Tensor:
     """Routed experts: x [T, H], topk_weights / topk_ids [T, K] (both None: a dense call with E = 1),
-    w_up [E, N, H], w_down [E, H, I], b_up [E, N] | None, b_down [E, H] | None, expert_map [G] | None
-    -> [T, H] in x's dtype. ``deterministic`` selects a fixed reduction order on the Triton backend
-    (the CPU backend always has one)."""
-    experts = StackedExperts(w_up, w_down, b_up, b_down, activation_of(activation, glu, alpha, limit), "full",
-                             expert_map)
+    w_up [E, N, H], w_down [E, H, I], b_up [E, N] | None, b_down [E, H] | None, expert_map [G] | None,
+    the activation's fields, whether the weights scale the inputs -> [T, H] in x's dtype.
+    ``deterministic`` selects a fixed reduction order on the Triton backend (the CPU backend always
+    has one)."""
+    experts = _unflat((w_up, w_down, b_up, b_down, expert_map, activation, glu, alpha, limit, gate_softcap,
+                       up_softcap, scale_inputs))
     return _forward(x, topk_weights, topk_ids, experts, backend, deterministic)
 
 
 @fused_experts.register_fake
 def _fused_experts_fake(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map, activation, glu, alpha,
-                        limit, backend, deterministic=True):
-    experts = StackedExperts(w_up, w_down, b_up, b_down, activation_of(activation, glu, alpha, limit), "full",
-                             expert_map)
+                        limit, gate_softcap, up_softcap, scale_inputs, backend, deterministic=True):
+    experts = _unflat((w_up, w_down, b_up, b_down, expert_map, activation, glu, alpha, limit, gate_softcap,
+                       up_softcap, scale_inputs))
     validate_call(x, topk_weights, topk_ids, experts)
     return x.new_empty(x.shape)
 
@@ -133,14 +148,22 @@ def fused_experts_backward(
     glu: str,
     alpha: float,
     limit: float,
+    gate_softcap: float,
+    up_softcap: float,
+    scale_inputs: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of fused_experts: (grad_x, grad_topk_weights or [0] for a dense call, grad_w_up,
     grad_w_down, grad_b_up or [0], grad_b_down or [0])."""
-    experts = StackedExperts(w_up, w_down, b_up, b_down, activation_of(activation, glu, alpha, limit), "full",
-                             expert_map)
-    ids = None if topk_ids is None else local_ids(topk_ids, experts)
-    g = select_backend(backend, x.device).backward(grad_out, x, topk_weights, ids, experts)
+    experts = _unflat((w_up, w_down, b_up, b_down, expert_map, activation, glu, alpha, limit, gate_softcap,
+                       up_softcap, scale_inputs))
+    chosen = select_backend(backend, x.device)
+    if topk_ids is None:
+        g = chosen.backward(grad_out, x, None, None, experts)
+    elif experts.scale_inputs:
+        g = scaled_inputs.backward(chosen, grad_out, x, topk_weights, local_ids(topk_ids, experts), experts)
+    else:
+        g = chosen.backward(grad_out, x, topk_weights, local_ids(topk_ids, experts), experts)
     def given(t: Optional[Tensor]) -> Tensor:
         return x.new_empty(0) if t is None else t  # a fresh empty each: outputs may not alias
 
@@ -149,7 +172,7 @@ def fused_experts_backward(
 
 @fused_experts_backward.register_fake
 def _fused_experts_backward_fake(grad_out, x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map,
-                                 activation, glu, alpha, limit, backend):
+                                 activation, glu, alpha, limit, gate_softcap, up_softcap, scale_inputs, backend):
     def like(t: Optional[Tensor]) -> Tensor:
         return x.new_empty(0) if t is None else t.new_empty(t.shape)
 
@@ -159,7 +182,7 @@ def _fused_experts_backward_fake(grad_out, x, topk_weights, topk_ids, w_up, w_do
 def _setup_context(ctx, inputs, output) -> None:
     x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map = inputs[:8]
     ctx.save_for_backward(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map)
-    ctx.args = inputs[8:13]  # activation, glu, alpha, limit, backend
+    ctx.args = inputs[8:16]  # activation fields, scale_inputs, backend
 
 
 def _backward(ctx, grad_out):
@@ -167,7 +190,7 @@ def _backward(ctx, grad_out):
     g_x, g_w, g_up, g_down, g_bup, g_bdown = torch.ops.kernel_moe.fused_experts_backward(
         grad_out.contiguous(), x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map, *ctx.args)
     return (g_x, None if topk_weights is None else g_w, None, g_up, g_down, None if b_up is None else g_bup,
-            None if b_down is None else g_bdown, None, None, None, None, None, None, None)
+            None if b_down is None else g_bdown) + (None,) * 10
 
 
 fused_experts.register_autograd(_backward, setup_context=_setup_context)

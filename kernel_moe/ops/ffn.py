@@ -7,6 +7,8 @@ Layers call :func:`kernel_moe.ops.experts.run_experts` with routing None instead
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _lib = torch.library.Library("kernel_moe", "FRAGMENT")
@@ -22,5 +24,5 @@ def _fused_ffn(x, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, bac
         return None if t is None else t.unsqueeze(0)
 
     return torch.ops.kernel_moe.fused_experts(x, None, None, one(w_up), one(w_down), one(b_up), one(b_down), None,
-                                              activation, glu, alpha, limit, backend)
+                                              activation, glu, alpha, limit, math.inf, math.inf, False, backend)
 

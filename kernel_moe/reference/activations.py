@@ -32,6 +32,8 @@ def _scalar(x: torch.Tensor, activation: str) -> torch.Tensor:
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
     if activation == "relu":
         return torch.where(x > 0, x, x * 0)  # x * 0 keeps NaN
+    if activation == "relu2":
+        return torch.where(x > 0, x * x, x * 0)
     raise ValueError(f"activation={activation!r} has no scalar form in the reference")
 
 
@@ -41,8 +43,11 @@ def apply_activation(
     glu: str,
     alpha: float = 1.702,
     limit: float = math.inf,
+    softcaps: tuple[float, float] = (math.inf, math.inf),
 ) -> torch.Tensor:
-    """Activation of up-projection features: [S, N] -> [S, I]."""
+    """Activation of up-projection features: [S, N] -> [S, I]. With a gated layout, ``limit``
+    clamps gate (above) and up (both sides) first; ``softcaps`` = (gate cap, up cap) of the
+    softcapped SwiGLU ``cap(gate) * sigmoid(gate) * cap(up)``, ``cap(v) = c * tanh(v / c)``."""
     if glu == "none":
         return _scalar(h_SN, activation)
     I = h_SN.shape[-1] // 2
@@ -52,8 +57,14 @@ def apply_activation(
         gate, up = h_SN[..., 0::2], h_SN[..., 1::2]
     else:
         raise ValueError(f"glu={glu!r} is not a layout of the reference")
+    gate = torch.minimum(gate, torch.full_like(gate, limit))
+    up = torch.maximum(torch.minimum(up, torch.full_like(up, limit)), torch.full_like(up, -limit))
     if activation == "gpt_oss":
-        gate = torch.minimum(gate, torch.full_like(gate, limit))
-        up = torch.maximum(torch.minimum(up, torch.full_like(up, limit)), torch.full_like(up, -limit))
         return (up + 1) * gate * _sigmoid(alpha * gate)
+    gate_cap, up_cap = softcaps
+    if gate_cap != math.inf or up_cap != math.inf:
+        def cap(v: torch.Tensor, c: float) -> torch.Tensor:
+            return v if c == math.inf else c * torch.tanh(v / c)
+
+        return cap(gate, gate_cap) * _sigmoid(gate) * cap(up, up_cap)
     return _scalar(gate, activation) * up

@@ -29,7 +29,8 @@ def expert_mlp(
     """One MLP (an expert, or a dense FFN) applied to M tokens: [M, H] -> [M, H]."""
     h_MN = F.linear(x_MH, w_up_NH, b_up_N)
     a = activation
-    return F.linear(apply_activation(h_MN, a.kind, a.glu, a.alpha, a.limit), w_down_HI, b_down_H)
+    return F.linear(apply_activation(h_MN, a.kind, a.glu, a.alpha, a.limit, (a.gate_softcap, a.up_softcap)),
+                    w_down_HI, b_down_H)
 
 
 def naive_moe_experts(

@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from helpers import as_fp32, assert_fp32_close, assert_low_precision_close, op_inputs, run_op, run_reference
+from helpers import (as_fp32, assert_fp32_close, assert_low_precision_close, limit_for, op_inputs, run_op,
+                     run_reference)
 from kernel_moe import UnsupportedInputError
 from kernel_moe.kernels import cpu as cpu_kernels
 from kernel_moe.kernels.cpu import forward as cpu_forward
@@ -26,6 +27,7 @@ ACTIVATIONS = [
     ("gelu", "none"), ("gelu", "concat"), ("gelu", "interleaved"),
     ("gelu_tanh", "none"), ("gelu_tanh", "concat"), ("gelu_tanh", "interleaved"),
     ("relu", "none"), ("relu", "concat"), ("relu", "interleaved"),
+    ("relu2", "none"), ("relu2", "concat"),
     ("gpt_oss", "concat"), ("gpt_oss", "interleaved"),
 ]
 
@@ -64,6 +66,60 @@ def test_gpt_oss_alpha_and_limit(glu, alpha, limit):
     assert_fp32_close(out, ref)
     if math.isfinite(limit):  # the limit really changes the result
         assert not torch.allclose(ref, run_reference(inputs, "gpt_oss", glu, alpha, math.inf), atol=1e-3)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("glu", ["concat", "interleaved"])
+def test_clamped_swiglu_limit(activation, glu):
+    """A gated activation with a limit clamps gate (above) and up (both sides) first (DeepSeek-V4,
+    GLM-5-Next, HY-V4 clamp a plain SwiGLU)."""
+    inputs = op_inputs(33, H, I, 4, 2, glu=glu, bias=True, seed=41)
+    inputs["x"] = inputs["x"] * 4  # many gate/up values beyond the limit
+    ref = run_reference(inputs, activation, glu, 1.702, 1.5)
+    assert_fp32_close(run_op(inputs, activation, glu, 1.702, 1.5), ref)
+    assert not torch.allclose(ref, run_reference(inputs, activation, glu), atol=1e-3)
+
+
+@pytest.mark.parametrize("caps", [(2.0, 3.0), (1.5, math.inf), (math.inf, 0.7)])
+@pytest.mark.parametrize("glu", ["concat", "interleaved"])
+@pytest.mark.parametrize("T", [1, 9, 300])
+def test_softcapped_swiglu(caps, glu, T):
+    """cap(gate) * sigmoid(gate) * cap(up), cap(v) = c * tanh(v / c) (Inkling 2)."""
+    inputs = op_inputs(T, H, I, 6, 2, glu=glu, seed=42 + T)
+    inputs["x"] = inputs["x"] * 3
+    inputs["softcaps"] = caps
+    ref = run_reference(inputs, "silu", glu)
+    assert_fp32_close(run_op(inputs, "silu", glu), ref)
+    assert not torch.allclose(ref, run_reference(dict(inputs, softcaps=(math.inf, math.inf)), "silu", glu),
+                              atol=1e-3)
+
+
+@pytest.mark.parametrize("T", [0, 1, 6, 129])
+@pytest.mark.parametrize("K", [1, 2])
+def test_routing_weights_that_scale_the_inputs(T, K):
+    """scale_inputs: out[t] = sum_j expert(w[t, j] * x[t]) (Llama 4), dropped slots included."""
+    inputs = op_inputs(T, H, I, 5, K, bias=True, seed=43 + T)
+    inputs["scale_inputs"] = True
+    inputs["topk_weights"] = inputs["topk_weights"] * 3
+    if T > 2:
+        inputs["topk_ids"][2, 0] = -1
+    ref = run_reference(inputs)
+    assert_fp32_close(run_op(inputs), ref)
+    if T:
+        assert not torch.allclose(ref, run_reference(dict(inputs, scale_inputs=False)), atol=1e-3)
+
+
+def test_invalid_activation_parameters_name_the_field():
+    inputs = op_inputs(4, H, I, 2, 1, glu="none")
+    with pytest.raises(UnsupportedInputError, match="limit=7.0 needs a gated layout"):
+        run_op(inputs, "gelu", "none", 1.702, 7.0)
+    inputs = op_inputs(4, H, I, 2, 1)
+    inputs["softcaps"] = (2.0, math.inf)
+    with pytest.raises(UnsupportedInputError, match="gated silu only"):
+        run_op(inputs, "gelu", "concat")
+    inputs["softcaps"] = (-1.0, math.inf)
+    with pytest.raises(UnsupportedInputError, match="gate_softcap=-1.0 must be > 0"):
+        run_op(inputs, "silu", "concat")
 
 
 def test_transposed_weight_views_and_non_contiguous_inputs():
@@ -237,8 +293,8 @@ def test_low_precision_against_fp32_reference(dtype, T, weights_dtype):
 @pytest.mark.parametrize("activation,glu", [("silu", "concat"), ("gelu", "none"), ("gpt_oss", "interleaved")])
 def test_bf16_activations_against_fp32_reference(activation, glu):
     inputs = op_inputs(96, H, I, 6, 2, glu=glu, bias=True, dtype=torch.bfloat16, seed=13)
-    out = run_op(inputs, activation, glu, 1.702, 7.0)
-    assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, 7.0))
+    out = run_op(inputs, activation, glu, 1.702, limit_for(glu))
+    assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, limit_for(glu)))
 
 
 def test_nan_in_input_propagates_without_crash():

@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from helpers import (as_fp32, assert_fp32_close, assert_low_precision_close, no_compiler, op_inputs, run_op,
-                     run_reference, simulate_cpu_extension_build)
+from helpers import (as_fp32, assert_fp32_close, assert_low_precision_close, limit_for, no_compiler, op_inputs,
+                     run_op, run_reference, simulate_cpu_extension_build)
 from kernel_moe.kernels import cpu as cpu_kernels
 from kernel_moe.kernels.cpu import forward as cpu_forward
 
@@ -87,13 +87,13 @@ def test_experts_op_on_the_native_path_matches_reference(ext, monkeypatch, dtype
     real = cpu_forward._native_rows
     monkeypatch.setattr(cpu_forward, "_native_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     inputs = op_inputs(T, 32, 24, 8, 2, glu=glu, bias=True, dtype=dtype, seed=T)
-    out = run_op(inputs, activation, glu, 1.702, 7.0, backend="cpu")
+    out = run_op(inputs, activation, glu, 1.702, limit_for(glu), backend="cpu")
     assert calls, "the native kernel was not used"
     assert out.dtype == dtype
     if dtype == torch.float32:
-        assert_fp32_close(out, run_reference(inputs, activation, glu, 1.702, 7.0))
+        assert_fp32_close(out, run_reference(inputs, activation, glu, 1.702, limit_for(glu)))
     else:
-        assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, 7.0))
+        assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, limit_for(glu)))
 
 
 def _spy_fused(monkeypatch, ext) -> list:
@@ -123,12 +123,12 @@ def test_experts_op_on_the_fused_forward_matches_reference(ext, monkeypatch, dty
     fused forward runs)."""
     calls = _spy_fused(monkeypatch, ext)
     inputs = op_inputs(120, 32, 24, 6, 2, glu=glu, bias=True, dtype=dtype, seed=11)
-    out = run_op(inputs, activation, glu, 1.702, 7.0, backend="cpu")
+    out = run_op(inputs, activation, glu, 1.702, limit_for(glu), backend="cpu")
     assert calls == [1] and out.dtype == dtype
     if dtype == torch.float32:
-        assert_fp32_close(out, run_reference(inputs, activation, glu, 1.702, 7.0))
+        assert_fp32_close(out, run_reference(inputs, activation, glu, 1.702, limit_for(glu)))
     else:
-        assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, 7.0))
+        assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, limit_for(glu)))
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def _fused_args(inputs: dict, activation: str = "silu", glu: str = "concat") -> 
     E = i["w_up"].shape[0]
     slots = cpu_forward.sort_slots(i["topk_ids"], E)
     return (i["x"], i["topk_weights"], slots.order_S, slots.counts, i["w_up"], i["w_down"], i["b_up"], i["b_down"],
-            activation, glu, 1.702, math.inf)
+            activation, glu, 1.702, math.inf, math.inf, math.inf)
 
 
 def test_fused_forward_splits_a_busy_expert_and_repeats_bit_for_bit(ext):

@@ -345,7 +345,7 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
     if ext is not None and not matvec and _fused_fits(x_TH, experts):
         act = experts.activation
         return ext.fused_experts(x_TH, topk_weights_TK, slots.order_S, slots.counts, *experts[:4], act.kind,
-                                 act.glu, act.alpha, act.limit)
+                                 act.glu, act.alpha, act.limit, act.gate_softcap, act.up_softcap)
     weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
     if matvec:
         y_SH = _native_rows(ext, x_TH, slots, experts)

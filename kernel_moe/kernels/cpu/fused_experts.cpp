@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 
 namespace {
 
@@ -60,13 +61,18 @@ enum class Glu { kNone, kConcat, kInterleaved };
 struct Activation {
   std::string name;
   Glu glu;
-  double alpha, limit;
+  double alpha, limit, gate_softcap, up_softcap;
 
   at::Tensor pointwise(const at::Tensor& x) const {
     if (name == "silu") return at::silu(x);
     if (name == "gelu") return at::gelu(x);
     if (name == "gelu_tanh") return at::gelu(x, "tanh");
+    if (name == "relu2") return at::relu(x).square();
     return at::relu(x);
+  }
+
+  static at::Tensor softcap(const at::Tensor& v, double cap) {
+    return std::isinf(cap) ? v : at::tanh(v / cap) * cap;
   }
 
   // [M, N] up-projection features -> [M, I], as kernel_moe.kernels.contract.Activation defines it
@@ -75,23 +81,29 @@ struct Activation {
     const int64_t N = h_MN.size(1), I = N / 2;
     at::Tensor gate = glu == Glu::kConcat ? h_MN.narrow(1, 0, I) : h_MN.slice(1, 0, N, 2);
     at::Tensor up = glu == Glu::kConcat ? h_MN.narrow(1, I, I) : h_MN.slice(1, 1, N, 2);
-    if (name == "gpt_oss") {
+    if (!std::isinf(limit)) {
       gate = gate.clamp_max(limit);
       up = up.clamp(-limit, limit);
-      return (up + 1) * (gate * at::sigmoid(gate * alpha));
+    }
+    if (name == "gpt_oss") return (up + 1) * (gate * at::sigmoid(gate * alpha));
+    if (!std::isinf(gate_softcap) || !std::isinf(up_softcap)) {
+      return softcap(gate, gate_softcap) * at::sigmoid(gate) * softcap(up, up_softcap);
     }
     return pointwise(gate) * up;
   }
 };
 
-Activation parse_activation(const std::string& name, const std::string& glu, double alpha, double limit) {
-  TORCH_CHECK(name == "silu" || name == "gelu" || name == "gelu_tanh" || name == "relu" || name == "gpt_oss",
-              "fused_experts: activation '", name, "' is not supported; allowed: silu, gelu, gelu_tanh, relu, gpt_oss");
+Activation parse_activation(const std::string& name, const std::string& glu, double alpha, double limit,
+                            double gate_softcap, double up_softcap) {
+  TORCH_CHECK(name == "silu" || name == "gelu" || name == "gelu_tanh" || name == "relu" || name == "relu2" ||
+                  name == "gpt_oss",
+              "fused_experts: activation '", name,
+              "' is not supported; allowed: silu, gelu, gelu_tanh, relu, relu2, gpt_oss");
   TORCH_CHECK(glu == "none" || glu == "concat" || glu == "interleaved", "fused_experts: glu '", glu,
               "' is not supported; allowed: none, concat, interleaved");
   TORCH_CHECK(!(name == "gpt_oss" && glu == "none"), "fused_experts: activation 'gpt_oss' needs a gated layout");
   const Glu layout = glu == "none" ? Glu::kNone : glu == "concat" ? Glu::kConcat : Glu::kInterleaved;
-  return {name, layout, alpha, limit};
+  return {name, layout, alpha, limit, gate_softcap, up_softcap};
 }
 
 struct Inputs {
@@ -148,7 +160,8 @@ void combine(const float* y_SH, const float* weights_TK, const int64_t* pos_S, s
 at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_TK, const at::Tensor& order_S,
                          const std::vector<int64_t>& counts, const at::Tensor& w_up_ENH, const at::Tensor& w_down_EHI,
                          const std::optional<at::Tensor>& b_up_EN, const std::optional<at::Tensor>& b_down_EH,
-                         const std::string& activation, const std::string& glu, double alpha, double limit) {
+                         const std::string& activation, const std::string& glu, double alpha, double limit,
+                         double gate_softcap, double up_softcap) {
   TORCH_CHECK(x_TH.dim() == 2 && topk_weights_TK.dim() == 2 && order_S.dim() == 1 && w_up_ENH.dim() == 3 &&
                   w_down_EHI.dim() == 3,
               "fused_experts: x must be [T, H], topk_weights [T, K], order [S], w_up [E, N, H], w_down [E, H, I]");
@@ -177,7 +190,7 @@ at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_
   TORCH_CHECK(!b_down_EH.has_value() || (b_down_EH->dim() == 2 && b_down_EH->size(0) == E && b_down_EH->size(1) == H),
               "fused_experts: b_down must be [E, H]");
   check_counts("fused_experts", counts, E, kept);
-  const Activation act = parse_activation(activation, glu, alpha, limit);
+  const Activation act = parse_activation(activation, glu, alpha, limit, gate_softcap, up_softcap);
 
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::NoGradGuard no_grad;
