@@ -1,9 +1,11 @@
-"""Block-size configurations of the fused MoE kernels: tuned JSON tables and a sound default.
+"""Tile configurations (block sizes, warps, pipeline stages) of the Triton MoE kernels: tuned
+JSON tables and a sound default. Not to be confused with the user-facing ``KernelConfig``:
+a tile config only says how the kernels of :mod:`kernel_moe.kernels.triton` are launched.
 
 Legend: T tokens, H hidden, E experts, K experts per token (top-k), I expert intermediate
 size, N up-projection features (2*I when gated, else I).
 
-A kernel config is a plain dict shared by the two grouped GEMMs (they share ``BLOCK_M``
+A forward tile config is a plain dict shared by the two grouped GEMMs (they share ``BLOCK_M``
 because one expert-aligned layout feeds both)::
 
     {"BLOCK_M": 64,
@@ -12,13 +14,15 @@ because one expert-aligned layout feeds both)::
 
 ``up.BLOCK_N`` counts intermediate columns: a gated program computes ``BLOCK_N`` gate and
 ``BLOCK_N`` up features. ``down.SPLIT_K`` > 1 splits the reduction over I between programs
-(the decode path: few tokens, many programs streaming the weights).
+(the decode path: few tokens, many programs streaming the weights). A backward tile config
+adds ``act`` and ``dw`` (see :func:`default_backward_config`).
 
-Tuned tables live in ``kernel_moe/kernels/configs/`` (and in the folder named by the
-environment variable ``KERNEL_MOE_KERNEL_CONFIG_DIR``, searched first), one JSON file per
-``(E, N, K=H, dtype, device)``, named by :func:`config_file_name`, mapping a token count T
-(as a string) to a config; the entry with the nearest T is used. ``benchmarks/tune_kernels.py``
-writes them. This module does not import triton.
+Tuned tables live in ``kernel_moe/kernels/triton/configs/`` (and in the folder named by the
+environment variable ``KERNEL_MOE_TILE_CONFIG_DIR``, searched first; the deprecated
+``KERNEL_MOE_KERNEL_CONFIG_DIR`` is still read, after it, with a DeprecationWarning), one JSON
+file per ``(E, N, K=H, dtype, device)``, named by :func:`tile_config_file_name`, mapping a
+token count T (as a string) to a config; the entry with the nearest T is used.
+``benchmarks/tune_kernels.py`` writes them. This module does not import triton.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +42,13 @@ import torch
 
 logger = logging.getLogger("kernel_moe")
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-CONFIG_DIR_ENV = "KERNEL_MOE_KERNEL_CONFIG_DIR"
+TILE_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TILE_CONFIG_DIR_ENV = "KERNEL_MOE_TILE_CONFIG_DIR"
+DEPRECATED_TILE_CONFIG_DIR_ENV = "KERNEL_MOE_KERNEL_CONFIG_DIR"
 INTERPRETER_DEVICE = "interpreter"
 
 _GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+_DW_KEYS = ("BLOCK_M",) + _GEMM_KEYS
 _TARGET_PROGRAMS = 512  # enough programs to keep ~132 SMs streaming weights (decode path)
 
 
@@ -55,48 +62,88 @@ def device_key(device_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", device_name.strip())
 
 
-def config_file_name(E: int, N: int, K: int, dtype: torch.dtype | str, device_name: str) -> str:
+def tile_config_file_name(E: int, N: int, K: int, dtype: torch.dtype | str, device_name: str) -> str:
     """File name of the tuned table for experts E, up-projection features N, hidden size K."""
     return f"E={E},N={N},K={K},dtype={dtype_name(dtype)},device={device_key(device_name)}.json"
 
 
-def validate_kernel_config(config: Any) -> dict:
-    """Check a kernel config dict; raise ValueError naming the field, the value and what is allowed."""
-    if not isinstance(config, dict):
-        raise ValueError(f"kernel config must be a dict, got {type(config).__name__}")
-    for field in ("BLOCK_M", "up", "down"):
-        if field not in config:
-            raise ValueError(f"kernel config misses field {field!r}; required: BLOCK_M, up, down")
-    _check_block("BLOCK_M", config["BLOCK_M"])
-    for gemm in ("up", "down"):
-        sub = config[gemm]
-        if not isinstance(sub, dict):
-            raise ValueError(f"kernel config field {gemm!r} must be a dict, got {type(sub).__name__}")
-        for key in _GEMM_KEYS:
-            if key not in sub:
-                raise ValueError(f"kernel config field {gemm}.{key} is missing; required: {', '.join(_GEMM_KEYS)}")
-        _check_block(f"{gemm}.BLOCK_N", sub["BLOCK_N"])
-        _check_block(f"{gemm}.BLOCK_K", sub["BLOCK_K"])
-        for key in ("GROUP_M", "num_warps", "num_stages"):
-            value = sub[key]
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"kernel config field {gemm}.{key}={value!r}; allowed: an int >= 1")
-        if sub["num_warps"] & (sub["num_warps"] - 1):
-            raise ValueError(f"kernel config field {gemm}.num_warps={sub['num_warps']!r}; allowed: a power of two")
-    split = config["down"].get("SPLIT_K", 1)
-    if not isinstance(split, int) or split < 1:
-        raise ValueError(f"kernel config field down.SPLIT_K={split!r}; allowed: an int >= 1")
-    return config
+# --------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------
 
 
 def _check_block(field: str, value: Any) -> None:
     if not isinstance(value, int) or value < 16 or value & (value - 1):
-        raise ValueError(f"kernel config field {field}={value!r}; allowed: a power of two >= 16")
+        raise ValueError(f"tile config field {field}={value!r}; allowed: a power of two >= 16")
+
+
+def _check_gemm(config: dict, gemm: str, keys: tuple[str, ...]) -> None:
+    """One GEMM's entry ``config[gemm]``: every key present, BLOCK_* powers of two >= 16, the
+    others ints >= 1, num_warps a power of two."""
+    sub = config.get(gemm)
+    if not isinstance(sub, dict):
+        raise ValueError(f"tile config field {gemm!r}={sub!r}; allowed: a dict with {', '.join(keys)}")
+    for key in keys:
+        if key not in sub:
+            raise ValueError(f"tile config field {gemm}.{key} is missing; required: {', '.join(keys)}")
+        value = sub[key]
+        if key.startswith("BLOCK"):
+            _check_block(f"{gemm}.{key}", value)
+        elif not isinstance(value, int) or value < 1:
+            raise ValueError(f"tile config field {gemm}.{key}={value!r}; allowed: an int >= 1")
+    if sub["num_warps"] & (sub["num_warps"] - 1):
+        raise ValueError(f"tile config field {gemm}.num_warps={sub['num_warps']!r}; allowed: a power of two")
+
+
+def validate_tile_config(config: Any) -> dict:
+    """Check a forward tile config; raise ValueError naming the field, the value and what is allowed."""
+    if not isinstance(config, dict):
+        raise ValueError(f"tile config must be a dict, got {type(config).__name__}")
+    for field in ("BLOCK_M", "up", "down"):
+        if field not in config:
+            raise ValueError(f"tile config misses field {field!r}; required: BLOCK_M, up, down")
+    _check_block("BLOCK_M", config["BLOCK_M"])
+    for gemm in ("up", "down"):
+        _check_gemm(config, gemm, _GEMM_KEYS)
+    split = config["down"].get("SPLIT_K", 1)
+    if not isinstance(split, int) or split < 1:
+        raise ValueError(f"tile config field down.SPLIT_K={split!r}; allowed: an int >= 1")
+    return config
+
+
+def validate_backward_config(config: Any) -> dict:
+    """Check a backward tile config (a forward one with ``act`` and ``dw``); ValueError naming
+    the field, the value and what is allowed."""
+    validate_tile_config(config)
+    _check_gemm(config, "act", _GEMM_KEYS)
+    _check_gemm(config, "dw", _DW_KEYS)
+    return config
+
+
+# --------------------------------------------------------------------------------------
+# tuned tables
+# --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _warn_deprecated_dir(value: str) -> None:
+    """Once per value: the old variable still works but is on its way out."""
+    warnings.warn(
+        f"{DEPRECATED_TILE_CONFIG_DIR_ENV}={value!r} is deprecated; set {TILE_CONFIG_DIR_ENV} instead",
+        DeprecationWarning,
+        stacklevel=4,
+    )
 
 
 def _search_dirs() -> list[Path]:
-    extra = os.environ.get(CONFIG_DIR_ENV)
-    return ([Path(extra)] if extra else []) + [CONFIG_DIR]
+    dirs = []
+    for env in (TILE_CONFIG_DIR_ENV, DEPRECATED_TILE_CONFIG_DIR_ENV):
+        value = os.environ.get(env)
+        if value:
+            if env == DEPRECATED_TILE_CONFIG_DIR_ENV:
+                _warn_deprecated_dir(value)
+            dirs.append(Path(value))
+    return dirs + [TILE_CONFIG_DIR]
 
 
 @functools.lru_cache(maxsize=64)
@@ -107,16 +154,16 @@ def _load_table(path: str) -> dict[int, dict] | None:
         return None
     try:
         raw = json.loads(p.read_text())
-        table = {int(t): validate_kernel_config(cfg) for t, cfg in raw.items()}
+        table = {int(t): validate_tile_config(cfg) for t, cfg in raw.items()}
     except (OSError, ValueError, TypeError, AttributeError) as exc:
-        logger.warning("ignoring kernel config file %s: %s", p, exc)
+        logger.warning("ignoring tile config file %s: %s", p, exc)
         return None
     return table or None
 
 
 def load_tuned_table(E: int, N: int, K: int, dtype: torch.dtype | str, device_name: str) -> dict[int, dict] | None:
     """The first tuned table found for these shapes and device, or None."""
-    name = config_file_name(E, N, K, dtype, device_name)
+    name = tile_config_file_name(E, N, K, dtype, device_name)
     for folder in _search_dirs():
         table = _load_table(str(folder / name))
         if table is not None:
@@ -124,7 +171,12 @@ def load_tuned_table(E: int, N: int, K: int, dtype: torch.dtype | str, device_na
     return None
 
 
-def default_kernel_config(
+# --------------------------------------------------------------------------------------
+# defaults and lookup
+# --------------------------------------------------------------------------------------
+
+
+def default_tile_config(
     E: int, N: int, K: int, dtype: torch.dtype | str, device_name: str, T: int, *, top_k: int = 2, gated: bool = True
 ) -> dict:
     """Heuristic config when no tuned table matches.
@@ -185,7 +237,7 @@ def default_kernel_config(
     }
 
 
-def get_kernel_config(
+def get_tile_config(
     E: int,
     N: int,
     K: int,
@@ -199,7 +251,7 @@ def get_kernel_config(
     """Block sizes for experts E, up-projection features N, hidden size K (= H), T tokens.
 
     Looks up the tuned table of ``(E, N, K, dtype, device_name)`` and takes the entry whose
-    token count is nearest to T; falls back to :func:`default_kernel_config`. ``top_k`` and
+    token count is nearest to T; falls back to :func:`default_tile_config`. ``top_k`` and
     ``gated`` (default: N even) only shape the default. Returns a fresh dict.
     """
     if device_name != INTERPRETER_DEVICE:
@@ -209,4 +261,26 @@ def get_kernel_config(
             return copy.deepcopy(table[nearest])
     if gated is None:
         gated = N % 2 == 0
-    return default_kernel_config(E, N, K, dtype, device_name, T, top_k=top_k, gated=gated)
+    return default_tile_config(E, N, K, dtype, device_name, T, top_k=top_k, gated=gated)
+
+
+def default_backward_config(
+    E: int, N: int, H: int, dtype: torch.dtype | str, device_name: str, T: int, *, top_k: int = 2, gated: bool = True
+) -> dict:
+    """Block sizes of the backward kernels: the forward config (``BLOCK_M`` of the layout,
+    ``down`` for grad_x) plus ``act`` (tiles of the activation-backward kernel: BLOCK_N
+    columns of I, BLOCK_K of H) and ``dw`` (tiles of the weight gradients: BLOCK_M x BLOCK_N
+    of the weight, BLOCK_K rows of slots per step). Small blocks under the interpreter."""
+    config = get_tile_config(E, N, H, dtype, device_name, T, top_k=top_k, gated=gated)
+    act = {k: config["up"][k] for k in _GEMM_KEYS}
+    if device_name == INTERPRETER_DEVICE:
+        dw = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+    else:
+        if gated:  # three accumulators per program
+            act["BLOCK_N"] = max(16, min(act["BLOCK_N"], 64))
+        fp32 = dtype_name(dtype) == "float32"
+        dw = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32 if fp32 else 64, "GROUP_M": 8, "num_warps": 8,
+              "num_stages": 3}  # fmt: skip
+    config["act"] = act
+    config["dw"] = dw
+    return config
