@@ -1,5 +1,5 @@
 """Backward Triton kernels of the routed experts (the gradients of
-:func:`~kernel_moe.kernels.fused_moe.fused_experts_triton`).
+:func:`~kernel_moe.kernels.triton.forward.fused_experts_triton`).
 
 Legend: T tokens, H hidden, E experts, K experts per token (top-k), I expert intermediate
 size, N up-projection features (2*I when gated, else I), S = T*K slots (slot s = t*K + j),
@@ -7,7 +7,9 @@ B blocks of BLOCK_M rows of the expert-aligned layout, P = B*BLOCK_M padded rows
 gradient of the output [T, H], w_s the routing weight of slot s.
 
 Nothing of the forward is saved: the up-projection is recomputed. Data flow, on the padded
-sorted layout of :func:`~kernel_moe.kernels.routing.align_by_expert`:
+sorted layout of :func:`~kernel_moe.kernels.triton.routing.align_by_expert` (dropped slots,
+ids outside [0, E), are in no run: they get a zero routing-weight gradient and add nothing
+to any other gradient):
 
 1. ``_moe_bwd_act_kernel`` (rows of one expert x a tile of I columns), one loop over H with
    three accumulators: the up-projection h = x[tok] @ w_up[e]^T (gate and up features) and
@@ -21,7 +23,7 @@ sorted layout of :func:`~kernel_moe.kernels.routing.align_by_expert`:
    expert without tokens).
 3. grad_x = sum over a token's slots of dh_s @ w_up[e]: the forward's down-projection kernel
    with w_up read transposed and unit weights, per-slot fp32 partials reduced over K in a
-   fixed order (:func:`~kernel_moe.kernels.fused_moe.moe_down_projection`).
+   fixed order (:func:`~kernel_moe.kernels.triton.forward.moe_down_projection`).
 4. grad_topk_weights[s] = sum of the per-tile partials of step 1 (fixed order).
 
 Everything is deterministic (no atomics) and sized from shapes (no host synchronisation).
@@ -30,39 +32,21 @@ Everything is deterministic (no atomics) and sized from shapes (no host synchron
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from kernel_moe.errors import UnsupportedInputError
-from kernel_moe.kernels.block_config import (
-    INTERPRETER_DEVICE,
-    dtype_name,
-    get_kernel_config,
-    validate_kernel_config,
+from kernel_moe.kernels.contract import ExpertsGrads, StackedExperts, local_ids, validate_call
+from kernel_moe.kernels.triton import common
+from kernel_moe.kernels.triton.common import (  # device helpers, called by the kernels
+    activate, add_up_bias, block_rows, block_tile, grouped_pid, mma, pointwise, sigmoid, slot_weight,
 )
-from kernel_moe.kernels.fused_moe import (
-    _TL_DTYPES,
-    ACTIVATION_CODES,
-    _activate,
-    _allow_tf32,
-    _check_inputs,
-    _dot_dtype,
-    _grouped_pid,
-    _mma,
-    _pointwise,
-    _sigmoid,
-    device_name_of,
-    interpreting,
-    moe_down_projection,
-)
-from kernel_moe.kernels.routing import _launch_device, align_by_expert
-from kernel_moe.reference.activations import check_activation
+from kernel_moe.kernels.triton.forward import moe_down_projection
+from kernel_moe.kernels.triton.routing import AlignedRouting, align_by_expert
+from kernel_moe.kernels.triton.tile_configs import default_backward_config, validate_backward_config
 
-_DW_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-_ACT_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 _SMEM_BUDGET = 160 * 1024  # bytes of pipelined operand tiles per program (H100: 227 KiB per block)
 
 
@@ -75,7 +59,7 @@ _SMEM_BUDGET = 160 * 1024  # bytes of pipelined operand tiles per program (H100:
 def _pointwise_grad(x, ACTIVATION: tl.constexpr):
     """d act(x) / dx of an fp32 tile for silu / gelu (erf) / gelu_tanh / relu."""
     if ACTIVATION == 0:
-        s = _sigmoid(x)
+        s = sigmoid(x)
         return s * (1.0 + x * (1.0 - s))
     elif ACTIVATION == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
@@ -83,7 +67,7 @@ def _pointwise_grad(x, ACTIVATION: tl.constexpr):
         return cdf + x * pdf
     elif ACTIVATION == 2:
         c = 0.7978845608028654
-        t = 2.0 * _sigmoid(2.0 * c * (x + 0.044715 * x * x * x)) - 1.0  # tanh
+        t = 2.0 * sigmoid(2.0 * c * (x + 0.044715 * x * x * x)) - 1.0  # tanh
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
     else:
         return (x > 0.0).to(tl.float32)
@@ -92,20 +76,20 @@ def _pointwise_grad(x, ACTIVATION: tl.constexpr):
 @triton.jit
 def _activation_grads(gate, up, da, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr):
     """(d gate, d up) of fp32 tiles given d act = ``da`` (d up unused when not gated), as in
-    kernel_moe/reference/activations.py::activation_backward: clamp gradients are 1 inside the
-    closed interval, and masks multiply (NaN propagates as in the reference)."""
+    kernel_moe.kernels.activations.activation_backward: clamp gradients are 1 inside the
+    closed interval, and masks multiply (NaN propagates)."""
     if not GATED:
         return da * _pointwise_grad(gate, ACTIVATION), da
     elif ACTIVATION == 4:
         gate_c = tl.where(gate > limit, limit, gate)
         up_c = tl.where(up > limit, limit, tl.where(up < -limit, -limit, up))
-        s = _sigmoid(gate_c * alpha)
+        s = sigmoid(gate_c * alpha)
         d_glu = s + gate_c * alpha * s * (1.0 - s)
         d_gate = da * (up_c + 1.0) * d_glu * (gate <= limit).to(tl.float32)
         d_up = da * (gate_c * s) * ((up >= -limit) & (up <= limit)).to(tl.float32)
         return d_gate, d_up
     else:
-        return da * up * _pointwise_grad(gate, ACTIVATION), da * _pointwise(gate, ACTIVATION)
+        return da * up * _pointwise_grad(gate, ACTIVATION), da * pointwise(gate, ACTIVATION)
 
 
 # --------------------------------------------------------------------------------------
@@ -127,71 +111,32 @@ def _moe_bwd_act_kernel(
     dot_ptr,  # [cdiv(I, BLOCK_N), S] fp32 out: partial <g[tok(s)], y_s> per I tile
     padded_slots_ptr,  # [P] int32 slot id of each padded row (S = padding)
     block_expert_ptr,  # [B] int32 expert of each block of BLOCK_M rows (-1 = unused)
-    H,
-    I,
-    S,
-    TOP_K,
-    num_blocks,
-    up_offset,
-    stride_xt,
-    stride_xh,
-    stride_gt,
-    stride_gh,
-    stride_ue,
-    stride_un,
-    stride_uh,
-    stride_ube,
-    stride_ubn,
-    stride_de,
-    stride_dh,
-    stride_di,
-    stride_dbe,
-    stride_dbh,
-    stride_rt,
-    stride_rk,
-    stride_am,
-    stride_dm,
-    alpha,
-    limit,
-    ACTIVATION: tl.constexpr,
-    GATED: tl.constexpr,
-    GATE_STEP: tl.constexpr,
-    HAS_BIAS_UP: tl.constexpr,
-    HAS_BIAS_DOWN: tl.constexpr,
-    UP_DTYPE: tl.constexpr,
-    DOWN_DTYPE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    TF32: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    H, I, S, TOP_K, num_blocks, up_offset,
+    stride_xt, stride_xh, stride_gt, stride_gh, stride_ue, stride_un, stride_uh, stride_ube, stride_ubn, stride_de,
+    stride_dh, stride_di, stride_dbe, stride_dbh, stride_rt, stride_rk, stride_am, stride_dm,
+    alpha, limit,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, GATE_STEP: tl.constexpr, HAS_BIAS_UP: tl.constexpr,
+    HAS_BIAS_DOWN: tl.constexpr, UP_DTYPE: tl.constexpr, DOWN_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    TF32: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """Recomputed up-projection, gradient through the down-projection and the activation.
 
     Grid: (B * cdiv(I, BLOCK_N),), one program per (block of padded rows, tile of I columns)
-    ordered by ``_grouped_pid``; blocks past the used ones (expert -1) return at once.
+    ordered by ``grouped_pid``; blocks past the used ones (expert -1) return at once.
     Per row p (slot s, token t, expert e) and intermediate column i:
     h = x[t] @ w_up[e]^T + b_up[e] (gate feature ``i*GATE_STEP``, up feature ``+ up_offset``),
     a = act(h), gw = g[t] @ w_down[e][:, i], da = w_s * gw, dh = d act / dh * da;
     dot[tile, s] = sum_i gw * a (+ <g[t], b_down[e]> in tile 0), so that the tiles sum to
     <g[t], a_s @ w_down[e]^T + b_down[e]>.
     """
-    pid = tl.program_id(0)
-    pid_m, pid_n = _grouped_pid(pid, num_blocks, tl.cdiv(I, BLOCK_N), GROUP_M)
-    expert = tl.load(block_expert_ptr + pid_m)
+    pid_m, pid_n, expert, cols, col_ok = block_tile(block_expert_ptr, num_blocks, I, BLOCK_N, GROUP_M)  # cols of I
     if expert < 0:
         return
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] padded rows
-    slots = tl.load(padded_slots_ptr + rows)
-    row_ok = slots < S
-    tokens = (slots // TOP_K).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] intermediate columns
-    col_ok = cols < I
+    rows, slots, row_ok, tokens = block_rows(padded_slots_ptr, pid_m, S, TOP_K, BLOCK_M)  # [BLOCK_M] each
+    e64 = expert.to(tl.int64)
     gate_rows = cols * GATE_STEP
     ks = tl.arange(0, BLOCK_K)
-    e64 = expert.to(tl.int64)
 
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xh  # [BLOCK_M, BLOCK_K]
     g_ptrs = g_ptr + tokens[:, None] * stride_gt + ks[None, :] * stride_gh  # [BLOCK_M, BLOCK_K]
@@ -212,24 +157,20 @@ def _moe_bwd_act_kernel(
             w_mask = k_ok[:, None] & col_ok[None, :]
         xt = tl.load(x_ptrs, mask=a_mask, other=0.0)
         gt = tl.load(g_ptrs, mask=a_mask, other=0.0)
-        acc_g = _mma(xt, tl.load(wg_ptrs, mask=w_mask, other=0.0), acc_g, UP_DTYPE, UPCAST, TF32)
+        acc_g = mma(xt, tl.load(wg_ptrs, mask=w_mask, other=0.0), acc_g, UP_DTYPE, UPCAST, TF32)
         if GATED:
-            acc_u = _mma(xt, tl.load(wu_ptrs, mask=w_mask, other=0.0), acc_u, UP_DTYPE, UPCAST, TF32)
+            acc_u = mma(xt, tl.load(wu_ptrs, mask=w_mask, other=0.0), acc_u, UP_DTYPE, UPCAST, TF32)
             wu_ptrs += BLOCK_K * stride_uh
-        acc_d = _mma(gt, tl.load(wd_ptrs, mask=w_mask, other=0.0), acc_d, DOWN_DTYPE, UPCAST, TF32)
+        acc_d = mma(gt, tl.load(wd_ptrs, mask=w_mask, other=0.0), acc_d, DOWN_DTYPE, UPCAST, TF32)
         x_ptrs += BLOCK_K * stride_xh
         g_ptrs += BLOCK_K * stride_gh
         wg_ptrs += BLOCK_K * stride_uh
         wd_ptrs += BLOCK_K * stride_dh
 
     if HAS_BIAS_UP:
-        b_base = b_up_ptr + e64 * stride_ube
-        acc_g += tl.load(b_base + gate_rows * stride_ubn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_u += tl.load(b_base + (gate_rows + up_offset) * stride_ubn, mask=col_ok, other=0.0).to(tl.float32)[
-                None, :
-            ]
-    act = _activate(acc_g, acc_u, alpha, limit, ACTIVATION, GATED)  # [BLOCK_M, BLOCK_N]
+        acc_g, acc_u = add_up_bias(acc_g, acc_u, b_up_ptr, expert, gate_rows, col_ok, up_offset, stride_ube,
+                                   stride_ubn, GATED)
+    act = activate(acc_g, acc_u, alpha, limit, ACTIVATION, GATED)  # [BLOCK_M, BLOCK_N]
     dot = tl.sum(tl.where(col_ok[None, :], acc_d * act, 0.0), axis=1)  # [BLOCK_M]
     if HAS_BIAS_DOWN:
         if pid_n == 0:
@@ -245,8 +186,7 @@ def _moe_bwd_act_kernel(
                 dot += tl.sum(gt.to(tl.float32) * bias.to(tl.float32)[None, :], axis=1)
     tl.store(dot_ptr + pid_n.to(tl.int64) * S + slots, dot, mask=row_ok)
 
-    rw = tl.load(rw_ptr + tokens * stride_rt + (slots % TOP_K) * stride_rk, mask=row_ok, other=0.0)
-    da = acc_d * rw.to(tl.float32)[:, None]
+    da = acc_d * slot_weight(rw_ptr, tokens, slots, row_ok, TOP_K, stride_rt, stride_rk)[:, None]
     d_gate, d_up = _activation_grads(acc_g, acc_u, da, alpha, limit, ACTIVATION, GATED)
     mask = row_ok[:, None] & col_ok[None, :]
     tl.store(a_ptr + rows[:, None] * stride_am + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=mask)
@@ -265,43 +205,24 @@ def _moe_bwd_dw_kernel(
     bias_ptr,  # [E, R] bias gradient, strides (stride_be, stride_br); unused without HAS_BIAS
     padded_slots_ptr,  # [P] int32 slot id of each padded row (S = padding)
     padded_offsets_ptr,  # [E+1] int32 first padded row of each expert
-    R,
-    C,
-    S,
-    TOP_K,
-    stride_lm,
-    stride_lr,
-    stride_rm,
-    stride_rc,
-    stride_wt,
-    stride_wk,
-    stride_oe,
-    stride_or,
-    stride_oc,
-    stride_be,
+    R, C, S, TOP_K,
+    stride_lm, stride_lr, stride_rm, stride_rc, stride_wt, stride_wk, stride_oe, stride_or, stride_oc, stride_be,
     stride_br,
-    L_GATHER: tl.constexpr,
-    R_GATHER: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    TF32: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr, TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """Per-expert weight gradient: out[e] = sum over e's rows p of L'[p]^T R'[p] (and
     bias[e] = sum_p L'[p]), where L'[p] = w_s * L[tok(p)] (L_GATHER) or L[p], and R'[p] =
     R[tok(p)] (R_GATHER) or R[p]; padding rows count zero. fp32 accumulation.
 
-    Grid: (cdiv(R, BLOCK_M) * cdiv(C, BLOCK_N), E); tiles ordered by ``_grouped_pid``.
+    Grid: (cdiv(R, BLOCK_M) * cdiv(C, BLOCK_N), E); tiles ordered by ``grouped_pid``.
     Each program loops over its expert's padded rows BLOCK_K at a time; only the programs
     of the first C tile write the bias gradient. Every element is written.
     """
     pid = tl.program_id(0)
     expert = tl.program_id(1)
-    pid_r, pid_c = _grouped_pid(pid, tl.cdiv(R, BLOCK_M), tl.cdiv(C, BLOCK_N), GROUP_M)
+    pid_r, pid_c = grouped_pid(pid, tl.cdiv(R, BLOCK_M), tl.cdiv(C, BLOCK_N), GROUP_M)
     rr = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of the gradient
     cc = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] columns of the gradient
     r_ok = rr < R
@@ -329,14 +250,13 @@ def _moe_bwd_dw_kernel(
             l_ptr + l_rows[None, :] * stride_lm + rr[:, None] * stride_lr, mask=r_ok[:, None] & ok[None, :], other=0.0
         )  # [BLOCK_M, BLOCK_K]: L'^T
         if L_GATHER:
-            rw = tl.load(rw_ptr + tokens * stride_wt + (slots % TOP_K) * stride_wk, mask=ok, other=0.0)
-            lt = lt.to(tl.float32) * rw.to(tl.float32)[None, :]
+            lt = lt.to(tl.float32) * slot_weight(rw_ptr, tokens, slots, ok, TOP_K, stride_wt, stride_wk)[None, :]
         rt = tl.load(
             r_ptr + r_rows[:, None] * stride_rm + cc[None, :] * stride_rc, mask=ok[:, None] & c_ok[None, :], other=0.0
         )  # [BLOCK_K, BLOCK_N]
         if HAS_BIAS:
             bias_acc += tl.sum(lt.to(tl.float32), axis=1)
-        acc = _mma(lt, rt, acc, DOT_DTYPE, UPCAST, TF32)
+        acc = mma(lt, rt, acc, DOT_DTYPE, UPCAST, TF32)
 
     e64 = expert.to(tl.int64)
     out_ptrs = out_ptr + e64 * stride_oe + rr[:, None] * stride_or + cc[None, :] * stride_oc
@@ -348,59 +268,8 @@ def _moe_bwd_dw_kernel(
 
 
 # --------------------------------------------------------------------------------------
-# configs and launch helpers
+# launchers
 # --------------------------------------------------------------------------------------
-
-
-def default_backward_config(
-    E: int,
-    N: int,
-    H: int,
-    dtype: torch.dtype | str,
-    device_name: str,
-    T: int,
-    *,
-    top_k: int = 2,
-    gated: bool = True,
-) -> dict:
-    """Block sizes of the backward kernels: the forward config (``BLOCK_M`` of the layout,
-    ``down`` for grad_x) plus ``act`` (tiles of ``_moe_bwd_act_kernel``: BLOCK_N columns of
-    I, BLOCK_K of H) and ``dw`` (tiles of the weight gradients: BLOCK_M x BLOCK_N of the
-    weight, BLOCK_K rows of slots per step). Small blocks under the interpreter."""
-    config = get_kernel_config(E, N, H, dtype, device_name, T, top_k=top_k, gated=gated)
-    act = {k: config["up"][k] for k in _ACT_KEYS}
-    if device_name == INTERPRETER_DEVICE:
-        dw = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
-    else:
-        if gated:  # three accumulators per program
-            act["BLOCK_N"] = max(16, min(act["BLOCK_N"], 64))
-        fp32 = dtype_name(dtype) == "float32"
-        dw = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32 if fp32 else 64, "GROUP_M": 8, "num_warps": 8,
-              "num_stages": 3}  # fmt: skip
-    config["act"] = act
-    config["dw"] = dw
-    return config
-
-
-def validate_backward_config(config) -> dict:
-    """Check a backward config (a forward config with ``act`` and ``dw``); ValueError naming
-    the field, the value and what is allowed."""
-    validate_kernel_config(config)
-    for gemm, keys in (("act", _ACT_KEYS), ("dw", _DW_KEYS)):
-        sub = config.get(gemm)
-        if not isinstance(sub, dict):
-            raise ValueError(f"backward kernel config field {gemm!r}={sub!r}; allowed: a dict with {', '.join(keys)}")
-        for key in keys:
-            value = sub.get(key)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"backward kernel config field {gemm}.{key}={value!r}; allowed: an int >= 1")
-            if key.startswith("BLOCK") and (value < 16 or value & (value - 1)):
-                raise ValueError(f"backward kernel config field {gemm}.{key}={value!r}; allowed: a power of two >= 16")
-        if sub["num_warps"] & (sub["num_warps"] - 1):
-            raise ValueError(
-                f"backward kernel config field {gemm}.num_warps={sub['num_warps']!r}; allowed: a power of two"
-            )
-    return config
 
 
 def _fit_stages(num_stages: int, stage_bytes: int) -> int:
@@ -409,153 +278,157 @@ def _fit_stages(num_stages: int, stage_bytes: int) -> int:
     return max(1, min(num_stages, _SMEM_BUDGET // max(1, stage_bytes)))
 
 
-def _launch_dw(l_t, r_t, rw_TK, out_ERC, bias_ER, routing, top_k, l_gather, r_gather, dw):
-    """grad of one weight (see ``_moe_bwd_dw_kernel``): out [E, R, C], bias [E, R] or None."""
-    E, R, C = out_ERC.shape
-    dot = _dot_dtype(l_t.dtype, r_t.dtype)
-    itemsize = max(l_t.element_size(), r_t.element_size())
-    bias = bias_ER if bias_ER is not None else out_ERC
-    bias_strides = (bias_ER.stride(0), bias_ER.stride(1)) if bias_ER is not None else (0, 0)
-    rw_strides = (rw_TK.stride(0), rw_TK.stride(1)) if rw_TK is not None else (0, 0)
-    grid = (triton.cdiv(R, dw["BLOCK_M"]) * triton.cdiv(C, dw["BLOCK_N"]), E)
-    _moe_bwd_dw_kernel[grid](
-        l_t, r_t, rw_TK if rw_TK is not None else l_t, out_ERC, bias, routing.padded_slots_P, routing.padded_offsets_E1,
-        R, C, routing.num_slots, top_k,
-        l_t.stride(0), l_t.stride(1), r_t.stride(0), r_t.stride(1), rw_strides[0], rw_strides[1],
-        out_ERC.stride(0), out_ERC.stride(1), out_ERC.stride(2), bias_strides[0], bias_strides[1],
-        L_GATHER=l_gather,
-        R_GATHER=r_gather,
-        HAS_BIAS=bias_ER is not None,
-        DOT_DTYPE=_TL_DTYPES[dot],
-        UPCAST=interpreting(),
-        TF32=_allow_tf32(),
-        BLOCK_M=dw["BLOCK_M"],
-        BLOCK_N=dw["BLOCK_N"],
-        BLOCK_K=dw["BLOCK_K"],
-        GROUP_M=dw["GROUP_M"],
-        num_warps=dw["num_warps"],
-        num_stages=_fit_stages(dw["num_stages"], (dw["BLOCK_M"] + dw["BLOCK_N"]) * dw["BLOCK_K"] * itemsize),
-    )  # fmt: skip
-
-
-def fused_experts_backward_triton(
-    grad_out_TH: torch.Tensor,
+def _launch_act(
     x_TH: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    w_up_ENH: torch.Tensor,
-    w_down_EHI: torch.Tensor,
-    b_up_EN: torch.Tensor | None = None,
-    b_down_EH: torch.Tensor | None = None,
-    activation: str = "silu",
-    glu: str = "concat",
-    alpha: float = 1.702,
-    limit: float = math.inf,
-    config: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`~kernel_moe.kernels.fused_moe.fused_experts_triton` with Triton
-    kernels, recomputing the up-projection.
-
-    Same contract as :func:`kernel_moe.ops.torch_impl.experts_backward`: given grad_out
-    [T, H] (d loss / d out), returns (grad_x [T, H] in x's dtype, grad_topk_weights [T, K]
-    in the weights' dtype, grad_w_up [E, N, H], grad_w_down [E, H, I] in the weights'
-    dtypes, grad_b_up [E, N] or an empty [0], grad_b_down [E, H] or an empty [0]). An id
-    outside [0, E) marks a dropped slot: it gets a zero weight gradient and contributes
-    nothing. Weights may have any strides; gradients come out contiguous. Deterministic,
-    fp32 accumulation, no host synchronisation; launches nothing when T == 0.
-    ``config``: see :func:`default_backward_config` (default: derived from the forward's).
-    """
-    check_activation(activation, glu)
-    _check_inputs(x_TH, topk_weights_TK, topk_ids_TK, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, glu)
-    if tuple(grad_out_TH.shape) != tuple(x_TH.shape) or grad_out_TH.device != x_TH.device:
-        raise UnsupportedInputError(
-            f"grad_out_TH has shape {tuple(grad_out_TH.shape)} on {grad_out_TH.device}; "
-            f"expected {tuple(x_TH.shape)} on {x_TH.device}"
-        )
-    if grad_out_TH.dtype not in _TL_DTYPES:
-        raise UnsupportedInputError(f"grad_out_TH.dtype={grad_out_TH.dtype}; allowed: float32, bfloat16, float16")
-    T, H = x_TH.shape
-    E, N, _ = w_up_ENH.shape
-    K = topk_ids_TK.shape[1]
-    I = w_down_EHI.shape[2]
-    dev = x_TH.device
-    grad_w_up = torch.empty(w_up_ENH.shape, dtype=w_up_ENH.dtype, device=dev)
-    grad_w_down = torch.empty(w_down_EHI.shape, dtype=w_down_EHI.dtype, device=dev)
-    grad_b_up = torch.empty_like(b_up_EN, memory_format=torch.contiguous_format) if b_up_EN is not None else None
-    grad_b_down = torch.empty_like(b_down_EH, memory_format=torch.contiguous_format) if b_down_EH is not None else None
-    if T == 0 or K == 0:
-        for t in (grad_w_up, grad_w_down, grad_b_up, grad_b_down):
-            if t is not None:
-                t.zero_()
-        return (
-            torch.zeros(T, H, dtype=x_TH.dtype, device=dev),
-            torch.zeros(T, K, dtype=topk_weights_TK.dtype, device=dev),
-            grad_w_up,
-            grad_w_down,
-            grad_b_up if grad_b_up is not None else x_TH.new_zeros(0),
-            grad_b_down if grad_b_down is not None else x_TH.new_zeros(0),
-        )
-    gated = glu != "none"
-    if config is None:
-        config = default_backward_config(E, N, H, x_TH.dtype, device_name_of(x_TH), T, top_k=K, gated=gated)
-    else:
-        config = validate_backward_config(copy.deepcopy(config))
-    routing = align_by_expert(topk_ids_TK, E, config["BLOCK_M"])
+    grad_TH: torch.Tensor,
+    weights_TK: torch.Tensor,
+    routing: AlignedRouting,
+    experts: StackedExperts,
+    config: dict,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 1 (see ``_moe_bwd_act_kernel``): returns the activation a [P, I] and the gradient of
+    the up-projection output dh [P, N] in padded order (dtype: promotion of x's and w_up's),
+    and the partial routing-weight gradients [cdiv(I, act.BLOCK_N), S] fp32 (zero for dropped
+    slots)."""
+    w_up, w_down, b_up, b_down, activation = experts[:5]
+    E, N, H = w_up.shape
+    I = w_down.shape[2]
     S = routing.num_slots
     act = config["act"]
     block_m = config["BLOCK_M"]
-    itemsize = max(t.element_size() for t in (x_TH, grad_out_TH, w_up_ENH, w_down_EHI))
-    act_stage_bytes = (2 * block_m + (3 if gated else 2) * act["BLOCK_N"]) * act["BLOCK_K"] * itemsize
+    dev = x_TH.device
+    itemsize = max(t.element_size() for t in (x_TH, grad_TH, w_up, w_down))
+    stage_bytes = (2 * block_m + (3 if activation.gated else 2) * act["BLOCK_N"]) * act["BLOCK_K"] * itemsize
     num_tiles = triton.cdiv(I, act["BLOCK_N"])
-    inter = _dot_dtype(x_TH.dtype, w_up_ENH.dtype)
+    inter = common.dot_dtype(x_TH.dtype, w_up.dtype)
     P = routing.padded_slots_P.shape[0]
     a_PI = torch.empty(P, I, dtype=inter, device=dev)
     dh_PN = torch.empty(P, N, dtype=inter, device=dev)
     dot_partial = torch.zeros(num_tiles, S, dtype=torch.float32, device=dev)
-    b_up = b_up_EN if b_up_EN is not None else w_up_ENH
-    b_up_strides = (b_up_EN.stride(0), b_up_EN.stride(1)) if b_up_EN is not None else (0, 0)
-    b_down = b_down_EH if b_down_EH is not None else w_down_EHI
-    b_down_strides = (b_down_EH.stride(0), b_down_EH.stride(1)) if b_down_EH is not None else (0, 0)
-    with _launch_device(x_TH):
-        _moe_bwd_act_kernel[(routing.num_blocks * num_tiles,)](
-            x_TH, grad_out_TH, w_up_ENH, b_up, w_down_EHI, b_down, topk_weights_TK, a_PI, dh_PN, dot_partial,
-            routing.padded_slots_P, routing.block_expert_B,
-            H, I, S, K, routing.num_blocks, I if glu == "concat" else 1,
-            x_TH.stride(0), x_TH.stride(1), grad_out_TH.stride(0), grad_out_TH.stride(1),
-            w_up_ENH.stride(0), w_up_ENH.stride(1), w_up_ENH.stride(2), b_up_strides[0], b_up_strides[1],
-            w_down_EHI.stride(0), w_down_EHI.stride(1), w_down_EHI.stride(2), b_down_strides[0], b_down_strides[1],
-            topk_weights_TK.stride(0), topk_weights_TK.stride(1), a_PI.stride(0), dh_PN.stride(0),
-            float(alpha), float(limit),
-            ACTIVATION=ACTIVATION_CODES[activation],
-            GATED=gated,
-            GATE_STEP=2 if glu == "interleaved" else 1,
-            HAS_BIAS_UP=b_up_EN is not None,
-            HAS_BIAS_DOWN=b_down_EH is not None,
-            UP_DTYPE=_TL_DTYPES[inter],
-            DOWN_DTYPE=_TL_DTYPES[_dot_dtype(grad_out_TH.dtype, w_down_EHI.dtype)],
-            UPCAST=interpreting(),
-            TF32=_allow_tf32(),
-            EVEN_K=H % act["BLOCK_K"] == 0,
-            BLOCK_M=block_m,
-            BLOCK_N=act["BLOCK_N"],
-            BLOCK_K=act["BLOCK_K"],
-            GROUP_M=act["GROUP_M"],
-            num_warps=act["num_warps"],
-            num_stages=_fit_stages(act["num_stages"], act_stage_bytes),
-        )  # fmt: skip
-        dw = config["dw"]
-        _launch_dw(grad_out_TH, a_PI, topk_weights_TK, grad_w_down, grad_b_down, routing, K, True, False, dw)
-        _launch_dw(dh_PN, x_TH, None, grad_w_up, grad_b_up, routing, K, False, True, dw)
-    unit_TK = torch.ones((), dtype=torch.float32, device=dev).expand(T, K)  # strides (0, 0): weight 1 per slot
+    b_up_t, stride_ube, stride_ubn = common.operand(b_up, w_up)
+    b_down_t, stride_dbe, stride_dbh = common.operand(b_down, w_down)
+    _moe_bwd_act_kernel[(routing.num_blocks * num_tiles,)](
+        x_TH, grad_TH, w_up, b_up_t, w_down, b_down_t, weights_TK, a_PI, dh_PN, dot_partial,
+        routing.padded_slots_P, routing.block_expert_B,
+        H, I, S, routing.top_k, routing.num_blocks, common.up_offset(activation, I),
+        x_TH.stride(0), x_TH.stride(1), grad_TH.stride(0), grad_TH.stride(1),
+        w_up.stride(0), w_up.stride(1), w_up.stride(2), stride_ube, stride_ubn,
+        w_down.stride(0), w_down.stride(1), w_down.stride(2), stride_dbe, stride_dbh,
+        weights_TK.stride(0), weights_TK.stride(1), a_PI.stride(0), dh_PN.stride(0),
+        float(activation.alpha), float(activation.limit),
+        **common.activation_constexprs(activation),
+        HAS_BIAS_UP=b_up is not None,
+        HAS_BIAS_DOWN=b_down is not None,
+        UP_DTYPE=common.TL_DTYPES[inter],
+        DOWN_DTYPE=common.TL_DTYPES[common.dot_dtype(grad_TH.dtype, w_down.dtype)],
+        EVEN_K=H % act["BLOCK_K"] == 0,
+        BLOCK_M=block_m,
+        **common.gemm_launch_args(dict(act, num_stages=_fit_stages(act["num_stages"], stage_bytes))),
+    )  # fmt: skip
+    return a_PI, dh_PN, dot_partial
+
+
+def _launch_dw(l_t, r_t, rw_TK, out_ERC, bias_ER, routing, gather_left, dw):
+    """grad of one weight (see ``_moe_bwd_dw_kernel``): out [E, R, C], bias [E, R] or None.
+    ``gather_left``: L holds token rows (scaled by the routing weights ``rw_TK``) and R padded
+    rows; else L holds padded rows and R token rows (``rw_TK`` None)."""
+    E, R, C = out_ERC.shape
+    dot = common.dot_dtype(l_t.dtype, r_t.dtype)
+    itemsize = max(l_t.element_size(), r_t.element_size())
+    bias, stride_be, stride_br = common.operand(bias_ER, out_ERC)
+    rw, stride_wt, stride_wk = common.operand(rw_TK, l_t)
+    grid = (triton.cdiv(R, dw["BLOCK_M"]) * triton.cdiv(C, dw["BLOCK_N"]), E)
+    stages = _fit_stages(dw["num_stages"], (dw["BLOCK_M"] + dw["BLOCK_N"]) * dw["BLOCK_K"] * itemsize)
+    _moe_bwd_dw_kernel[grid](
+        l_t, r_t, rw, out_ERC, bias, routing.padded_slots_P, routing.padded_offsets_E1,
+        R, C, routing.num_slots, routing.top_k,
+        l_t.stride(0), l_t.stride(1), r_t.stride(0), r_t.stride(1), stride_wt, stride_wk,
+        out_ERC.stride(0), out_ERC.stride(1), out_ERC.stride(2), stride_be, stride_br,
+        L_GATHER=gather_left,
+        R_GATHER=not gather_left,
+        HAS_BIAS=bias_ER is not None,
+        DOT_DTYPE=common.TL_DTYPES[dot],
+        BLOCK_M=dw["BLOCK_M"],
+        **common.gemm_launch_args(dict(dw, num_stages=stages)),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------------------
+
+
+def _zero_grads(x_TH, weights_TK, grads_w, dense) -> ExpertsGrads:
+    """The gradients of a call without slots (T == 0 or K == 0): zeros, nothing launched."""
+    for t in grads_w:
+        if t is not None:
+            t.zero_()
+    grad_w = None if dense else torch.zeros(weights_TK.shape, dtype=weights_TK.dtype, device=x_TH.device)
+    return ExpertsGrads(torch.zeros_like(x_TH, memory_format=torch.contiguous_format), grad_w, *grads_w)
+
+
+def experts_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, weights_TK: torch.Tensor | None,
+                     ids_TK: torch.Tensor | None, experts: StackedExperts, config: dict | None = None) -> ExpertsGrads:
+    """The Triton backend's backward on inputs the contract's validator has passed and on
+    local ids (``experts.expert_map`` is not applied here); checks grad_out and what the
+    kernels support. See :func:`fused_experts_backward_triton` for the semantics."""
+    common.check_supported(experts, x=x_TH, topk_weights=weights_TK, grad_out=grad_TH)
+    if tuple(grad_TH.shape) != tuple(x_TH.shape) or grad_TH.device != x_TH.device:
+        raise UnsupportedInputError(f"grad_out has shape {tuple(grad_TH.shape)} on {grad_TH.device}; expected "
+                                    f"{tuple(x_TH.shape)} on {x_TH.device}")
+    dense = ids_TK is None
+    if dense:
+        weights_TK, ids_TK = common.dense_routing(x_TH)
+    w_up, w_down, b_up, b_down, activation = experts[:5]
+    T, H = x_TH.shape
+    E, N, _ = w_up.shape
+    K = ids_TK.shape[1]
+    dev = x_TH.device
+    grad_w_up = torch.empty(w_up.shape, dtype=w_up.dtype, device=dev)
+    grad_w_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=dev)
+    grad_b_up = torch.empty_like(b_up, memory_format=torch.contiguous_format) if b_up is not None else None
+    grad_b_down = torch.empty_like(b_down, memory_format=torch.contiguous_format) if b_down is not None else None
+    if T == 0 or K == 0:
+        return _zero_grads(x_TH, weights_TK, (grad_w_up, grad_w_down, grad_b_up, grad_b_down), dense)
+    if config is None:
+        config = default_backward_config(E, N, H, x_TH.dtype, common.device_name_of(x_TH), T, top_k=K, gated=activation.gated)
+    else:
+        config = validate_backward_config(copy.deepcopy(config))
+    routing = align_by_expert(ids_TK, E, config["BLOCK_M"])
+    with common.launch_device(x_TH):
+        a_PI, dh_PN, dot_partial = _launch_act(x_TH, grad_TH, weights_TK, routing, experts, config)
+        _launch_dw(grad_TH, a_PI, weights_TK, grad_w_down, grad_b_down, routing, True, config["dw"])
+        _launch_dw(dh_PN, x_TH, None, grad_w_up, grad_b_up, routing, False, config["dw"])
     grad_x = moe_down_projection(
-        dh_PN, routing, w_up_ENH.transpose(1, 2), None, unit_TK, topk_ids_TK, x_TH.dtype, True, config
+        dh_PN, routing, w_up.transpose(1, 2), None, common.unit_weights(T, K, dev), x_TH.dtype, True, config
     )
-    grad_w = dot_partial.sum(dim=0).view(T, K).to(topk_weights_TK.dtype)
-    return (
-        grad_x,
-        grad_w,
-        grad_w_up,
-        grad_w_down,
-        grad_b_up if grad_b_up is not None else x_TH.new_zeros(0),
-        grad_b_down if grad_b_down is not None else x_TH.new_zeros(0),
-    )
+    grad_w = None if dense else dot_partial.sum(dim=0).view(T, K).to(weights_TK.dtype)
+    return ExpertsGrads(grad_x, grad_w, grad_w_up, grad_w_down, grad_b_up, grad_b_down)
+
+
+def fused_experts_backward_triton(
+    grad_TH: torch.Tensor,
+    x_TH: torch.Tensor,
+    weights_TK: torch.Tensor | None,
+    ids_TK: torch.Tensor | None,
+    experts: StackedExperts,
+    config: dict | None = None,
+) -> ExpertsGrads:
+    """Gradients of :func:`~kernel_moe.kernels.triton.forward.fused_experts_triton` with Triton
+    kernels, recomputing the up-projection.
+
+    Given grad_out [T, H] (d loss / d out) and the forward's inputs (checked by
+    :func:`~kernel_moe.kernels.contract.validate_call`; ``experts.expert_map`` applied here),
+    returns :class:`~kernel_moe.kernels.contract.ExpertsGrads`: x [T, H] in x's dtype,
+    topk_weights [T, K] in the weights' dtype (None for a dense call), w_up [E, N, H] and
+    w_down [E, H, I] in the weights' dtypes, the biases' gradients or None. A dropped slot (an
+    id outside [0, E)) gets a zero weight gradient and contributes nothing. Weights may have
+    any strides; gradients come out contiguous. Deterministic, fp32 accumulation, no host
+    synchronisation; launches nothing when T == 0.
+    ``config``: see :func:`~kernel_moe.kernels.triton.tile_configs.default_backward_config`
+    (default: derived from the forward's).
+    """
+    validate_call(x_TH, weights_TK, ids_TK, experts)
+    if ids_TK is not None:
+        ids_TK = local_ids(ids_TK, experts)
+    return experts_backward(grad_TH, x_TH, weights_TK, ids_TK, experts, config)
