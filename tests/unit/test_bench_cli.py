@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -50,3 +51,14 @@ def test_presets_are_registered_with_defaults():
         run_preset("nope")
     with pytest.raises(ValueError, match="tokens="):
         run_preset("fair", tokens=[0])
+
+
+def test_run_preset_takes_settings_whole():
+    """run_preset's timing and measurement keywords live in BenchSettings now; the old ones say
+    where they went."""
+    with pytest.raises(TypeError, match=re.escape("settings=BenchSettings(timing=Timing(warmup=...))")):
+        run_preset("fair", warmup=0)
+    with pytest.raises(TypeError, match=re.escape("Measurements(energy=...)")):
+        run_preset("fair", measure_energy=False)
+    with pytest.raises(ValueError, match="settings="):
+        run_preset("fair", settings={"warmup": 0})

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+import re
 
 import pytest
 import torch
@@ -12,9 +15,16 @@ from kernel_moe.bench.energy import EnergyMeter, UnavailableEnergyMeter
 from kernel_moe.bench.memory import measure_peak_memory, module_bytes
 from kernel_moe.bench.models import DenseFFN, NaiveMoE, count_parameters
 from kernel_moe.bench.runner import MoEBenchmark
+from kernel_moe.bench.settings import MOVED_KEYWORDS, BenchSettings, Inputs, Measurements, Timing
 
 H, I, E, K = 32, 48, 4, 2
 BATCHES, SEQS = [1, 3], [8]
+# two samples per case, no warm-up, no memory or energy: for tests of what is built and run
+QUICK = BenchSettings(
+    timing=Timing(min_time_s=0.0, min_samples=2, warmup=0),
+    measurements=Measurements(memory=False, energy=False),
+    progress=False,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,12 +77,11 @@ def results():
         sequence_lengths=SEQS,
         variants=("original", "optimized"),
         baselines=[("dense_same_active", lambda: DenseFFN(H, K * I)), ("broken", lambda: Broken())],
-        warmup=1,
-        min_time_s=0.0,
-        min_samples=3,
-        energy_meter=CountingMeter(),
-        energy_window_s=0.005,
-        progress=False,
+        settings=BenchSettings(
+            timing=Timing(warmup=1, min_time_s=0.0, min_samples=3),
+            measurements=Measurements(energy_meter=CountingMeter(), energy_window_s=0.005),
+            progress=False,
+        ),
     )
     return bench.run()
 
@@ -164,13 +173,11 @@ def test_no_energy_counter_reads_not_available():
         batch_sizes=[2],
         sequence_lengths=[4],
         variants=("original",),
-        min_time_s=0.0,
-        min_samples=2,
-        warmup=0,
-        measure_memory=False,
-        energy_meter=UnavailableEnergyMeter(),
-        num_threads=1,
-        progress=False,
+        settings=BenchSettings(
+            timing=Timing(min_time_s=0.0, min_samples=2, warmup=0, num_threads=1),
+            measurements=Measurements(memory=False, energy_meter=UnavailableEnergyMeter()),
+            progress=False,
+        ),
     ).run()
     assert r.metadata["torch_threads"] == 1 and torch.get_num_threads() == threads
     (c,) = r.cases
@@ -182,11 +189,11 @@ def test_no_energy_counter_reads_not_available():
 
 
 def test_input_kind_auto_detection():
-    assert MoEBenchmark(NaiveMoE(H, I, E, K), progress=False).input_kind == "hidden"
+    assert MoEBenchmark(NaiveMoE(H, I, E, K)).input_kind == "hidden"
     lm = nn.Sequential()
     lm.embed = nn.Embedding(50, H)
     lm.get_input_embeddings = lambda: lm.embed
-    assert MoEBenchmark(lm, progress=False).input_kind == "ids"
+    assert MoEBenchmark(lm).input_kind == "ids"
 
 
 def test_transformers_model_with_experts_baselines():
@@ -209,12 +216,7 @@ def test_transformers_model_with_experts_baselines():
         sequence_lengths=[5],
         variants=("original", "optimized"),
         baselines=["eager", "grouped_mm"],
-        min_time_s=0.0,
-        min_samples=2,
-        warmup=0,
-        measure_memory=False,
-        measure_energy=False,
-        progress=False,
+        settings=QUICK,
     ).run()
     assert r.metadata["input_kind"] == "ids"
     assert [c.variant for c in r.cases] == ["original", "optimized", "eager", "grouped_mm"]
@@ -234,12 +236,7 @@ def test_unsupported_experts_implementation_is_skipped_with_reason():
         sequence_lengths=[2],
         variants=("original",),
         baselines=["eager"],
-        min_time_s=0.0,
-        min_samples=1,
-        warmup=0,
-        measure_memory=False,
-        measure_energy=False,
-        progress=False,
+        settings=QUICK,
     ).run()
     assert [c.variant for c in r.cases] == ["original"]
     (skip,) = r.skipped
@@ -253,14 +250,60 @@ def test_unsupported_experts_implementation_is_skipped_with_reason():
         (dict(sequence_lengths=[]), "sequence_lengths"),
         (dict(variants=["fastest"]), "variants"),
         (dict(baselines=[42]), "baselines"),
-        (dict(input_kind="tokens"), "input_kind"),
-        (dict(min_samples=0), "min_samples"),
-        (dict(device="cuda:0"), "device") if not torch.cuda.is_available() else (dict(min_time_s=-1), "min_time_s"),
+        (dict(settings={"warmup": 1}), "settings"),
+        (dict(settings=BenchSettings(inputs=Inputs(kind="hidden"))), "hidden_size"),
+        pytest.param(
+            dict(device="cuda:0"), "device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")
+        ),
     ],
 )
 def test_invalid_arguments_raise(kwargs, field):
+    model = NaiveMoE(H, I, E, K) if field != "hidden_size" else nn.Sequential(nn.ReLU())
     with pytest.raises(ValueError, match=field):
-        MoEBenchmark(NaiveMoE(H, I, E, K), **kwargs)
+        MoEBenchmark(model, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: Timing(warmup=-1), "Timing.warmup"),
+        (lambda: Timing(min_time_s=-1), "Timing.min_time_s"),
+        (lambda: Timing(min_samples=0), "Timing.min_samples"),
+        (lambda: Timing(min_samples=5, max_samples=4), "Timing.max_samples"),
+        (lambda: Timing(num_threads=0), "Timing.num_threads"),
+        (lambda: Measurements(energy_window_s=0), "Measurements.energy_window_s"),
+        (lambda: Measurements(memory="yes"), "Measurements.memory"),
+        (lambda: Inputs(kind="tokens"), "Inputs.kind"),
+        (lambda: Inputs(hidden_size=0), "Inputs.hidden_size"),
+        (lambda: BenchSettings(timing=Measurements()), "BenchSettings.timing"),
+        (lambda: BenchSettings(name=""), "BenchSettings.name"),
+        (lambda: BenchSettings(annotations=["shape"]), "BenchSettings.annotations"),
+    ],
+)
+def test_invalid_settings_raise_naming_the_field(build, field):
+    with pytest.raises(ValueError, match=re.escape(field) + "="):
+        build()
+
+
+@pytest.mark.parametrize("keyword", sorted(MOVED_KEYWORDS))
+def test_moved_keywords_say_where_they_went(keyword):
+    """Every keyword of the flat signature that moved into BenchSettings is refused with the
+    place it moved to; the signature users see is the real one."""
+    with pytest.raises(TypeError, match=re.escape(MOVED_KEYWORDS[keyword])):
+        MoEBenchmark(NaiveMoE(H, I, E, K), **{keyword: None})
+    params = list(inspect.signature(MoEBenchmark).parameters)
+    assert params == [
+        "model", "batch_sizes", "sequence_lengths", "baselines", "variants", "dtype", "device", "settings"
+    ]
+
+
+def test_settings_are_frozen_copies():
+    annotations = {"shape": "E4"}
+    settings = BenchSettings(annotations=annotations)
+    annotations["shape"] = "changed"
+    assert settings.annotations == {"shape": "E4"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.timing = Timing()
 
 
 def test_cpu_peak_memory_counts_tensor_allocations():
