@@ -29,7 +29,7 @@ import torch
 from kernel_moe.bench.models import NaiveMoE, dense_same_active, dense_same_total
 from kernel_moe.bench.results import BenchmarkResults
 from kernel_moe.bench.runner import MoEBenchmark
-from kernel_moe.bench.settings import BenchSettings, Timing, rejects_moved_keywords
+from kernel_moe.bench.settings import BenchSettings, Timing, accepts_moved_keywords
 
 logger = logging.getLogger("kernel_moe")
 
@@ -276,7 +276,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-@rejects_moved_keywords
+@accepts_moved_keywords(lambda: PRESET_SETTINGS)
 def run_preset(
     name: str,
     tokens: Sequence[int] | None = None,

@@ -28,7 +28,7 @@ from kernel_moe.bench.energy import detect_energy_meter
 from kernel_moe.bench.memory import measure_peak_memory, module_bytes, tensor_bytes
 from kernel_moe.bench.models import count_parameters
 from kernel_moe.bench.results import BenchmarkResults, CaseResult, LayerRouting, fill_ratios
-from kernel_moe.bench.settings import BenchSettings, rejects_moved_keywords
+from kernel_moe.bench.settings import BenchSettings, accepts_moved_keywords
 from kernel_moe.bench.stats import LatencySummary
 from kernel_moe.bench.timing import sample_block, sample_interleaved, synchronize
 from kernel_moe.bench.variants import (
@@ -97,7 +97,7 @@ class MoEBenchmark:
         results.print_summary()
     """
 
-    @rejects_moved_keywords
+    @accepts_moved_keywords(BenchSettings)
     def __init__(
         self,
         model: nn.Module,

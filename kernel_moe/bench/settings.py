@@ -10,13 +10,16 @@ passed whole::
     settings = BenchSettings(timing=Timing(min_time_s=0.2), measurements=Measurements(energy=False))
     MoEBenchmark(model, batch_sizes=[1, 8], sequence_lengths=[512], settings=settings)
 
-Keywords that ``MoEBenchmark`` and ``run_preset`` took before these values existed raise a
-``TypeError`` that says where each one moved (:data:`MOVED_KEYWORDS`).
+Keywords that ``MoEBenchmark`` and ``run_preset`` took before these values existed still work,
+as deprecated aliases: they are applied to the settings with a DeprecationWarning saying where
+each one moved (:data:`MOVED_KEYWORDS`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,45 +169,71 @@ class BenchSettings:
             _fail("BenchSettings", "progress", self.progress, "True or False")
 
 
-# keyword of the flat signature -> where it is now
-MOVED_KEYWORDS: dict[str, str] = {
-    "warmup": "settings=BenchSettings(timing=Timing(warmup=...))",
-    "min_time_s": "settings=BenchSettings(timing=Timing(min_time_s=...))",
-    "min_samples": "settings=BenchSettings(timing=Timing(min_samples=...))",
-    "max_samples": "settings=BenchSettings(timing=Timing(max_samples=...))",
-    "interleave": "settings=BenchSettings(timing=Timing(interleave=...))",
-    "num_threads": "settings=BenchSettings(timing=Timing(num_threads=...))",
-    "measure_memory": "settings=BenchSettings(measurements=Measurements(memory=...))",
-    "measure_energy": "settings=BenchSettings(measurements=Measurements(energy=...))",
-    "energy_window_s": "settings=BenchSettings(measurements=Measurements(energy_window_s=...))",
-    "energy_meter": "settings=BenchSettings(measurements=Measurements(energy_meter=...))",
-    "track_routing": "settings=BenchSettings(measurements=Measurements(routing=...))",
-    "check_outputs": "settings=BenchSettings(measurements=Measurements(check_outputs=...))",
-    "input_kind": "settings=BenchSettings(inputs=Inputs(kind=...))",
-    "hidden_size": "settings=BenchSettings(inputs=Inputs(hidden_size=...))",
-    "seed": "settings=BenchSettings(inputs=Inputs(seed=...))",
-    "optimize_config": "settings=BenchSettings(optimize_config=...)",
-    "compile_kwargs": "settings=BenchSettings(compile_kwargs=...)",
-    "name": "settings=BenchSettings(name=...)",
-    "annotations": "settings=BenchSettings(annotations=...)",
-    "progress": "settings=BenchSettings(progress=...)",
+# keyword of the flat signature -> (part of BenchSettings, its field); None: BenchSettings' own
+MOVED_KEYWORDS: dict[str, tuple[str | None, str]] = {
+    "warmup": ("timing", "warmup"),
+    "min_time_s": ("timing", "min_time_s"),
+    "min_samples": ("timing", "min_samples"),
+    "max_samples": ("timing", "max_samples"),
+    "interleave": ("timing", "interleave"),
+    "num_threads": ("timing", "num_threads"),
+    "measure_memory": ("measurements", "memory"),
+    "measure_energy": ("measurements", "energy"),
+    "energy_window_s": ("measurements", "energy_window_s"),
+    "energy_meter": ("measurements", "energy_meter"),
+    "track_routing": ("measurements", "routing"),
+    "check_outputs": ("measurements", "check_outputs"),
+    "input_kind": ("inputs", "kind"),
+    "hidden_size": ("inputs", "hidden_size"),
+    "seed": ("inputs", "seed"),
+    "optimize_config": (None, "optimize_config"),
+    "compile_kwargs": (None, "compile_kwargs"),
+    "name": (None, "name"),
+    "annotations": (None, "annotations"),
+    "progress": (None, "progress"),
 }
+_PART_CLASSES = {"timing": "Timing", "measurements": "Measurements", "inputs": "Inputs"}
 
 
-def rejects_moved_keywords(fn: Callable) -> Callable:
-    """Make ``fn`` answer a keyword listed in :data:`MOVED_KEYWORDS` with a ``TypeError`` saying
-    where it moved, instead of Python's bare "unexpected keyword argument". Nothing else
-    changes: every other argument reaches ``fn`` as given, and ``inspect.signature`` shows
-    ``fn``'s own signature."""
-    own = set(fn.__code__.co_varnames[: fn.__code__.co_argcount + fn.__code__.co_kwonlyargcount])
-    label = fn.__qualname__.removesuffix(".__init__")
+def moved_keyword_hint(keyword: str) -> str:
+    """Where a keyword of the flat signature lives now, as code."""
+    part, name = MOVED_KEYWORDS[keyword]
+    if part is None:
+        return f"settings=BenchSettings({name}=...)"
+    return f"settings=BenchSettings({part}={_PART_CLASSES[part]}({name}=...))"
 
-    @functools.wraps(fn)
-    def checked(*args, **kwargs):
-        moved = [k for k in kwargs if k in MOVED_KEYWORDS and k not in own]
-        if moved:
-            where = "; ".join(f"{k}: pass {MOVED_KEYWORDS[k]}" for k in moved)
-            raise TypeError(f"{label}() no longer takes {', '.join(moved)} at the top level ({where})")
-        return fn(*args, **kwargs)
 
-    return checked
+def with_moved(settings: BenchSettings, moved: Mapping[str, Any]) -> BenchSettings:
+    """``settings`` with the flat-signature keywords in ``moved`` applied to their new places."""
+    parts: dict[str, dict[str, Any]] = {}
+    own: dict[str, Any] = {}
+    for keyword, value in moved.items():
+        part, name = MOVED_KEYWORDS[keyword]
+        (own if part is None else parts.setdefault(part, {}))[name] = value
+    for part, fields in parts.items():
+        own[part] = dataclasses.replace(getattr(settings, part), **fields)
+    return dataclasses.replace(settings, **own)
+
+
+def accepts_moved_keywords(default: Callable[[], BenchSettings]) -> Callable[[Callable], Callable]:
+    """Keep the flat signature's keywords working as deprecated aliases: each one found is applied
+    to ``settings`` (or to ``default()`` when none is given) with a DeprecationWarning saying
+    where it lives now. Every other argument reaches the function as given, and
+    ``inspect.signature`` shows the function's own signature."""
+
+    def decorate(fn: Callable) -> Callable:
+        label = fn.__qualname__.removesuffix(".__init__")
+
+        @functools.wraps(fn)
+        def translated(*args, **kwargs):
+            moved = {k: kwargs.pop(k) for k in list(kwargs) if k in MOVED_KEYWORDS}
+            if moved:
+                where = "; ".join(f"{k}: {moved_keyword_hint(k)}" for k in moved)
+                warnings.warn(f"{label}({', '.join(moved)}=...) is deprecated; use {where}", DeprecationWarning,
+                              stacklevel=2)
+                kwargs["settings"] = with_moved(kwargs.get("settings") or default(), moved)
+            return fn(*args, **kwargs)
+
+        return translated
+
+    return decorate

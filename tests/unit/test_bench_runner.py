@@ -15,7 +15,7 @@ from kernel_moe.bench.energy import EnergyMeter, UnavailableEnergyMeter
 from kernel_moe.bench.memory import measure_peak_memory, module_bytes
 from kernel_moe.bench.models import DenseFFN, NaiveMoE, count_parameters
 from kernel_moe.bench.runner import MoEBenchmark
-from kernel_moe.bench.settings import MOVED_KEYWORDS, BenchSettings, Inputs, Measurements, Timing
+from kernel_moe.bench.settings import MOVED_KEYWORDS, BenchSettings, Inputs, Measurements, Timing, moved_keyword_hint
 
 H, I, E, K = 32, 48, 4, 2
 BATCHES, SEQS = [1, 3], [8]
@@ -285,12 +285,23 @@ def test_invalid_settings_raise_naming_the_field(build, field):
         build()
 
 
+EXAMPLE_VALUES = {"interleave": True, "num_threads": 1, "measure_memory": False, "measure_energy": False,
+                  "energy_window_s": 2.0, "energy_meter": None, "track_routing": False, "check_outputs": False,
+                  "input_kind": "hidden", "hidden_size": H, "seed": 3, "optimize_config": None,
+                  "compile_kwargs": {"mode": "default"}, "name": "flat", "annotations": {"a": 1},
+                  "progress": False, "warmup": 1, "min_time_s": 0.1, "min_samples": 2, "max_samples": 9}
+
+
 @pytest.mark.parametrize("keyword", sorted(MOVED_KEYWORDS))
-def test_moved_keywords_say_where_they_went(keyword):
-    """Every keyword of the flat signature that moved into BenchSettings is refused with the
-    place it moved to; the signature users see is the real one."""
-    with pytest.raises(TypeError, match=re.escape(MOVED_KEYWORDS[keyword])):
-        MoEBenchmark(NaiveMoE(H, I, E, K), **{keyword: None})
+def test_moved_keywords_are_deprecated_aliases(keyword):
+    """Every keyword of the flat signature that moved into BenchSettings still works, with a
+    DeprecationWarning naming where it lives now; the signature users see is the real one."""
+    value = EXAMPLE_VALUES[keyword]
+    with pytest.warns(DeprecationWarning, match=re.escape(moved_keyword_hint(keyword))):
+        bench = MoEBenchmark(NaiveMoE(H, I, E, K), **{keyword: value})
+    part, field = MOVED_KEYWORDS[keyword]
+    owner = bench.settings if part is None else getattr(bench.settings, part)
+    assert getattr(owner, field) == value
     params = list(inspect.signature(MoEBenchmark).parameters)
     assert params == [
         "model", "batch_sizes", "sequence_lengths", "baselines", "variants", "dtype", "device", "settings"
