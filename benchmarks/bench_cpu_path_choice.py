@@ -5,7 +5,7 @@
 For the Mixtral-style layer's experts (H 512, I 1024, E 8, k 2) and routings from uniform to
 skewed (random logits plus a random per-expert bias of growing size) at T from 6 to 24, prints
 the time of the fused forward divided by the time of the grouped matrix-vector path, each
-forced through ``torch_impl.NATIVE_MAX_MEAN_ROWS``, with the mean and the largest number of
+forced through ``kernel_moe.kernels.cpu.forward.NATIVE_MAX_MEAN_ROWS``, with the mean and the largest number of
 rows per active expert. The op takes the matrix-vector path up to a mean of
 ``NATIVE_MAX_MEAN_ROWS[dtype]`` rows; this shows where the crossover lies and that it follows
 the mean rather than the busiest expert. Calls are interleaved in a shuffled order; medians.
@@ -21,7 +21,8 @@ import torch
 from bench_cpu_layer import E, H, I, K, time_round_robin
 
 from kernel_moe.kernels.cpu import cpu_extension
-from kernel_moe.ops import torch_impl
+from kernel_moe.kernels.contract import StackedExperts
+from kernel_moe.kernels.cpu import forward as cpu_forward
 
 
 def _forced(path: str, run):
@@ -29,12 +30,12 @@ def _forced(path: str, run):
     threshold = 0 if path == "fused" else 10**9
 
     def call():
-        saved = dict(torch_impl.NATIVE_MAX_MEAN_ROWS)
-        torch_impl.NATIVE_MAX_MEAN_ROWS.update(dict.fromkeys(saved, threshold))
+        saved = dict(cpu_forward.NATIVE_MAX_MEAN_ROWS)
+        cpu_forward.NATIVE_MAX_MEAN_ROWS.update(dict.fromkeys(saved, threshold))
         try:
             return run()
         finally:
-            torch_impl.NATIVE_MAX_MEAN_ROWS.update(saved)
+            cpu_forward.NATIVE_MAX_MEAN_ROWS.update(saved)
     return call
 
 
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(0)
         w_up_ENH = (torch.randn(E, 2 * I, H, generator=g) / math.sqrt(H)).to(dtype)
         w_down_EHI = (torch.randn(E, H, I, generator=g) / math.sqrt(I)).to(dtype)
+        experts = StackedExperts(w_up_ENH, w_down_EHI)
         rows = []
         for _ in range(args.cases):
             T, skew = rng.choice([6, 8, 12, 16, 20, 24]), rng.choice([0.5, 1.0, 2.0, 3.0, 4.0])
@@ -63,8 +65,7 @@ def main(argv=None) -> int:
             counts = sorted((n for n in torch.bincount(ids_TK.reshape(-1), minlength=E).tolist() if n), reverse=True)
 
             def run(x_TH=x_TH, weights_TK=weights_TK, ids_TK=ids_TK):
-                return torch_impl.experts_forward(x_TH, weights_TK, ids_TK, w_up_ENH, w_down_EHI, None, None, "silu",
-                                                  "concat", 1.702, math.inf)
+                return cpu_forward.experts_forward(x_TH, weights_TK, ids_TK, experts)
             with torch.no_grad():
                 t = time_round_robin({"fused": _forced("fused", run), "matvec": _forced("matvec", run)}, args.min_time)
             rows.append((T * K / len(counts), T, counts, t["fused"] / t["matvec"]))

@@ -179,10 +179,12 @@ def run_shape(torch, do_bench, kernels, preset, H, I, E, K, T, weights, args, pe
     stub = hf_stand_in(torch, w_up, w_down)
     deterministic = not args.atomic
 
+    experts = kernels.StackedExperts(w_up, w_down)
+
     def ours():
         logits = torch.nn.functional.linear(x, w_router)
         w, ids = kernels.topk_gating(logits, K, renormalize=True)
-        return kernels.fused_experts_triton(x, w, ids, w_up, w_down, deterministic=deterministic)
+        return kernels.fused_experts_triton(x, w, ids, experts, deterministic=deterministic)
 
     def hf_grouped():
         w, ids = torch_router(torch, x, w_router, K)
@@ -316,13 +318,18 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.")
-    import os
+    from kernel_moe.kernels import triton_interpreter_enabled
 
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_interpreter_enabled():
         sys.exit("bench_gpu.py measures compiled kernels: unset TRITON_INTERPRET")
     from triton.testing import do_bench
 
-    from kernel_moe import kernels
+    from kernel_moe.kernels.contract import StackedExperts
+    from kernel_moe.kernels.triton.forward import fused_experts_triton
+    from kernel_moe.kernels.triton.routing import topk_gating
+
+    kernels = types.SimpleNamespace(StackedExperts=StackedExperts, fused_experts_triton=fused_experts_triton,
+                                    topk_gating=topk_gating)
 
     torch.manual_seed(args.seed)
     peaks = measure_peaks(torch, do_bench)

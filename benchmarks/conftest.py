@@ -21,6 +21,7 @@ import torch
 from presets import apply_thread_setting, bench_device
 
 from kernel_moe.bench.device import device_name, device_slug
+from kernel_moe.bench.variants import VariantUnavailable
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_STORAGE = "file://./.benchmarks"
@@ -104,5 +105,26 @@ def measure(benchmark, device, original_medians):
             original_source=source,
             tokens_per_s=tokens / median,
         )
+
+    return run
+
+
+@pytest.fixture
+def measure_variant(measure):
+    """``measure_variant(key, bench, build, variant, (batch, seq), **info)``: time
+    ``build(variant)`` (the suite's cached ``bench.build_variant``) on
+    ``bench.make_inputs(batch, seq)`` with :func:`measure`, against ``build("original")`` on
+    the same inputs; a variant that cannot be built here skips the test."""
+
+    def run(key: str, bench, build, variant: str, batch_seq: tuple[int, int], /, **info) -> None:
+        try:
+            module = build(variant)
+        except VariantUnavailable as exc:
+            pytest.skip(str(exc))
+        inputs = bench.make_inputs(*batch_seq)
+        dtype = str(bench.dtype).replace("torch.", "")
+        original = bench.make_call(build("original"), inputs)
+        tokens = batch_seq[0] * batch_seq[1]
+        measure(key, variant, bench.make_call(module, inputs), tokens, original, dtype=dtype, **info)
 
     return run

@@ -12,7 +12,8 @@ import functools
 import pytest
 from presets import HF_SEQUENCE_LENGTH, HF_VARIANTS, bench_device, token_counts, with_compiled
 
-from kernel_moe.bench.runner import MoEBenchmark, VariantUnavailable
+from kernel_moe.bench.runner import MoEBenchmark
+from kernel_moe.bench.settings import BenchSettings
 
 pytest.importorskip("transformers")
 
@@ -27,7 +28,8 @@ def _bench(name: str) -> MoEBenchmark:
     from kernel_moe.bench.presets import tiny_hf_models
 
     model = dict(tiny_hf_models())[name]
-    return MoEBenchmark(model, baselines=["eager", "grouped_mm"], device=DEVICE, progress=False)
+    settings = BenchSettings(progress=False)
+    return MoEBenchmark(model, baselines=["eager", "grouped_mm"], device=DEVICE, settings=settings)
 
 
 @functools.cache
@@ -38,20 +40,7 @@ def _module(name: str, variant: str):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("name", MODELS)
-def test_tiny_model(measure, name, batch, variant):
-    bench = _bench(name)
-    try:
-        module = _module(name, variant)
-    except VariantUnavailable as exc:
-        pytest.skip(str(exc))
-    inputs = bench.make_inputs(batch, HF_SEQUENCE_LENGTH)
-    tokens = batch * HF_SEQUENCE_LENGTH
-    measure(
-        f"{name} B={batch} S={HF_SEQUENCE_LENGTH}",
-        variant,
-        bench.make_call(module, inputs),
-        tokens,
-        bench.make_call(_module(name, "original"), inputs),
-        model=name,
-        dtype=str(bench.dtype).replace("torch.", ""),
-    )
+def test_tiny_model(measure_variant, name, batch, variant):
+    key = f"{name} B={batch} S={HF_SEQUENCE_LENGTH}"
+    build = functools.partial(_module, name)
+    measure_variant(key, _bench(name), build, variant, (batch, HF_SEQUENCE_LENGTH), model=name)

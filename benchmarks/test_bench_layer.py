@@ -13,7 +13,8 @@ import torch
 from presets import LAYER_SHAPES, LAYER_VARIANTS, bench_device, token_counts, with_compiled
 
 from kernel_moe.bench.models import NaiveMoE, dense_same_active, dense_same_total
-from kernel_moe.bench.runner import MoEBenchmark, VariantUnavailable
+from kernel_moe.bench.runner import MoEBenchmark
+from kernel_moe.bench.settings import BenchSettings
 
 DEVICE = bench_device()
 TOKENS = token_counts(DEVICE)
@@ -31,7 +32,7 @@ def _bench(shape) -> MoEBenchmark:
             ("dense_same_total", lambda: dense_same_total(h, i, e, k)),
         ],
         device=DEVICE,
-        progress=False,
+        settings=BenchSettings(progress=False),
     )
 
 
@@ -43,20 +44,6 @@ def _module(shape, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: s.label.replace(" ", "_"))
-def test_moe_layer(measure, shape, tokens, variant):
-    bench = _bench(shape)
-    try:
-        module = _module(shape, variant)
-    except VariantUnavailable as exc:
-        pytest.skip(str(exc))
-    inputs = bench.make_inputs(1, tokens)
-    original = bench.make_call(_module(shape, "original"), inputs)
-    measure(
-        f"{shape.label} T={tokens}",
-        variant,
-        bench.make_call(module, inputs),
-        tokens,
-        original,
-        shape=shape.label,
-        dtype=str(bench.dtype).replace("torch.", ""),
-    )
+def test_moe_layer(measure_variant, shape, tokens, variant):
+    build = functools.partial(_module, shape)
+    measure_variant(f"{shape.label} T={tokens}", _bench(shape), build, variant, (1, tokens), shape=shape.label)

@@ -1,5 +1,5 @@
 """Tune the block sizes of kernel_moe's fused MoE kernels on a CUDA GPU and write the JSON
-table that ``kernel_moe.kernels.get_kernel_config`` reads.
+table that ``kernel_moe.kernels.triton.tile_configs.get_tile_config`` reads.
 
 For every token count T: for every BLOCK_M candidate, the expert alignment is built once,
 then the up-projection (gather + GEMM + activation) and the down-projection (GEMM + routing
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=50, help="do_bench measuring window per candidate, ms")
     p.add_argument("--warmup", type=int, default=10, help="do_bench warm-up window per candidate, ms")
     p.add_argument(
-        "--out-dir", type=Path, default=None, help="where to write the JSON (default: kernel_moe/kernels/configs)"
+        "--out-dir", type=Path, default=None, help="where to write the JSON (default: kernel_moe/kernels/triton/configs)"
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -91,8 +91,10 @@ def tune(args, device: str, do_bench, device_name: str) -> Path:
     """Run the sweep for ``args`` on ``device``; returns the path of the JSON written."""
     import torch
 
-    from kernel_moe.kernels import align_by_expert, moe_down_projection, moe_up_projection, topk_gating
-    from kernel_moe.kernels.block_config import CONFIG_DIR, config_file_name, validate_kernel_config
+    from kernel_moe.kernels.contract import Activation
+    from kernel_moe.kernels.triton.forward import moe_down_projection, moe_up_projection
+    from kernel_moe.kernels.triton.routing import align_by_expert, topk_gating
+    from kernel_moe.kernels.triton.tile_configs import TILE_CONFIG_DIR, tile_config_file_name, validate_tile_config
 
     dtype = getattr(torch, args.dtype)
     E, H, I, K = args.experts, args.hidden, args.intermediate, args.top_k
@@ -102,8 +104,8 @@ def tune(args, device: str, do_bench, device_name: str) -> Path:
     w_up = torch.randn(E, N, H, device=device, dtype=dtype, generator=g) / math.sqrt(H)
     w_down = torch.randn(E, H, I, device=device, dtype=dtype, generator=g) / math.sqrt(I)
     fp32 = dtype == torch.float32
-    out_dir = args.out_dir or CONFIG_DIR
-    path = out_dir / config_file_name(E, N, H, dtype, device_name)
+    out_dir = args.out_dir or TILE_CONFIG_DIR
+    path = out_dir / tile_config_file_name(E, N, H, dtype, device_name)
     table = json.loads(path.read_text()) if path.is_file() else {}
 
     failures: list[str] = []
@@ -116,8 +118,10 @@ def tune(args, device: str, do_bench, device_name: str) -> Path:
             failures.append(f"{type(exc).__name__}: {str(exc)[:160]}")
             return math.inf
 
+    activation = Activation(args.activation, args.glu)
+
     def up(x, routing, cfg):
-        return moe_up_projection(x, routing, w_up, None, K, args.activation, args.glu, 1.702, math.inf, cfg)
+        return moe_up_projection(x, routing, w_up, None, activation, cfg)
 
     print(f"tuning E={E} H={H} I={I} K={K} {args.dtype} glu={args.glu} on {device_name} -> {path}")
     for T in args.tokens:
@@ -142,7 +146,7 @@ def tune(args, device: str, do_bench, device_name: str) -> Path:
             for cand in down_candidates(block_m, decode, fp32, args.quick):
                 cfg = {"BLOCK_M": block_m, "down": cand}
                 ms = bench(
-                    functools.partial(moe_down_projection, inter, routing, w_down, None, weights, ids, dtype, True, cfg)
+                    functools.partial(moe_down_projection, inter, routing, w_down, None, weights, dtype, True, cfg)
                 )
                 if ms < down_best[0]:
                     down_best = (ms, cand)
@@ -160,7 +164,7 @@ def tune(args, device: str, do_bench, device_name: str) -> Path:
         if best is None:
             print(f"  T={T}: no candidate ran; keeping the previous entry")
             continue
-        table[str(T)] = validate_kernel_config(best[1])
+        table[str(T)] = validate_tile_config(best[1])
         print(f"T={T}: {best[0]:.4f} ms with {json.dumps(best[1])} ({time.time() - started:.0f}s)")
         out_dir.mkdir(parents=True, exist_ok=True)
         ordered = {k: table[k] for k in sorted(table, key=int)}
@@ -171,13 +175,13 @@ def tune(args, device: str, do_bench, device_name: str) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import os
-
     import torch
 
     if not torch.cuda.is_available():
         sys.exit("tune_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was tuned.")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from kernel_moe.kernels import triton_interpreter_enabled
+
+    if triton_interpreter_enabled():
         sys.exit("tune_kernels.py times compiled kernels: unset TRITON_INTERPRET")
     from triton.testing import do_bench
 

@@ -10,7 +10,7 @@ import sys
 def _env() -> None:
     import torch
 
-    from kernel_moe.ops.backend import triton_available
+    from kernel_moe.kernels import triton_available
 
     print(f"python {platform.python_version()}, torch {torch.__version__}, triton installed: {triton_available()}")
     print(f"cuda available: {torch.cuda.is_available()}")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cpu")
+DEPRECATED_BACKENDS = {"torch": "cpu"}
 LOAD_BALANCING = ("none", "auxiliary_loss", "dynamic")
 CAPACITY_PRIORITIES = ("score", "position")
 ROUTING_MODES = ("token_choice", "expert_choice")
@@ -54,8 +56,10 @@ class KernelConfig:
       per-expert selection bias updated at ``bias_update_rate``).
     - ``router_jitter``: multiplicative router-input noise in training only (0 disables).
     - ``expert_parallel``: sharding experts over ranks (not available in this version).
-    - ``backend``: "auto" (Triton kernels on CUDA, the PyTorch path on CPU), "triton" (always
-      the Triton kernels; on CPU tensors only with TRITON_INTERPRET=1) or "torch".
+    - ``backend``: "auto" (Triton kernels on CUDA, the CPU backend elsewhere), "triton" (always
+      the Triton kernels; on CPU tensors only with TRITON_INTERPRET=1) or "cpu" (the CPU backend:
+      native CPU kernels on CPU tensors, its PyTorch path on any device). "torch" is the
+      deprecated name of "cpu".
     - ``swap_moe`` / ``swap_ffn``: which module kinds are swapped (dense FFNs are opt-in).
     - ``verify``: prove each candidate equivalent on a probe input before swapping it;
       ``verify_tokens`` is the probe size.
@@ -104,6 +108,11 @@ class KernelConfig:
             _fail("expert_parallel", self.expert_parallel, "True or False")
         if self.expert_parallel:
             _fail("expert_parallel", self.expert_parallel, "False (expert parallelism is not available in this version)")
+        if self.backend in DEPRECATED_BACKENDS:
+            new = DEPRECATED_BACKENDS[self.backend]
+            warnings.warn(f"KernelConfig.backend={self.backend!r} is deprecated; use {new!r}", DeprecationWarning,
+                          stacklevel=3)
+            object.__setattr__(self, "backend", new)
         if self.backend not in BACKENDS:
             _fail("backend", self.backend, ", ".join(BACKENDS))
         for name in ("swap_moe", "swap_ffn", "verify", "deterministic"):

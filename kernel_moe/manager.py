@@ -24,7 +24,7 @@ from kernel_moe.errors import UnsupportedModuleError
 from kernel_moe.layers import SwappedLayer
 from kernel_moe.layers.spec import SwapSpec
 from kernel_moe.layers.weights import get_attr_path
-from kernel_moe.ops.backend import resolve_backend
+from kernel_moe.kernels import resolve_backend
 from kernel_moe.report import OptimizeReport, SkipRecord, SwapRecord
 
 logger = logging.getLogger("kernel_moe")

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernel_moe.kernels import cpu as cpu_kernels
+from kernel_moe.kernels.cpu import extension as cpu_kernels
+from kernel_moe.kernels.contract import Activation
 from kernel_moe.reference.moe import naive_moe_experts
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -111,24 +112,37 @@ def as_fp32(inputs: dict) -> dict:
     return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
 
 
+def limit_for(glu: str, limit: float = 7.0) -> float:
+    """A clamp limit for a gated layout (clamping gate and up); none (inf) for glu='none'."""
+    return limit if glu != "none" else math.inf
+
+
 def run_op(inputs: dict, activation: str = "silu", glu: str = "concat", alpha: float = 1.702,
            limit: float = math.inf, backend: str = "auto") -> torch.Tensor:
-    """``torch.ops.kernel_moe.fused_experts`` on a dict from :func:`op_inputs`."""
+    """``torch.ops.kernel_moe.fused_experts`` on a dict from :func:`op_inputs` (optional entries
+    ``expert_map``, ``softcaps`` (gate, up) and ``scale_inputs`` are passed too)."""
     i = inputs
+    gate_cap, up_cap = i.get("softcaps", (math.inf, math.inf))
     return torch.ops.kernel_moe.fused_experts(
-        i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"],
-        activation, glu, alpha, limit, backend,
+        i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"], i.get("expert_map"),
+        activation, glu, alpha, limit, gate_cap, up_cap, i.get("scale_inputs", False), backend,
     )
 
 
 def run_reference(inputs: dict, activation: str = "silu", glu: str = "concat", alpha: float = 1.702,
                   limit: float = math.inf) -> torch.Tensor:
-    """The truth: ``naive_moe_experts`` on the same inputs."""
+    """The truth: ``naive_moe_experts`` on the same inputs (with ``scale_inputs``: the sum over
+    slots of the reference on the weight-scaled input, each slot alone with weight 1)."""
     i = inputs
-    return naive_moe_experts(
-        i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"],
-        activation, glu, alpha, limit,
-    )
+    act = Activation(activation, glu, alpha, limit, *i.get("softcaps", (math.inf, math.inf)))
+    if not i.get("scale_inputs", False):
+        return naive_moe_experts(i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"],
+                                 i["b_down"], act)
+    ones = torch.ones_like(i["topk_weights"][:, :1])
+    slots = [naive_moe_experts(i["x"] * i["topk_weights"][:, j : j + 1].to(i["x"].dtype), ones,
+                               i["topk_ids"][:, j : j + 1], i["w_up"], i["w_down"], i["b_up"], i["b_down"], act)
+             for j in range(i["topk_ids"].shape[1])]
+    return torch.stack([s.float() for s in slots]).sum(0).to(i["x"].dtype)
 
 
 # --- tiny hand-written MoE models ----------------------------------------------------------

@@ -21,9 +21,9 @@ from kernel_moe.adapters.probe import POINTWISE, first_match, leaf_activations, 
 from kernel_moe.adapters.structure import TOPK_ATTRS, int_attr
 from kernel_moe.config import KernelConfig
 from kernel_moe.kernels.contract import Activation
+from kernel_moe.kernels.cpu.mlp import Expert, mlp_forward
 from kernel_moe.layers.spec import ExpertsSpec, LinearRouter, MoESpec
 from kernel_moe.layers.weights import ExpertListWeight
-from kernel_moe.reference.moe import expert_mlp
 from kernel_moe.routing.topk import TopKRouting
 
 MAX_PROBED_K = 8
@@ -103,7 +103,8 @@ def _form_reference(expert: nn.Module, form: ExpertForm):
             w_up = torch.cat([m.weight for m in parts], dim=0)
             b_up = torch.cat([m.bias for m in parts], dim=0) if form.bias else None
             down = expert.get_submodule(form.down)
-            return expert_mlp(x, w_up, down.weight, b_up, down.bias if form.bias else None, form.activation, form.glu)
+            weights = Expert(w_up, down.weight, b_up, down.bias if form.bias else None)
+            return mlp_forward(x, weights, Activation(form.activation, form.glu))
 
     return _Candidate()
 

@@ -27,10 +27,10 @@ from kernel_moe.adapters.structure import (
     same_transposition,
     tensor_attr,
 )
+from kernel_moe.kernels.activations import apply_activation
 from kernel_moe.kernels.contract import Activation
 from kernel_moe.layers.spec import ExpertsSpec
 from kernel_moe.layers.weights import StackedWeight, get_attr_path
-from kernel_moe.reference.activations import apply_activation
 
 
 def is_stacked_experts(module: nn.Module) -> bool:
@@ -90,7 +90,7 @@ def _activation_candidates(experts: nn.Module, has_gate: bool, glu_hint: str,
     except Exception as exc:
         return Skip(f"experts._apply_gate failed on a probe: {type(exc).__name__}: {exc}")
     for opt in options:
-        if mismatch(apply_activation(h_TN, opt.kind, opt.glu, opt.alpha, opt.limit), ref_TI) is None:
+        if mismatch(apply_activation(h_TN, opt), ref_TI) is None:
             return [opt]
     clamp = f" with a clamp limit {limits[0]:g}" if limits else ""
     return Skip(f"{type(experts).__name__}._apply_gate computes a gate function{clamp} that the fused op does not "

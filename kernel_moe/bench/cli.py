@@ -12,8 +12,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from kernel_moe.bench.settings import BenchSettings
 
 logger = logging.getLogger("kernel_moe")
 
@@ -54,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    """The :class:`~kernel_moe.bench.settings.BenchSettings` of every benchmark of the run."""
+    from kernel_moe.bench.settings import BenchSettings, Inputs, Measurements, Timing
+
+    return BenchSettings(
+        timing=Timing(warmup=args.warmup, min_time_s=args.min_time, num_threads=args.threads),
+        measurements=Measurements(energy=not args.no_energy),
+        inputs=Inputs(seed=args.seed),
+        progress=not args.no_progress,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``bench`` command; ``argv`` may start with the word "bench". Returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -71,13 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.tokens,
             device=device,
             dtype=DTYPES[args.dtype] if args.dtype else None,
-            min_time_s=args.min_time,
-            warmup=args.warmup,
             compile=args.compile,
-            measure_energy=not args.no_energy,
-            progress=not args.no_progress,
-            seed=args.seed,
-            num_threads=args.threads,
+            settings=settings_from_args(args),
         )
     except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import platform
 import re
-import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from kernel_moe.bench.timing import time_call
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -96,20 +97,7 @@ class DevicePeaks:
 def _timed(fn, device: torch.device, repeats: int) -> float:
     """Fastest seconds per call of ``fn`` after one warm-up (a ceiling is the best rate seen)."""
     fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-    return min(samples)
+    return min(time_call(fn, device) for _ in range(repeats))
 
 
 def measure_device_peaks(

@@ -14,6 +14,7 @@ work is inside the window.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from kernel_moe.bench.timing import synchronize
 
 logger = logging.getLogger("kernel_moe")
 
@@ -69,13 +72,6 @@ class EnergyReading:
         return {"joules": self.joules, "seconds": self.seconds, "iterations": self.iterations, "method": self.method}
 
 
-def _synchronizer(device: torch.device | str | None) -> Callable[[], None]:
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda":
-        return lambda: torch.cuda.synchronize(dev)
-    return lambda: None
-
-
 class EnergyMeter(ABC):
     """A cumulative energy counter: :meth:`snapshot` reads it, :meth:`joules_between` turns two
     snapshots into joules (undoing wraparound where the counter has one)."""
@@ -107,7 +103,7 @@ class EnergyMeter(ABC):
         """
         if min_time_s <= 0:
             raise ValueError(f"min_time_s={min_time_s!r}; allowed: a number > 0")
-        sync = _synchronizer(device)
+        sync = functools.partial(synchronize, torch.device("cpu" if device is None else device))
         sync()
         start = self.snapshot()
         t0 = time.perf_counter()

@@ -8,12 +8,22 @@
   that the figure means the same as on CUDA. This counts tensor bytes exactly, where the
   process's resident set size would also move with the allocator's caching, page faults and
   everything else in the process (and a sampling thread can miss a short peak).
+
+Starting and stopping the profiler makes its C++ side (Kineto) write a ``profiler_start`` /
+``profiler_stop`` log line straight to the process's stderr file descriptor, once per
+measurement. Those two calls run with file descriptors 1 and 2 pointed at temporary files;
+afterwards everything they caught except those lines is written back where it was going.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -62,12 +72,65 @@ def module_bytes(module: torch.nn.Module) -> int:
     return tensor_bytes([*module.parameters(), *module.buffers()])
 
 
+# Kineto's own log lines for a profiler start / stop, e.g.
+# "USDT:2026-12-02 08:12:46 14481:14481 SyncActivityProfilerHandler.cpp:52] profiler_start"
+PROFILER_LOG_LINE = re.compile(rb"^[A-Z]+:[^\n]*\.cpp:\d+\] profiler_(start|stop)\r?\n?$")
+
+
+def _flush_python_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            stream.flush()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+@contextlib.contextmanager
+def without_profiler_log_lines() -> Iterator[None]:
+    """Run the body with file descriptors 1 and 2 caught in temporary files, then write what
+    was caught back to them, less the profiler's start / stop log lines (see the module
+    docstring). A descriptor that is not open is left alone."""
+    _flush_python_streams()
+    caught: list[tuple[int, int, object]] = []  # (fd, saved copy, temporary file)
+    try:
+        for fd in (1, 2):
+            tmp = tempfile.TemporaryFile()
+            try:
+                saved = os.dup(fd)
+            except OSError:
+                tmp.close()
+                continue
+            caught.append((fd, saved, tmp))
+            os.dup2(tmp.fileno(), fd)
+        yield
+    finally:
+        _flush_python_streams()
+        for fd, saved, tmp in caught:
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().splitlines(keepends=True) if not PROFILER_LOG_LINE.match(line)]
+            tmp.close()
+            _write_all(fd, b"".join(kept))
+
+
 def _profiled_transient_peak(fn: Callable[[], object]) -> int:
-    """Peak of (bytes allocated - bytes freed) on CPU during ``fn()``, from profiler events."""
+    """Peak of (bytes allocated - bytes freed) on CPU during ``fn()``, from profiler events.
+    Only the profiler's start and stop run with the output caught: ``fn``'s own output is
+    untouched."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with without_profiler_log_lines():
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with without_profiler_log_lines():
+            prof.__exit__(None, None, None)  # torch's profile ignores the exception
     events = [
         (e.start_ns(), e.nbytes())
         for e in prof.profiler.kineto_results.events()

@@ -35,6 +35,15 @@ def _figure(width: float, height: float):
     return fig
 
 
+def _panels(count: int, width: float, height: float, title_height: float):
+    """A figure of ``count`` panels of ``width`` x ``height`` inches, at most three a row, with
+    ``title_height`` inches for the title; returns it and the panels' axes in order."""
+    cols = min(3, count)
+    rows = math.ceil(count / cols)
+    fig = _figure(width * cols, height * rows + title_height)
+    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(count)]
+
+
 def _save(fig, path: Path) -> str:
     fig.savefig(path)
     return os.fspath(path)
@@ -85,11 +94,8 @@ def plot_throughput(results, path: Path) -> str | None:
     if not groups:
         return None
     colors = _variant_colors(results.variants())
-    cols = min(3, len(groups))
-    rows = math.ceil(len(groups) / cols)
-    fig = _figure(5.0 * cols, 3.8 * rows + 0.6)
-    for i, group in enumerate(groups):
-        ax = fig.add_subplot(rows, cols, i + 1)
+    fig, axes = _panels(len(groups), 5.0, 3.8, 0.6)
+    for ax, group in zip(axes, groups, strict=True):
         for variant in results.variants(group):
             pts = sorted((c.tokens, c.tokens_per_s) for c in results.select(group, variant) if c.ok)
             if pts:
@@ -216,11 +222,8 @@ def plot_break_even(results, path: Path) -> str | None:
     shapes = sorted({(r["I"], r["k"]) for r in rows})
     colors = _variant_colors([f"I{i} top{k}" for i, k in shapes])
     markers = dict(zip(variants, ["o", "s", "^", "D", "v"], strict=False))
-    cols = min(3, len(token_counts))
-    nrows = math.ceil(len(token_counts) / cols)
-    fig = _figure(7.5 * cols, 5.0 * nrows + 0.5)
-    for n, tokens in enumerate(token_counts):
-        ax = fig.add_subplot(nrows, cols, n + 1)
+    fig, axes = _panels(len(token_counts), 7.5, 5.0, 0.5)
+    for ax, tokens in zip(axes, token_counts, strict=True):
         for inter, k in shapes:
             color = colors[f"I{inter} top{k}"]
             for variant in variants:

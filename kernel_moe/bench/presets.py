@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from kernel_moe.bench.models import NaiveMoE, dense_same_active, dense_same_total
 from kernel_moe.bench.results import BenchmarkResults
 from kernel_moe.bench.runner import MoEBenchmark
+from kernel_moe.bench.settings import BenchSettings, Timing, accepts_moved_keywords
 
 logger = logging.getLogger("kernel_moe")
 
@@ -59,32 +60,33 @@ BREAK_EVEN_TOP_K = (1, 2)
 BREAK_EVEN_HIDDEN = 256
 
 
+# presets sample each case for less time than a single MoEBenchmark does by default
+PRESET_SETTINGS = BenchSettings(timing=Timing(warmup=2, min_time_s=0.2))
+
+
 @dataclass(frozen=True)
 class PresetOptions:
-    """Settings shared by every benchmark of a preset run."""
+    """What every benchmark of a preset run shares: the token counts, where to run, whether
+    to add the compiled variant, and the settings of each benchmark."""
 
     tokens: tuple[int, ...]
     device: torch.device | str | None = None
     dtype: torch.dtype | None = None
-    min_time_s: float = 0.2
-    warmup: int = 2
     compile: bool = False
-    measure_energy: bool = True
-    progress: bool = True
-    seed: int = 0
-    num_threads: int | None = None
+    settings: BenchSettings = PRESET_SETTINGS
 
-    def common(self) -> dict:
-        return dict(
-            device=self.device,
-            dtype=self.dtype,
-            min_time_s=self.min_time_s,
-            warmup=self.warmup,
-            measure_energy=self.measure_energy,
-            progress=self.progress,
-            seed=self.seed,
-            num_threads=self.num_threads,
-        )
+    @property
+    def seed(self) -> int:
+        """Seed of the preset's models and of their inputs."""
+        return self.settings.inputs.seed
+
+    def settings_for(self, name: str, annotations: dict | None = None, measure_memory: bool = True) -> BenchSettings:
+        """The settings of one group: its name and annotations, memory off when asked."""
+        measurements = self.settings.measurements
+        if not measure_memory:
+            measurements = replace(measurements, memory=False)
+        annotations = {**self.settings.annotations, **(annotations or {})}
+        return replace(self.settings, name=name, annotations=annotations, measurements=measurements)
 
 
 @dataclass(frozen=True)
@@ -129,10 +131,9 @@ def _module_bench(
         sequence_lengths=list(opts.tokens),
         variants=_moe_variants(opts),
         baselines=baselines,
-        name=shape.label,
-        annotations={"shape": asdict(shape)},
-        measure_memory=measure_memory,
-        **opts.common(),
+        device=opts.device,
+        dtype=opts.dtype,
+        settings=opts.settings_for(shape.label, {"shape": asdict(shape)}, measure_memory),
     )
 
 
@@ -240,8 +241,9 @@ def _build_hf(opts: PresetOptions) -> Iterator[MoEBenchmark]:
             sequence_lengths=[HF_SEQUENCE_LENGTH],
             variants=("original", "optimized", "optimized+compiled"),
             baselines=["eager", "grouped_mm"],
-            name=name,
-            **opts.common(),
+            device=opts.device,
+            dtype=opts.dtype,
+            settings=opts.settings_for(name),
         )
 
 
@@ -274,24 +276,22 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+@accepts_moved_keywords(lambda: PRESET_SETTINGS)
 def run_preset(
     name: str,
     tokens: Sequence[int] | None = None,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-    min_time_s: float = 0.2,
-    warmup: int = 2,
     compile: bool = False,
-    measure_energy: bool = True,
-    progress: bool = True,
-    seed: int = 0,
-    num_threads: int | None = None,
+    settings: BenchSettings | None = None,
 ) -> BenchmarkResults:
     """Run a named preset and return its combined results (preset name in the metadata).
 
     ``compile`` adds the optimized+compiled variant to the module presets (``hf`` always has it);
-    ``num_threads`` sets torch's intra-op threads for the run (see :class:`MoEBenchmark`).
+    ``settings`` applies to every benchmark of the preset (default :data:`PRESET_SETTINGS`:
+    2 warm-up calls and 0.2 s of samples per case; see :class:`MoEBenchmark`); the preset names
+    each group and adds its annotations.
     """
     if name not in PRESETS:
         raise ValueError(f"preset={name!r}; allowed: {', '.join(PRESETS)}")
@@ -299,7 +299,9 @@ def run_preset(
     toks = tuple(tokens) if tokens else preset.default_tokens
     if any(not isinstance(t, int) or t < 1 for t in toks):
         raise ValueError(f"tokens={list(toks)!r}; allowed: ints >= 1")
-    opts = PresetOptions(toks, device, dtype, min_time_s, warmup, compile, measure_energy, progress, seed, num_threads)
+    if settings is not None and not isinstance(settings, BenchSettings):
+        raise ValueError(f"settings={settings!r}; allowed: None or a BenchSettings")
+    opts = PresetOptions(toks, device, dtype, compile, PRESET_SETTINGS if settings is None else settings)
     results = BenchmarkResults()
     for bench in preset.build(opts):
         results.extend(bench.run())

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TextIO
 
 from kernel_moe.bench.energy import NOT_AVAILABLE, EnergyReading
@@ -76,12 +76,17 @@ class CaseResult:
     def ok(self) -> bool:
         return self.error is None and self.latency is not None
 
+    def _per_second(self, amount: float | None, unit: float) -> float | None:
+        """``amount`` per call over the median latency, in ``unit``s per second (None when
+        either is unknown)."""
+        if amount is None or not self.ok or self.latency.median_s <= 0:
+            return None
+        return amount / self.latency.median_s / unit
+
     @property
     def tokens_per_s(self) -> float | None:
         """Tokens per second at the median latency."""
-        if not self.ok or self.latency.median_s <= 0:
-            return None
-        return self.tokens / self.latency.median_s
+        return self._per_second(self.tokens, 1.0)
 
     @property
     def energy_j_per_token(self) -> float | None:
@@ -91,15 +96,11 @@ class CaseResult:
 
     @property
     def achieved_tflops(self) -> float | None:
-        if self.flops_estimate is None or not self.ok:
-            return None
-        return self.flops_estimate / self.latency.median_s / 1e12
+        return self._per_second(self.flops_estimate, 1e12)
 
     @property
     def achieved_gbps(self) -> float | None:
-        if self.bytes_estimate is None or not self.ok:
-            return None
-        return self.bytes_estimate / self.latency.median_s / 1e9
+        return self._per_second(self.bytes_estimate, 1e9)
 
     def to_dict(self) -> dict:
         return {
@@ -128,25 +129,12 @@ class CaseResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> CaseResult:
-        return cls(
-            group=d["group"],
-            variant=d["variant"],
-            batch_size=d["batch_size"],
-            seq_len=d["seq_len"],
-            tokens=d["tokens"],
-            params=ParamCount(**d["params"]),
-            latency=None if d["latency"] is None else LatencySummary(**d["latency"]),
-            first_call_s=d["first_call_s"],
-            memory=None if d["memory"] is None else MemoryReading(**d["memory"]),
-            energy=None if d["energy"] is None else EnergyReading(**d["energy"]),
-            routing=[LayerRouting.from_dict(r) for r in d["routing"]],
-            flops_estimate=d["flops_estimate"],
-            bytes_estimate=d["bytes_estimate"],
-            speedup_vs_original=d["speedup_vs_original"],
-            memory_vs_original=d["memory_vs_original"],
-            energy_vs_original=d["energy_vs_original"],
-            error=d["error"],
-        )
+        values = {f.name: d[f.name] for f in fields(cls)}
+        values["params"] = ParamCount(**d["params"])
+        for name, kind in (("latency", LatencySummary), ("memory", MemoryReading), ("energy", EnergyReading)):
+            values[name] = None if d[name] is None else kind(**d[name])
+        values["routing"] = [LayerRouting.from_dict(r) for r in d["routing"]]
+        return cls(**values)
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:

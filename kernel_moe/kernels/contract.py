@@ -14,6 +14,8 @@ returned in x's dtype. The rules, the same on every backend (``kernels/cpu``, ``
 - **Expert map.** With ``expert_map`` [G] (int), id g runs local expert ``expert_map[g]``; an
   entry of -1 (or any value outside [0, E)) drops the slot. Without it, G = E and ids are local.
   :func:`local_ids` applies it, so backends only ever see local ids.
+- **Where the weights apply.** ``out[t] = sum_j w[t, j] * expert(x[t])``; with ``scale_inputs``
+  (Llama 4) ``out[t] = sum_j expert(w[t, j] * x[t])`` instead.
 - **Dense calls.** Routing ``None`` means one expert (E == 1) and weight 1 for every token: the
   dense FFN is this op with E = 1, not a second computation.
 - **Shapes only.** The output shape depends on the input shapes alone, and nothing outside a
@@ -33,7 +35,7 @@ from torch import Tensor
 
 from kernel_moe.errors import UnsupportedInputError
 
-ACTIVATION_KINDS = ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss")
+ACTIVATION_KINDS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "gpt_oss")
 GLU_LAYOUTS = ("none", "concat", "interleaved")
 WEIGHT_FORMATS = ("full",)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -44,34 +46,52 @@ ID_DTYPES = (torch.int32, torch.int64)
 class Activation:
     """What an expert applies between its projections.
 
-    - ``kind``: silu, gelu, gelu_tanh, relu, or gpt_oss (GPT-OSS's clamped SwiGLU:
-      ``gate = min(gate, limit)``, ``up = clamp(up, -limit, limit)``,
-      ``(up + 1) * gate * sigmoid(alpha * gate)``; gated layouts only).
+    - ``kind``: silu, gelu, gelu_tanh, relu, relu2 (``relu(x) ** 2``), or gpt_oss (GPT-OSS's
+      SwiGLU: ``(up + 1) * gate * sigmoid(alpha * gate)``; gated layouts only).
     - ``glu``: "none" (act of all N = I features), "concat" (``[gate | up]``, act(gate) * up) or
       "interleaved" (``g0, u0, g1, u1, ...``).
+    - ``limit`` (gated only): ``gate = min(gate, limit)`` and ``up = clamp(up, -limit, limit)``
+      before the activation (GPT-OSS, clamped SwiGLU); inf clamps nothing.
+    - ``gate_softcap`` / ``up_softcap`` (gated silu only): softcapped SwiGLU,
+      ``cap(gate, a) * sigmoid(gate) * cap(up, b)`` with ``cap(v, c) = c * tanh(v / c)``; inf is
+      no cap (plain SwiGLU).
     """
 
     kind: str = "silu"
     glu: str = "concat"
     alpha: float = 1.702
     limit: float = math.inf
+    gate_softcap: float = math.inf
+    up_softcap: float = math.inf
 
     def __post_init__(self) -> None:
         if self.kind not in ACTIVATION_KINDS:
-            raise ValueError(f"Activation.kind={self.kind!r} is not supported; allowed: {', '.join(ACTIVATION_KINDS)}")
+            raise ValueError(f"activation={self.kind!r} is not supported; allowed: {', '.join(ACTIVATION_KINDS)}")
         if self.glu not in GLU_LAYOUTS:
-            raise ValueError(f"Activation.glu={self.glu!r} is not supported; allowed: {', '.join(GLU_LAYOUTS)}")
+            raise ValueError(f"glu={self.glu!r} is not supported; allowed: {', '.join(GLU_LAYOUTS)}")
         if self.kind == "gpt_oss" and self.glu == "none":
-            raise ValueError("Activation.kind='gpt_oss' needs a gated layout (glu='concat' or 'interleaved'), got "
+            raise ValueError("activation='gpt_oss' needs a gated layout (glu='concat' or 'interleaved'), got "
                              "glu='none'")
-        for name in ("alpha", "limit"):
+        for name in ("alpha", "limit", "gate_softcap", "up_softcap"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise ValueError(f"Activation.{name}={value!r} must be a number")
+                raise ValueError(f"activation {name}={value!r} must be a number")
+        for name in ("limit", "gate_softcap", "up_softcap"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"activation {name}={getattr(self, name)!r} must be > 0 (inf: none)")
+        if not self.gated and self.limit != math.inf:
+            raise ValueError(f"activation limit={self.limit!r} needs a gated layout (it clamps gate and up)")
+        if self.softcapped and not (self.gated and self.kind == "silu"):
+            raise ValueError(f"softcaps (gate_softcap={self.gate_softcap!r}, up_softcap={self.up_softcap!r}) are "
+                             f"defined for a gated silu only, not activation={self.kind!r} with glu={self.glu!r}")
 
     @property
     def gated(self) -> bool:
         return self.glu != "none"
+
+    @property
+    def softcapped(self) -> bool:
+        return self.gate_softcap != math.inf or self.up_softcap != math.inf
 
     def up_features(self, intermediate: int) -> int:
         """N for an intermediate size I."""
@@ -80,7 +100,10 @@ class Activation:
     def describe(self) -> str:
         if not self.gated:
             return self.kind
-        extra = f", alpha={self.alpha:g}, limit={self.limit:g}" if self.kind == "gpt_oss" else ""
+        extra = f", alpha={self.alpha:g}, limit={self.limit:g}" if self.kind == "gpt_oss" else (
+            f", limit={self.limit:g}" if self.limit != math.inf else "")
+        if self.softcapped:
+            extra += f", softcaps={self.gate_softcap:g}/{self.up_softcap:g}"
         return f"{self.kind}-glu({self.glu}{extra})"
 
 
@@ -96,6 +119,7 @@ class StackedExperts(NamedTuple):
     activation: Activation = Activation()
     weight_format: str = "full"
     expert_map: Optional[Tensor] = None  # [G] int: local expert of each routed id, -1 = not held
+    scale_inputs: bool = False  # routing weights scale each expert's input instead of its output
 
     @property
     def num_experts(self) -> int:
@@ -151,7 +175,7 @@ def validate_call(x_TH: Tensor, weights_TK: Optional[Tensor], ids_TK: Optional[T
     """The one check of a call's inputs, from metadata only (no tensor data is read): shapes,
     dtypes, devices, the activation and the weight format. Raises UnsupportedInputError naming
     the input, what it is and what is allowed."""
-    w_up, w_down, b_up, b_down, activation, weight_format, mapping = experts
+    w_up, w_down, b_up, b_down, activation, weight_format, mapping = experts[:7]
     if not isinstance(activation, Activation):
         raise UnsupportedInputError(f"activation must be an Activation, got {type(activation).__name__}")
     if weight_format not in WEIGHT_FORMATS:
@@ -183,9 +207,10 @@ def validate_call(x_TH: Tensor, weights_TK: Optional[Tensor], ids_TK: Optional[T
     if (weights_TK is None) != (ids_TK is None):
         raise UnsupportedInputError("topk_weights and topk_ids must both be given, or both be None (a dense call)")
     if ids_TK is None:
-        if E != 1 or mapping is not None:
-            raise UnsupportedInputError(f"a dense call (no routing) needs one expert and no expert map, got E={E}"
-                                        + (" and an expert map" if mapping is not None else ""))
+        if E != 1 or mapping is not None or experts.scale_inputs:
+            raise UnsupportedInputError(f"a dense call (no routing) needs one expert, no expert map and no input "
+                                        f"scaling, got E={E}" + (" and an expert map" if mapping is not None else "")
+                                        + (" and scale_inputs" if experts.scale_inputs else ""))
     else:
         if ids_TK.dim() != 2 or ids_TK.shape[0] != T:
             raise UnsupportedInputError(f"topk_ids must be [T={T}, K], got shape {tuple(ids_TK.shape)}")

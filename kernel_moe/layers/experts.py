@@ -11,33 +11,28 @@ import torch
 from torch import nn
 
 from kernel_moe.config import KernelConfig
+from kernel_moe.kernels.contract import StackedExperts
 from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec
-from kernel_moe.ops.experts import call_fused_experts
+from kernel_moe.ops.experts import run_experts as run_op
 
 
-def run_experts(layer: nn.Module, ex: ExpertsSpec, x_TH: torch.Tensor, weights_TK: torch.Tensor,
-                ids_TK: torch.Tensor, backend: str, deterministic: bool = True) -> torch.Tensor:
-    """The fused experts op on the weights ``ex`` names on ``layer``: [T, H] -> [T, H]."""
-    return call_fused_experts(
-        x_TH,
-        weights_TK,
-        ids_TK,
+def stacked_experts(layer: nn.Module, ex: ExpertsSpec) -> StackedExperts:
+    """The experts ``ex`` names on ``layer``, as the op's value type (views, no copies)."""
+    return StackedExperts(
         ex.up.get(layer),
         ex.down.get(layer),
         ex.up_bias.get(layer) if ex.up_bias is not None else None,
         ex.down_bias.get(layer) if ex.down_bias is not None else None,
         ex.activation,
-        ex.glu,
-        ex.alpha,
-        ex.limit,
-        backend,
-        deterministic,
     )
 
 
-def expert_weight_sources(ex: ExpertsSpec) -> list:
-    return [s for s in (ex.up, ex.down, ex.up_bias, ex.down_bias) if s is not None]
+def run_experts(layer: nn.Module, ex: ExpertsSpec, x_TH: torch.Tensor, weights_TK: torch.Tensor | None,
+                ids_TK: torch.Tensor | None, backend: str, deterministic: bool = True) -> torch.Tensor:
+    """The fused experts op on the weights ``ex`` names on ``layer``: [T, H] -> [T, H] (routing
+    None: a dense call of a one-expert spec)."""
+    return run_op(x_TH, weights_TK, ids_TK, stacked_experts(layer, ex), backend, deterministic)
 
 
 class FusedExperts(SwappedLayer):
@@ -50,7 +45,7 @@ class FusedExperts(SwappedLayer):
         self._bind_weights()
 
     def _weight_sources(self) -> list:
-        return expert_weight_sources(self.spec.experts)
+        return self.spec.experts.sources()
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.runs_original(hidden_states, top_k_weights):

@@ -10,12 +10,12 @@ import torch
 
 from kernel_moe.config import KernelConfig
 from kernel_moe.layers.base import SwappedLayer
+from kernel_moe.layers.experts import run_experts
 from kernel_moe.layers.spec import FFNSpec
-from kernel_moe.ops.ffn import call_fused_ffn
 
 
 class FusedFFN(SwappedLayer):
-    """Dense FFN layer; its weight sources hold one "expert" ([1, N, H]), indexed [0]."""
+    """Dense FFN layer: the experts op with one expert ([1, N, H] weight sources) and no routing."""
 
     def __init__(self, original, spec: FFNSpec, config: KernelConfig | None = None) -> None:
         super().__init__(original, spec, config)
@@ -24,18 +24,11 @@ class FusedFFN(SwappedLayer):
         self._bind_weights()
 
     def _weight_sources(self) -> list:
-        s = self.spec
-        return [w for w in (s.up, s.down, s.up_bias, s.down_bias) if w is not None]
+        return self.spec.experts.sources()
 
     def forward(self, hidden_states: torch.Tensor):
-        s = self.spec
         if self.runs_original(hidden_states):
             return self.original(hidden_states)
-        x_TH = hidden_states.reshape(-1, s.hidden)
-        out_TH = call_fused_ffn(
-            x_TH, s.up.get(self)[0], s.down.get(self)[0],
-            s.up_bias.get(self)[0] if s.up_bias is not None else None,
-            s.down_bias.get(self)[0] if s.down_bias is not None else None,
-            s.activation, s.glu, s.alpha, s.limit, self.backend,
-        )
+        x_TH = hidden_states.reshape(-1, self.spec.hidden)
+        out_TH = run_experts(self, self.spec.experts, x_TH, None, None, self.backend)
         return out_TH.reshape(hidden_states.shape)

@@ -29,7 +29,7 @@ from torch import nn
 
 from kernel_moe.config import KernelConfig
 from kernel_moe.layers.base import SwappedLayer
-from kernel_moe.layers.experts import expert_weight_sources, run_experts
+from kernel_moe.layers.experts import run_experts
 from kernel_moe.layers.spec import MoESpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.kernels import resolve_backend
@@ -116,7 +116,7 @@ class FusedMoE(SwappedLayer):
         return result
 
     def _weight_sources(self) -> list:
-        return expert_weight_sources(self.spec.experts)
+        return self.spec.experts.sources()
 
     def track_routing(self, enabled: bool = True) -> None:
         """Accumulate per-expert slot counts into ``routing_counts`` on every forward."""

@@ -1,19 +1,20 @@
-"""torch.library custom ops of kernel_moe (namespace ``kernel_moe::``).
+"""torch.library custom ops of kernel_moe (namespace ``kernel_moe::``): schemas, fake
+implementations and autograd; what runs inside them is a backend of ``kernel_moe.kernels``.
 
 Importing this package registers the ops; it never initialises CUDA or imports triton.
 """
 
-from kernel_moe.ops.backend import resolve_backend, triton_available, triton_interpreter_enabled
-from kernel_moe.ops.experts import fused_experts, fused_experts_backward
-from kernel_moe.ops.ffn import fused_ffn, fused_ffn_backward
-from kernel_moe.ops.gating import topk_gating
+from kernel_moe.kernels import resolve_backend, triton_available, triton_interpreter_enabled
+from kernel_moe.ops import ffn as _ffn  # noqa: F401  (registers the kernel_moe::fused_ffn alias)
+from kernel_moe.ops.experts import fused_experts, fused_experts_backward, run_experts
+from kernel_moe.ops.gating import gate, topk_gating
 
 __all__ = [
     "fused_experts",
     "fused_experts_backward",
-    "fused_ffn",
-    "fused_ffn_backward",
+    "gate",
     "resolve_backend",
+    "run_experts",
     "topk_gating",
     "triton_available",
     "triton_interpreter_enabled",

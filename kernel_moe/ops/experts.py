@@ -1,216 +1,199 @@
-"""``kernel_moe::fused_experts``: the routed-expert computation as one custom op.
+"""``kernel_moe::fused_experts``: the expert computation of the contract
+(:mod:`kernel_moe.kernels.contract`) as one custom op, with its backward
+``kernel_moe::fused_experts_backward`` (also opaque to the compiler).
 
-Given tokens, their top-k routing weights and expert ids, it sorts token-expert slots by
-expert, runs each expert's up-projection with the activation, its down-projection, scales
-by the routing weight and sums the k contributions of every token. The output shape
-[T, H] depends only on the input shapes, so ``torch.compile(fullgraph=True)`` keeps the op
-in the graph and CUDA graphs can capture it.
+Python passes a call whole (x, routing, a :class:`StackedExperts`); the op schemas below are the
+only place its fields are spelled out, because ``torch.library`` needs flat arguments. The
+output shape [T, H] depends only on the input shapes, so ``torch.compile(fullgraph=True)`` keeps
+the op in the graph and CUDA graphs can capture it. The backward recomputes intermediates
+instead of saving them, and returns gradients of x, the routing weights (so the router trains),
+the expert weights and biases.
 
-Gradients: ``kernel_moe::fused_experts_backward`` (also opaque to the compiler) returns
-the gradients of x, the routing weights (so the router trains), the expert weights and
-biases; it recomputes intermediates instead of saving them.
-
-Legend: T tokens, H hidden, E experts, K top-k, N up features (2*I gated, else I), I intermediate.
+Legend: T tokens, H hidden, E experts, G routed ids, K top-k, N up features, I intermediate.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from kernel_moe.errors import UnsupportedInputError
-from kernel_moe.ops import torch_impl
-from kernel_moe.ops.backend import direct_call_allowed, resolve_backend
-from kernel_moe.reference.activations import check_activation
+from kernel_moe.kernels import scaled_inputs, select_backend
+from kernel_moe.kernels.contract import Activation, StackedExperts, local_ids, validate_call
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_PLAIN_TENSOR_TYPES = (Tensor, nn.Parameter)
 
 
-def _check_inputs(
-    x: Tensor,
-    topk_weights: Tensor,
-    topk_ids: Tensor,
-    w_up: Tensor,
-    w_down: Tensor,
-    b_up: Optional[Tensor],
-    b_down: Optional[Tensor],
-    activation: str,
-    glu: str,
-) -> None:
-    """Shape, dtype and device checks (metadata only: no data is read)."""
+@functools.lru_cache(maxsize=256)
+def activation_of(fields: tuple) -> Activation:
+    """The Activation value of the schema's activation fields (kind, glu, alpha, limit,
+    gate_softcap, up_softcap), cached: validated once; an invalid one raises UnsupportedInputError."""
     try:
-        check_activation(activation, glu)
+        return Activation(*fields)
     except ValueError as exc:
         raise UnsupportedInputError(str(exc)) from None
-    if x.dim() != 2:
-        raise UnsupportedInputError(f"x must be 2-D [T, H], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise UnsupportedInputError(f"x dtype {x.dtype} is not supported; allowed: float32, bfloat16, float16, float64")
-    T, H = x.shape
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
-        raise UnsupportedInputError(f"topk_ids must be [T={T}, K], got shape {tuple(topk_ids.shape)}")
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise UnsupportedInputError(f"topk_ids dtype {topk_ids.dtype} is not supported; allowed: int32, int64")
-    if topk_weights.shape != topk_ids.shape:
-        raise UnsupportedInputError(
-            f"topk_weights shape {tuple(topk_weights.shape)} must equal topk_ids shape {tuple(topk_ids.shape)}"
-        )
-    if w_up.dim() != 3 or w_down.dim() != 3:
-        raise UnsupportedInputError(
-            f"w_up and w_down must be 3-D [E, N, H] and [E, H, I], got {tuple(w_up.shape)} and {tuple(w_down.shape)}"
-        )
-    E, N, H_w = w_up.shape
-    I = N // 2 if glu != "none" else N
-    if H_w != H:
-        raise UnsupportedInputError(f"w_up is [E, N, H={H_w}] but x has H={H}")
-    if glu != "none" and N % 2 != 0:
-        raise UnsupportedInputError(f"w_up has N={N} features, not even, but glu={glu!r} needs [gate, up] pairs")
-    if tuple(w_down.shape) != (E, H, I):
-        raise UnsupportedInputError(f"w_down must be [E={E}, H={H}, I={I}], got {tuple(w_down.shape)}")
-    if b_up is not None and tuple(b_up.shape) != (E, N):
-        raise UnsupportedInputError(f"b_up must be [E={E}, N={N}], got {tuple(b_up.shape)}")
-    if b_down is not None and tuple(b_down.shape) != (E, H):
-        raise UnsupportedInputError(f"b_down must be [E={E}, H={H}], got {tuple(b_down.shape)}")
-    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("w_up", w_up), ("w_down", w_down),
-                    ("b_up", b_up), ("b_down", b_down)):
-        if t is not None and t.device != x.device:
-            raise UnsupportedInputError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share a device")
+
+
+def _flat(experts: StackedExperts) -> tuple:
+    """The schema's arguments between topk_ids and backend, in schema order."""
+    act = experts.activation
+    return (experts.w_up, experts.w_down, experts.b_up, experts.b_down, experts.expert_map, act.kind, act.glu,
+            act.alpha, act.limit, act.gate_softcap, act.up_softcap, experts.scale_inputs)
+
+
+def _unflat(args: tuple) -> StackedExperts:
+    """The StackedExperts of the schema's arguments between topk_ids and backend (see :func:`_flat`)."""
+    w_up, w_down, b_up, b_down, expert_map = args[:5]
+    return StackedExperts(w_up, w_down, b_up, b_down, activation_of(tuple(args[5:11])), "full", expert_map,
+                          bool(args[11]))
+
+
+def _forward(x: Tensor, weights: Optional[Tensor], ids: Optional[Tensor], experts: StackedExperts, backend: str,
+             deterministic: bool) -> Tensor:
+    validate_call(x, weights, ids, experts)
+    chosen = select_backend(backend, x.device)
+    if ids is None:
+        return chosen.forward(x, None, None, experts, deterministic)
+    ids = local_ids(ids, experts)
+    if experts.scale_inputs:
+        return scaled_inputs.forward(chosen, x, weights, ids, experts, deterministic)
+    return chosen.forward(x, weights, ids, experts, deterministic)
 
 
 @torch.library.custom_op("kernel_moe::fused_experts", mutates_args=())
 def fused_experts(
     x: Tensor,
-    topk_weights: Tensor,
-    topk_ids: Tensor,
+    topk_weights: Optional[Tensor],
+    topk_ids: Optional[Tensor],
     w_up: Tensor,
     w_down: Tensor,
     b_up: Optional[Tensor],
     b_down: Optional[Tensor],
+    expert_map: Optional[Tensor],
     activation: str,
     glu: str,
     alpha: float,
     limit: float,
+    gate_softcap: float,
+    up_softcap: float,
+    scale_inputs: bool,
     backend: str,
     deterministic: bool = True,
 ) -> Tensor:
-    """Routed experts: x [T, H], topk_weights/topk_ids [T, K], w_up [E, N, H], w_down [E, H, I],
-    b_up [E, N] or None, b_down [E, H] or None -> [T, H] in x's dtype. ``deterministic``
-    selects a fixed reduction order on the Triton path (the CPU path always has one)."""
-    return _fused_experts_impl(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit,
-                               backend, deterministic)
-
-
-def _fused_experts_impl(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, backend,
-                        deterministic) -> Tensor:
-    _check_inputs(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu)
-    if resolve_backend(backend, x.device) == "triton":
-        from kernel_moe.kernels import fused_experts_triton
-
-        return fused_experts_triton(
-            x, topk_weights, topk_ids, w_up, w_down, b_up, b_down,
-            activation=activation, glu=glu, alpha=alpha, limit=limit, deterministic=deterministic,
-        )
-    return torch_impl.experts_forward(
-        x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit
-    )
-
-
-def call_fused_experts(
-    x: Tensor,
-    topk_weights: Tensor,
-    topk_ids: Tensor,
-    w_up: Tensor,
-    w_down: Tensor,
-    b_up: Optional[Tensor],
-    b_down: Optional[Tensor],
-    activation: str,
-    glu: str,
-    alpha: float,
-    limit: float,
-    backend: str,
-    deterministic: bool = True,
-) -> Tensor:
-    """``kernel_moe::fused_experts``, or in plain eager inference its implementation directly
-    (same checks, same result, without the dispatcher's cost; see ``direct_call_allowed``)."""
-    args = (x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, backend, deterministic)
-    if direct_call_allowed(x, topk_weights, w_up, w_down, b_up, b_down):
-        return _fused_experts_impl(*args)
-    return torch.ops.kernel_moe.fused_experts(*args)
+    """Routed experts: x [T, H], topk_weights / topk_ids [T, K] (both None: a dense call with E = 1),
+    w_up [E, N, H], w_down [E, H, I], b_up [E, N] | None, b_down [E, H] | None, expert_map [G] | None,
+    the activation's fields, whether the weights scale the inputs -> [T, H] in x's dtype.
+    ``deterministic`` selects a fixed reduction order on the Triton backend (the CPU backend always
+    has one)."""
+    experts = _unflat((w_up, w_down, b_up, b_down, expert_map, activation, glu, alpha, limit, gate_softcap,
+                       up_softcap, scale_inputs))
+    return _forward(x, topk_weights, topk_ids, experts, backend, deterministic)
 
 
 @fused_experts.register_fake
-def _fused_experts_fake(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, backend,
-                        deterministic=True):
-    _check_inputs(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu)
+def _fused_experts_fake(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map, activation, glu, alpha,
+                        limit, gate_softcap, up_softcap, scale_inputs, backend, deterministic=True):
+    experts = _unflat((w_up, w_down, b_up, b_down, expert_map, activation, glu, alpha, limit, gate_softcap,
+                       up_softcap, scale_inputs))
+    validate_call(x, topk_weights, topk_ids, experts)
     return x.new_empty(x.shape)
+
+
+def direct_call_allowed(*tensors: Optional[Tensor]) -> bool:
+    """True when a call may run the op's implementation without the ``torch.library`` dispatcher.
+
+    The dispatcher (tens of microseconds a call on CPU) is what graph capture, fake tensors and
+    autograd need. Plain eager inference needs none of it: no compile or trace in progress, no
+    dispatch mode or functorch transform active, only plain tensors, and none needing a gradient.
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in _PLAIN_TENSOR_TYPES or (grad and t.requires_grad):
+            return False
+    return True
+
+
+def run_experts(x_TH: Tensor, weights_TK: Optional[Tensor], ids_TK: Optional[Tensor], experts: StackedExperts,
+                backend: str, deterministic: bool = True) -> Tensor:
+    """One call of the expert computation: ``kernel_moe::fused_experts``, or in plain eager
+    inference its implementation directly (same checks, same result, without the dispatcher's
+    cost; see :func:`direct_call_allowed`)."""
+    if direct_call_allowed(x_TH, weights_TK, *experts[:4]):
+        return _forward(x_TH, weights_TK, ids_TK, experts, backend, deterministic)
+    return torch.ops.kernel_moe.fused_experts(x_TH, weights_TK, ids_TK, *_flat(experts), backend, deterministic)
 
 
 @torch.library.custom_op("kernel_moe::fused_experts_backward", mutates_args=())
 def fused_experts_backward(
     grad_out: Tensor,
     x: Tensor,
-    topk_weights: Tensor,
-    topk_ids: Tensor,
+    topk_weights: Optional[Tensor],
+    topk_ids: Optional[Tensor],
     w_up: Tensor,
     w_down: Tensor,
     b_up: Optional[Tensor],
     b_down: Optional[Tensor],
+    expert_map: Optional[Tensor],
     activation: str,
     glu: str,
     alpha: float,
     limit: float,
+    gate_softcap: float,
+    up_softcap: float,
+    scale_inputs: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of fused_experts: (grad_x, grad_topk_weights, grad_w_up, grad_w_down,
-    grad_b_up or [0], grad_b_down or [0])."""
-    if resolve_backend(backend, x.device) == "triton":
-        from kernel_moe.kernels import fused_experts_backward_triton
+    """Gradients of fused_experts: (grad_x, grad_topk_weights or [0] for a dense call, grad_w_up,
+    grad_w_down, grad_b_up or [0], grad_b_down or [0])."""
+    experts = _unflat((w_up, w_down, b_up, b_down, expert_map, activation, glu, alpha, limit, gate_softcap,
+                       up_softcap, scale_inputs))
+    chosen = select_backend(backend, x.device)
+    if topk_ids is None:
+        g = chosen.backward(grad_out, x, None, None, experts)
+    elif experts.scale_inputs:
+        g = scaled_inputs.backward(chosen, grad_out, x, topk_weights, local_ids(topk_ids, experts), experts)
+    else:
+        g = chosen.backward(grad_out, x, topk_weights, local_ids(topk_ids, experts), experts)
+    def given(t: Optional[Tensor]) -> Tensor:
+        return x.new_empty(0) if t is None else t  # a fresh empty each: outputs may not alias
 
-        return fused_experts_backward_triton(
-            grad_out, x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit
-        )
-    return torch_impl.experts_backward(
-        grad_out, x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit
-    )
+    return g.x, given(g.topk_weights), g.w_up, g.w_down, given(g.b_up), given(g.b_down)
 
 
 @fused_experts_backward.register_fake
-def _fused_experts_backward_fake(grad_out, x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu,
-                                 alpha, limit, backend):
-    return (
-        x.new_empty(x.shape),
-        topk_weights.new_empty(topk_weights.shape),
-        w_up.new_empty(w_up.shape),
-        w_down.new_empty(w_down.shape),
-        b_up.new_empty(b_up.shape) if b_up is not None else x.new_empty(0),
-        b_down.new_empty(b_down.shape) if b_down is not None else x.new_empty(0),
-    )
+def _fused_experts_backward_fake(grad_out, x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map,
+                                 activation, glu, alpha, limit, gate_softcap, up_softcap, scale_inputs, backend):
+    def like(t: Optional[Tensor]) -> Tensor:
+        return x.new_empty(0) if t is None else t.new_empty(t.shape)
+
+    return like(x), like(topk_weights), like(w_up), like(w_down), like(b_up), like(b_down)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, backend = inputs[:12]
-    ctx.save_for_backward(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down)
-    ctx.act = (activation, glu, alpha, limit, backend)
+    x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map = inputs[:8]
+    ctx.save_for_backward(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map)
+    ctx.args = inputs[8:16]  # activation fields, scale_inputs, backend
 
 
 def _backward(ctx, grad_out):
-    x, topk_weights, topk_ids, w_up, w_down, b_up, b_down = ctx.saved_tensors
-    grads = torch.ops.kernel_moe.fused_experts_backward(
-        grad_out.contiguous(), x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, *ctx.act
-    )
-    g_x, g_w, g_up, g_down, g_bup, g_bdown = grads
-    return (
-        g_x,
-        g_w,
-        None,
-        g_up,
-        g_down,
-        g_bup if b_up is not None else None,
-        g_bdown if b_down is not None else None,
-        None, None, None, None, None, None,
-    )
+    x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map = ctx.saved_tensors
+    g_x, g_w, g_up, g_down, g_bup, g_bdown = torch.ops.kernel_moe.fused_experts_backward(
+        grad_out.contiguous(), x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map, *ctx.args)
+    return (g_x, None if topk_weights is None else g_w, None, g_up, g_down, None if b_up is None else g_bup,
+            None if b_down is None else g_bdown) + (None,) * 10
 
 
 fused_experts.register_autograd(_backward, setup_context=_setup_context)
+
+
+__all__ = ["activation_of", "direct_call_allowed", "fused_experts", "fused_experts_backward", "run_experts"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernel_moe.ops.backend import resolve_backend
+from kernel_moe.kernels import resolve_backend
 from kernel_moe.routing.topk import RoutingSpec, route
 
 
@@ -30,7 +30,7 @@ def topk_gating(
     """logits [T, E] -> (weights [T, K] float32, ids [T, K] int64)."""
     spec = RoutingSpec(logits.shape[1], top_k, scoring, order, renormalize, scaling)
     if resolve_backend(backend, logits.device) == "triton":
-        from kernel_moe.kernels import topk_gating as gating_kernel
+        from kernel_moe.kernels.triton.routing import topk_gating as gating_kernel
 
         return gating_kernel(logits, top_k, scoring=scoring, order=order, renormalize=renormalize, scaling=scaling)
     weights, ids = route(logits, spec)

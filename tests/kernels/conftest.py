@@ -21,7 +21,9 @@ def pytest_configure(config):
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    from kernel_moe.kernels import triton_interpreter_enabled
+
+    return triton_interpreter_enabled()
 
 
 def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -67,6 +69,20 @@ def make_moe(T, H, I, E, K, *, glu="concat", dtype=torch.float32, bias=False, de
     )
 
 
+def stacked(inputs: dict, activation="silu", glu="concat", alpha=1.702, limit=math.inf, **extra):
+    """The StackedExperts of ``make_moe`` inputs with that activation (``extra``: weight_format,
+    expert_map)."""
+    from kernel_moe.kernels.contract import Activation, StackedExperts
+
+    return StackedExperts(inputs["w_up_ENH"], inputs["w_down_EHI"], inputs["b_up_EN"], inputs["b_down_EH"],
+                          Activation(activation, glu, alpha, limit), **extra)
+
+
+def call_args(inputs: dict, **act) -> tuple:
+    """(x, topk_weights, topk_ids, experts): the positional arguments of the Triton entry points."""
+    return inputs["x_TH"], inputs["topk_weights_TK"], inputs["topk_ids_TK"], stacked(inputs, **act)
+
+
 def as_fp32(inputs: dict) -> dict:
     """The same inputs with every floating tensor in fp32 (for the reference)."""
     return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
@@ -75,4 +91,5 @@ def as_fp32(inputs: dict) -> dict:
 @pytest.fixture(scope="session")
 def kt():
     """Helpers shared by the kernel tests (a fixture, so that no test imports conftest)."""
-    return types.SimpleNamespace(make_moe=make_moe, as_fp32=as_fp32, sqnr_db=sqnr_db, interpreting=interpreting)
+    return types.SimpleNamespace(make_moe=make_moe, as_fp32=as_fp32, sqnr_db=sqnr_db, interpreting=interpreting,
+                                 stacked=stacked, call_args=call_args)

@@ -21,8 +21,8 @@ SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernel_moe.kernels import fused_moe as F
-    from kernel_moe.kernels import routing as R
+    from kernel_moe.kernels.triton import forward as F
+    from kernel_moe.kernels.triton import routing as R
 
     TARGET = GPUTarget("cuda", 90, 32)
     I32 = "*i32"

@@ -4,19 +4,23 @@ Run with ``TRITON_INTERPRET=0 pytest tests/kernels -m gpu`` (the kernel conftest
 interpreter on by default); skipped without CUDA.
 """
 
-import os
+import math
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from kernel_moe.kernels import align_by_expert, fused_experts_triton, get_kernel_config, topk_gating  # noqa: E402
-from kernel_moe.kernels.fused_moe import device_name_of  # noqa: E402
+from kernel_moe.kernels.contract import Activation, StackedExperts  # noqa: E402
+from kernel_moe.kernels.triton.common import device_name_of  # noqa: E402
+from kernel_moe.kernels.triton.forward import fused_experts_triton  # noqa: E402
+from kernel_moe.kernels.triton.routing import align_by_expert, topk_gating  # noqa: E402
+from kernel_moe.kernels.triton.tile_configs import get_tile_config  # noqa: E402
+from kernel_moe.kernels import triton_interpreter_enabled  # noqa: E402
 from kernel_moe.reference.moe import naive_moe_experts  # noqa: E402
 from kernel_moe.routing.topk import RoutingSpec, route  # noqa: E402
 
-_INTERP = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+_INTERP = triton_interpreter_enabled()
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -35,16 +39,25 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _reference(inputs, **kw):
+def _run(inputs, deterministic=True, activation="silu", glu="concat", alpha=1.702, limit=math.inf):
+    """fused_experts_triton on make_moe inputs."""
+    experts = StackedExperts(inputs["w_up_ENH"], inputs["w_down_EHI"], inputs["b_up_EN"], inputs["b_down_EH"],
+                             Activation(activation, glu, alpha, limit))
+    return fused_experts_triton(inputs["x_TH"], inputs["topk_weights_TK"], inputs["topk_ids_TK"], experts,
+                                deterministic=deterministic)
+
+
+def _reference(inputs, activation="silu", glu="concat", alpha=1.702, limit=math.inf):
     return naive_moe_experts(
-        **{k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}, **kw
+        **{k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()},
+        activation=Activation(activation, glu, alpha, limit),
     )
 
 
 @pytest.mark.parametrize("T", [1, 16, 333, 4096])
 def test_mixtral_like_bf16(kt, T):
     inputs = kt.make_moe(T, 1024, 2048, 8, 2, dtype=torch.bfloat16, device="cuda", seed=T)
-    out = fused_experts_triton(**inputs)
+    out = _run(inputs)
     ref = _reference(inputs)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, **LOW_TOL)
@@ -53,7 +66,7 @@ def test_mixtral_like_bf16(kt, T):
 
 def test_decode_default_config_uses_split_k():
     x = torch.empty(1, 1024, device="cuda", dtype=torch.bfloat16)
-    cfg = get_kernel_config(8, 4096, 1024, torch.bfloat16, device_name_of(x), 1, top_k=2)
+    cfg = get_tile_config(8, 4096, 1024, torch.bfloat16, device_name_of(x), 1, top_k=2)
     assert cfg["BLOCK_M"] == 16 and cfg["down"]["SPLIT_K"] > 1
 
 
@@ -62,7 +75,7 @@ def test_decode_default_config_uses_split_k():
 def test_fine_grained_gpt_oss_bias(kt, T, dtype):
     inputs = kt.make_moe(T, 512, 384, 64, 8, glu="interleaved", dtype=dtype, bias=True, device="cuda", seed=T + 1)
     kw = dict(activation="gpt_oss", glu="interleaved", alpha=1.702, limit=7.0)
-    out = fused_experts_triton(**inputs, **kw)
+    out = _run(inputs, **kw)
     ref = _reference(inputs, **kw)
     torch.testing.assert_close(out.float(), ref, **LOW_TOL)
     assert kt.sqnr_db(out, ref) > 30.0
@@ -72,24 +85,24 @@ def test_fine_grained_gpt_oss_bias(kt, T, dtype):
 def test_fp32_full_precision(kt, glu):
     inputs = kt.make_moe(257, 1024, 768, 8, 2, glu=glu, bias=True, device="cuda", seed=3)
     kw = dict(activation="gelu", glu=glu)
-    torch.testing.assert_close(fused_experts_triton(**inputs, **kw), _reference(inputs, **kw), **FP32_TOL)
+    torch.testing.assert_close(_run(inputs, **kw), _reference(inputs, **kw), **FP32_TOL)
 
 
 def test_transposed_weights_bf16(kt):
     inputs = kt.make_moe(512, 1024, 2048, 8, 2, dtype=torch.bfloat16, device="cuda", seed=4)
-    ref = fused_experts_triton(**inputs)
+    ref = _run(inputs)
     strided = dict(inputs)
     strided["w_up_ENH"] = inputs["w_up_ENH"].transpose(1, 2).contiguous().transpose(1, 2)
     strided["w_down_EHI"] = inputs["w_down_EHI"].transpose(1, 2).contiguous().transpose(1, 2)
-    torch.testing.assert_close(fused_experts_triton(**strided), ref, **LOW_TOL)
+    torch.testing.assert_close(_run(strided), ref, **LOW_TOL)
 
 
 def test_deterministic_and_atomic_paths(kt):
     inputs = kt.make_moe(4096, 1024, 1024, 16, 4, dtype=torch.bfloat16, device="cuda", seed=5)
-    a = fused_experts_triton(**inputs)
-    b = fused_experts_triton(**inputs)
+    a = _run(inputs)
+    b = _run(inputs)
     assert torch.equal(a, b)
-    c = fused_experts_triton(**inputs, deterministic=False)
+    c = _run(inputs, deterministic=False)
     torch.testing.assert_close(c.float(), a.float(), **LOW_TOL)
 
 
@@ -104,22 +117,22 @@ def test_offsets_past_int32_range(kt):
     w_up = torch.as_strided(big, (E, 2 * I, H), (exp_stride, H, 1), storage_offset=2**21)
     w_up.copy_(small["w_up_ENH"])
     assert (T - 1) * tok_stride > 2**31 and (E - 1) * exp_stride > 2**31
-    out = fused_experts_triton(**dict(small, x_TH=x, w_up_ENH=w_up))
+    out = _run(dict(small, x_TH=x, w_up_ENH=w_up))
     torch.testing.assert_close(out.float(), _reference(small), **LOW_TOL)
 
 
 def test_no_host_sync_under_cuda_graph(kt):
     inputs = kt.make_moe(64, 1024, 1024, 8, 2, dtype=torch.bfloat16, device="cuda", seed=7)
     logits = torch.randn(64, 8, device="cuda")
-    fused_experts_triton(**inputs)  # compile outside the capture
+    _run(inputs)  # compile outside the capture
     topk_gating(logits, 2)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         w, ids = topk_gating(logits, 2)
-        out = fused_experts_triton(**dict(inputs, topk_weights_TK=w, topk_ids_TK=ids))
+        out = _run(dict(inputs, topk_weights_TK=w, topk_ids_TK=ids))
     graph.replay()
     torch.cuda.synchronize()
-    ref = fused_experts_triton(**dict(inputs, topk_weights_TK=w.clone(), topk_ids_TK=ids.clone()))
+    ref = _run(dict(inputs, topk_weights_TK=w.clone(), topk_ids_TK=ids.clone()))
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 

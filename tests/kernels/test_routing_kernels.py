@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_moe.kernels import align_by_expert, topk_gating  # noqa: E402
+from kernel_moe.kernels.triton.routing import align_by_expert, topk_gating  # noqa: E402
 from kernel_moe.routing.topk import RoutingSpec, route  # noqa: E402
 
 ROUTINGS = [
@@ -88,6 +88,7 @@ def _check_alignment(r, ids_TK, E, block_m):
     flat = ids_TK.reshape(-1).long()
     counts = torch.bincount(flat, minlength=E)
     assert r.num_slots == S and r.block_m == block_m
+    assert r.ids_TK is ids_TK and r.top_k == K
     assert r.counts_E.dtype == torch.int32
     assert torch.equal(r.counts_E.long(), counts)
     assert int(r.counts_E.sum()) == S
@@ -173,6 +174,15 @@ def test_align_dropped_slots(method):
     padded = r.padded_slots_P.long()
     assert torch.equal(torch.sort(padded[padded < T * K]).values, torch.arange(T * K)[kept])
     assert int(r.block_expert_B.max()) < E
+
+
+@pytest.mark.parametrize("method", ["single", "multi"])
+def test_align_drops_int64_ids_past_the_int32_range(method):
+    """The range check happens at the ids' own width: 2**32 + 1 is not expert 1."""
+    ids = torch.tensor([[0, 2**32 + 1], [1, -(2**40)], [2**31, 3], [2**32 + 2, 1]])
+    r = align_by_expert(ids, 4, 16, method=method)
+    assert r.counts_E.tolist() == [1, 2, 0, 1]
+    assert (r.inverse_S[torch.tensor([1, 3, 4, 6])] == -1).all()
 
 
 def test_align_rejects_bad_arguments():

@@ -19,7 +19,7 @@ ACTIVATIONS = [
     ("silu", "concat"), ("silu", "interleaved"), ("silu", "none"),
     ("gelu", "concat"), ("gelu", "none"),
     ("gelu_tanh", "interleaved"), ("gelu_tanh", "none"),
-    ("relu", "concat"), ("relu", "none"),
+    ("relu", "concat"), ("relu", "none"), ("relu2", "none"), ("relu2", "interleaved"),
     ("gpt_oss", "concat"), ("gpt_oss", "interleaved"),
 ]
 
@@ -52,9 +52,36 @@ def test_gradients_match_reference(activation, glu, bias):
     _compare(inputs, activation, glu, 1.702, 3.0 if activation == "gpt_oss" else math.inf)
 
 
+@pytest.mark.parametrize("glu", ["concat", "interleaved"])
+def test_gradients_of_clamped_and_softcapped_swiglu(glu):
+    inputs = op_inputs(21, H, I, 4, 2, glu=glu, bias=True, seed=5)
+    inputs["x"] = inputs["x"] * 3
+    _compare(inputs, "silu", glu, 1.702, 1.5)
+    _compare(dict(inputs, softcaps=(2.0, 1.2)), "silu", glu)
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_gradients_with_input_scaling_and_dropped_slots(K):
+    inputs = op_inputs(17, H, I, 5, K, bias=True, seed=6)
+    inputs["scale_inputs"] = True
+    inputs["topk_ids"][3, 0] = -1
+    inputs["topk_ids"][8, K - 1] = 5
+    _compare(inputs)
+
+
 @pytest.mark.parametrize("T,E,K", [(1, 4, 1), (1, 16, 2), (7, 3, 3), (40, 8, 2), (64, 1, 1)])
 def test_gradients_over_shapes(T, E, K):
     _compare(op_inputs(T, H, I, E, K, bias=True, seed=T + E + K))
+
+
+def test_dropped_slots_get_zero_gradients():
+    inputs = op_inputs(12, H, I, 4, 2, bias=True, seed=7)
+    inputs["topk_ids"][::3, 1] = -1
+    inputs["topk_ids"][1, 0] = 4
+    _compare(inputs)
+    g = torch.ones(12, H)
+    _, got = _grads(lambda i: run_op(i), inputs, g)
+    assert torch.equal(got["topk_weights"][::3, 1], torch.zeros(4)) and got["topk_weights"][1, 0] == 0
 
 
 @pytest.mark.parametrize("routing", ["one", "few"])
@@ -121,8 +148,8 @@ def test_gradcheck_float64(activation, glu, limit):
     diff = tuple(inputs[k].clone().requires_grad_(True) for k in DIFF_KEYS)
 
     def fn(x, w, w_up, w_down, b_up, b_down):
-        return torch.ops.kernel_moe.fused_experts(x, w, ids, w_up, w_down, b_up, b_down, activation, glu, 1.702,
-                                                  limit, "auto")
+        return torch.ops.kernel_moe.fused_experts(x, w, ids, w_up, w_down, b_up, b_down, None, activation, glu, 1.702,
+                                                  limit, math.inf, math.inf, False, "auto")
 
     assert torch.autograd.gradcheck(fn, diff, eps=1e-6, atol=1e-7, rtol=1e-5)
 

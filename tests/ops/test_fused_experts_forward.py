@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 
-from helpers import as_fp32, assert_fp32_close, assert_low_precision_close, op_inputs, run_op, run_reference
+from helpers import (as_fp32, assert_fp32_close, assert_low_precision_close, limit_for, op_inputs, run_op,
+                     run_reference)
 from kernel_moe import UnsupportedInputError
 from kernel_moe.kernels import cpu as cpu_kernels
-from kernel_moe.ops import torch_impl
+from kernel_moe.kernels.cpu import forward as cpu_forward
 from kernel_moe.reference.moe import expert_mlp
 
 H, I = 32, 24
@@ -26,6 +27,7 @@ ACTIVATIONS = [
     ("gelu", "none"), ("gelu", "concat"), ("gelu", "interleaved"),
     ("gelu_tanh", "none"), ("gelu_tanh", "concat"), ("gelu_tanh", "interleaved"),
     ("relu", "none"), ("relu", "concat"), ("relu", "interleaved"),
+    ("relu2", "none"), ("relu2", "concat"),
     ("gpt_oss", "concat"), ("gpt_oss", "interleaved"),
 ]
 
@@ -64,6 +66,60 @@ def test_gpt_oss_alpha_and_limit(glu, alpha, limit):
     assert_fp32_close(out, ref)
     if math.isfinite(limit):  # the limit really changes the result
         assert not torch.allclose(ref, run_reference(inputs, "gpt_oss", glu, alpha, math.inf), atol=1e-3)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("glu", ["concat", "interleaved"])
+def test_clamped_swiglu_limit(activation, glu):
+    """A gated activation with a limit clamps gate (above) and up (both sides) first (DeepSeek-V4,
+    GLM-5-Next, HY-V4 clamp a plain SwiGLU)."""
+    inputs = op_inputs(33, H, I, 4, 2, glu=glu, bias=True, seed=41)
+    inputs["x"] = inputs["x"] * 4  # many gate/up values beyond the limit
+    ref = run_reference(inputs, activation, glu, 1.702, 1.5)
+    assert_fp32_close(run_op(inputs, activation, glu, 1.702, 1.5), ref)
+    assert not torch.allclose(ref, run_reference(inputs, activation, glu), atol=1e-3)
+
+
+@pytest.mark.parametrize("caps", [(2.0, 3.0), (1.5, math.inf), (math.inf, 0.7)])
+@pytest.mark.parametrize("glu", ["concat", "interleaved"])
+@pytest.mark.parametrize("T", [1, 9, 300])
+def test_softcapped_swiglu(caps, glu, T):
+    """cap(gate) * sigmoid(gate) * cap(up), cap(v) = c * tanh(v / c) (Inkling 2)."""
+    inputs = op_inputs(T, H, I, 6, 2, glu=glu, seed=42 + T)
+    inputs["x"] = inputs["x"] * 3
+    inputs["softcaps"] = caps
+    ref = run_reference(inputs, "silu", glu)
+    assert_fp32_close(run_op(inputs, "silu", glu), ref)
+    assert not torch.allclose(ref, run_reference(dict(inputs, softcaps=(math.inf, math.inf)), "silu", glu),
+                              atol=1e-3)
+
+
+@pytest.mark.parametrize("T", [0, 1, 6, 129])
+@pytest.mark.parametrize("K", [1, 2])
+def test_routing_weights_that_scale_the_inputs(T, K):
+    """scale_inputs: out[t] = sum_j expert(w[t, j] * x[t]) (Llama 4), dropped slots included."""
+    inputs = op_inputs(T, H, I, 5, K, bias=True, seed=43 + T)
+    inputs["scale_inputs"] = True
+    inputs["topk_weights"] = inputs["topk_weights"] * 3
+    if T > 2:
+        inputs["topk_ids"][2, 0] = -1
+    ref = run_reference(inputs)
+    assert_fp32_close(run_op(inputs), ref)
+    if T:
+        assert not torch.allclose(ref, run_reference(dict(inputs, scale_inputs=False)), atol=1e-3)
+
+
+def test_invalid_activation_parameters_name_the_field():
+    inputs = op_inputs(4, H, I, 2, 1, glu="none")
+    with pytest.raises(UnsupportedInputError, match="limit=7.0 needs a gated layout"):
+        run_op(inputs, "gelu", "none", 1.702, 7.0)
+    inputs = op_inputs(4, H, I, 2, 1)
+    inputs["softcaps"] = (2.0, math.inf)
+    with pytest.raises(UnsupportedInputError, match="gated silu only"):
+        run_op(inputs, "gelu", "concat")
+    inputs["softcaps"] = (-1.0, math.inf)
+    with pytest.raises(UnsupportedInputError, match="gate_softcap=-1.0 must be > 0"):
+        run_op(inputs, "silu", "concat")
 
 
 def test_transposed_weight_views_and_non_contiguous_inputs():
@@ -105,10 +161,10 @@ def test_all_tokens_to_one_expert_and_unused_experts(K):
 def test_chunks_that_split_experts_match_reference(monkeypatch, routing, bias):
     """The CPU forward processes sorted slots in chunks; chunk edges falling inside an
     expert's rows (and chunks holding several experts) must not change the result."""
-    monkeypatch.setattr(torch_impl, "MIN_CHUNK_ROWS", 5)
-    monkeypatch.setattr(torch_impl, "CHUNKS_PER_CALL", 1000)
+    monkeypatch.setattr(cpu_forward, "MIN_CHUNK_ROWS", 5)
+    monkeypatch.setattr(cpu_forward, "CHUNKS_PER_CALL", 1000)
     inputs = op_inputs(41, H, I, 6, 2, bias=bias, routing=routing, seed=12)
-    assert_fp32_close(run_op(inputs, backend="torch"), run_reference(inputs))
+    assert_fp32_close(run_op(inputs, backend="cpu"), run_reference(inputs))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
@@ -134,7 +190,7 @@ def _check_few_rows(ids, dtype):
     inputs["topk_ids"] = torch.tensor(ids)
     if dtype == torch.float64:
         inputs["topk_weights"] = inputs["topk_weights"].double()
-    out = run_op(inputs, backend="torch")
+    out = run_op(inputs, backend="cpu")
     ref = run_reference(as_fp32(inputs) if dtype == torch.bfloat16 else inputs)
     if dtype == torch.bfloat16:
         assert_low_precision_close(out, ref)
@@ -146,11 +202,11 @@ def _check_few_rows(ids, dtype):
 
 def test_expert_runs_cover_only_experts_with_slots():
     counts = [0, 3, 1, 0, 2, 5, 0, 1]
-    assert torch_impl._expert_runs(counts, torch.bfloat16) == [(1, 1, 2), (4, 1, 2), (7, 1, 1)]
-    assert torch_impl._expert_runs(counts, torch.float32) == [(1, 1, 2), (4, 1, 2), (7, 1, 1)]
+    assert cpu_forward._expert_runs(counts, torch.bfloat16) == [(1, 1, 2), (4, 1, 2), (7, 1, 1)]
+    assert cpu_forward._expert_runs(counts, torch.float32) == [(1, 1, 2), (4, 1, 2), (7, 1, 1)]
     spaced = [0, 1, 0, 0, 2, 0, 0, 1]
-    assert torch_impl._expert_runs(spaced, torch.float32) == [(1, 3, 3)]
-    assert torch_impl._expert_runs(spaced, torch.bfloat16) == [(1, 1, 1), (4, 1, 1), (7, 1, 1)]
+    assert cpu_forward._expert_runs(spaced, torch.float32) == [(1, 3, 3)]
+    assert cpu_forward._expert_runs(spaced, torch.bfloat16) == [(1, 1, 1), (4, 1, 1), (7, 1, 1)]
 
 
 def test_chunk_bounds_tile_the_slots_and_keep_experts_whole_where_they_fit():
@@ -159,7 +215,7 @@ def test_chunk_bounds_tile_the_slots_and_keep_experts_whole_where_they_fit():
         E = int(torch.randint(1, 12, (1,), generator=g))
         counts = torch.randint(0, 40, (E,), generator=g).mul(torch.rand(E, generator=g) < 0.8).tolist()
         chunk = int(torch.randint(1, 60, (1,), generator=g))
-        bounds = torch_impl._chunk_bounds(counts, chunk)
+        bounds = cpu_forward._chunk_bounds(counts, chunk)
         S = sum(counts)
         assert [b for b in bounds if b[0] < b[1]] == bounds
         assert [c for b in bounds for c in b][1:-1:2] == [c for b in bounds for c in b][2::2]  # contiguous
@@ -174,13 +230,22 @@ def test_chunk_bounds_tile_the_slots_and_keep_experts_whole_where_they_fit():
 
 
 @pytest.mark.parametrize("T", [20, 40], ids=["host-sort", "tensor-sort"])
-def test_negative_or_too_large_expert_ids_raise(T):
-    assert (2 * 20 <= torch_impl.HOST_SORT_MAX_SLOTS) and (2 * 40 > torch_impl.HOST_SORT_MAX_SLOTS)
+def test_out_of_range_expert_ids_drop_their_slot(T):
+    """The contract's rule: an id outside [0, E) contributes nothing (capacity overflow, an
+    expert held elsewhere); a token whose every slot is dropped gets zeros."""
+    assert (2 * 20 <= cpu_forward.HOST_SORT_MAX_SLOTS) and (2 * 40 > cpu_forward.HOST_SORT_MAX_SLOTS)
     inputs = op_inputs(T, H, I, 4, 2, seed=13)
-    for bad in (-1, 4):
-        inputs["topk_ids"][3, 1] = bad
-        with pytest.raises(UnsupportedInputError, match=f"expert id {bad}, outside"):
-            run_op(inputs)
+    inputs["topk_ids"][3, 1] = -1
+    inputs["topk_ids"][5, 0] = 4
+    inputs["topk_ids"][7] = torch.tensor([9, -3])
+    inputs["x"][7] = float("nan")  # a dropped slot adds nothing, not even a NaN
+    kept = dict(inputs, topk_weights=inputs["topk_weights"].clone(), topk_ids=inputs["topk_ids"].clamp(0, 3))
+    kept["topk_weights"][3, 1] = kept["topk_weights"][5, 0] = 0.0
+    kept["topk_weights"][7] = 0.0
+    kept["x"] = inputs["x"].nan_to_num(0.0)
+    out = run_op(inputs)
+    assert torch.equal(out[7], torch.zeros(H))
+    assert_fp32_close(out, run_reference(kept))
 
 
 def test_int32_ids_and_repeated_expert_in_a_row():
@@ -208,8 +273,7 @@ def test_float64_matches_reference_tightly():
     for t in range(50):
         for j in range(2):
             e = int(i["topk_ids"][t, j])
-            y = expert_mlp(i["x"][t : t + 1], i["w_up"][e], i["w_down"][e], i["b_up"][e], i["b_down"][e], "silu",
-                           "concat")
+            y = expert_mlp(i["x"][t : t + 1], i["w_up"][e], i["w_down"][e], i["b_up"][e], i["b_down"][e])
             ref[t] += i["topk_weights"][t, j] * y[0]
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
 
@@ -229,8 +293,8 @@ def test_low_precision_against_fp32_reference(dtype, T, weights_dtype):
 @pytest.mark.parametrize("activation,glu", [("silu", "concat"), ("gelu", "none"), ("gpt_oss", "interleaved")])
 def test_bf16_activations_against_fp32_reference(activation, glu):
     inputs = op_inputs(96, H, I, 6, 2, glu=glu, bias=True, dtype=torch.bfloat16, seed=13)
-    out = run_op(inputs, activation, glu, 1.702, 7.0)
-    assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, 7.0))
+    out = run_op(inputs, activation, glu, 1.702, limit_for(glu))
+    assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, limit_for(glu)))
 
 
 def test_nan_in_input_propagates_without_crash():
@@ -255,7 +319,7 @@ def test_output_is_fresh_and_deterministic():
 
 def test_backends_torch_and_auto_agree_on_cpu():
     inputs = op_inputs(33, H, I, 5, 2, seed=16)
-    assert torch.equal(run_op(inputs, backend="torch"), run_op(inputs, backend="auto"))
+    assert torch.equal(run_op(inputs, backend="cpu"), run_op(inputs, backend="auto"))
 
 
 def test_triton_backend_on_cpu_without_interpreter_raises_clear_error(monkeypatch):
@@ -291,10 +355,13 @@ def _bad(**changes):
         (dict(glu="split"), "glu='split'"),
         (dict(activation="gpt_oss", glu="none", w_up=lambda i: i["w_up"][:, :I], b_up=None), "gpt_oss"),
         (dict(backend="cuda"), "backend='cuda'"),
-        (dict(topk_ids=lambda i: torch.full_like(i["topk_ids"], 4)), "outside"),
+        (dict(topk_ids=None, topk_weights=None), "dense call"),
+        (dict(topk_ids=None), "both be given"),
+        (dict(expert_map=lambda i: torch.zeros(8)), "expert_map must be"),
     ],
     ids=["x3d", "x_int", "ids_float", "ids_rows", "weights_shape", "w_up_hidden", "odd_n", "w_down_shape",
-         "w_up_2d", "b_up_shape", "b_down_shape", "activation", "glu", "gpt_oss_none", "backend", "id_range"],
+         "w_up_2d", "b_up_shape", "b_down_shape", "activation", "glu", "gpt_oss_none", "backend", "dense_many",
+         "half_routing", "map_dtype"],
 )
 def test_invalid_inputs_raise_unsupported_input_error(changes, match):
     inputs, args = _bad(**changes)

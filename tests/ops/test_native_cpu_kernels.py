@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 
-from helpers import (as_fp32, assert_fp32_close, assert_low_precision_close, no_compiler, op_inputs, run_op,
-                     run_reference, simulate_cpu_extension_build)
+from helpers import (as_fp32, assert_fp32_close, assert_low_precision_close, limit_for, no_compiler, op_inputs,
+                     run_op, run_reference, simulate_cpu_extension_build)
 from kernel_moe.kernels import cpu as cpu_kernels
-from kernel_moe.ops import torch_impl
+from kernel_moe.kernels.cpu import forward as cpu_forward
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +84,16 @@ def test_experts_op_on_the_native_path_matches_reference(ext, monkeypatch, dtype
     """The op takes the native path for these shapes (checked) and matches the reference,
     biases included."""
     calls = []
-    real = torch_impl._native_rows
-    monkeypatch.setattr(torch_impl, "_native_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cpu_forward._native_rows
+    monkeypatch.setattr(cpu_forward, "_native_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     inputs = op_inputs(T, 32, 24, 8, 2, glu=glu, bias=True, dtype=dtype, seed=T)
-    out = run_op(inputs, activation, glu, 1.702, 7.0, backend="torch")
+    out = run_op(inputs, activation, glu, 1.702, limit_for(glu), backend="cpu")
     assert calls, "the native kernel was not used"
     assert out.dtype == dtype
     if dtype == torch.float32:
-        assert_fp32_close(out, run_reference(inputs, activation, glu, 1.702, 7.0))
+        assert_fp32_close(out, run_reference(inputs, activation, glu, 1.702, limit_for(glu)))
     else:
-        assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, 7.0))
+        assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, limit_for(glu)))
 
 
 def _spy_fused(monkeypatch, ext) -> list:
@@ -104,14 +104,14 @@ def _spy_fused(monkeypatch, ext) -> list:
 
 
 def test_many_rows_per_expert_take_the_fused_forward_and_fp64_the_torch_path(ext, monkeypatch):
-    monkeypatch.setattr(torch_impl, "_native_rows", lambda *a, **k: pytest.fail("matrix-vector path taken"))
+    monkeypatch.setattr(cpu_forward, "_native_rows", lambda *a, **k: pytest.fail("matrix-vector path taken"))
     calls = _spy_fused(monkeypatch, ext)
     many = op_inputs(200, 32, 24, 4, 2, seed=1)  # 100 rows per expert
-    assert_fp32_close(run_op(many, backend="torch"), run_reference(many))
+    assert_fp32_close(run_op(many, backend="cpu"), run_reference(many))
     assert calls == [1]
     fp64 = op_inputs(3, 32, 24, 4, 2, dtype=torch.float64, seed=2)
     fp64["topk_weights"] = fp64["topk_weights"].double()
-    torch.testing.assert_close(run_op(fp64, backend="torch"), run_reference(fp64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(run_op(fp64, backend="cpu"), run_reference(fp64), rtol=1e-12, atol=1e-12)
     assert calls == [1]
 
 
@@ -123,12 +123,12 @@ def test_experts_op_on_the_fused_forward_matches_reference(ext, monkeypatch, dty
     fused forward runs)."""
     calls = _spy_fused(monkeypatch, ext)
     inputs = op_inputs(120, 32, 24, 6, 2, glu=glu, bias=True, dtype=dtype, seed=11)
-    out = run_op(inputs, activation, glu, 1.702, 7.0, backend="torch")
+    out = run_op(inputs, activation, glu, 1.702, limit_for(glu), backend="cpu")
     assert calls == [1] and out.dtype == dtype
     if dtype == torch.float32:
-        assert_fp32_close(out, run_reference(inputs, activation, glu, 1.702, 7.0))
+        assert_fp32_close(out, run_reference(inputs, activation, glu, 1.702, limit_for(glu)))
     else:
-        assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, 7.0))
+        assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, limit_for(glu)))
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ def test_fused_forward_on_one_thread_matches_reference(ext, monkeypatch, one_thr
     """One thread runs the tasks one after the other instead of side by side."""
     calls = _spy_fused(monkeypatch, ext)
     inputs = op_inputs(300, 32, 24, 8, 2, bias=True, routing=routing, seed=12)
-    assert_fp32_close(run_op(inputs, backend="torch"), run_reference(inputs))
+    assert_fp32_close(run_op(inputs, backend="cpu"), run_reference(inputs))
     assert calls == [1]
 
 
@@ -153,16 +153,16 @@ def test_fused_forward_with_fewer_tasks_than_threads_matches_reference(ext, monk
     may use every thread."""
     calls = _spy_fused(monkeypatch, ext)
     inputs = op_inputs(10, 32, 24, 4, 1, bias=True, routing="one", seed=16)
-    assert_fp32_close(run_op(inputs, backend="torch"), run_reference(inputs))
+    assert_fp32_close(run_op(inputs, backend="cpu"), run_reference(inputs))
     assert calls == [1]
 
 
 def _fused_args(inputs: dict, activation: str = "silu", glu: str = "concat") -> tuple:
     i = inputs
     E = i["w_up"].shape[0]
-    slots = torch_impl.sort_slots(i["topk_ids"], E)
+    slots = cpu_forward.sort_slots(i["topk_ids"], E)
     return (i["x"], i["topk_weights"], slots.order_S, slots.counts, i["w_up"], i["w_down"], i["b_up"], i["b_down"],
-            activation, glu, 1.702, math.inf)
+            activation, glu, 1.702, math.inf, math.inf, math.inf)
 
 
 def test_fused_forward_splits_a_busy_expert_and_repeats_bit_for_bit(ext):
@@ -185,8 +185,9 @@ def test_fused_forward_records_nothing_for_weights_that_require_grad(ext):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (lambda a: (a[0], a[1], a[2].flip(0)[:-1], *a[3:]), "order has"),
-    (lambda a: (a[0], a[1], torch.zeros_like(a[2]), *a[3:]), "not a permutation"),
+    (lambda a: (a[0], a[1], torch.cat([a[2], a[2][:1]]), *a[3:]), "order has"),
+    (lambda a: (a[0], a[1], a[2].flip(0)[:-1], *a[3:]), "counts sum to"),
+    (lambda a: (a[0], a[1], torch.zeros_like(a[2]), *a[3:]), "or twice"),
     (lambda a: (*a[:3], [a[3][0] + 1, *a[3][1:]], *a[4:]), "counts sum to"),
     (lambda a: (*a[:4], a[4].double(), *a[5:]), "share one dtype"),
     (lambda a: (a[0].double(), a[1], a[2], a[3], a[4].double(), a[5].double(), *a[6:]), "float32, bfloat16"),
@@ -204,7 +205,7 @@ def test_off_disables_the_extension(monkeypatch):
     assert cpu_kernels.cpu_extension() is None
     assert cpu_kernels.extension_status().startswith("off")
     inputs = op_inputs(1, 32, 24, 8, 2, seed=5)
-    assert_fp32_close(run_op(inputs, backend="torch"), run_reference(inputs))
+    assert_fp32_close(run_op(inputs, backend="cpu"), run_reference(inputs))
 
 
 def test_unknown_setting_raises_naming_the_variable(monkeypatch):
@@ -220,7 +221,19 @@ def test_failed_build_falls_back_with_auto_and_raises_with_require(monkeypatch):
     assert cpu_kernels.cpu_extension() is None
     assert "no C++ compiler" in cpu_kernels.extension_status()
     inputs = op_inputs(1, 32, 24, 8, 2, seed=6)
-    assert_fp32_close(run_op(inputs, backend="torch"), run_reference(inputs))
+    assert_fp32_close(run_op(inputs, backend="cpu"), run_reference(inputs))
     monkeypatch.setenv(cpu_kernels.ENV, "require")
     with pytest.raises(RuntimeError, match="no C.. compiler"):
         cpu_kernels.cpu_extension()
+
+
+def test_fused_forward_leaves_dropped_slots_out(ext, monkeypatch):
+    """Slots with ids outside [0, E) are not in the sorted order: they add nothing."""
+    calls = _spy_fused(monkeypatch, ext)
+    inputs = op_inputs(300, 32, 24, 4, 2, bias=True, seed=17)
+    inputs["topk_ids"][::7, 1] = -1
+    inputs["topk_ids"][::11, 0] = 4
+    kept = dict(inputs, topk_weights=inputs["topk_weights"].clone(), topk_ids=inputs["topk_ids"].clamp(0, 3))
+    kept["topk_weights"][(inputs["topk_ids"] < 0) | (inputs["topk_ids"] > 3)] = 0.0
+    assert_fp32_close(run_op(inputs, backend="cpu"), run_reference(kept))
+    assert calls == [1]

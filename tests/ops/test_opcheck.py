@@ -20,12 +20,22 @@ CASES = {
     "bf16": dict(T=7, E=4, K=2, dtype=torch.bfloat16, bias=True),
     "k_equals_e_int32_ids": dict(T=4, E=3, K=3, int32=True),
     "transposed_weights": dict(T=5, E=4, K=2, transposed=True),
+    "dropped_ids": dict(T=6, E=4, K=2, dropped=True),
+    "expert_map": dict(T=6, E=4, K=2, mapped=True),
 }
 
 
 def _args(T, E, K, glu="concat", activation="silu", bias=False, dtype=torch.float32, limit=math.inf,
-          int32=False, transposed=False, requires_grad=True):
+          int32=False, transposed=False, requires_grad=True, dropped=False, mapped=False):
     i = op_inputs(T, H, I, E, K, glu=glu, bias=bias, dtype=dtype, seed=T + E)
+    expert_map = None
+    if dropped:  # ids outside [0, E) drop their slot
+        i["topk_ids"][::2, 0] = -1
+        i["topk_ids"][1::3, 1] = E
+    if mapped:  # ids route over 2E experts; this rank holds the odd ones
+        i["topk_ids"] = i["topk_ids"] * 2 + 1
+        i["topk_ids"][::2, 0] -= 1
+        expert_map = torch.tensor([-1, 0, -1, 1, -1, 2, -1, 3])[: 2 * E]
     if int32:
         i["topk_ids"] = i["topk_ids"].to(torch.int32)
     if transposed:
@@ -34,8 +44,8 @@ def _args(T, E, K, glu="concat", activation="silu", bias=False, dtype=torch.floa
     for k in ("x", "topk_weights", "w_up", "w_down", "b_up", "b_down"):
         if i[k] is not None and requires_grad:
             i[k].requires_grad_(True)
-    tensors = (i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"])
-    return tensors, (activation, glu, 1.702, limit, "auto")
+    tensors = (i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"], expert_map)
+    return tensors, (activation, glu, 1.702, limit, math.inf, math.inf, False, "auto")
 
 
 def _assert_passed(result: dict) -> None:
@@ -76,7 +86,8 @@ def test_fake_implementations_give_the_real_shapes_and_dtypes():
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("glu", ["none", "concat"])
-def test_opcheck_fused_ffn_and_backward(bias, glu):
+def test_opcheck_dense_call_and_ffn_alias(bias, glu):
+    """A dense FFN is the experts op with one expert and no routing; kernel_moe::fused_ffn is an alias."""
     torch.manual_seed(0)
     T, H, I = 9, 20, 12
     N = 2 * I if glu != "none" else I
@@ -85,11 +96,19 @@ def test_opcheck_fused_ffn_and_backward(bias, glu):
     w_down = (torch.randn(H, I) * 0.2).requires_grad_()
     b_up = (torch.randn(N) * 0.1).requires_grad_() if bias else None
     b_down = (torch.randn(H) * 0.1).requires_grad_() if bias else None
-    act = ("silu", glu, 1.702, math.inf, "torch")
-    _assert_passed(torch.library.opcheck(torch.ops.kernel_moe.fused_ffn.default, (x, w_up, w_down, b_up, b_down, *act)))
-    detached = [t.detach() if t is not None else None for t in (x, w_up, w_down, b_up, b_down)]
-    _assert_passed(torch.library.opcheck(
-        torch.ops.kernel_moe.fused_ffn_backward.default, (torch.randn(T, H), *detached, *act)))
+    act = ("silu", glu, 1.702, math.inf, "cpu")
+    experts_act = ("silu", glu, 1.702, math.inf, math.inf, math.inf, False, "cpu")
+
+    def one(t):
+        return None if t is None else t.unsqueeze(0)
+
+    dense = (x, None, None, one(w_up), one(w_down), one(b_up), one(b_down), None, *experts_act)
+    _assert_passed(torch.library.opcheck(torch.ops.kernel_moe.fused_experts.default, dense))
+    detached = [None if t is None else t.detach() for t in dense[:8]]
+    _assert_passed(torch.library.opcheck(torch.ops.kernel_moe.fused_experts_backward.default,
+                                         (torch.randn(T, H), *detached, *experts_act)))
+    out = torch.ops.kernel_moe.fused_ffn(x, w_up, w_down, b_up, b_down, *act)
+    torch.testing.assert_close(out, torch.ops.kernel_moe.fused_experts(*dense), rtol=0, atol=0)
 
 
 def test_fused_ffn_gradcheck_without_biases():
@@ -99,4 +118,4 @@ def test_fused_ffn_gradcheck_without_biases():
     w_down = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x, u, d: torch.ops.kernel_moe.fused_ffn(x, u, d, None, None, "gelu_tanh", "concat", 1.702, math.inf,
-                                                       "torch"), (x, w_up, w_down))
+                                                       "cpu"), (x, w_up, w_down))

@@ -34,10 +34,10 @@ def test_values_and_gradients_match_route(scoring, order, renorm, scaling, k):
 def test_opcheck():
     logits = torch.randn(9, 6, requires_grad=True)
     result = torch.library.opcheck(torch.ops.kernel_moe.topk_gating.default,
-                                   (logits, 2, "softmax", "score_then_topk", True, 1.0, "torch"))
+                                   (logits, 2, "softmax", "score_then_topk", True, 1.0, "cpu"))
     assert result and all(v == "SUCCESS" for v in result.values()), result
 
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="top_k"):
-        torch.ops.kernel_moe.topk_gating(torch.randn(3, 4), 5, "softmax", "score_then_topk", False, 1.0, "torch")
+        torch.ops.kernel_moe.topk_gating(torch.randn(3, 4), 5, "softmax", "score_then_topk", False, 1.0, "cpu")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 
 from kernel_moe.bench.cli import main
-from kernel_moe.bench.presets import FAIR_SHAPE, PRESETS, run_preset
+from kernel_moe.bench.presets import FAIR_SHAPE, PRESET_SETTINGS, PRESETS, run_preset
 from kernel_moe.bench.results import BenchmarkResults
+from kernel_moe.bench.settings import with_moved
 
 
 def test_fair_preset_end_to_end(tmp_path, capsys):
@@ -50,3 +52,16 @@ def test_presets_are_registered_with_defaults():
         run_preset("nope")
     with pytest.raises(ValueError, match="tokens="):
         run_preset("fair", tokens=[0])
+
+
+def test_run_preset_takes_settings_whole():
+    """run_preset's timing and measurement keywords live in BenchSettings now; the old ones are
+    deprecated aliases applied on top of the preset's own settings."""
+    with pytest.warns(DeprecationWarning, match=re.escape("settings=BenchSettings(timing=Timing(warmup=...))")):
+        with pytest.raises(ValueError, match="preset='no_such'"):
+            run_preset("no_such", warmup=0)
+    moved = with_moved(PRESET_SETTINGS, {"warmup": 0, "measure_energy": False})
+    assert moved.timing.warmup == 0 and moved.timing.min_time_s == PRESET_SETTINGS.timing.min_time_s
+    assert moved.measurements.energy is False
+    with pytest.raises(ValueError, match="settings="):
+        run_preset("fair", settings={"warmup": 0})

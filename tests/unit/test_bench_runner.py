@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+import re
 
 import pytest
 import torch
@@ -13,9 +16,16 @@ from kernel_moe.bench.energy import EnergyMeter, UnavailableEnergyMeter
 from kernel_moe.bench.memory import measure_peak_memory, module_bytes
 from kernel_moe.bench.models import DenseFFN, NaiveMoE, count_parameters
 from kernel_moe.bench.runner import MoEBenchmark
+from kernel_moe.bench.settings import MOVED_KEYWORDS, BenchSettings, Inputs, Measurements, Timing, moved_keyword_hint
 
 H, I, E, K = 32, 48, 4, 2
 BATCHES, SEQS = [1, 3], [8]
+# two samples per case, no warm-up, no memory or energy: for tests of what is built and run
+QUICK = BenchSettings(
+    timing=Timing(min_time_s=0.0, min_samples=2, warmup=0),
+    measurements=Measurements(memory=False, energy=False),
+    progress=False,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,12 +78,11 @@ def results():
         sequence_lengths=SEQS,
         variants=("original", "optimized"),
         baselines=[("dense_same_active", lambda: DenseFFN(H, K * I)), ("broken", lambda: Broken())],
-        warmup=1,
-        min_time_s=0.0,
-        min_samples=3,
-        energy_meter=CountingMeter(),
-        energy_window_s=0.005,
-        progress=False,
+        settings=BenchSettings(
+            timing=Timing(warmup=1, min_time_s=0.0, min_samples=3),
+            measurements=Measurements(energy_meter=CountingMeter(), energy_window_s=0.005),
+            progress=False,
+        ),
     )
     return bench.run()
 
@@ -165,13 +174,11 @@ def test_no_energy_counter_reads_not_available():
         batch_sizes=[2],
         sequence_lengths=[4],
         variants=("original",),
-        min_time_s=0.0,
-        min_samples=2,
-        warmup=0,
-        measure_memory=False,
-        energy_meter=UnavailableEnergyMeter(),
-        num_threads=1,
-        progress=False,
+        settings=BenchSettings(
+            timing=Timing(min_time_s=0.0, min_samples=2, warmup=0, num_threads=1),
+            measurements=Measurements(memory=False, energy_meter=UnavailableEnergyMeter()),
+            progress=False,
+        ),
     ).run()
     assert r.metadata["torch_threads"] == 1 and torch.get_num_threads() == threads
     (c,) = r.cases
@@ -183,11 +190,11 @@ def test_no_energy_counter_reads_not_available():
 
 
 def test_input_kind_auto_detection():
-    assert MoEBenchmark(NaiveMoE(H, I, E, K), progress=False).input_kind == "hidden"
+    assert MoEBenchmark(NaiveMoE(H, I, E, K)).input_kind == "hidden"
     lm = nn.Sequential()
     lm.embed = nn.Embedding(50, H)
     lm.get_input_embeddings = lambda: lm.embed
-    assert MoEBenchmark(lm, progress=False).input_kind == "ids"
+    assert MoEBenchmark(lm).input_kind == "ids"
 
 
 def test_transformers_model_with_experts_baselines():
@@ -202,12 +209,7 @@ def test_transformers_model_with_experts_baselines():
         sequence_lengths=[5],
         variants=("original", "optimized"),
         baselines=["eager", "grouped_mm"],
-        min_time_s=0.0,
-        min_samples=2,
-        warmup=0,
-        measure_memory=False,
-        measure_energy=False,
-        progress=False,
+        settings=QUICK,
     ).run()
     assert r.metadata["input_kind"] == "ids"
     assert [c.variant for c in r.cases] == ["original", "optimized", "eager", "grouped_mm"]
@@ -227,12 +229,7 @@ def test_unsupported_experts_implementation_is_skipped_with_reason():
         sequence_lengths=[2],
         variants=("original",),
         baselines=["eager"],
-        min_time_s=0.0,
-        min_samples=1,
-        warmup=0,
-        measure_memory=False,
-        measure_energy=False,
-        progress=False,
+        settings=QUICK,
     ).run()
     assert [c.variant for c in r.cases] == ["original"]
     (skip,) = r.skipped
@@ -246,14 +243,71 @@ def test_unsupported_experts_implementation_is_skipped_with_reason():
         (dict(sequence_lengths=[]), "sequence_lengths"),
         (dict(variants=["fastest"]), "variants"),
         (dict(baselines=[42]), "baselines"),
-        (dict(input_kind="tokens"), "input_kind"),
-        (dict(min_samples=0), "min_samples"),
-        (dict(device="cuda:0"), "device") if not torch.cuda.is_available() else (dict(min_time_s=-1), "min_time_s"),
+        (dict(settings={"warmup": 1}), "settings"),
+        (dict(settings=BenchSettings(inputs=Inputs(kind="hidden"))), "hidden_size"),
+        pytest.param(
+            dict(device="cuda:0"), "device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")
+        ),
     ],
 )
 def test_invalid_arguments_raise(kwargs, field):
+    model = NaiveMoE(H, I, E, K) if field != "hidden_size" else nn.Sequential(nn.ReLU())
     with pytest.raises(ValueError, match=field):
-        MoEBenchmark(NaiveMoE(H, I, E, K), **kwargs)
+        MoEBenchmark(model, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: Timing(warmup=-1), "Timing.warmup"),
+        (lambda: Timing(min_time_s=-1), "Timing.min_time_s"),
+        (lambda: Timing(min_samples=0), "Timing.min_samples"),
+        (lambda: Timing(min_samples=5, max_samples=4), "Timing.max_samples"),
+        (lambda: Timing(num_threads=0), "Timing.num_threads"),
+        (lambda: Measurements(energy_window_s=0), "Measurements.energy_window_s"),
+        (lambda: Measurements(memory="yes"), "Measurements.memory"),
+        (lambda: Inputs(kind="tokens"), "Inputs.kind"),
+        (lambda: Inputs(hidden_size=0), "Inputs.hidden_size"),
+        (lambda: BenchSettings(timing=Measurements()), "BenchSettings.timing"),
+        (lambda: BenchSettings(name=""), "BenchSettings.name"),
+        (lambda: BenchSettings(annotations=["shape"]), "BenchSettings.annotations"),
+    ],
+)
+def test_invalid_settings_raise_naming_the_field(build, field):
+    with pytest.raises(ValueError, match=re.escape(field) + "="):
+        build()
+
+
+EXAMPLE_VALUES = {"interleave": True, "num_threads": 1, "measure_memory": False, "measure_energy": False,
+                  "energy_window_s": 2.0, "energy_meter": None, "track_routing": False, "check_outputs": False,
+                  "input_kind": "hidden", "hidden_size": H, "seed": 3, "optimize_config": None,
+                  "compile_kwargs": {"mode": "default"}, "name": "flat", "annotations": {"a": 1},
+                  "progress": False, "warmup": 1, "min_time_s": 0.1, "min_samples": 2, "max_samples": 9}
+
+
+@pytest.mark.parametrize("keyword", sorted(MOVED_KEYWORDS))
+def test_moved_keywords_are_deprecated_aliases(keyword):
+    """Every keyword of the flat signature that moved into BenchSettings still works, with a
+    DeprecationWarning naming where it lives now; the signature users see is the real one."""
+    value = EXAMPLE_VALUES[keyword]
+    with pytest.warns(DeprecationWarning, match=re.escape(moved_keyword_hint(keyword))):
+        bench = MoEBenchmark(NaiveMoE(H, I, E, K), **{keyword: value})
+    part, field = MOVED_KEYWORDS[keyword]
+    owner = bench.settings if part is None else getattr(bench.settings, part)
+    assert getattr(owner, field) == value
+    params = list(inspect.signature(MoEBenchmark).parameters)
+    assert params == [
+        "model", "batch_sizes", "sequence_lengths", "baselines", "variants", "dtype", "device", "settings"
+    ]
+
+
+def test_settings_are_frozen_copies():
+    annotations = {"shape": "E4"}
+    settings = BenchSettings(annotations=annotations)
+    annotations["shape"] = "changed"
+    assert settings.annotations == {"shape": "E4"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.timing = Timing()
 
 
 def test_cpu_peak_memory_counts_tensor_allocations():

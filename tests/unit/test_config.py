@@ -131,7 +131,7 @@ def test_defaults_are_dropless_unbalanced_auto_and_verified():
         dict(load_balancing="dynamic"),
         dict(router_jitter=0.01),
         dict(backend="triton"),
-        dict(backend="torch"),
+        dict(backend="cpu"),
         dict(verify=False, verify_tokens=3),
         dict(capacity_priority="position", min_capacity=4),
     ],
@@ -153,7 +153,7 @@ def test_config_is_frozen_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.top_k = 3  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.backend = "torch"  # type: ignore[misc]
+        cfg.backend = "cpu"  # type: ignore[misc]
     assert cfg.top_k == 2
     assert hash(cfg) == hash(KernelConfig.for_moe(top_k=2))
     assert cfg != KernelConfig.for_moe(top_k=1)
@@ -161,8 +161,8 @@ def test_config_is_frozen_and_hashable():
 
 def test_replace_returns_a_validated_copy():
     cfg = KernelConfig.for_moe(num_experts=8, top_k=2)
-    new = cfg.replace(top_k=4, backend="torch")
-    assert (new.num_experts, new.top_k, new.backend) == (8, 4, "torch")
+    new = cfg.replace(top_k=4, backend="cpu")
+    assert (new.num_experts, new.top_k, new.backend) == (8, 4, "cpu")
     assert (cfg.top_k, cfg.backend) == (2, "auto")
     with pytest.raises(ValueError) as exc:
         cfg.replace(top_k=9)
@@ -177,5 +177,11 @@ def test_replace_returns_a_validated_copy():
 def test_backend_error_lists_allowed_values():
     with pytest.raises(ValueError) as exc:
         KernelConfig.for_moe(backend="cuda")
-    for allowed in ("auto", "triton", "torch"):
+    for allowed in ("auto", "triton", "cpu"):
         assert allowed in str(exc.value)
+
+
+def test_backend_torch_is_a_deprecated_name_of_cpu():
+    with pytest.warns(DeprecationWarning, match="'cpu'"):
+        cfg = KernelConfig.for_moe(backend="torch")
+    assert cfg.backend == "cpu"

@@ -344,7 +344,7 @@ def test_swapped_layer_is_built_with_the_config_and_the_original_training_flag()
     assert report.swapped[0].details == layer.details()
     assert "capacity x4" in layer.details()
     with pytest.raises(ValueError, match="config must be a KernelConfig or None"):
-        FusedMoE(layer.original, layer.spec, "torch")  # type: ignore[arg-type]
+        FusedMoE(layer.original, layer.spec, "cpu")  # type: ignore[arg-type]
 
 
 def test_meta_parameters_are_skipped_with_reason():

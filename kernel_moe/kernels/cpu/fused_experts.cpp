@@ -11,8 +11,8 @@
 // layer-wide pass are never materialised. Threads take tasks largest first from a shared
 // counter, so they finish together.
 //
-// Legend: T tokens, K top-k, S = T*K sorted rows, H hidden, E experts, N up features,
-// I intermediate, M rows of one task.
+// Legend: T tokens, K top-k, S = T*K slots (the kept ones sorted; dropped slots are left out),
+// H hidden, E experts, N up features, I intermediate, M rows of one task.
 
 #include "kernels.h"
 
@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 
 namespace {
 
@@ -60,38 +61,49 @@ enum class Glu { kNone, kConcat, kInterleaved };
 struct Activation {
   std::string name;
   Glu glu;
-  double alpha, limit;
+  double alpha, limit, gate_softcap, up_softcap;
 
   at::Tensor pointwise(const at::Tensor& x) const {
     if (name == "silu") return at::silu(x);
     if (name == "gelu") return at::gelu(x);
     if (name == "gelu_tanh") return at::gelu(x, "tanh");
+    if (name == "relu2") return at::relu(x).square();
     return at::relu(x);
   }
 
-  // [M, N] up-projection features -> [M, I], as kernel_moe.reference.activations defines it
+  static at::Tensor softcap(const at::Tensor& v, double cap) {
+    return std::isinf(cap) ? v : at::tanh(v / cap) * cap;
+  }
+
+  // [M, N] up-projection features -> [M, I], as kernel_moe.kernels.contract.Activation defines it
   at::Tensor operator()(const at::Tensor& h_MN) const {
     if (glu == Glu::kNone) return pointwise(h_MN);
     const int64_t N = h_MN.size(1), I = N / 2;
     at::Tensor gate = glu == Glu::kConcat ? h_MN.narrow(1, 0, I) : h_MN.slice(1, 0, N, 2);
     at::Tensor up = glu == Glu::kConcat ? h_MN.narrow(1, I, I) : h_MN.slice(1, 1, N, 2);
-    if (name == "gpt_oss") {
+    if (!std::isinf(limit)) {
       gate = gate.clamp_max(limit);
       up = up.clamp(-limit, limit);
-      return (up + 1) * (gate * at::sigmoid(gate * alpha));
+    }
+    if (name == "gpt_oss") return (up + 1) * (gate * at::sigmoid(gate * alpha));
+    if (!std::isinf(gate_softcap) || !std::isinf(up_softcap)) {
+      return softcap(gate, gate_softcap) * at::sigmoid(gate) * softcap(up, up_softcap);
     }
     return pointwise(gate) * up;
   }
 };
 
-Activation parse_activation(const std::string& name, const std::string& glu, double alpha, double limit) {
-  TORCH_CHECK(name == "silu" || name == "gelu" || name == "gelu_tanh" || name == "relu" || name == "gpt_oss",
-              "fused_experts: activation '", name, "' is not supported; allowed: silu, gelu, gelu_tanh, relu, gpt_oss");
+Activation parse_activation(const std::string& name, const std::string& glu, double alpha, double limit,
+                            double gate_softcap, double up_softcap) {
+  TORCH_CHECK(name == "silu" || name == "gelu" || name == "gelu_tanh" || name == "relu" || name == "relu2" ||
+                  name == "gpt_oss",
+              "fused_experts: activation '", name,
+              "' is not supported; allowed: silu, gelu, gelu_tanh, relu, relu2, gpt_oss");
   TORCH_CHECK(glu == "none" || glu == "concat" || glu == "interleaved", "fused_experts: glu '", glu,
               "' is not supported; allowed: none, concat, interleaved");
   TORCH_CHECK(!(name == "gpt_oss" && glu == "none"), "fused_experts: activation 'gpt_oss' needs a gated layout");
   const Glu layout = glu == "none" ? Glu::kNone : glu == "concat" ? Glu::kConcat : Glu::kInterleaved;
-  return {name, layout, alpha, limit};
+  return {name, layout, alpha, limit, gate_softcap, up_softcap};
 }
 
 struct Inputs {
@@ -122,7 +134,8 @@ void run_task(const Task& t, const Inputs& in, const at::Tensor& y_SH) {
   y_SH.narrow(0, t.first_row, t.rows).copy_(y_MH);
 }
 
-// out[t] = sum_j weight[t, j] * y[pos[t * K + j]], summed in fp32 in slot order
+// out[t] = sum_j weight[t, j] * y[pos[t * K + j]], summed in fp32 in slot order; a dropped slot
+// (pos -1) adds nothing
 template <typename scalar_t>
 void combine(const float* y_SH, const float* weights_TK, const int64_t* pos_S, scalar_t* out_TH, int64_t T, int64_t K,
              int64_t H) {
@@ -131,6 +144,7 @@ void combine(const float* y_SH, const float* weights_TK, const int64_t* pos_S, s
     for (int64_t t = begin; t < end; ++t) {
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < K; ++j) {
+        if (pos_S[t * K + j] < 0) continue;
         const float w = weights_TK[t * K + j];
         const float* y = y_SH + pos_S[t * K + j] * H;
 #pragma omp simd
@@ -146,14 +160,16 @@ void combine(const float* y_SH, const float* weights_TK, const int64_t* pos_S, s
 at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_TK, const at::Tensor& order_S,
                          const std::vector<int64_t>& counts, const at::Tensor& w_up_ENH, const at::Tensor& w_down_EHI,
                          const std::optional<at::Tensor>& b_up_EN, const std::optional<at::Tensor>& b_down_EH,
-                         const std::string& activation, const std::string& glu, double alpha, double limit) {
+                         const std::string& activation, const std::string& glu, double alpha, double limit,
+                         double gate_softcap, double up_softcap) {
   TORCH_CHECK(x_TH.dim() == 2 && topk_weights_TK.dim() == 2 && order_S.dim() == 1 && w_up_ENH.dim() == 3 &&
                   w_down_EHI.dim() == 3,
               "fused_experts: x must be [T, H], topk_weights [T, K], order [S], w_up [E, N, H], w_down [E, H, I]");
   const int64_t T = x_TH.size(0), H = x_TH.size(1), K = topk_weights_TK.size(1), S = T * K;
   const int64_t E = w_up_ENH.size(0), N = w_up_ENH.size(1), I = w_down_EHI.size(2);
-  TORCH_CHECK(topk_weights_TK.size(0) == T && order_S.size(0) == S, "fused_experts: topk_weights is ",
-              topk_weights_TK.sizes(), " and order has ", order_S.size(0), " entries for ", T, " tokens");
+  const int64_t kept = order_S.size(0);  // slots not dropped, in sorted order
+  TORCH_CHECK(topk_weights_TK.size(0) == T && kept <= S, "fused_experts: topk_weights is ", topk_weights_TK.sizes(),
+              " and order has ", kept, " entries for ", T, " tokens");
   TORCH_CHECK(w_up_ENH.size(2) == H && w_down_EHI.size(0) == E && w_down_EHI.size(1) == H,
               "fused_experts: w_up is ", w_up_ENH.sizes(), " and w_down ", w_down_EHI.sizes(), " for hidden size ", H);
   TORCH_CHECK(N == I || N == 2 * I, "fused_experts: w_up has ", N, " features for intermediate ", I);
@@ -173,26 +189,26 @@ at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_
               "fused_experts: b_up must be [E, N]");
   TORCH_CHECK(!b_down_EH.has_value() || (b_down_EH->dim() == 2 && b_down_EH->size(0) == E && b_down_EH->size(1) == H),
               "fused_experts: b_down must be [E, H]");
-  check_counts("fused_experts", counts, E, S);
-  const Activation act = parse_activation(activation, glu, alpha, limit);
+  check_counts("fused_experts", counts, E, kept);
+  const Activation act = parse_activation(activation, glu, alpha, limit, gate_softcap, up_softcap);
 
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::NoGradGuard no_grad;
   const at::Tensor order = order_S.contiguous();
-  std::vector<int64_t> pos_S(S, -1);  // sorted row of each slot t * K + j
+  std::vector<int64_t> pos_S(S, -1);  // sorted row of each slot t * K + j, -1 for a dropped slot
   const int64_t* order_ptr = order.data_ptr<int64_t>();
-  for (int64_t i = 0; i < S; ++i) {
+  for (int64_t i = 0; i < kept; ++i) {
     const int64_t slot = order_ptr[i];
-    TORCH_CHECK(slot >= 0 && slot < S && pos_S[slot] < 0, "fused_experts: order is not a permutation of [0, ", S,
-                "): it holds ", slot, " at ", i);
+    TORCH_CHECK(slot >= 0 && slot < S && pos_S[slot] < 0, "fused_experts: order holds slot ", slot, " at ", i,
+                ", outside [0, ", S, ") or twice");
     pos_S[slot] = i;
   }
   const at::Tensor tok_S = at::div(order, K, "floor");
   const Inputs in{x_TH, tok_S, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, act};
-  const at::Tensor y_SH = at::empty({S, H}, x_TH.options().dtype(at::kFloat));
+  const at::Tensor y_SH = at::empty({kept, H}, x_TH.options().dtype(at::kFloat));
 
   const int64_t threads = at::get_num_threads();
-  const std::vector<Task> tasks = plan_tasks(counts, S, threads);
+  const std::vector<Task> tasks = plan_tasks(counts, kept, threads);
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   if (threads == 1 || num_tasks < threads || at::in_parallel_region()) {
     // too few tasks to share (or already inside a parallel region): one after the other,

@@ -31,11 +31,13 @@ at::Tensor grouped_matvec(const at::Tensor& x_SK, const at::Tensor& w_ENK, const
 
 // The routed-experts forward for batches: out[t] = sum_j weight[t, j] * expert_{e}(x[t]) over
 // the K slots of token t, with the experts' work run concurrently (fused_experts.cpp).
-// order_S: [S = T*K] int64, the slot t * K + j of each row sorted by expert; counts: rows per
-// expert. x, w_up [E, N, H], w_down [E, H, I] and the optional biases [E, N], [E, H] share one
+// order_S: [S'] int64, the slot t * K + j of each kept row (S' <= T*K; dropped slots are left
+// out and add nothing) sorted by expert; counts: rows per expert, summing to S'. x, w_up [E, N, H], w_down [E, H, I] and the optional biases [E, N], [E, H] share one
 // dtype (float32, bfloat16 or float16); the sum is taken in float32. Returns [T, H] in x's dtype.
-// activation, glu, alpha, limit: as kernel_moe.reference.activations defines them.
+// activation, glu, alpha, limit, gate_softcap, up_softcap: as kernel_moe.kernels.contract.Activation
+// defines them.
 at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_TK, const at::Tensor& order_S,
                          const std::vector<int64_t>& counts, const at::Tensor& w_up_ENH, const at::Tensor& w_down_EHI,
                          const std::optional<at::Tensor>& b_up_EN, const std::optional<at::Tensor>& b_down_EH,
-                         const std::string& activation, const std::string& glu, double alpha, double limit);
+                         const std::string& activation, const std::string& glu, double alpha, double limit,
+                         double gate_softcap, double up_softcap);

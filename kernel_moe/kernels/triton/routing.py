@@ -18,29 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kernel_moe.kernels.triton.common import launch_device, next_pow2
 from kernel_moe.routing.topk import RoutingSpec
 
 _SMALL_ALIGN_ELEMENTS = 16384  # one-program alignment when next_pow2(S) * next_pow2(E) fits this
 _HIST_ELEMENTS = 8192  # slots x experts tile of the multi-program alignment
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _launch_device(t: torch.Tensor):
-    """Context that makes ``t``'s GPU current for a launch (no-op on CPU)."""
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------------------
@@ -150,10 +132,10 @@ def topk_gating(
     ids_TK = torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device)
     if T == 0:
         return weights_TK, ids_TK
-    block_e = max(16, _next_pow2(E))
+    block_e = max(16, next_pow2(E))
     block_t = max(1, min(64, 4096 // block_e))
     grid = (triton.cdiv(T, block_t),)
-    with _launch_device(logits_TE):
+    with launch_device(logits_TE):
         _topk_gating_kernel[grid](
             logits_TE,
             weights_TK,
@@ -169,7 +151,7 @@ def topk_gating(
             RENORMALIZE=spec.renormalize,
             BLOCK_T=block_t,
             BLOCK_E=block_e,
-            BLOCK_K=max(2, _next_pow2(top_k)),
+            BLOCK_K=max(2, next_pow2(top_k)),
             num_warps=4 if block_e <= 256 else 8,
         )
     return weights_TK, ids_TK
@@ -196,6 +178,8 @@ class AlignedRouting(NamedTuple):
     - ``block_expert_B`` [B]: expert of each block of ``block_m`` padded rows; -1 past the
       last used block. B = ceil(S / block_m) + E, an upper bound of the blocks used.
     - ``block_m``: rows per block; ``num_slots``: S.
+    - ``ids_TK`` [T, K]: the ids the layout was built from (a reference, not a copy): the
+      reduction over K reads them to skip dropped slots; ``top_k`` is K.
     """
 
     counts_E: torch.Tensor
@@ -207,11 +191,35 @@ class AlignedRouting(NamedTuple):
     block_expert_B: torch.Tensor
     block_m: int
     num_slots: int
+    ids_TK: torch.Tensor
+
+    @property
+    def top_k(self) -> int:
+        """K, the slots per token."""
+        return self.ids_TK.shape[1]
 
     @property
     def num_blocks(self) -> int:
         """Upper bound B of used blocks (the length of ``block_expert_B``)."""
         return self.block_expert_B.shape[0]
+
+
+@triton.jit
+def _load_slot_ids(
+    ids_ptr,  # [T, TOP_K] expert id per slot (int32/int64), strides (stride_it, stride_ik)
+    s,
+    s_ok,
+    E,
+    TOP_K,
+    stride_it,
+    stride_ik,
+):
+    """(expert id of each slot in ``s`` as int32, slot kept). An id outside [0, E) marks a
+    dropped slot and comes back as -1: the range is checked at the ids' own width, before the
+    narrowing, so that no int64 id aliases an expert."""
+    raw = tl.load(ids_ptr + (s // TOP_K) * stride_it + (s % TOP_K) * stride_ik, mask=s_ok, other=-1)
+    valid = s_ok & (raw >= 0) & (raw < E)
+    return tl.where(valid, raw, -1).to(tl.int32), valid
 
 
 @triton.jit
@@ -255,8 +263,7 @@ def _align_single_kernel(
     """
     s = tl.arange(0, BLOCK_S)
     s_ok = s < S
-    ids = tl.load(ids_ptr + (s // TOP_K) * stride_it + (s % TOP_K) * stride_ik, mask=s_ok, other=-1).to(tl.int32)
-    valid = s_ok & (ids >= 0) & (ids < E)  # other ids mark dropped slots
+    ids, valid = _load_slot_ids(ids_ptr, s, s_ok, E, TOP_K, stride_it, stride_ik)
     e = tl.arange(0, BLOCK_E)
     e_ok = e < E
     onehot = ((ids[:, None] == e[None, :]) & valid[:, None]).to(tl.int32)  # [BLOCK_S, BLOCK_E]
@@ -305,9 +312,9 @@ def _align_histogram_kernel(
     """Per-block expert histogram. Grid: (NB = cdiv(S, BLOCK_S),). No atomics."""
     b = tl.program_id(0)
     s = b * BLOCK_S + tl.arange(0, BLOCK_S)
-    ids = tl.load(ids_ptr + (s // TOP_K) * stride_it + (s % TOP_K) * stride_ik, mask=s < S, other=-1).to(tl.int32)
+    ids, _ = _load_slot_ids(ids_ptr, s, s < S, E, TOP_K, stride_it, stride_ik)
     e = tl.arange(0, BLOCK_E)
-    counts = tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)  # ids outside [0, E) land nowhere
+    counts = tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)  # dropped slots (-1) land nowhere
     tl.store(block_counts_ptr + b.to(tl.int64) * E + e, counts, mask=e < E)
 
 
@@ -403,8 +410,7 @@ def _align_scatter_kernel(
     b = tl.program_id(0)
     s = b * BLOCK_S + tl.arange(0, BLOCK_S)
     s_ok = s < S
-    ids = tl.load(ids_ptr + (s // TOP_K) * stride_it + (s % TOP_K) * stride_ik, mask=s_ok, other=-1).to(tl.int32)
-    valid = s_ok & (ids >= 0) & (ids < E)  # other ids mark dropped slots
+    ids, valid = _load_slot_ids(ids_ptr, s, s_ok, E, TOP_K, stride_it, stride_ik)
     e = tl.arange(0, BLOCK_E)
     onehot = ((ids[:, None] == e[None, :]) & valid[:, None]).to(tl.int32)  # [BLOCK_S, BLOCK_E]
     rank = tl.sum(onehot * tl.cumsum(onehot, axis=0), axis=1) - 1
@@ -459,18 +465,18 @@ def align_by_expert(ids_TK: torch.Tensor, num_experts: int, block_m: int, *, met
         block_expert.fill_(-1)
         padded_slots.fill_(0)
         return AlignedRouting(
-            counts, offsets, sorted_slots, inverse, padded_slots, padded_offsets, block_expert, block_m, 0
+            counts, offsets, sorted_slots, inverse, padded_slots, padded_offsets, block_expert, block_m, 0, ids_TK
         )
 
-    block_e = max(16, _next_pow2(E))
+    block_e = max(16, next_pow2(E))
     if method == "auto":
-        method = "single" if _next_pow2(S) * block_e <= _SMALL_ALIGN_ELEMENTS else "multi"
-    with _launch_device(ids_TK):
+        method = "single" if next_pow2(S) * block_e <= _SMALL_ALIGN_ELEMENTS else "multi"
+    with launch_device(ids_TK):
         if method == "single":
             _align_single_kernel[(1,)](
                 ids_TK, counts, offsets, sorted_slots, inverse, padded_slots, padded_offsets, block_expert,
                 S, E, B, K, ids_TK.stride(0), ids_TK.stride(1),
-                BLOCK_M=block_m, BLOCK_S=max(16, _next_pow2(S)), BLOCK_E=block_e, CHUNK=16,
+                BLOCK_M=block_m, BLOCK_S=max(16, next_pow2(S)), BLOCK_E=block_e, CHUNK=16,
             )  # fmt: skip
         else:
             block_s = max(16, min(1024, _HIST_ELEMENTS // block_e))
@@ -481,7 +487,7 @@ def align_by_expert(ids_TK: torch.Tensor, num_experts: int, block_m: int, *, met
             )
             scan_e = 16  # more programs, fewer serial steps per program
             _align_scan_kernel[(triton.cdiv(E, scan_e),)](
-                block_base, counts, NB, E, CHUNK_B=max(16, min(512, _next_pow2(NB))), BLOCK_E=scan_e
+                block_base, counts, NB, E, CHUNK_B=max(16, min(512, next_pow2(NB))), BLOCK_E=scan_e
             )
             chunk = max(16, min(256, 8192 // block_e))
             _align_layout_kernel[(triton.cdiv(B, chunk),)](
@@ -493,5 +499,5 @@ def align_by_expert(ids_TK: torch.Tensor, num_experts: int, block_m: int, *, met
                 S, E, K, ids_TK.stride(0), ids_TK.stride(1), BLOCK_S=block_s, BLOCK_E=block_e,
             )  # fmt: skip
     return AlignedRouting(
-        counts, offsets, sorted_slots, inverse, padded_slots, padded_offsets, block_expert, block_m, S
+        counts, offsets, sorted_slots, inverse, padded_slots, padded_offsets, block_expert, block_m, S, ids_TK
     )

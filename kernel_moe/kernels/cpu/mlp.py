@@ -1,0 +1,73 @@
+"""One expert's MLP in PyTorch, forward and recomputing backward: the building block of the CPU
+backend's PyTorch paths and of every dense call.
+
+Legend: M rows, H hidden, N up features (2*I gated, else I), I intermediate.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from kernel_moe.kernels.activations import activation_backward, apply_activation
+from kernel_moe.kernels.contract import Activation, StackedExperts
+
+
+class Expert(NamedTuple):
+    """One expert's tensors: w_up [N, H], w_down [H, I], b_up [N] | None, b_down [H] | None."""
+
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+    b_up: Optional[torch.Tensor]
+    b_down: Optional[torch.Tensor]
+
+
+def expert_of(experts: StackedExperts, e: int) -> Expert:
+    """Expert ``e`` of a stacked set (views)."""
+    return Expert(experts.w_up[e], experts.w_down[e], None if experts.b_up is None else experts.b_up[e],
+                  None if experts.b_down is None else experts.b_down[e])
+
+
+def mlp_forward(x_MH: torch.Tensor, ex: Expert, act: Activation) -> torch.Tensor:
+    """[M, H] -> [M, H] in the GEMMs' dtype: up-projection, activation, down-projection."""
+    h_MN = F.linear(x_MH, ex.w_up, ex.b_up)
+    return F.linear(apply_activation(h_MN, act), ex.w_down, ex.b_down)
+
+
+class MLPGrads(NamedTuple):
+    """x [M, H] (accumulation dtype), weights and biases (None where absent), the row scales [M]."""
+
+    x: torch.Tensor
+    w_up: torch.Tensor
+    w_down: torch.Tensor
+    b_up: Optional[torch.Tensor]
+    b_down: Optional[torch.Tensor]
+    scale: Optional[torch.Tensor]
+
+
+def mlp_backward(g_MH: torch.Tensor, scale_M: torch.Tensor | None, x_MH: torch.Tensor, ex: Expert,
+                 act: Activation) -> MLPGrads:
+    """Gradients of ``scale_M[:, None] * mlp_forward(x_MH)`` given d/d out ``g_MH``, recomputing
+    the forward (nothing was saved)."""
+    acc = torch.promote_types(x_MH.dtype, torch.float32)
+    h_MN = F.linear(x_MH, ex.w_up, ex.b_up)
+    a_MI = apply_activation(h_MN, act)
+    d_scale = None
+    dy_MH = g_MH.to(acc)
+    if scale_M is not None:
+        y_MH = F.linear(a_MI, ex.w_down, ex.b_down)
+        d_scale = (dy_MH * y_MH.to(acc)).sum(dim=-1)
+        dy_MH = dy_MH * scale_M.to(acc).unsqueeze(-1)
+    dy_MH = dy_MH.to(ex.w_down.dtype)
+    dw_down = dy_MH.t() @ a_MI.to(dy_MH.dtype)
+    db_down = dy_MH.to(acc).sum(dim=0).to(ex.b_down.dtype) if ex.b_down is not None else None
+    da_MI = (dy_MH @ ex.w_down).to(a_MI.dtype)
+    dh_MN = activation_backward(h_MN, da_MI, act).to(ex.w_up.dtype)
+    dw_up = dh_MN.t() @ x_MH.to(dh_MN.dtype)
+    db_up = dh_MN.to(acc).sum(dim=0).to(ex.b_up.dtype) if ex.b_up is not None else None
+    return MLPGrads((dh_MN @ ex.w_up).to(acc), dw_up, dw_down, db_up, db_down, d_scale)
+
+
+__all__ = ["Expert", "MLPGrads", "expert_of", "mlp_backward", "mlp_forward"]
