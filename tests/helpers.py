@@ -51,6 +51,16 @@ def assert_low_precision_close(out: torch.Tensor, ref_fp32: torch.Tensor, min_sq
         assert snr >= min_sqnr, f"SQNR {snr:.1f} dB < {min_sqnr} dB"
 
 
+def assert_bf16_matches_fp32_reference(module: nn.Module, reference: nn.Module, x: torch.Tensor) -> None:
+    """``module`` in bf16 on bf16 ``x`` returns bf16 within the low-precision tolerance of
+    ``reference`` (the same bf16-rounded weights, in fp32) on ``x`` in fp32."""
+    with torch.no_grad():
+        out = module(x)
+        ref = reference(x.float())
+    assert out.dtype == torch.bfloat16
+    assert_low_precision_close(out, ref)
+
+
 # --- op inputs ---------------------------------------------------------------------------
 
 

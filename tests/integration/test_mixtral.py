@@ -11,8 +11,8 @@ import torch
 
 import kernel_moe
 from helpers import (
+    assert_bf16_matches_fp32_reference,
     assert_compiles_whole_and_matches,
-    assert_low_precision_close,
     assert_same_grads,
     assert_same_state,
     decoder_kwargs,
@@ -123,11 +123,7 @@ def test_bf16_block_matches_fp32_reference():
     reference = copy.deepcopy(block).to(torch.bfloat16).float()  # bf16-rounded weights, fp32 math
     layer = kernel_moe.UnifiedManager().convert(block).to(torch.bfloat16)
     x = torch.randn(2, 24, 32, generator=torch.Generator().manual_seed(8)).bfloat16()
-    with torch.no_grad():
-        out = layer(x)
-        ref = reference(x.float())
-    assert out.dtype == torch.bfloat16
-    assert_low_precision_close(out, ref)
+    assert_bf16_matches_fp32_reference(layer, reference, x)
 
 
 def test_compiled_decoder_layer_has_no_graph_breaks_and_matches():

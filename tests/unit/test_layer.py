@@ -13,8 +13,8 @@ from torch import nn
 from helpers import (
     GRAD_TOL,
     TopKMoE,
+    assert_bf16_matches_fp32_reference,
     assert_fp32_close,
-    assert_low_precision_close,
     param_ids,
 )
 from kernel_moe import FusedMoE, KernelConfig, UnifiedManager
@@ -150,11 +150,7 @@ def test_bf16_layer_matches_fp32_reference():
     reference = copy.deepcopy(block).to(torch.bfloat16).float()  # bf16-rounded weights in fp32
     layer = _convert(block).to(torch.bfloat16)
     x = _x(3, 40, H).bfloat16()
-    with torch.no_grad():
-        out = layer(x)
-        ref = reference(x.float())
-    assert out.dtype == torch.bfloat16
-    assert_low_precision_close(out, ref)
+    assert_bf16_matches_fp32_reference(layer, reference, x)
 
 
 def test_inference_mode_and_grad_enabled_eval_agree():

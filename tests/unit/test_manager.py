@@ -15,8 +15,8 @@ import kernel_moe
 from helpers import (
     TopKMoE,
     TwoBlockModel,
+    assert_bf16_matches_fp32_reference,
     assert_fp32_close,
-    assert_low_precision_close,
     assert_same_state,
     param_ids,
     parameter_storage_bytes,
@@ -228,11 +228,7 @@ def test_bfloat16_conversion_after_optimize_matches_fp32_reference():
     model = model.to(torch.bfloat16)
     reference = _model().to(torch.bfloat16).float()  # same bf16-rounded weights, computed in fp32
     x = _x(4, 8, 16).bfloat16()
-    with torch.no_grad():
-        out = model(x)
-        ref = reference(x.float())
-    assert out.dtype == torch.bfloat16
-    assert_low_precision_close(out, ref)
+    assert_bf16_matches_fp32_reference(model, reference, x)
 
 
 # --- filter_fn, strict, config expectations, backend ------------------------------------------
