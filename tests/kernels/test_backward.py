@@ -478,6 +478,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
         assert kernel.metadata.shared <= 232448, (fn.__name__, consts, opts, kernel.metadata.shared)  # H100 per block
 
     ACT_UNIT = ("stride_xh", "stride_gh", "stride_uh", "stride_ubn", "stride_di", "stride_dbh", "stride_rk")
+    SCALARS = {"alpha": "fp32", "limit": "fp32", "gate_softcap": "fp32", "up_softcap": "fp32"}
     # the default configs on an H100 for E=8, N=28672, H=4096 at T=64 and T=4096, as launched
     for T, dt in ((64, "bf16"), (4096, "bf16"), (4096, "fp32")):
         torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt]
@@ -487,11 +488,11 @@ _COMPILE_SCRIPT = textwrap.dedent(
         types = {"x_ptr": "*" + dt, "g_ptr": "*" + dt, "w_up_ptr": "*" + dt, "b_up_ptr": "*" + dt,
                  "w_down_ptr": "*" + dt, "b_down_ptr": "*" + dt, "rw_ptr": "*fp32", "a_ptr": "*" + dt,
                  "dh_ptr": "*" + dt, "dot_ptr": "*fp32", "padded_slots_ptr": "*i32", "block_expert_ptr": "*i32",
-                 "alpha": "fp32", "limit": "fp32"}
+                 **SCALARS}
         dot = tl.bfloat16 if dt == "bf16" else tl.float32
-        consts = dict(ACTIVATION=0, GATED=True, GATE_STEP=1, HAS_BIAS_UP=False, HAS_BIAS_DOWN=False, UP_DTYPE=dot,
-                      DOWN_DTYPE=dot, UPCAST=False, TF32=False, EVEN_K=True, BLOCK_M=bm, BLOCK_N=act["BLOCK_N"],
-                      BLOCK_K=act["BLOCK_K"], GROUP_M=act["GROUP_M"])
+        consts = dict(ACTIVATION=0, GATED=True, GATE_STEP=1, CLAMPED=False, SOFTCAPPED=False, HAS_BIAS_UP=False,
+                      HAS_BIAS_DOWN=False, UP_DTYPE=dot, DOWN_DTYPE=dot, UPCAST=False, TF32=False, EVEN_K=True,
+                      BLOCK_M=bm, BLOCK_N=act["BLOCK_N"], BLOCK_K=act["BLOCK_K"], GROUP_M=act["GROUP_M"])
         stages = B._fit_stages(act["num_stages"], (2 * bm + 3 * act["BLOCK_N"]) * act["BLOCK_K"] * size)
         build(B._moe_bwd_act_kernel, types, consts, ACT_UNIT, num_warps=act["num_warps"], num_stages=stages)
         types = {"l_ptr": "*" + dt, "r_ptr": "*" + dt, "rw_ptr": "*fp32", "out_ptr": "*" + dt, "bias_ptr": "*" + dt,
@@ -501,19 +502,22 @@ _COMPILE_SCRIPT = textwrap.dedent(
         stages = B._fit_stages(dw["num_stages"], (dw["BLOCK_M"] + dw["BLOCK_N"]) * dw["BLOCK_K"] * size)
         build(B._moe_bwd_dw_kernel, types, consts, ("stride_lr", "stride_rc", "stride_oc", "stride_wk"),
               num_warps=dw["num_warps"], num_stages=stages)
-    for act, gated, step, dt, wt, tf32, unit in (
-        (0, True, 1, "bf16", "bf16", False, True),
-        (4, True, 2, "fp16", "fp16", False, True),
-        (1, False, 1, "fp32", "fp32", True, False),
+    for act, gated, step, dt, wt, tf32, unit, clamped, capped in (
+        (0, True, 1, "bf16", "bf16", False, True, False, False),
+        (4, True, 2, "fp16", "fp16", False, True, True, False),
+        (1, False, 1, "fp32", "fp32", True, False, False, False),
+        (0, True, 2, "bf16", "bf16", False, True, True, True),  # clamped softcapped SwiGLU
+        (5, True, 1, "fp16", "fp16", False, True, True, False),  # clamped relu2-GLU
+        (5, False, 1, "fp32", "fp32", False, False, False, False),
     ):
         dot = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dt]
         types = {"x_ptr": "*" + dt, "g_ptr": "*" + dt, "w_up_ptr": "*" + wt, "b_up_ptr": "*" + wt,
                  "w_down_ptr": "*" + wt, "b_down_ptr": "*" + wt, "rw_ptr": "*fp32", "a_ptr": "*" + dt,
                  "dh_ptr": "*" + dt, "dot_ptr": "*fp32", "padded_slots_ptr": "*i32", "block_expert_ptr": "*i32",
-                 "alpha": "fp32", "limit": "fp32", "stride_ue": "i64", "stride_de": "i64"}
-        consts = dict(ACTIVATION=act, GATED=gated, GATE_STEP=step, HAS_BIAS_UP=gated, HAS_BIAS_DOWN=act != 0,
-                      UP_DTYPE=dot, DOWN_DTYPE=dot, UPCAST=False, TF32=tf32, EVEN_K=act == 0, BLOCK_M=64,
-                      BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+                 "stride_ue": "i64", "stride_de": "i64", **SCALARS}
+        consts = dict(ACTIVATION=act, GATED=gated, GATE_STEP=step, CLAMPED=clamped, SOFTCAPPED=capped,
+                      HAS_BIAS_UP=gated, HAS_BIAS_DOWN=act != 0, UP_DTYPE=dot, DOWN_DTYPE=dot, UPCAST=False, TF32=tf32,
+                      EVEN_K=act == 0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
         build(B._moe_bwd_act_kernel, types, consts, ACT_UNIT if unit else (), num_warps=4, num_stages=3)
     for l_gather, dt, out, bias, unit in ((True, "bf16", "bf16", True, True), (False, "bf16", "fp32", False, True),
                                           (False, "fp32", "fp32", True, False)):

@@ -57,16 +57,22 @@ SCRIPT = textwrap.dedent(
           dict(BLOCK_S=64, BLOCK_E=128))
     UP_ONES = ("stride_xh", "stride_wh", "stride_bn")  # contiguous tokens, weights and bias
     UP_DIV = ("H", "I", "up_offset", "stride_xt", "stride_we", "stride_wn", "stride_be", "stride_om")
-    UP_CASES = (  # (activation code, gated, gate step, x dtype, w dtype, dot dtype, tf32, contiguous)
-        (0, True, 1, "bf16", "bf16", tl.bfloat16, False, True),
-        (4, True, 2, "fp16", "fp16", tl.float16, False, True),
-        (2, False, 1, "bf16", "fp32", tl.float32, True, False),
+    UP_CASES = (  # (activation code, gated, gate step, clamped, softcapped, x dtype, w dtype, dot dtype, tf32,
+        #             contiguous)
+        (0, True, 1, False, False, "bf16", "bf16", tl.bfloat16, False, True),
+        (4, True, 2, True, False, "fp16", "fp16", tl.float16, False, True),
+        (2, False, 1, False, False, "bf16", "fp32", tl.float32, True, False),
+        (0, True, 2, True, True, "bf16", "bf16", tl.bfloat16, False, True),  # clamped softcapped SwiGLU
+        (5, True, 1, True, False, "fp16", "fp16", tl.float16, False, True),  # clamped relu2-GLU
+        (5, False, 1, False, False, "fp32", "fp32", tl.float32, False, False),
     )
-    for act, gated, step, x, w, dot, tf32, contiguous in UP_CASES:
+    SCALARS = {"alpha": "fp32", "limit": "fp32", "gate_softcap": "fp32", "up_softcap": "fp32"}
+    for act, gated, step, clamped, capped, x, w, dot, tf32, contiguous in UP_CASES:
         types = {"x_ptr": "*" + x, "w_ptr": "*" + w, "bias_ptr": "*" + w, "out_ptr": "*" + x,
-                 "padded_slots_ptr": I32, "block_expert_ptr": I32, "alpha": "fp32", "limit": "fp32", "stride_we": "i64"}
-        consts = dict(ACTIVATION=act, GATED=gated, GATE_STEP=step, HAS_BIAS=gated, DOT_DTYPE=dot, UPCAST=False,
-                      TF32=tf32, EVEN_K=act == 0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+                 "padded_slots_ptr": I32, "block_expert_ptr": I32, "stride_we": "i64", **SCALARS}
+        consts = dict(ACTIVATION=act, GATED=gated, GATE_STEP=step, CLAMPED=clamped, SOFTCAPPED=capped, HAS_BIAS=gated,
+                      DOT_DTYPE=dot, UPCAST=False, TF32=tf32, EVEN_K=act == 0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
+                      GROUP_M=8)
         spec = dict(ones=UP_ONES, div16=UP_DIV) if contiguous else {}
         build(F._moe_up_kernel, types, consts, num_warps=4, num_stages=3, **spec)
     DOWN_ONES = ("stride_wi", "stride_bh", "stride_rk", "stride_oh")

@@ -41,7 +41,8 @@ from kernel_moe.errors import UnsupportedInputError
 from kernel_moe.kernels.contract import ExpertsGrads, StackedExperts, local_ids, validate_call
 from kernel_moe.kernels.triton import common
 from kernel_moe.kernels.triton.common import (  # device helpers, called by the kernels
-    activate, add_up_bias, block_rows, block_tile, grouped_pid, mma, pointwise, sigmoid, slot_weight,
+    activate, add_up_bias, block_rows, block_tile, clamp_gate_up, grouped_pid, mma, pointwise, sigmoid,
+    slot_weight, softcap, tanh,
 )
 from kernel_moe.kernels.triton.forward import moe_down_projection
 from kernel_moe.kernels.triton.routing import AlignedRouting, align_by_expert
@@ -57,7 +58,7 @@ _SMEM_BUDGET = 160 * 1024  # bytes of pipelined operand tiles per program (H100:
 
 @triton.jit
 def _pointwise_grad(x, ACTIVATION: tl.constexpr):
-    """d act(x) / dx of an fp32 tile for silu / gelu (erf) / gelu_tanh / relu."""
+    """d act(x) / dx of an fp32 tile for silu / gelu (erf) / gelu_tanh / relu / relu2."""
     if ACTIVATION == 0:
         s = sigmoid(x)
         return s * (1.0 + x * (1.0 - s))
@@ -67,29 +68,43 @@ def _pointwise_grad(x, ACTIVATION: tl.constexpr):
         return cdf + x * pdf
     elif ACTIVATION == 2:
         c = 0.7978845608028654
-        t = 2.0 * sigmoid(2.0 * c * (x + 0.044715 * x * x * x)) - 1.0  # tanh
+        t = tanh(c * (x + 0.044715 * x * x * x))
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+    elif ACTIVATION == 5:
+        return 2.0 * tl.where(x < 0.0, 0.0, x)
     else:
         return (x > 0.0).to(tl.float32)
 
 
 @triton.jit
-def _activation_grads(gate, up, da, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr):
-    """(d gate, d up) of fp32 tiles given d act = ``da`` (d up unused when not gated), as in
-    kernel_moe.kernels.activations.activation_backward: clamp gradients are 1 inside the
-    closed interval, and masks multiply (NaN propagates)."""
+def _activation_slopes(gate, up, alpha, gate_cap, up_cap, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+                       SOFTCAPPED: tl.constexpr):
+    """(d act / d gate, d act / d up) of fp32 tiles of clamped features (the second unused when
+    not gated), the derivatives of :func:`~.common.activate`, as in
+    kernel_moe.kernels.activations.activation_backward."""
     if not GATED:
-        return da * _pointwise_grad(gate, ACTIVATION), da
+        return _pointwise_grad(gate, ACTIVATION), gate
+    elif SOFTCAPPED:
+        s = sigmoid(gate)
+        capped_gate, gate_slope = softcap(gate, gate_cap)
+        capped_up, up_slope = softcap(up, up_cap)
+        return capped_up * (gate_slope * s + capped_gate * s * (1.0 - s)), capped_gate * s * up_slope
     elif ACTIVATION == 4:
-        gate_c = tl.where(gate > limit, limit, gate)
-        up_c = tl.where(up > limit, limit, tl.where(up < -limit, -limit, up))
-        s = sigmoid(gate_c * alpha)
-        d_glu = s + gate_c * alpha * s * (1.0 - s)
-        d_gate = da * (up_c + 1.0) * d_glu * (gate <= limit).to(tl.float32)
-        d_up = da * (gate_c * s) * ((up >= -limit) & (up <= limit)).to(tl.float32)
-        return d_gate, d_up
+        s = sigmoid(gate * alpha)
+        return (up + 1.0) * (s + gate * alpha * s * (1.0 - s)), gate * s
     else:
-        return da * up * _pointwise_grad(gate, ACTIVATION), da * pointwise(gate, ACTIVATION)
+        return up * _pointwise_grad(gate, ACTIVATION), pointwise(gate, ACTIVATION)
+
+
+@triton.jit
+def _through_clamp(d_gate, d_up, gate, up, limit, CLAMPED: tl.constexpr):
+    """Gradients of the clamped features -> gradients of the raw features ``gate`` / ``up`` of
+    :func:`~.common.clamp_gate_up`: clamp gradients are 1 inside the closed interval, else 0,
+    and multiply (NaN propagates)."""
+    if CLAMPED:
+        d_gate = d_gate * (gate <= limit).to(tl.float32)
+        d_up = d_up * ((up >= -limit) & (up <= limit)).to(tl.float32)
+    return d_gate, d_up
 
 
 # --------------------------------------------------------------------------------------
@@ -114,10 +129,10 @@ def _moe_bwd_act_kernel(
     H, I, S, TOP_K, num_blocks, up_offset,
     stride_xt, stride_xh, stride_gt, stride_gh, stride_ue, stride_un, stride_uh, stride_ube, stride_ubn, stride_de,
     stride_dh, stride_di, stride_dbe, stride_dbh, stride_rt, stride_rk, stride_am, stride_dm,
-    alpha, limit,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr, GATE_STEP: tl.constexpr, HAS_BIAS_UP: tl.constexpr,
-    HAS_BIAS_DOWN: tl.constexpr, UP_DTYPE: tl.constexpr, DOWN_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-    TF32: tl.constexpr, EVEN_K: tl.constexpr,
+    alpha, limit, gate_softcap, up_softcap,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, GATE_STEP: tl.constexpr, CLAMPED: tl.constexpr,
+    SOFTCAPPED: tl.constexpr, HAS_BIAS_UP: tl.constexpr, HAS_BIAS_DOWN: tl.constexpr, UP_DTYPE: tl.constexpr,
+    DOWN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Recomputed up-projection, gradient through the down-projection and the activation.
@@ -126,7 +141,8 @@ def _moe_bwd_act_kernel(
     ordered by ``grouped_pid``; blocks past the used ones (expert -1) return at once.
     Per row p (slot s, token t, expert e) and intermediate column i:
     h = x[t] @ w_up[e]^T + b_up[e] (gate feature ``i*GATE_STEP``, up feature ``+ up_offset``),
-    a = act(h), gw = g[t] @ w_down[e][:, i], da = w_s * gw, dh = d act / dh * da;
+    a = act(clamp(h)), gw = g[t] @ w_down[e][:, i], da = w_s * gw, dh = d a / dh * da (the
+    activation's scalars and flags as in the forward's ``_moe_up_kernel``);
     dot[tile, s] = sum_i gw * a (+ <g[t], b_down[e]> in tile 0), so that the tiles sum to
     <g[t], a_s @ w_down[e]^T + b_down[e]>.
     """
@@ -170,7 +186,8 @@ def _moe_bwd_act_kernel(
     if HAS_BIAS_UP:
         acc_g, acc_u = add_up_bias(acc_g, acc_u, b_up_ptr, expert, gate_rows, col_ok, up_offset, stride_ube,
                                    stride_ubn, GATED)
-    act = activate(acc_g, acc_u, alpha, limit, ACTIVATION, GATED)  # [BLOCK_M, BLOCK_N]
+    gate, up = clamp_gate_up(acc_g, acc_u, limit, CLAMPED)  # [BLOCK_M, BLOCK_N] each
+    act = activate(gate, up, alpha, gate_softcap, up_softcap, ACTIVATION, GATED, SOFTCAPPED)  # [BLOCK_M, BLOCK_N]
     dot = tl.sum(tl.where(col_ok[None, :], acc_d * act, 0.0), axis=1)  # [BLOCK_M]
     if HAS_BIAS_DOWN:
         if pid_n == 0:
@@ -187,7 +204,8 @@ def _moe_bwd_act_kernel(
     tl.store(dot_ptr + pid_n.to(tl.int64) * S + slots, dot, mask=row_ok)
 
     da = acc_d * slot_weight(rw_ptr, tokens, slots, row_ok, TOP_K, stride_rt, stride_rk)[:, None]
-    d_gate, d_up = _activation_grads(acc_g, acc_u, da, alpha, limit, ACTIVATION, GATED)
+    d_gate, d_up = _activation_slopes(gate, up, alpha, gate_softcap, up_softcap, ACTIVATION, GATED, SOFTCAPPED)
+    d_gate, d_up = _through_clamp(da * d_gate, da * d_up, acc_g, acc_u, limit, CLAMPED)
     mask = row_ok[:, None] & col_ok[None, :]
     tl.store(a_ptr + rows[:, None] * stride_am + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=mask)
     dh_ptrs = dh_ptr + rows[:, None] * stride_dm + gate_rows[None, :]
@@ -315,7 +333,7 @@ def _launch_act(
         w_up.stride(0), w_up.stride(1), w_up.stride(2), stride_ube, stride_ubn,
         w_down.stride(0), w_down.stride(1), w_down.stride(2), stride_dbe, stride_dbh,
         weights_TK.stride(0), weights_TK.stride(1), a_PI.stride(0), dh_PN.stride(0),
-        float(activation.alpha), float(activation.limit),
+        *common.activation_scalars(activation),
         **common.activation_constexprs(activation),
         HAS_BIAS_UP=b_up is not None,
         HAS_BIAS_DOWN=b_down is not None,

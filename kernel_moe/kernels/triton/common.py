@@ -6,21 +6,23 @@ size, N up-projection features (2*I when gated, else I), S = T*K slots (slot s =
 P padded rows of the expert-aligned layout (see :mod:`kernel_moe.kernels.triton.routing`).
 
 Device helpers: :func:`grouped_pid` (program-id swizzle for L2 reuse), :func:`mma` (the dot
-with fp32 accumulation every GEMM uses), :func:`sigmoid`, :func:`pointwise`, :func:`activate`
-(the activations of :class:`~kernel_moe.kernels.contract.Activation`), :func:`block_tile`
+with fp32 accumulation every GEMM uses), :func:`sigmoid`, :func:`tanh`, :func:`pointwise`,
+:func:`softcap`, :func:`clamp_gate_up` and :func:`activate` (the activations of
+:class:`~kernel_moe.kernels.contract.Activation`: kind, clamp limit, softcaps), :func:`block_tile`
 (a program's block of the aligned layout, its expert and column tile), :func:`block_rows`
 (the rows of that block), :func:`add_up_bias` (the up-projection bias in the epilogue) and
 :func:`slot_weight` (a slot's routing weight).
 
 Launch utilities: dtype maps, the TF32 switch, the launch device, the device key of tuned
-tables, the launch arguments of the activation and of a GEMM's tile, the routing of a dense
-call, and the check of what the kernels support beyond the contract.
+tables, the launch arguments of the activation (scalars and compile-time flags) and of a GEMM's
+tile, the routing of a dense call, and the check of what the kernels support beyond the contract.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 import triton
@@ -31,7 +33,8 @@ from kernel_moe.kernels import triton_interpreter_enabled
 from kernel_moe.kernels.contract import Activation, StackedExperts
 from kernel_moe.kernels.triton.tile_configs import INTERPRETER_DEVICE
 
-ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gpt_oss": 4}
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gpt_oss": 4, "relu2": 5}
+_INF = tl.constexpr(float("inf"))  # a softcap of inf is no cap (see softcap)
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 SUPPORTED_WEIGHT_FORMATS = ("full",)
 _GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
@@ -77,27 +80,63 @@ def sigmoid(x):
 
 
 @triton.jit
+def tanh(x):
+    """Hyperbolic tangent of an fp32 tile, as 2 sigmoid(2x) - 1 (saturates to -1 / 1)."""
+    return 2.0 * sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
 def pointwise(g, ACTIVATION: tl.constexpr):
-    """silu / gelu (erf) / gelu_tanh / relu in fp32; NaN propagates."""
+    """silu / gelu (erf) / gelu_tanh / relu / relu2 in fp32 (code in ACTIVATION_CODES); NaN
+    propagates."""
     if ACTIVATION == 0:
         return g * sigmoid(g)
     elif ACTIVATION == 1:
         return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     elif ACTIVATION == 2:
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        return 0.5 * g * (1.0 + (2.0 * sigmoid(2.0 * z) - 1.0))  # tanh(z) = 2 sigmoid(2z) - 1
+        return 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    elif ACTIVATION == 5:
+        r = tl.where(g < 0.0, 0.0, g)
+        return r * r
     else:
         return tl.where(g < 0.0, 0.0, g)
 
 
 @triton.jit
-def activate(gate, up, alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr):
-    """Expert activation of fp32 tiles (the formulas of kernel_moe.kernels.contract.Activation)."""
-    if not GATED:
-        return pointwise(gate, ACTIVATION)
-    elif ACTIVATION == 4:
+def softcap(v, cap):
+    """(cap * tanh(v / cap), its derivative 1 - tanh(v / cap)**2) of an fp32 tile for a scalar
+    ``cap``; a cap of inf is none: (v, 1) (and no inf * 0 is formed on the way)."""
+    capped = cap < _INF
+    c = tl.where(capped, cap, 1.0)
+    t = tanh(v / c)
+    return tl.where(capped, c * t, v), tl.where(capped, 1.0 - t * t, 1.0)
+
+
+@triton.jit
+def clamp_gate_up(gate, up, limit, CLAMPED: tl.constexpr):
+    """(min(gate, limit), clamp(up, -limit, limit)) of fp32 tiles when CLAMPED (a finite
+    limit), else (gate, up) untouched; NaN propagates."""
+    if CLAMPED:
         gate = tl.where(gate > limit, limit, gate)
         up = tl.where(up > limit, limit, tl.where(up < -limit, -limit, up))
+    return gate, up
+
+
+@triton.jit
+def activate(gate, up, alpha, gate_cap, up_cap, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+             SOFTCAPPED: tl.constexpr):
+    """Expert activation of fp32 tiles of gate and up features already clamped
+    (:func:`clamp_gate_up`), with the formulas of kernel_moe.kernels.contract.Activation:
+    act(gate) when not GATED; GPT-OSS's ``(up + 1) * gate * sigmoid(alpha * gate)``; softcapped
+    SwiGLU ``cap(gate, gate_cap) * sigmoid(gate) * cap(up, up_cap)`` when SOFTCAPPED; else
+    ``act(gate) * up``."""
+    if not GATED:
+        return pointwise(gate, ACTIVATION)
+    elif SOFTCAPPED:
+        capped_gate, _ = softcap(gate, gate_cap)
+        capped_up, _ = softcap(up, up_cap)
+        return capped_gate * sigmoid(gate) * capped_up
+    elif ACTIVATION == 4:
         return (up + 1.0) * (gate * sigmoid(gate * alpha))
     else:
         return pointwise(gate, ACTIVATION) * up
@@ -231,12 +270,23 @@ def operand(t: torch.Tensor | None, placeholder: torch.Tensor) -> tuple[torch.Te
 
 
 def activation_constexprs(activation: Activation) -> dict:
-    """The activation's compile-time launch arguments (ACTIVATION, GATED, GATE_STEP)."""
+    """The activation's compile-time launch arguments: ACTIVATION (its code), GATED, GATE_STEP
+    (2 interleaved, else 1), CLAMPED (a finite limit) and SOFTCAPPED (a finite softcap), so
+    that a call without a clamp or softcaps compiles neither."""
     return dict(
         ACTIVATION=ACTIVATION_CODES[activation.kind],
         GATED=activation.gated,
         GATE_STEP=2 if activation.glu == "interleaved" else 1,
+        CLAMPED=activation.gated and activation.limit != math.inf,
+        SOFTCAPPED=activation.softcapped,
     )
+
+
+def activation_scalars(activation: Activation) -> tuple[float, float, float, float]:
+    """The activation's scalar launch arguments, in the kernels' order: alpha, limit,
+    gate_softcap, up_softcap (inf: no clamp, no cap)."""
+    return (float(activation.alpha), float(activation.limit), float(activation.gate_softcap),
+            float(activation.up_softcap))
 
 
 def up_offset(activation: Activation, intermediate: int) -> int:
@@ -259,9 +309,13 @@ def dense_routing(x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_supported(experts: StackedExperts, **tensors: torch.Tensor | None) -> None:
-    """What the Triton kernels take beyond the contract: weight_format "full", and float32,
-    bfloat16 or float16 for the weights, the biases and every floating tensor in ``tensors``
-    (by name: x, topk_weights, grad_out). Raises UnsupportedInputError naming the value."""
+    """What the Triton kernels take beyond the contract: an activation kind with a kernel code
+    (every kind of the contract has one), weight_format "full", and float32, bfloat16 or float16
+    for the weights, the biases and every floating tensor in ``tensors`` (by name: x,
+    topk_weights, grad_out). Raises UnsupportedInputError naming the value."""
+    if experts.activation.kind not in ACTIVATION_CODES:
+        raise UnsupportedInputError(f"the triton backend does not support activation={experts.activation.kind!r}; "
+                                    f"allowed: {', '.join(ACTIVATION_CODES)}")
     if experts.weight_format not in SUPPORTED_WEIGHT_FORMATS:
         raise UnsupportedInputError(f"the triton backend does not support weight_format={experts.weight_format!r}; "
                                     f"allowed: {', '.join(SUPPORTED_WEIGHT_FORMATS)}")

@@ -13,8 +13,8 @@ Data flow (no permuted copy of the tokens is ever made):
    [0, E)) belong to no run.
 2. ``_moe_up_kernel``: for each block of padded rows (one expert) and tile of I columns,
    the token rows of x are gathered in the A-load through the padded slot ids, multiplied by
-   w_up[e] (gate and up tiles in the same program when gated), bias and activation applied
-   in fp32, and the [P, I] intermediate stored in padded order.
+   w_up[e] (gate and up tiles in the same program when gated), bias, clamp and activation
+   applied in fp32, and the [P, I] intermediate stored in padded order.
 3. ``_moe_down_kernel``: intermediate rows times w_down[e], bias, times the routing weight
    of the slot; written per slot ([SPLIT_K, S, H] fp32, deterministic), straight into the
    output when K == 1, or atomically added into an fp32 [T, H] buffer.
@@ -35,7 +35,7 @@ import triton.language as tl
 from kernel_moe.kernels.contract import Activation, StackedExperts, local_ids, validate_call
 from kernel_moe.kernels.triton import common
 from kernel_moe.kernels.triton.common import (  # device helpers, called by the kernels
-    activate, add_up_bias, block_rows, block_tile, mma, slot_weight,
+    activate, add_up_bias, block_rows, block_tile, clamp_gate_up, mma, slot_weight,
 )
 from kernel_moe.kernels.triton.routing import AlignedRouting, align_by_expert
 from kernel_moe.kernels.triton.tile_configs import get_tile_config, validate_tile_config
@@ -58,9 +58,10 @@ def _moe_up_kernel(
     block_expert_ptr,  # [B] int32 expert of each block of BLOCK_M rows (-1 = unused)
     H, I, S, TOP_K, num_blocks, up_offset,
     stride_xt, stride_xh, stride_we, stride_wn, stride_wh, stride_be, stride_bn, stride_om,
-    alpha, limit,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr, GATE_STEP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr, EVEN_K: tl.constexpr,
+    alpha, limit, gate_softcap, up_softcap,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, GATE_STEP: tl.constexpr, CLAMPED: tl.constexpr,
+    SOFTCAPPED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Grouped up-projection + activation: out[p, i] = act(x[tok(p)] @ w_up[e]^T + b_up[e]).
@@ -69,6 +70,9 @@ def _moe_up_kernel(
     ordered by :func:`~.common.grouped_pid`. Blocks past the used ones (expert -1) return at once.
     Gated: intermediate column i reads gate feature ``i*GATE_STEP`` and up feature
     ``i*GATE_STEP + up_offset`` (concat: step 1, offset I; interleaved: step 2, offset 1).
+    The epilogue, in fp32: bias; when CLAMPED, gate clamped above at ``limit`` and up to
+    [-limit, limit]; the activation (code ACTIVATION; ``alpha`` for GPT-OSS; when SOFTCAPPED,
+    the softcapped SwiGLU with ``gate_softcap`` / ``up_softcap``, inf = no cap).
     """
     pid_m, pid_n, expert, cols, col_ok = block_tile(block_expert_ptr, num_blocks, I, BLOCK_N, GROUP_M)  # cols of I
     if expert < 0:
@@ -105,7 +109,8 @@ def _moe_up_kernel(
     if HAS_BIAS:
         acc_g, acc_u = add_up_bias(acc_g, acc_u, bias_ptr, expert, gate_rows, col_ok, up_offset, stride_be, stride_bn,
                                    GATED)
-    h = activate(acc_g, acc_u, alpha, limit, ACTIVATION, GATED)
+    gate, up = clamp_gate_up(acc_g, acc_u, limit, CLAMPED)
+    h = activate(gate, up, alpha, gate_softcap, up_softcap, ACTIVATION, GATED, SOFTCAPPED)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -227,7 +232,7 @@ def moe_up_projection(
             w_up_ENH.stride(0), w_up_ENH.stride(1), w_up_ENH.stride(2),
             stride_be, stride_bn,
             inter_PI.stride(0),
-            float(activation.alpha), float(activation.limit),
+            *common.activation_scalars(activation),
             **common.activation_constexprs(activation),
             HAS_BIAS=b_up_EN is not None,
             DOT_DTYPE=common.TL_DTYPES[dot],
