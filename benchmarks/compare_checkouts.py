@@ -1,13 +1,16 @@
-"""Before/after of a change on the CPU layer benchmark: two checkouts measured side by side.
+"""Before/after of a change on the CPU layer benchmark's shapes: two checkouts timed side by side.
 
-    python benchmarks/compare_checkouts.py BEFORE_DIR AFTER_DIR [--rounds 3] [--min-time 1.0]
-        [--tokens 1 16 128 1024 4096] [--dtypes float32 bfloat16]
+    python benchmarks/compare_checkouts.py BEFORE_DIR AFTER_DIR [--pairs 15] [--window 0.3]
+        [--restarts 4] [--tokens 1 16 128 1024 4096] [--dtypes float32 bfloat16] [--threads N]
 
-Runs ``benchmarks/bench_cpu_layer.py`` of each checkout (its own ``kernel_moe`` first on the
-path) alternately, ``--rounds`` times each, and prints per (dtype, T) the median over rounds of
-after / before for our layer's time relative to the dense FFN measured in the same process
-(``ours_over_dense``: machine-wide load cancels out) and for its absolute time. A ratio above
-1 means the after checkout is slower. Both checkouts must build their native CPU kernels.
+Starts one worker process per checkout (each imports its own ``kernel_moe`` and builds the
+optimized Mixtral-style layer of ``benchmarks/bench_cpu_layer.py``: H 512, I 1024, E 8, top-2),
+then times the cases in short windows, alternating between the two workers (before, after,
+after, before, ...), so that both see the same machine load; ``--restarts`` times over with fresh
+workers, because one process's placement of the weights in memory alone moves a decode call by
+10-40% (the same binary, measured). Prints per (dtype, T) the median over all adjacent window
+pairs of after / before (per-call median time in each window), and the largest. A ratio above 1 means the after checkout is slower. Both checkouts must build their
+native CPU kernels.
 """
 
 from __future__ import annotations
@@ -18,46 +21,97 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+WORKER = r"""
+import json, statistics, sys, time
+import torch
+import kernel_moe
+sys.path.insert(0, "benchmarks")
+from bench_cpu_layer import K, H, _Holder, build_block
 
-def run_once(checkout: Path, args: argparse.Namespace) -> dict:
-    """One run of the checkout's bench_cpu_layer.py: {(dtype, T): row}."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "rows.json"
+threads, tokens, dtypes = json.loads(sys.argv[1])
+torch.set_num_threads(threads)
+cases = []
+for name in dtypes:
+    dtype = getattr(torch, name)
+    layer = _Holder(build_block("eager", dtype))
+    kernel_moe.optimize(layer, kernel_moe.KernelConfig.for_moe(top_k=K))
+    assert isinstance(layer.mlp, kernel_moe.FusedMoE)
+    for T in tokens:
+        x = torch.randn(1, T, H, dtype=dtype)
+        with torch.no_grad():
+            layer(x)
+        cases.append((layer, x))
+print("ready", flush=True)
+for line in sys.stdin:
+    index, window = json.loads(line)
+    layer, x = cases[index]
+    samples, start = [], time.perf_counter()
+    with torch.no_grad():
+        while len(samples) < 3 or time.perf_counter() - start < window:
+            t0 = time.perf_counter()
+            layer(x)
+            samples.append(time.perf_counter() - t0)
+    print(json.dumps(statistics.median(samples)), flush=True)
+"""
+
+
+class Worker:
+    """A process running WORKER against one checkout; ``time(case, window)`` asks it to time."""
+
+    def __init__(self, checkout: Path, config: list) -> None:
         env = {**os.environ, "PYTHONPATH": str(checkout)}
-        cmd = [sys.executable, str(checkout / "benchmarks" / "bench_cpu_layer.py"), "--json", str(out),
-               "--min-time", str(args.min_time), "--tokens", *map(str, args.tokens), "--dtypes", *args.dtypes]
-        subprocess.run(cmd, cwd=checkout, env=env, check=True, stdout=subprocess.DEVNULL)
-        rows = json.loads(out.read_text())["rows"]
-    return {(r["dtype"], r["T"]): r for r in rows if "ours_s" in r}
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(config)], cwd=checkout, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the worker of {checkout} did not start")
+
+    def time(self, case: int, window: float) -> float:
+        self.proc.stdin.write(json.dumps([case, window]) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("before", type=Path)
     ap.add_argument("after", type=Path)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--min-time", type=float, default=1.0)
+    ap.add_argument("--pairs", type=int, default=15, help="alternating window pairs per case")
+    ap.add_argument("--window", type=float, default=0.3, help="seconds of one timing window")
+    ap.add_argument("--restarts", type=int, default=4, help="fresh worker pairs")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
-    runs: dict[str, list[dict]] = {"before": [], "after": []}
-    for r in range(args.rounds):
-        for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
-            runs[name].append(run_once(getattr(args, name), args))
-    print(f"after / before, median of {args.rounds} alternating rounds "
+    config = [args.threads, args.tokens, args.dtypes]
+    labels = [(d, T) for d in args.dtypes for T in args.tokens]
+    ratios: list[list[float]] = [[] for _ in labels]
+    for _ in range(args.restarts):
+        before, after = Worker(args.before.resolve(), config), Worker(args.after.resolve(), config)
+        try:
+            for p in range(args.pairs):
+                for i in range(len(labels)):
+                    first, second = (before, after) if (p + i) % 2 == 0 else (after, before)
+                    t_first, t_second = first.time(i, args.window), second.time(i, args.window)
+                    t_before, t_after = (t_first, t_second) if first is before else (t_second, t_first)
+                    ratios[i].append(t_after / t_before)
+        finally:
+            before.close()
+            after.close()
+    print(f"after / before, median of {args.restarts} x {args.pairs} alternating window pairs, {args.threads} threads "
           f"({args.before} -> {args.after})")
-    print(f"{'dtype':9} {'T':>5} | {'ours/dense':>10} {'ours time':>10}")
-    worst = 0.0
-    for key in runs["before"][0]:
-        rel = statistics.median(a[key]["ours_over_dense"] / b[key]["ours_over_dense"]
-                                for a, b in zip(runs["after"], runs["before"]))
-        raw = statistics.median(a[key]["ours_s"] / b[key]["ours_s"] for a, b in zip(runs["after"], runs["before"]))
-        worst = max(worst, rel)
-        print(f"{key[0]:9} {key[1]:>5} | {rel:10.3f} {raw:10.3f}")
-    print(f"largest after/before (ours/dense): {worst:.3f}")
+    print(f"{'dtype':9} {'T':>5} | {'after/before':>12} {'quartiles':>15}")
+    medians = []
+    for (dtype, T), r in zip(labels, ratios):
+        q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+        medians.append(statistics.median(r))
+        print(f"{dtype:9} {T:>5} | {medians[-1]:12.3f} {q[0]:7.3f}-{q[2]:.3f}")
+    print(f"largest after/before: {max(medians):.3f}")
     return 0
 
 
