@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     models = {"ours": build("eager", dtype, args.device), "grouped_mm": build("grouped_mm", dtype, args.device),
               "eager": build("eager", dtype, args.device)}
-    report = kernel_moe.optimize(models["ours"])
+    report = kernel_moe.optimize(models["ours"], return_report=True)[1]
     assert report.num_swapped == 1, report
     x = torch.randn(1, args.tokens, H, dtype=dtype, device=args.device, requires_grad=True)
     rows = {}

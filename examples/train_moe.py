@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         model = copy.deepcopy(base)
         config = kernel_moe.KernelConfig.for_moe(
             load_balancing=mode, aux_loss_weight=0.05, bias_update_rate=0.01)
-        report = kernel_moe.optimize(model, config)
+        report = kernel_moe.optimize(model, config, return_report=True)[1]
         assert report.num_swapped == args.layers, report
         results.append(run(model, train, val, args.steps, args.batch, args.lr, log_every, f"moe {mode}"))
     print(f"\n{'model':28} {'val loss':>9} {'tokens/s':>10} {'final CV':>9}")

@@ -1,7 +1,8 @@
 """kernel_moe: fused Mixture-of-Experts kernels for torch.compile.
 
     import kernel_moe
-    report = kernel_moe.optimize(model, kernel_moe.KernelConfig.for_moe(top_k=2))
+    manager = kernel_moe.UnifiedManager(kernel_moe.KernelConfig.for_moe(top_k=2))
+    model = manager.optimize(model)          # manager.report: what was swapped, what skipped and why
     model = torch.compile(model, fullgraph=True)
 
 Importing this package registers the ``kernel_moe::`` custom ops; it never initialises

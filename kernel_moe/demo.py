@@ -154,7 +154,8 @@ def run_demo(batch: int = 4, seq: int = 256, out=sys.stdout, rounds: int = 7) ->
     original = copy.deepcopy(model)
     ids = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(1))
     manager = UnifiedManager(KernelConfig.for_moe(top_k=2))
-    report = manager.optimize(model)
+    model = manager.optimize(model)
+    report = manager.report
     print(f"model: {kind}, {batch}x{seq} tokens", file=out)
     print(report, file=out)
     compiled = torch.compile(model, fullgraph=True)

@@ -45,8 +45,9 @@ class UnifiedManager:
     """Swaps recognized MoE modules of a model for kernel_moe's fused layers.
 
     >>> manager = UnifiedManager(KernelConfig.for_moe(top_k=2))
-    >>> report = manager.optimize(model)      # in place
-    >>> manager.restore(model)                # the original modules again
+    >>> model = manager.optimize(model)       # in place; a recognised MoE block itself becomes the fused layer
+    >>> print(manager.report)                 # what the last optimize() swapped and skipped, and why
+    >>> model = manager.restore(model)        # the original modules again
     """
 
     def __init__(self, config: KernelConfig | None = None, adapters: list[Adapter] | None = None) -> None:
@@ -54,16 +55,20 @@ class UnifiedManager:
             raise ValueError(f"config must be a KernelConfig, got {type(config).__name__}")
         self.config = config if config is not None else KernelConfig.for_moe()
         self.adapters = list(adapters) if adapters is not None else registered_adapters()
+        self.report = OptimizeReport()
 
-    def optimize(self, model: nn.Module, filter_fn: FilterFn | None = None, strict: bool = False) -> OptimizeReport:
-        """Swap every recognized, proven-equivalent module in place and return the report.
+    def optimize(self, model: nn.Module, filter_fn: FilterFn | None = None, strict: bool = False) -> nn.Module:
+        """Swap every recognized, proven-equivalent module in place and return the optimized model:
+        the same object when modules inside it were swapped, the fused layer when ``model`` itself
+        is a recognized MoE block. What was swapped and skipped, and why, is ``self.report``.
 
         ``filter_fn(module, fqn)`` returning False leaves a module alone. With ``strict=True``
         a candidate that cannot be swapped raises UnsupportedModuleError instead of being skipped.
         """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        report = OptimizeReport()
+        report = self.report = OptimizeReport()
+        result = model
         done: list[str] = []
         for fqn, module in list(model.named_modules()):
             if any(fqn.startswith(p + ".") for p in done):
@@ -81,15 +86,13 @@ class UnifiedManager:
                 self._skip(report, fqn, module, outcome.reason, strict)
                 continue
             if fqn == "":
-                self._skip(report, "<root>", module,
-                           "the model itself is an MoE block and cannot be swapped in place; "
-                           "use UnifiedManager.convert(module) to get the fused layer", strict)
-                continue
-            parent_name, _, child_name = fqn.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, outcome)
+                result = outcome  # the model itself is the block: the fused layer replaces it
+            else:
+                parent_name, _, child_name = fqn.rpartition(".")
+                setattr(model.get_submodule(parent_name), child_name, outcome)
             done.append(fqn)
             report.swapped.append(SwapRecord(
-                name=fqn,
+                name=fqn or "<root>",
                 original_class=type(module).__name__,
                 new_class=type(outcome).__name__,
                 num_experts=outcome.num_experts,
@@ -98,7 +101,7 @@ class UnifiedManager:
                 details=outcome.details(),
             ))
         logger.info(report.summary())
-        return report
+        return result
 
     def convert(self, module: nn.Module) -> nn.Module:
         """The fused layer for one MoE module (not placed anywhere); raises if it cannot be swapped."""
@@ -110,15 +113,16 @@ class UnifiedManager:
         return outcome
 
     @staticmethod
-    def restore(model: nn.Module) -> int:
-        """Put the original modules back in place of every fused layer; returns how many."""
-        restored = 0
+    def restore(model: nn.Module) -> nn.Module:
+        """Put the original modules back in place of every fused layer and return the model (the
+        original module when ``model`` itself is a fused layer)."""
+        if isinstance(model, FUSED_LAYERS):
+            return model.original
         for fqn, module in list(model.named_modules()):
             if isinstance(module, FUSED_LAYERS) and fqn:
                 parent_name, _, child_name = fqn.rpartition(".")
                 setattr(model.get_submodule(parent_name), child_name, module.original)
-                restored += 1
-        return restored
+        return model
 
     def _skip(self, report: OptimizeReport, fqn: str, module: nn.Module, reason: str, strict: bool) -> None:
         if strict:
@@ -232,13 +236,18 @@ def _weight_like(module: nn.Module, spec) -> torch.Tensor:
 
 
 def optimize(model: nn.Module, config: KernelConfig | None = None, filter_fn: FilterFn | None = None,
-             strict: bool = False) -> OptimizeReport:
-    """One-line form: ``kernel_moe.optimize(model)`` swaps in place and returns the report."""
-    return UnifiedManager(config).optimize(model, filter_fn=filter_fn, strict=strict)
+             strict: bool = False, return_report: bool = False) -> nn.Module | tuple[nn.Module, OptimizeReport]:
+    """One-line form of :meth:`UnifiedManager.optimize`: ``model = kernel_moe.optimize(model)``
+    returns the optimized model; ``model, report = kernel_moe.optimize(model, return_report=True)``
+    also returns what was swapped and skipped, and why."""
+    manager = UnifiedManager(config)
+    result = manager.optimize(model, filter_fn=filter_fn, strict=strict)
+    return (result, manager.report) if return_report else result
 
 
-def restore(model: nn.Module) -> int:
-    """Undo optimize(): the original modules are put back."""
+def restore(model: nn.Module) -> nn.Module:
+    """Undo optimize(): the original modules are put back; returns the model (see
+    :meth:`UnifiedManager.restore`)."""
     return UnifiedManager.restore(model)
 
 

@@ -36,14 +36,6 @@ class VariantUnavailable(Exception):
     """A variant cannot be built on this model or installation (the message says why)."""
 
 
-class _Holder(nn.Module):
-    """A parent for the model, so that a model which is itself an MoE block can be swapped."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-
 @dataclass
 class Variant:
     """One built implementation: what is timed and the module underneath it."""
@@ -99,20 +91,13 @@ class VariantBuilder:
         return torch.compile(module, **self.compile_kwargs)
 
     def _optimized(self) -> tuple[nn.Module, dict]:
-        try:
-            import kernel_moe
-        except ImportError as exc:  # pragma: no cover - the package is importable by construction
-            raise VariantUnavailable(f"kernel_moe cannot be imported: {exc}") from exc
-        optimize = getattr(kernel_moe, "optimize", None)
-        if optimize is None:
-            raise VariantUnavailable("kernel_moe.optimize is not available in this installation")
-        # optimize() swaps modules inside a parent; a holder makes a bare MoE block swappable too
-        holder = _Holder(self.copy())
-        report = optimize(holder, self.optimize_config)
-        module = holder.model
-        swapped = getattr(report, "swapped", None)
-        info = {"swapped": len(swapped) if swapped is not None else None, "report": str(report)}
-        if swapped is not None and len(swapped) == 0:
+        from kernel_moe.manager import UnifiedManager
+
+        manager = UnifiedManager(self.optimize_config)
+        module = manager.optimize(self.copy())  # a bare MoE block comes back as its fused layer
+        report = manager.report
+        info = {"swapped": len(report.swapped), "report": str(report)}
+        if not report.swapped:
             logger.warning("bench: kernel_moe.optimize swapped no module of %s", self.group)
         return module.eval(), info
 

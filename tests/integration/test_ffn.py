@@ -107,7 +107,7 @@ def _rel_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 def test_ffn_is_swapped_and_computes_the_same(name):
     model = _holder(name)
     original = copy.deepcopy(model)
-    report = kernel_moe.optimize(model, KernelConfig.for_ffn())
+    report = kernel_moe.optimize(model, KernelConfig.for_ffn(), return_report=True)[1]
     assert [r.name for r in report.swapped] == ["ffn"], report
     assert isinstance(model.ffn, FusedFFN)
     assert report.skipped == []
@@ -120,10 +120,10 @@ def test_ffn_is_swapped_and_computes_the_same(name):
 @pytest.mark.parametrize("name", ["sequential_gelu", "swiglu", "llama_mlp"])
 def test_for_moe_leaves_dense_ffns_alone(name):
     model = _holder(name)
-    report = kernel_moe.optimize(model, KernelConfig.for_moe())
+    report = kernel_moe.optimize(model, KernelConfig.for_moe(), return_report=True)[1]
     assert report.swapped == [] and report.skipped == []
     assert not isinstance(model.ffn, FusedFFN)
-    report = kernel_moe.optimize(model)  # the default config is for_moe()
+    report = kernel_moe.optimize(model, return_report=True)[1]  # the default config is for_moe()
     assert report.swapped == []
 
 
@@ -140,7 +140,7 @@ def test_state_dict_parameters_and_restore(name):
     assert isinstance(model.ffn, FusedFFN)
     assert_same_state(model, snap)
     assert param_ids(model) == ids
-    assert kernel_moe.restore(model) == 1
+    assert kernel_moe.restore(model) is model
     assert model.ffn is ffn
     assert_same_state(model, snap)
     assert param_ids(model) == ids
@@ -184,7 +184,7 @@ def test_dropout_trains_through_the_original_and_the_report_says_so():
     torch.manual_seed(0)
     model = Holder(nn.Sequential(nn.Linear(H, I), nn.GELU(), nn.Dropout(0.25), nn.Linear(I, H))).eval()
     original = copy.deepcopy(model)
-    report = kernel_moe.optimize(model, KernelConfig.for_ffn())
+    report = kernel_moe.optimize(model, KernelConfig.for_ffn(), return_report=True)[1]
     assert isinstance(model.ffn, FusedFFN)
     assert model.ffn.spec.training_fallback is not None
     assert "training runs the original" in report.swapped[0].details
@@ -224,7 +224,7 @@ def test_filter_fn_gets_module_and_fqn_and_selects_what_is_swapped():
         seen.append((fqn, type(module).__name__))
         return not fqn.startswith("first")
 
-    report = kernel_moe.optimize(model, KernelConfig.for_ffn(), filter_fn=only_second)
+    report = kernel_moe.optimize(model, KernelConfig.for_ffn(), filter_fn=only_second, return_report=True)[1]
     assert [r.name for r in report.swapped] == ["second.ffn"]
     assert isinstance(model.second.ffn, FusedFFN) and isinstance(model.first.ffn, SwiGLU)
     assert ("first.ffn", "SwiGLU") in seen and ("second.ffn", "Sequential") in seen
@@ -241,7 +241,7 @@ def test_whole_llama_model_swaps_every_mlp_and_keeps_logits():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     original = copy.deepcopy(model)
-    report = kernel_moe.optimize(model, KernelConfig.for_ffn())
+    report = kernel_moe.optimize(model, KernelConfig.for_ffn(), return_report=True)[1]
     assert [r.name for r in report.swapped] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert report.skipped == []
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))

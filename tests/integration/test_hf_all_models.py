@@ -124,7 +124,7 @@ def survey(model_type: str) -> Survey:
     original = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = kernel_moe.optimize(model)
+        report = kernel_moe.optimize(model, return_report=True)[1]
     result.swapped = len(report.swapped)
 
     named = [r.name for r in report.swapped] + [r.name for r in report.skipped]

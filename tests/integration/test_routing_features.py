@@ -23,7 +23,7 @@ def _model(config: KernelConfig, seed: int = 0):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
-    report = kernel_moe.optimize(model, config)
+    report = kernel_moe.optimize(model, config, return_report=True)[1]
     assert report.num_swapped == 1, report
     return model, model[0]
 

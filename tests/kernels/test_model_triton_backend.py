@@ -31,7 +31,7 @@ def test_mixtral_logits_and_grads_on_triton_backend():
     model = _tiny_mixtral()
     original = copy.deepcopy(model)
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    report = kernel_moe.optimize(model, KernelConfig.for_moe(backend="triton"))
+    report = kernel_moe.optimize(model, KernelConfig.for_moe(backend="triton"), return_report=True)[1]
     assert report.num_swapped == 1 and isinstance(model.model.layers[0].mlp, FusedMoE)
     assert model.model.layers[0].mlp.backend == "triton"
     with torch.no_grad():
@@ -50,7 +50,7 @@ def test_dense_ffn_on_triton_backend():
     holder = nn.Sequential(net)
     x = torch.randn(3, 5, 20)
     ref = holder(x)
-    report = kernel_moe.optimize(holder, KernelConfig.for_ffn(backend="triton"))
+    report = kernel_moe.optimize(holder, KernelConfig.for_ffn(backend="triton"), return_report=True)[1]
     assert report.num_swapped == 1 and isinstance(holder[0], FusedFFN)
     with torch.no_grad():
         torch.testing.assert_close(holder(x), ref, atol=1e-5, rtol=1e-5)

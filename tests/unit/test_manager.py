@@ -80,7 +80,9 @@ class _FourLinearMoE(TopKMoE):
 def test_optimize_swaps_every_block_and_keeps_outputs():
     model = _model()
     original = copy.deepcopy(model)
-    report = UnifiedManager(KernelConfig.for_moe(top_k=2)).optimize(model)
+    manager = UnifiedManager(KernelConfig.for_moe(top_k=2))
+    manager.optimize(model)
+    report = manager.report
     assert report.num_swapped == 2
     assert all(isinstance(b, FusedMoE) for b in model.blocks)
     with torch.no_grad():
@@ -99,7 +101,7 @@ def test_optimize_is_idempotent():
     layers = list(model.blocks)
     with torch.no_grad():
         before = model(x)
-    again = kernel_moe.optimize(model)
+    again = kernel_moe.optimize(model, return_report=True)[1]
     assert again.swapped == [] and again.skipped == []
     assert again.already_optimized == ["blocks.0", "blocks.1"]
     assert all(a is b for a, b in zip(model.blocks, layers))
@@ -113,15 +115,15 @@ def test_restore_puts_the_original_modules_back():
     x = _x(2, 9, 16)
     with torch.no_grad():
         ref = model(x)
-    kernel_moe.optimize(model)
-    assert kernel_moe.restore(model) == 2
+    assert kernel_moe.optimize(model) is model
+    assert kernel_moe.restore(model) is model
     assert all(a is b for a, b in zip(model.blocks, originals))
     assert all(type(b) is TopKMoE for b in model.blocks)
     with torch.no_grad():
         assert_fp32_close(model(x), ref)
-    assert kernel_moe.restore(model) == 0
+    assert kernel_moe.restore(model) is model and list(model.blocks) == originals
     # The restored model can be optimized again.
-    assert kernel_moe.optimize(model).num_swapped == 2
+    assert kernel_moe.optimize(model, return_report=True)[1].num_swapped == 2
     with torch.no_grad():
         assert_fp32_close(model(x), ref)
 
@@ -242,7 +244,7 @@ def test_filter_fn_receives_module_and_fqn_and_limits_swaps():
         seen.append((type(module).__name__, fqn))
         return fqn != "blocks.0"
 
-    report = kernel_moe.optimize(model, filter_fn=only_second)
+    report = kernel_moe.optimize(model, filter_fn=only_second, return_report=True)[1]
     assert [r.name for r in report.swapped] == ["blocks.1"]
     assert type(model.blocks[0]) is TopKMoE and isinstance(model.blocks[1], FusedMoE)
     assert ("TopKMoE", "blocks.0") in seen and ("TwoBlockModel", "") in seen
@@ -260,7 +262,9 @@ def test_filter_fn_receives_module_and_fqn_and_limits_swaps():
 def test_config_expectation_mismatch_skips_with_reason(config, reason):
     model = _model()
     snap = snapshot_state(model)
-    report = UnifiedManager(config).optimize(model)
+    manager = UnifiedManager(config)
+    manager.optimize(model)
+    report = manager.report
     assert report.swapped == []
     assert [r.name for r in report.skipped] == ["blocks.0", "blocks.1"]
     assert all(reason in r.reason for r in report.skipped)
@@ -272,7 +276,9 @@ def test_config_expectation_mismatch_skips_with_reason(config, reason):
 
 def test_matching_expectations_swap():
     model = _model()
-    assert UnifiedManager(KernelConfig.for_moe(num_experts=4, top_k=2)).optimize(model).num_swapped == 2
+    manager = UnifiedManager(KernelConfig.for_moe(num_experts=4, top_k=2))
+    manager.optimize(model)
+    assert manager.report.num_swapped == 2
 
 
 @pytest.mark.parametrize(
@@ -289,7 +295,7 @@ def test_unsupported_block_is_skipped_untouched_and_strict_raises(block, reason)
     x = _x(2, 5, 16)
     with torch.no_grad():
         ref = model(x)
-    report = kernel_moe.optimize(model)
+    report = kernel_moe.optimize(model, return_report=True)[1]
     assert report.swapped == []
     assert [(r.name, r.module_class) for r in report.skipped] == [("moe", type(block).__name__)]
     assert reason in report.skipped[0].reason
@@ -302,15 +308,22 @@ def test_unsupported_block_is_skipped_untouched_and_strict_raises(block, reason)
     assert model.moe is block
 
 
-def test_model_that_is_itself_a_block_is_skipped_and_convert_works():
+def test_model_that_is_itself_a_block_comes_back_as_the_fused_layer():
+    """004: ``optimized_moe_model = manager.optimize(moe_model)`` with an MoE block as the model."""
     block = TopKMoE().eval()
-    report = kernel_moe.optimize(block)
-    assert report.swapped == [] and report.skipped[0].name == "<root>"
-    layer = UnifiedManager().convert(block)
-    assert isinstance(layer, FusedMoE) and layer.original is block
+    manager = UnifiedManager()
+    optimized = manager.optimize(block)
+    assert isinstance(optimized, FusedMoE) and optimized.original is block
+    assert [r.name for r in manager.report.swapped] == ["<root>"] and not manager.report.skipped
     x = _x(6, 16)
     with torch.no_grad():
-        assert_fp32_close(layer(x), block(x))
+        assert_fp32_close(optimized(x), block(x))
+    assert manager.optimize(optimized) is optimized and manager.report.already_optimized == ["<root>"]
+    assert kernel_moe.restore(optimized) is block
+    layer = UnifiedManager().convert(block)
+    assert isinstance(layer, FusedMoE) and layer.original is block
+    fused, report = kernel_moe.optimize(TopKMoE().eval(), return_report=True)
+    assert isinstance(fused, FusedMoE) and report.num_swapped == 1
 
 
 def test_convert_of_non_moe_module_raises():
@@ -323,7 +336,9 @@ def test_convert_of_non_moe_module_raises():
 def test_verify_false_swaps_without_probing():
     model = _model()
     original = copy.deepcopy(model)
-    report = UnifiedManager(KernelConfig.for_moe(verify=False)).optimize(model)
+    manager = UnifiedManager(KernelConfig.for_moe(verify=False))
+    manager.optimize(model)
+    report = manager.report
     assert report.num_swapped == 2
     x = _x(2, 5, 16)
     with torch.no_grad():
@@ -333,7 +348,9 @@ def test_verify_false_swaps_without_probing():
 def test_swapped_layer_is_built_with_the_config_and_the_original_training_flag():
     model = _model()
     config = KernelConfig.for_moe(top_k=2, capacity_factor=4.0, deterministic=False)
-    report = UnifiedManager(config).optimize(model)
+    manager = UnifiedManager(config)
+    manager.optimize(model)
+    report = manager.report
     layer = model.blocks[0]
     assert layer.kernel_config is config and layer.deterministic is False and layer.backend == "auto"
     assert layer.training is False  # the model is in eval mode, and so is what replaced its blocks
@@ -346,7 +363,7 @@ def test_swapped_layer_is_built_with_the_config_and_the_original_training_flag()
 def test_meta_parameters_are_skipped_with_reason():
     with torch.device("meta"):
         model = TwoBlockModel()
-    report = kernel_moe.optimize(model)
+    report = kernel_moe.optimize(model, return_report=True)[1]
     assert report.swapped == []
     assert all("meta" in r.reason for r in report.skipped) and len(report.skipped) == 2
 
@@ -374,7 +391,7 @@ def test_optimize_a_frozen_handwritten_model():
     model = TwoBlockModel()
     model.requires_grad_(False)
     original = copy.deepcopy(model)
-    report = kernel_moe.optimize(model)
+    report = kernel_moe.optimize(model, return_report=True)[1]
     assert report.num_swapped == 2 and not report.skipped
     x = torch.randn(3, 16)
     assert_fp32_close(model(x), original(x))

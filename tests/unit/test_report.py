@@ -83,7 +83,7 @@ class _AuxLossMoE(TopKMoE):
 def test_report_of_optimize_describes_each_swap():
     model = TwoBlockModel(hidden=16, inter=24, num_experts=4, top_k=2).eval()
     params = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
-    report = kernel_moe.optimize(model)
+    report = kernel_moe.optimize(model, return_report=True)[1]
     assert [r.name for r in report.swapped] == ["blocks.0", "blocks.1"]
     for rec, n in zip(report.swapped, params):
         assert rec.original_class == "TopKMoE"
@@ -98,7 +98,7 @@ def test_report_of_optimize_describes_each_swap():
 
 def test_report_of_optimize_lists_skips_with_reasons():
     model = _Holder(_AuxLossMoE(hidden=16)).eval()
-    report = kernel_moe.optimize(model)
+    report = kernel_moe.optimize(model, return_report=True)[1]
     assert report.swapped == []
     assert len(report.skipped) == 1
     rec = report.skipped[0]
@@ -111,7 +111,7 @@ def test_report_of_optimize_lists_skips_with_reasons():
 def test_second_report_lists_already_optimized():
     model = TwoBlockModel().eval()
     kernel_moe.optimize(model)
-    again = kernel_moe.optimize(model)
+    again = kernel_moe.optimize(model, return_report=True)[1]
     assert again.swapped == [] and again.skipped == []
     assert again.already_optimized == ["blocks.0", "blocks.1"]
     assert "already optimized: blocks.0, blocks.1" in str(again)
