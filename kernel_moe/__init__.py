@@ -18,6 +18,7 @@ from kernel_moe.config import KernelConfig
 from kernel_moe.errors import KernelMoEError, UnsupportedInputError, UnsupportedModuleError
 from kernel_moe.layers import FusedExperts, FusedFFN, FusedMoE
 from kernel_moe.manager import UnifiedManager, optimize, restore
+from kernel_moe.moe import AuxLossFreeMoE, OptimizedTopKGating
 from kernel_moe.report import OptimizeReport
 
 logging.getLogger("kernel_moe").addHandler(logging.NullHandler())
@@ -36,6 +37,8 @@ if "transformers" in sys.modules:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuxLossFreeMoE",
+    "OptimizedTopKGating",
     "FusedExperts",
     "FusedFFN",
     "FusedMoE",

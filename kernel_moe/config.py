@@ -55,6 +55,10 @@ class KernelConfig:
       z-loss, weighted by ``aux_loss_weight`` / ``z_loss_weight``) or "dynamic" (aux-loss-free
       per-expert selection bias updated at ``bias_update_rate``).
     - ``router_jitter``: multiplicative router-input noise in training only (0 disables).
+    - ``random_routing``: in training, with this probability a token's last slot goes to a
+      uniformly random expert it did not choose (weighted by the router's score for it), so every
+      expert keeps getting a training signal; drawn from torch's global RNG (``torch.manual_seed``
+      makes it reproducible) and counted in ``FusedMoE.randomly_routed``. 0 disables.
     - ``expert_parallel``: sharding experts over ranks (not available in this version).
     - ``backend``: "auto" (Triton kernels on CUDA, the CPU backend elsewhere), "triton" (always
       the Triton kernels; on CPU tensors only with TRITON_INTERPRET=1) or "cpu" (the CPU backend:
@@ -77,6 +81,7 @@ class KernelConfig:
     z_loss_weight: float = 0.0
     bias_update_rate: float = 1e-3
     router_jitter: float = 0.0
+    random_routing: float = 0.0
     expert_parallel: bool = False
     backend: str = "auto"
     swap_moe: bool = True
@@ -104,6 +109,9 @@ class KernelConfig:
         _check_float("router_jitter", self.router_jitter, 0.0, strict=False)
         if self.router_jitter >= 1.0:
             _fail("router_jitter", self.router_jitter, "a number in [0, 1)")
+        _check_float("random_routing", self.random_routing, 0.0, strict=False)
+        if self.random_routing >= 1.0:
+            _fail("random_routing", self.random_routing, "a probability in [0, 1)")
         if not isinstance(self.expert_parallel, bool):
             _fail("expert_parallel", self.expert_parallel, "True or False")
         if self.expert_parallel:

@@ -17,6 +17,8 @@ config the layer is built with:
 - ``load_balancing``: "auxiliary_loss" sets ``FusedMoE.aux_loss`` in training;
   "dynamic" keeps a per-expert selection bias ``expert_bias`` updated from the load.
 - ``router_jitter``: multiplicative noise on the router input in training.
+- ``random_routing``: in training, with probability p a token's last slot goes to a random
+  expert it did not choose (counted in ``FusedMoE.randomly_routed``).
 
 Legend: T tokens, H hidden, E experts, K top-k.
 """
@@ -38,6 +40,7 @@ from kernel_moe.routing.balancing import expert_counts
 from kernel_moe.routing.capacity import apply_capacity, expert_capacity
 from kernel_moe.routing.expert_choice import expert_choice_route
 from kernel_moe.routing.jitter import jitter_input
+from kernel_moe.routing.random_routing import random_routing
 from kernel_moe.routing.losses import load_balancing_loss, router_z_loss
 from kernel_moe.routing.topk import route
 
@@ -54,6 +57,8 @@ def routing_features(config: KernelConfig) -> str:
         parts.append(config.load_balancing)
     if config.router_jitter:
         parts.append(f"jitter {config.router_jitter:g}")
+    if config.random_routing:
+        parts.append(f"random routing p={config.random_routing:g}")
     return ", ".join(parts)
 
 
@@ -77,6 +82,7 @@ class FusedMoE(SwappedLayer):
         self._track_routing = False
         self.aux_loss: torch.Tensor | None = None
         self.dropped_tokens: torch.Tensor | None = None
+        self.randomly_routed: torch.Tensor | None = None
         device = get_attr_path(self, spec.router.weight).device
         self.register_buffer("routing_counts", torch.zeros(self.num_experts, dtype=torch.int64, device=device),
                              persistent=False)
@@ -91,6 +97,9 @@ class FusedMoE(SwappedLayer):
         """Raise ValueError when the config's routing features cannot apply to this block."""
         if self.kernel_config.routing != "expert_choice":
             return
+        if self.kernel_config.random_routing:
+            raise ValueError("random_routing applies to token-choice routing; with routing='expert_choice' "
+                             "every expert already gets its tokens")
         if self.spec.router.routing.order != "score_then_topk":
             raise ValueError("routing='expert_choice' needs a router that scores all experts (score_then_topk)")
         if self.spec.returns == "tensor_weights":
@@ -169,12 +178,17 @@ class FusedMoE(SwappedLayer):
                 weights_TK, ids_TK = gate(logits_TE, spec.router.routing, self.backend)
             else:
                 weights_TK, ids_TK = route(logits_TE, spec.router.routing, sel_bias)
+            if self.training and cfg.random_routing > 0:
+                weights_TK, ids_TK, self.randomly_routed = random_routing(
+                    logits_TE, weights_TK, ids_TK, spec.router.routing, cfg.random_routing)
+            run_ids_TK = ids_TK
             if cfg.capacity_factor is not None:
                 T, K = ids_TK.shape
                 capacity = expert_capacity(T, K, self.num_experts, cfg.capacity_factor, cfg.min_capacity)
-                weights_TK, ids_TK, _, self.dropped_tokens = apply_capacity(
+                weights_TK, ids_TK, dropped_TK, self.dropped_tokens = apply_capacity(
                     weights_TK, ids_TK, self.num_experts, capacity, cfg.capacity_priority)
-            out_TH = self._experts(x_TH, weights_TK, ids_TK)
+                run_ids_TK = ids_TK.masked_fill(dropped_TK, -1)  # a dropped slot: no work (the contract's rule)
+            out_TH = self._experts(x_TH, weights_TK, run_ids_TK)
         if self._track_routing:
             self.routing_counts += expert_counts(ids_TK, self.num_experts)
         if self.training and cfg.load_balancing == "auxiliary_loss":

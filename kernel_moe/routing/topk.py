@@ -136,7 +136,7 @@ def route(
         ids_TK = choice_TE.topk(spec.top_k, dim=-1).indices
         weights_TK = torch.softmax(logits.gather(1, ids_TK), dim=-1)
     else:
-        scores_TE = torch.softmax(logits, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits)
+        scores_TE = _scores(logits, spec)
         choice_TE = logits if spec.selection_on == "logits" else scores_TE
         if selection_bias_E is not None:
             choice_TE = choice_TE + selection_bias_E
@@ -147,14 +147,34 @@ def route(
         else:
             ids_TK = choice_TE.topk(spec.top_k, dim=-1).indices
             weights_TK = scores_TE.gather(1, ids_TK)
-        if spec.renormalize:
-            denom = weights_TK.sum(dim=-1, keepdim=True)
-            if spec.scoring == "sigmoid":
-                denom = denom + 1e-20
-            weights_TK = weights_TK / denom
+        weights_TK = _renormalized(weights_TK, spec)
     if spec.scaling != 1.0:
         weights_TK = weights_TK * spec.scaling
     return weights_TK, ids_TK
+
+
+def _scores(logits_TE: torch.Tensor, spec: TopKRouting) -> torch.Tensor:
+    return torch.softmax(logits_TE, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits_TE)
+
+
+def _renormalized(weights_TK: torch.Tensor, spec: TopKRouting) -> torch.Tensor:
+    if not spec.renormalize:
+        return weights_TK
+    denom = weights_TK.sum(dim=-1, keepdim=True)
+    if spec.scoring == "sigmoid":
+        denom = denom + 1e-20
+    return weights_TK / denom
+
+
+def routing_weights(logits_TE: torch.Tensor, ids_TK: torch.Tensor, spec: TopKRouting) -> torch.Tensor:
+    """The weights ``spec`` gives to the experts ``ids_TK`` [T, K] (chosen by any rule): what
+    :func:`route` returns for its own choice, for another one (random routing)."""
+    logits = logits_TE.float() if spec.score_dtype == "float32" else logits_TE
+    if spec.order == "topk_then_score":
+        weights_TK = torch.softmax(logits.gather(1, ids_TK), dim=-1)
+    else:
+        weights_TK = _renormalized(_scores(logits, spec).gather(1, ids_TK), spec)
+    return weights_TK * spec.scaling if spec.scaling != 1.0 else weights_TK
 
 
 RoutingSpec = TopKRouting  # deprecated alias (renamed: it says how logits become top-k weights and ids)

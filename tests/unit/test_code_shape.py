@@ -15,7 +15,8 @@ MAX_LINES = 600
 # layers of the architecture, lowest first: a module may import its own layer and lower ones only
 LAYERS = ["errors", "kernels", "ops", "routing", "layers", "adapters", "manager"]
 LAYER_OF = {"errors": "errors", "config": "errors", "kernels": "kernels", "ops": "ops", "routing": "kernels",
-            "layers": "layers", "adapters": "adapters", "manager": "manager", "report": "errors"}
+            "layers": "layers", "adapters": "adapters", "manager": "manager", "report": "errors",
+            "moe": "manager", "parallel": "layers"}
 # decorators whose functions are exempt: op schemas, their implementations and fakes spell every
 # field out, Triton kernels take their launch arguments flat
 EXEMPT_DECORATORS = ("custom_op", "register_fake", "impl", "jit")
