@@ -212,7 +212,7 @@ def _small_batch_rows(x_TH: torch.Tensor, slots: SortedSlots, experts: StackedEx
         lo = starts[first]
         x_MH = x_SH[lo : lo + sum(rows)]
         if count == 1:  # one expert: a plain GEMM (batched low-precision GEMMs are slower)
-            outs.append(mlp_forward(x_MH, expert_of(experts, first), experts.activation))
+            outs.append(mlp_forward(x_MH, expert_of(experts, first, x_TH.dtype), experts.activation))
             continue
         pos = None
         if min(rows) == m:
@@ -243,13 +243,13 @@ def _single_token_forward(x_1H: torch.Tensor, topk_weights_1K: torch.Tensor, top
         ids = [ids[j] for j in kept]
         weights_1K = weights_1K[:, kept]
     K = len(ids)
-    run = _strided_run(ids, x_1H.dtype)
+    run = None if experts.quantized else _strided_run(ids, x_1H.dtype)
     if run is not None:
         order = sorted(range(K), key=ids.__getitem__)
         y_KH = _run_mlp(x_1H.expand(K, 1, H), run[0], run[1], experts).view(K, H)
         weights_1K = weights_1K[:, order]
     else:
-        y_KH = torch.cat([mlp_forward(x_1H, expert_of(experts, e), experts.activation) for e in ids])
+        y_KH = torch.cat([mlp_forward(x_1H, expert_of(experts, e, x_1H.dtype), experts.activation) for e in ids])
     return torch.mm(weights_1K, y_KH.to(acc_dtype)).to(x_1H.dtype)
 
 
@@ -294,6 +294,7 @@ def _chunked_forward(x_TH: torch.Tensor, weights_S: torch.Tensor, slots: SortedS
     N = experts.w_up.shape[1]
     out_TH = torch.zeros(T, H, dtype=weights_S.dtype, device=x_TH.device)
     S = slots.order_S.shape[0]
+    dequantized: dict[int, object] = {}  # quantized experts: each dequantized once per call, when first needed
     ends = list(accumulate(slots.counts))
     for c0, c1 in _chunk_bounds(slots.counts, max(MIN_CHUNK_ROWS, -(-S // CHUNKS_PER_CALL))):
         # (expert, first row, end row) of each expert's slots inside this chunk, chunk-relative
@@ -303,18 +304,28 @@ def _chunked_forward(x_TH: torch.Tensor, weights_S: torch.Tensor, slots: SortedS
         x_CH = x_TH.index_select(0, tok_C)
         h_CN = x_TH.new_empty(c1 - c0, N)
         for e, lo, hi in segments:
-            ex = expert_of(experts, e)
+            ex = _expert(experts, e, x_TH.dtype, dequantized)
             _linear_into(h_CN[lo:hi], x_CH[lo:hi], ex.w_up, ex.b_up)
         del x_CH
         a_CI = apply_activation(h_CN, experts.activation)
         del h_CN
         y_CH = x_TH.new_empty(c1 - c0, H)
         for e, lo, hi in segments:
-            ex = expert_of(experts, e)
+            ex = _expert(experts, e, x_TH.dtype, dequantized)
             _linear_into(y_CH[lo:hi], a_CI[lo:hi], ex.w_down, ex.b_down)
         del a_CI
         out_TH.index_add_(0, tok_C, y_CH.to(weights_S.dtype).mul_(weights_S[c0:c1].unsqueeze(-1)))
     return out_TH
+
+
+def _expert(experts: StackedExperts, e: int, dtype: torch.dtype, cache: dict):
+    """Expert ``e`` (views; a quantized one dequantized once into ``cache``, dropped when the call ends)."""
+    if not experts.quantized:
+        return expert_of(experts, e)
+    if e not in cache:
+        cache.clear()  # one dequantized expert alive at a time: experts come in sorted order
+        cache[e] = expert_of(experts, e, dtype)
+    return cache[e]
 
 
 def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
@@ -333,7 +344,7 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
     if topk_ids_TK.numel() == 0:
         return x_TH.new_zeros(T, H)
     S = topk_ids_TK.numel()
-    ext = cpu_extension() if x_TH.device.type == "cpu" else None
+    ext = cpu_extension() if x_TH.device.type == "cpu" and not experts.quantized else None
     matvec = ext is not None and _matvec_fits(x_TH, experts, S)
     if T == 1 and not matvec and x_TH.device.type == "cpu":
         return _single_token_forward(x_TH, topk_weights_TK, topk_ids_TK, experts)
@@ -351,7 +362,7 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
         y_SH = _native_rows(ext, x_TH, slots, experts)
         if T == 1:  # one token: combine its rows by a [1, S'] x [S', H] GEMM
             return torch.mm(weights_S.unsqueeze(0), y_SH).to(x_TH.dtype)
-    elif S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active:
+    elif S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active and not experts.quantized:
         y_SH = _small_batch_rows(x_TH, slots, experts).to(acc_dtype)
     else:
         return _chunked_forward(x_TH, weights_S, slots, experts).to(x_TH.dtype)
@@ -361,7 +372,7 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
 
 def dense_forward(x_TH: torch.Tensor, experts: StackedExperts) -> torch.Tensor:
     """A dense call (one expert, weight 1 for every token): [T, H] -> [T, H] in x's dtype."""
-    return mlp_forward(x_TH, expert_of(experts, 0), experts.activation).to(x_TH.dtype)
+    return mlp_forward(x_TH, expert_of(experts, 0, x_TH.dtype), experts.activation).to(x_TH.dtype)
 
 
 __all__ = ["SortedSlots", "dense_forward", "expert_groups", "experts_forward", "sort_slots"]
