@@ -25,8 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-QUANTIZED_FORMATS = ("int8", "fp8", "int4")
-INT4_GROUP_SIZES = (32, 64, 128)
+from kernel_moe.config import INT4_GROUP_SIZES, QUANTIZED_FORMATS
+
 FP8_MAX = 448.0
 _CLIPS = {"int8": (1.0, 0.98, 0.96), "fp8": (1.0,), "int4": (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)}
 

@@ -13,12 +13,16 @@ from torch import nn
 from kernel_moe.config import KernelConfig
 from kernel_moe.kernels.contract import StackedExperts
 from kernel_moe.layers.base import SwappedLayer
+from kernel_moe.layers.quantized import stacked_quantized
 from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec
 from kernel_moe.ops.experts import run_experts as run_op
 
 
 def stacked_experts(layer: nn.Module, ex: ExpertsSpec) -> StackedExperts:
-    """The experts ``ex`` names on ``layer``, as the op's value type (views, no copies)."""
+    """The experts ``ex`` names on ``layer``, as the op's value type (views, no copies; the
+    quantized buffers when the layer's experts are quantized)."""
+    if getattr(layer, "quantized_experts", None) is not None:
+        return stacked_quantized(layer, ex)
     return StackedExperts(
         ex.up.get(layer),
         ex.down.get(layer),

@@ -46,6 +46,11 @@ class StackedWeight:
     def paths(self) -> list[str]:
         return [self.path]
 
+    def assemble(self, lookup) -> torch.Tensor:
+        """The [E, out, in] tensor from ``lookup(path)`` (a checkpoint's tensors, not the layer's)."""
+        w = lookup(self.path)
+        return w.transpose(1, 2) if self.transposed else w
+
 
 @dataclass(frozen=True)
 class ExpertListWeight:
@@ -100,6 +105,10 @@ class ExpertListWeight:
 
     def paths(self) -> list[str]:
         return [p for expert in self.parts for p in expert]
+
+    def assemble(self, lookup) -> torch.Tensor:
+        """The stacked [E, out, in] tensor from ``lookup(path)`` (a checkpoint's tensors)."""
+        return torch.stack([torch.cat([lookup(p) for p in expert], dim=0) for expert in self.parts])
 
 
 WeightSource = StackedWeight | ExpertListWeight
