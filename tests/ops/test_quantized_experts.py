@@ -24,6 +24,7 @@ IDS = [f"{f}-{g or 'row'}" for f, g in FORMATS]
 @pytest.fixture(autouse=True, params=["auto", "off"], ids=["native", "torch"])
 def cpu_extension_setting(request, monkeypatch):
     monkeypatch.setenv(cpu_extension.ENV, request.param)
+    return request.param
 
 
 def _quantized(inputs: dict, fmt: str, group: int | None) -> tuple[dict, dict]:
@@ -138,3 +139,16 @@ def test_int4_packing_and_group_scales_round_trip():
         quantize(w, "int4", 48)
     with pytest.raises(ValueError, match="multiple of group_size=128"):
         quantize(w, "int4", 128)
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS, ids=IDS)
+def test_decode_runs_the_native_quantized_kernel(fmt, group, monkeypatch, cpu_extension_setting):
+    module = cpu_extension.cpu_extension()
+    if module is None:
+        pytest.skip("the native kernels are switched off in this parametrization")
+    calls = []
+    real = module.grouped_matvec_quantized
+    monkeypatch.setattr(module, "grouped_matvec_quantized", lambda *a: calls.append(a[-1]) or real(*a))
+    q, deq = _quantized(op_inputs(3, H, I, 8, 2, bias=True, seed=8), fmt, group)
+    assert_fp32_close(run_op(q), run_reference(deq))
+    assert len(calls) == 2  # the up and the down projection

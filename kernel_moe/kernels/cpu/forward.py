@@ -43,6 +43,9 @@ HOST_SORT_MAX_SLOTS = 64
 # rows matter far less than the mean
 NATIVE_MAX_MEAN_ROWS = {torch.float32: 8, torch.bfloat16: 5}
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# quantized experts: the native matrix-vector kernel reads 1 (or 0.5) byte per weight where the
+# PyTorch path dequantizes each active expert whole; it is used up to this many rows per expert
+QUANTIZED_MAX_MEAN_ROWS = 16
 
 
 class SortedSlots(NamedTuple):
@@ -255,8 +258,10 @@ def _single_token_forward(x_1H: torch.Tensor, topk_weights_1K: torch.Tensor, top
 
 def _matvec_fits(x_TH: torch.Tensor, experts: StackedExperts, S: int) -> bool:
     """Whether the native grouped matrix-vector kernel takes these tensors: fp32 or bf16
-    weights of x's dtype with unit stride along the input features, few slots."""
+    weights of x's dtype with unit stride along the input features, or quantized weights; few slots."""
     w_up, w_down = experts.w_up, experts.w_down
+    if experts.quantized:
+        return S <= MIN_CHUNK_ROWS and x_TH.dtype in (torch.float32, torch.bfloat16, torch.float16)
     return (x_TH.dtype in NATIVE_MAX_MEAN_ROWS and S <= MIN_CHUNK_ROWS and w_up.dtype == x_TH.dtype
             and w_down.dtype == x_TH.dtype and w_up.stride(-1) == 1 and w_down.stride(-1) == 1)
 
@@ -265,6 +270,19 @@ def _fused_fits(x_TH: torch.Tensor, experts: StackedExperts) -> bool:
     """Whether the native fused forward takes these tensors: fp32, bf16 or fp16, weights and
     biases of x's dtype."""
     return x_TH.dtype in FUSED_DTYPES and all(w is None or w.dtype == x_TH.dtype for w in experts[:4])
+
+
+_FORMAT_CODES = {"int8": 1, "fp8": 2, "int4": 3}
+
+
+def _matvec(ext, x_SK: torch.Tensor, experts: StackedExperts, which: int, counts: list[int]) -> torch.Tensor:
+    """The native grouped matrix-vector product with the up (``which`` 0) or down (1) weights."""
+    w = experts.w_up if which == 0 else experts.w_down
+    if not experts.quantized:
+        return ext.grouped_matvec(x_SK, w, counts)
+    scale = experts.w_up_scale if which == 0 else experts.w_down_scale
+    return ext.grouped_matvec_quantized(x_SK, w.view(torch.uint8), scale, counts,
+                                        _FORMAT_CODES[experts.weight_format])
 
 
 def _native_rows(ext, x_TH: torch.Tensor, slots: SortedSlots, experts: StackedExperts) -> torch.Tensor:
@@ -276,11 +294,11 @@ def _native_rows(ext, x_TH: torch.Tensor, slots: SortedSlots, experts: StackedEx
     expert_S = None
     if b_up is not None or b_down is not None:
         expert_S = torch.repeat_interleave(torch.arange(len(slots.counts)), torch.tensor(slots.counts))
-    h_SN = ext.grouped_matvec(x_SH, experts.w_up, slots.counts)
+    h_SN = _matvec(ext, x_SH, experts, 0, slots.counts)
     if b_up is not None:
         h_SN += b_up.index_select(0, expert_S)
     a_SI = apply_activation(h_SN, experts.activation).contiguous()
-    y_SH = ext.grouped_matvec(a_SI, experts.w_down, slots.counts)
+    y_SH = _matvec(ext, a_SI, experts, 1, slots.counts)
     if b_down is not None:
         y_SH += b_down.index_select(0, expert_S)
     return y_SH
@@ -344,7 +362,7 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
     if topk_ids_TK.numel() == 0:
         return x_TH.new_zeros(T, H)
     S = topk_ids_TK.numel()
-    ext = cpu_extension() if x_TH.device.type == "cpu" and not experts.quantized else None
+    ext = cpu_extension() if x_TH.device.type == "cpu" else None
     matvec = ext is not None and _matvec_fits(x_TH, experts, S)
     if T == 1 and not matvec and x_TH.device.type == "cpu":
         return _single_token_forward(x_TH, topk_weights_TK, topk_ids_TK, experts)
@@ -352,8 +370,8 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
     active = sum(1 for n in slots.counts if n)
     if not active:  # every slot dropped
         return x_TH.new_zeros(T, H)
-    matvec = matvec and S <= NATIVE_MAX_MEAN_ROWS[x_TH.dtype] * active
-    if ext is not None and not matvec and _fused_fits(x_TH, experts):
+    matvec = matvec and S <= (QUANTIZED_MAX_MEAN_ROWS if experts.quantized else NATIVE_MAX_MEAN_ROWS[x_TH.dtype]) * active
+    if ext is not None and not matvec and not experts.quantized and _fused_fits(x_TH, experts):
         act = experts.activation
         return ext.fused_experts(x_TH, topk_weights_TK, slots.order_S, slots.counts, *experts[:4], act.kind,
                                  act.glu, act.alpha, act.limit, act.gate_softcap, act.up_softcap)
