@@ -72,6 +72,8 @@ class UnifiedManager:
         result = model
         done: list[str] = []
         for fqn, module in list(model.named_modules()):
+            if "" in done:
+                break  # the model itself was swapped: nothing inside it is left to visit
             if any(fqn.startswith(p + ".") for p in done):
                 continue
             if isinstance(module, FUSED_LAYERS):
