@@ -18,6 +18,8 @@ DEPRECATED_BACKENDS = {"torch": "cpu"}
 LOAD_BALANCING = ("none", "auxiliary_loss", "dynamic")
 CAPACITY_PRIORITIES = ("score", "position")
 ROUTING_MODES = ("token_choice", "expert_choice")
+OFFLOAD_TIERS = ("host", "disk")  # where offloaded experts live (layers/offload.py)
+OFFLOAD_EVICTIONS = ("frequency", "lru")  # slot eviction policies (layers/slot_cache.py)
 
 
 def _fail(field: str, value: object, allowed: str) -> None:
@@ -66,6 +68,20 @@ class KernelConfig:
       expert weights are released unless ``quantize_keep_original``. ``quantize_group_size``: None
       for one scale per output row (int8, fp8), or 32 / 64 / 128 input features per scale (int4:
       default 128).
+    - ``offload_experts``: None (every expert stays where the model has it), "host" or "disk":
+      each swapped MoE keeps ``expert_slots`` experts in fast slots (on the model's device) and
+      the rest in the slow tier, copied into a slot when routed to (``layers/offload.py``).
+      "host": host memory (page-locked for a GPU model; copies on a side stream). "disk": a
+      safetensors-layout file per layer written at optimize time into ``offload_dir`` (None: an
+      unlinked temporary file), read into RAM slots, so a CPU model's resident memory stays at the
+      slots plus the non-expert weights. Inference only; not combined with ``quantize_experts``.
+    - ``expert_slots``: slots per layer (an int >= 1, capped at the layer's expert count); required
+      with ``offload_experts``, None without.
+    - ``offload_eviction``: "frequency" (use counts that decay with age) or "lru".
+    - ``offload_prefetch``: predict the next offloaded layer's experts with its router on this
+      layer's input and copy them while this layer computes.
+    - ``offload_upload_cap``: at most this many prefetch copies per layer per step (None: the slot
+      count); the copies a step needs are never capped, its outputs stay exact.
     - ``expert_parallel``: sharding experts over ranks (not available in this version).
     - ``backend``: "auto" (Triton kernels on CUDA, the CPU backend elsewhere), "triton" (always
       the Triton kernels; on CPU tensors only with TRITON_INTERPRET=1) or "cpu" (the CPU backend:
@@ -92,6 +108,12 @@ class KernelConfig:
     quantize_experts: str | None = None
     quantize_group_size: int | None = None
     quantize_keep_original: bool = False
+    offload_experts: str | None = None
+    expert_slots: int | None = None
+    offload_dir: str | None = None
+    offload_eviction: str = "frequency"
+    offload_prefetch: bool = True
+    offload_upload_cap: int | None = None
     expert_parallel: bool = False
     backend: str = "auto"
     swap_moe: bool = True
@@ -128,6 +150,7 @@ class KernelConfig:
         _check_float("random_routing", self.random_routing, 0.0, strict=False)
         if self.random_routing >= 1.0:
             _fail("random_routing", self.random_routing, "a probability in [0, 1)")
+        self._check_offload()
         if not isinstance(self.expert_parallel, bool):
             _fail("expert_parallel", self.expert_parallel, "True or False")
         if self.expert_parallel:
@@ -139,12 +162,34 @@ class KernelConfig:
             object.__setattr__(self, "backend", new)
         if self.backend not in BACKENDS:
             _fail("backend", self.backend, ", ".join(BACKENDS))
-        for name in ("swap_moe", "swap_ffn", "verify", "deterministic", "quantize_keep_original"):
+        for name in ("swap_moe", "swap_ffn", "verify", "deterministic", "quantize_keep_original", "offload_prefetch"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
         if not (self.swap_moe or self.swap_ffn):
             _fail("swap_moe", self.swap_moe, "True when swap_ffn is False (otherwise nothing can be swapped)")
         _check_int("verify_tokens", self.verify_tokens, 1)
+
+    def _check_offload(self) -> None:
+        if self.offload_experts not in (None, *OFFLOAD_TIERS):
+            _fail("offload_experts", self.offload_experts, "None, " + ", ".join(map(repr, OFFLOAD_TIERS)))
+        if self.offload_experts is None:
+            for name in ("expert_slots", "offload_dir", "offload_upload_cap"):
+                if getattr(self, name) is not None:
+                    _fail(name, getattr(self, name), "None when offload_experts is None")
+        else:
+            if self.expert_slots is None:
+                _fail("expert_slots", None, f"an int >= 1 when offload_experts={self.offload_experts!r}")
+            _check_int("expert_slots", self.expert_slots, 1)
+            if self.quantize_experts is not None:
+                _fail("quantize_experts", self.quantize_experts,
+                      "None when offload_experts is set (offloading quantized experts is not available)")
+        if self.offload_dir is not None and (not isinstance(self.offload_dir, str) or not self.offload_dir):
+            _fail("offload_dir", self.offload_dir, "a directory path (str) or None")
+        if self.offload_dir is not None and self.offload_experts != "disk":
+            _fail("offload_dir", self.offload_dir, "None unless offload_experts='disk'")
+        if self.offload_eviction not in OFFLOAD_EVICTIONS:
+            _fail("offload_eviction", self.offload_eviction, ", ".join(OFFLOAD_EVICTIONS))
+        _check_int("offload_upload_cap", self.offload_upload_cap, 1, optional=True)
 
     @classmethod
     def for_moe(

@@ -22,6 +22,7 @@ from kernel_moe.adapters.probe import (
 from kernel_moe.config import KernelConfig
 from kernel_moe.errors import KernelMoEError, UnsupportedModuleError
 from kernel_moe.layers import SwappedLayer
+from kernel_moe.layers.offload import link_prefetch, offload_layer
 from kernel_moe.layers.quantized import quantize_layer
 from kernel_moe.layers.spec import FFNSpec, SwapSpec
 from kernel_moe.layers.weights import get_attr_path
@@ -71,6 +72,7 @@ class UnifiedManager:
         report = self.report = OptimizeReport()
         result = model
         done: list[str] = []
+        layers: list[nn.Module] = []
         for fqn, module in list(model.named_modules()):
             if "" in done:
                 break  # the model itself was swapped: nothing inside it is left to visit
@@ -82,12 +84,13 @@ class UnifiedManager:
                 continue
             if filter_fn is not None and not filter_fn(module, fqn):
                 continue
-            outcome = self._convert(module)
+            outcome = self._convert(module, fqn)
             if outcome is None:
                 continue
             if isinstance(outcome, Skip):
                 self._skip(report, fqn, module, outcome.reason, strict)
                 continue
+            layers.append(outcome)
             if fqn == "":
                 result = outcome  # the model itself is the block: the fused layer replaces it
             else:
@@ -103,6 +106,7 @@ class UnifiedManager:
                 parameters=sum(p.numel() for p in module.parameters()),
                 details=outcome.details(),
             ))
+        link_prefetch(layers)
         logger.info(report.summary())
         return result
 
@@ -122,8 +126,9 @@ class UnifiedManager:
         fused = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, FUSED_LAYERS)]
         released = [fqn or "<root>" for fqn, m in fused if m.original_released]
         if released:
-            raise KernelMoEError(f"cannot restore {', '.join(released)}: quantize_experts released the original expert "
-                                 "weights; optimize with quantize_keep_original=True to be able to restore")
+            raise KernelMoEError(f"cannot restore {', '.join(released)}: quantize_experts or offload_experts released "
+                                 "the original expert weights; optimize with quantize_keep_original=True (quantized) "
+                                 "or without offload_experts to be able to restore")
         if isinstance(model, FUSED_LAYERS):
             return model.original
         for fqn, module in fused:
@@ -137,9 +142,9 @@ class UnifiedManager:
             raise UnsupportedModuleError(f"{fqn} ({type(module).__name__}): {reason}")
         report.skipped.append(SkipRecord(fqn, type(module).__name__, reason))
 
-    def _convert(self, module: nn.Module) -> nn.Module | Skip | None:
+    def _convert(self, module: nn.Module, fqn: str = "") -> nn.Module | Skip | None:
         """Ask each adapter; prove its candidates; build the first proven spec's layer once,
-        with everything the config asks for."""
+        with everything the config asks for (``fqn``: the module's name, for offload files)."""
         reasons = []
         for adapter in self.adapters:
             candidates = adapter.candidates(module, self.config)
@@ -157,7 +162,8 @@ class UnifiedManager:
             except ValueError as exc:  # a routing feature of the config that cannot apply to this block
                 reasons.append(str(exc))
                 continue
-            return self._quantized(layer)
+            layer = self._quantized(layer)
+            return layer if isinstance(layer, Skip) else self._offloaded(layer, fqn)
         return Skip("; ".join(reasons)) if reasons else None
 
     def _quantized(self, layer: nn.Module) -> nn.Module | Skip:
@@ -171,6 +177,18 @@ class UnifiedManager:
                                                      cfg.quantize_keep_original)
         except KernelMoEError as exc:
             return Skip(f"quantize_experts={cfg.quantize_experts!r} cannot apply: {exc}")
+        return layer
+
+    def _offloaded(self, layer: nn.Module, fqn: str) -> nn.Module | Skip:
+        """The layer with its experts offloaded when the config asks (MoE blocks and experts
+        modules; dense FFNs stay as they are)."""
+        cfg = self.config
+        if cfg.offload_experts is None or isinstance(layer.spec, FFNSpec):
+            return layer
+        try:
+            layer.offload_note = offload_layer(layer, cfg, fqn)
+        except KernelMoEError as exc:
+            return Skip(f"offload_experts={cfg.offload_experts!r} cannot apply: {exc}")
         return layer
 
     def _prove(self, module: nn.Module, specs: list[SwapSpec]) -> SwapSpec | Skip:

@@ -39,7 +39,9 @@ class SwappedLayer(nn.Module):
         self.deterministic = config.deterministic
         self._stacked_weights: dict[str, torch.Tensor] = {}
         self.quantized_experts: nn.Module | None = None  # see layers/quantized.py
-        self.original_released = False  # the original's expert weights were released by quantization
+        self.original_released = False  # the original's expert weights were released (quantized / offloaded)
+        self.released_sources: tuple = ()  # weight sources whose tensors were released (layers/quantized.py)
+        self.offloaded_experts: nn.Module | None = None  # see layers/offload.py
         self.training = original.training
 
     @property
@@ -61,11 +63,8 @@ class SwappedLayer(nn.Module):
         return []
 
     def _live_sources(self) -> list:
-        """The weight sources still present (quantization may have released the expert weights)."""
-        if not self.original_released:
-            return self._weight_sources()
-        released = (self.spec.experts.up, self.spec.experts.down)
-        return [s for s in self._weight_sources() if all(s is not r for r in released)]
+        """The weight sources still present (quantization or offloading may have released some)."""
+        return [s for s in self._weight_sources() if all(s is not r for r in self.released_sources)]
 
     def _bind_weights(self) -> None:
         for source in self._live_sources():
@@ -86,7 +85,7 @@ class SwappedLayer(nn.Module):
         """What the report says about this layer: what it computes, the features the config
         added, and when it runs the original module instead."""
         notes = [self.spec.describe(), self.features(), getattr(self, "quantization_note", ""),
-                 *self.spec.fallback_notes()]
+                 getattr(self, "offload_note", ""), *self.spec.fallback_notes()]
         return "; ".join(n for n in notes if n)
 
     def extra_repr(self) -> str:

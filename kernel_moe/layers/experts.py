@@ -35,7 +35,9 @@ def stacked_experts(layer: nn.Module, ex: ExpertsSpec) -> StackedExperts:
 def run_experts(layer: nn.Module, ex: ExpertsSpec, x_TH: torch.Tensor, weights_TK: torch.Tensor | None,
                 ids_TK: torch.Tensor | None, backend: str, deterministic: bool = True) -> torch.Tensor:
     """The fused experts op on the weights ``ex`` names on ``layer``: [T, H] -> [T, H] (routing
-    None: a dense call of a one-expert spec)."""
+    None: a dense call of a one-expert spec); from the slots when the layer's experts are offloaded."""
+    if getattr(layer, "offloaded_experts", None) is not None:
+        return layer.offloaded_experts(x_TH, weights_TK, ids_TK, ex.activation, backend, deterministic)
     return run_op(x_TH, weights_TK, ids_TK, stacked_experts(layer, ex), backend, deterministic)
 
 

@@ -99,16 +99,18 @@ def quantize_layer(layer: nn.Module, fmt: str, group_size: int | None, keep_orig
     layer.quantized_experts = QuantizedExperts(up, down)
     layer.original_released = not keep_original
     if not keep_original:
-        _release(layer, ex)
+        release_sources(layer, [ex.up, ex.down])
     layer._register_load_state_dict_pre_hook(_quantize_on_load, with_module=True)
     after = layer.quantized_experts.nbytes()
     return (f"experts {layer.quantized_experts.extra_repr()}: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB "
             f"({after / before:.2f}x)")
 
 
-def _release(layer: nn.Module, ex: ExpertsSpec) -> None:
-    """Remove the full-precision expert weights (Parameters and stacked storage) from the layer."""
-    for source in (ex.up, ex.down):
+def release_sources(layer: nn.Module, sources: list) -> None:
+    """Remove the weights of ``sources`` (Parameters and stacked storage) from the layer: the
+    layer stops binding them, and their memory is freed."""
+    layer.released_sources = (*layer.released_sources, *sources)
+    for source in sources:
         for path in source.paths():
             owner_path, _, name = path.rpartition(".")
             owner = get_attr_path(layer, owner_path) if owner_path else layer
@@ -132,4 +134,4 @@ def _quantize_on_load(module: nn.Module, state_dict: dict, prefix: str, *args) -
         state_dict[f"{prefix}quantized_experts.{name}_scale"] = packed.scale
 
 
-__all__ = ["QuantizedExperts", "quantize_layer", "stacked_quantized"]
+__all__ = ["QuantizedExperts", "quantize_layer", "release_sources", "stacked_quantized"]
