@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -96,6 +97,7 @@ class DiskStore:
                 for name in names:
                     f.write(_bytes_of(get(name, e)).numpy().tobytes())
         self.fd = os.open(path, os.O_RDWR)
+        self._close = weakref.finalize(self, os.close, self.fd)
         self._staging: dict[str, Tensor] | None = None
 
     def read_into(self, expert: int, targets: dict[str, Tensor]) -> None:
@@ -123,9 +125,9 @@ class DiskStore:
         os.pwrite(self.fd, data, self.data_start + self.offsets[(expert, name)])
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close the file (an unlinked temporary file disappears with it); also done when the store is freed."""
+        self._close()
+        self.fd = -1
 
 
 Store = HostStore | DiskStore

@@ -77,7 +77,6 @@ class OffloadedExperts(nn.Module):
         self._predicted: set[int] = set()
         self._prefetched: set[int] = set()
         self.__dict__["_next"] = None  # (weakref to the next layer's OffloadedExperts, predictor)
-        weakref.finalize(self, store.close)
 
     def slot_tensors(self) -> dict[str, Tensor]:
         """name -> slot tensor [S, ...] of each stored tensor."""
@@ -101,7 +100,9 @@ class OffloadedExperts(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.slot_tensors().values())
 
     def describe(self) -> str:
-        where = f"disk ({self.store.path})" if isinstance(self.store, DiskStore) else "host memory"
+        where = "host memory"
+        if isinstance(self.store, DiskStore):
+            where = "disk (" + (self.store.path if os.path.exists(self.store.path) else "unlinked temporary file") + ")"
         total = self.store.expert_bytes * self.num_experts
         return (f"experts offloaded to {where}: {self.num_slots} of {self.num_experts} in slots "
                 f"({self.nbytes() / 2**20:.1f} of {total / 2**20:.1f} MiB), {self.cache.policy} eviction, "
