@@ -141,8 +141,8 @@ def _reslot(model: Stack, config: KernelConfig) -> None:
     """Give every offloaded block fresh slots over the same store (no file rewritten)."""
     for block in model.blocks:
         old = block.offloaded_experts
-        block.offloaded_experts = OffloadedExperts(old.store, E, min(config.expert_slots, E), torch.device("cpu"),
-                                                   config)
+        block.offloaded_experts = OffloadedExperts(old.store, min(config.expert_slots, E), torch.device("cpu"), config,
+                                                   old.how)
     link_prefetch(list(model.blocks))
 
 

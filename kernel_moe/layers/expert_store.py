@@ -47,7 +47,7 @@ class HostStore:
 
     def __init__(self, names: dict[str, tuple[tuple[int, ...], torch.dtype]], num_experts: int,
                  get: ExpertGetter, pin: bool) -> None:
-        self.names = names
+        self.names, self.num_experts = names, num_experts
         self.tensors = {}
         for name, (shape, dtype) in names.items():
             t = torch.empty((num_experts, *shape), dtype=dtype, pin_memory=pin)
@@ -77,7 +77,7 @@ class DiskStore:
 
     def __init__(self, path: str, names: dict[str, tuple[tuple[int, ...], torch.dtype]], num_experts: int,
                  get: ExpertGetter) -> None:
-        self.path, self.names = path, names
+        self.path, self.names, self.num_experts = path, names, num_experts
         self.sizes = {n: torch.Size(s).numel() * torch.empty(0, dtype=d).element_size() for n, (s, d) in names.items()}
         self.expert_bytes = sum(self.sizes.values())
         header, offsets, start = {}, {}, 0

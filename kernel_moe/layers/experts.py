@@ -37,7 +37,7 @@ def run_experts(layer: nn.Module, ex: ExpertsSpec, x_TH: torch.Tensor, weights_T
     """The fused experts op on the weights ``ex`` names on ``layer``: [T, H] -> [T, H] (routing
     None: a dense call of a one-expert spec); from the slots when the layer's experts are offloaded."""
     if getattr(layer, "offloaded_experts", None) is not None:
-        return layer.offloaded_experts(x_TH, weights_TK, ids_TK, ex.activation, backend, deterministic)
+        return layer.offloaded_experts(x_TH, weights_TK, ids_TK)
     return run_op(x_TH, weights_TK, ids_TK, stacked_experts(layer, ex), backend, deterministic)
 
 

@@ -34,13 +34,14 @@ import torch
 from torch import Tensor, nn
 
 from kernel_moe.errors import KernelMoEError
-from kernel_moe.kernels.contract import Activation, StackedExperts
+from kernel_moe.kernels.contract import StackedExperts
 from kernel_moe.layers.expert_store import DiskStore, HostStore, SlotMover, Store
 from kernel_moe.layers.quantized import release_sources
 from kernel_moe.layers.slot_cache import OffloadStats, SlotCache
 from kernel_moe.layers.spec import ExpertsSpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.ops.experts import run_experts as run_op
+from kernel_moe.ops.offload import register_runner
 from kernel_moe.routing.topk import route
 
 NAMES = ("up", "down", "up_bias", "down_bias")
@@ -58,11 +59,15 @@ def _executor() -> ThreadPoolExecutor:
 
 
 class OffloadedExperts(nn.Module):
-    """The fast slots of one layer's experts, its slot cache, its store and its stats."""
+    """The fast slots of one layer's experts, its slot cache, its store and its stats. ``how``: the
+    experts' (Activation, backend, deterministic)."""
 
-    def __init__(self, store: Store, num_experts: int, num_slots: int, device: torch.device, config) -> None:
+    def __init__(self, store: Store, num_slots: int, device: torch.device, config, how: tuple) -> None:
         super().__init__()
+        num_experts = store.num_experts
         self.__dict__["store"] = store
+        self.how = how
+        self.handle = register_runner(self.run)
         self.num_experts, self.num_slots = num_experts, num_slots
         self.tier = config.offload_experts
         for name, (shape, dtype) in store.names.items():
@@ -162,14 +167,20 @@ class OffloadedExperts(nn.Module):
         wanted = order[: int((counts > 0).sum())].tolist()
         nxt.start_prefetch(wanted)
 
-    def forward(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor, activation: Activation, backend: str,
-                deterministic: bool = True) -> Tensor:
-        """[T, H] -> [T, H]: the routed experts, run from the slots (in waves when the step routes
-        to more distinct experts than there are slots)."""
+    def forward(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor) -> Tensor:
+        """[T, H] -> [T, H]: the routed experts, run from the slots; inside a compiled graph as the
+        opaque op ``kernel_moe::offloaded_experts``."""
         if torch.is_grad_enabled() and (x_TH.requires_grad or weights_TK.requires_grad):
             raise KernelMoEError("offloaded experts are inference-only (offload_experts="
                                  f"{self.tier!r}): run the model under torch.no_grad() or torch.inference_mode(); "
                                  "training needs the experts in the model (offload_experts=None)")
+        if torch.compiler.is_compiling():
+            return torch.ops.kernel_moe.offloaded_experts(x_TH, weights_TK, ids_TK, self.handle)
+        return self.run(x_TH, weights_TK, ids_TK)
+
+    def run(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor) -> Tensor:
+        """The routed experts from the slots (in waves when the step routes to more distinct experts
+        than there are slots)."""
         self._wait_prefetch()
         distinct = torch.unique(ids_TK)
         needed = [e for e in distinct.tolist() if 0 <= e < self.num_experts]
@@ -186,7 +197,7 @@ class OffloadedExperts(nn.Module):
                     self.stats.bytes_moved += self.store.expert_bytes
             if i == 0:
                 self._prefetch_next(x_TH)  # the next layer's copies overlap this layer's compute
-            y_TH = self._run_wave(x_TH, weights_TK, ids_TK, wave, (activation, backend, deterministic))
+            y_TH = self._run_wave(x_TH, weights_TK, ids_TK, wave)
             if len(waves) > 1:
                 y_TH = y_TH.float()  # waves add up in fp32 and round once
             out_TH = y_TH if out_TH is None else out_TH + y_TH
@@ -195,9 +206,9 @@ class OffloadedExperts(nn.Module):
             out_TH = torch.zeros_like(x_TH)
         return out_TH.to(x_TH.dtype)
 
-    def _run_wave(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor, wave, how: tuple) -> Tensor:
+    def _run_wave(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor, wave) -> Tensor:
         """The fused op on the slots with expert_map [E] = slot of each expert of ``wave``, -1 elsewhere."""
-        activation, backend, deterministic = how
+        activation, backend, deterministic = self.how
         slots = [slot for _, slot, _ in wave]
         self.mover.ready(slots)
         map_E = torch.full((self.num_experts,), -1, dtype=torch.int64)
@@ -256,7 +267,8 @@ def offload_layer(layer: nn.Module, config, name: str) -> str:
     device = full["up"].device
     del full
     slots = min(config.expert_slots, ex.num_experts)
-    layer.offloaded_experts = OffloadedExperts(store, ex.num_experts, slots, device, config)
+    how = (ex.activation, layer.backend, layer.deterministic)
+    layer.offloaded_experts = OffloadedExperts(store, slots, device, config, how)
     release_sources(layer, ex.sources())
     layer.original_released = True
     layer._register_load_state_dict_pre_hook(_store_on_load, with_module=True)

@@ -8,11 +8,13 @@ from kernel_moe.kernels import resolve_backend, triton_available, triton_interpr
 from kernel_moe.ops import ffn as _ffn  # noqa: F401  (registers the kernel_moe::fused_ffn alias)
 from kernel_moe.ops.experts import fused_experts, fused_experts_backward, run_experts
 from kernel_moe.ops.gating import gate, topk_gating
+from kernel_moe.ops.offload import offloaded_experts
 
 __all__ = [
     "fused_experts",
     "fused_experts_backward",
     "gate",
+    "offloaded_experts",
     "resolve_backend",
     "run_experts",
     "topk_gating",

@@ -166,3 +166,37 @@ def test_tiny_transformers_models_give_the_same_logits_and_generate_the_same_tok
             assert_fp32_close(model(tokens).logits, want_logits)
             assert torch.equal(model.generate(tokens, max_new_tokens=6, do_sample=False), want_tokens)
         assert offload_stats(model)["total"].predicted > 0  # layer 0 predicted layer 1's experts
+
+
+def test_offloaded_model_compiles_whole():
+    reference = _model()
+    model, _ = _offloaded(reference, "disk", 3)
+    x = torch.randn(8, H)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch._dynamo.explain(model)(x).graph_break_count == 0
+        compiled = torch.compile(model, fullgraph=True)
+        for T in (8, 8, 1):
+            assert_fp32_close(compiled(x[:T]), reference(x[:T]))
+    assert offload_stats(model)["total"].steps > 0
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_peak_rss_stays_within_the_slots_and_the_non_expert_weights(tmp_path):
+    """The benchmark's memory measurement (a subprocess reading VmHWM around generate()) at a
+    model whose experts are 4x the slots."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "memory.json"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_offload.py"), "memory", "--scale", "2",
+                    "--json", str(out)], check=True, env=env, cwd=root, timeout=900, capture_output=True)
+    r = json.loads(out.read_text())
+    assert r["expert_bytes"] >= 4 * r["slot_bytes"] * 0.99
+    assert r["same_tokens"] and r["within"], r
