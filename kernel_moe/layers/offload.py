@@ -79,6 +79,7 @@ class OffloadedExperts(nn.Module):
         self.prefetch = config.offload_prefetch
         self.upload_cap = config.offload_upload_cap if config.offload_upload_cap is not None else num_slots
         self._pending: Future | None = None
+        self._cancel = threading.Event()
         self._predicted: set[int] = set()
         self._prefetched: set[int] = set()
         self.__dict__["_next"] = None  # (weakref to the next layer's OffloadedExperts, predictor)
@@ -114,10 +115,19 @@ class OffloadedExperts(nn.Module):
                 f"prefetch {'on' if self.prefetch else 'off'}")
 
     def _wait_prefetch(self) -> None:
-        """Block until copies a previous layer started into these slots are done (re-raises their error)."""
+        """Stop the background copies a previous layer started into these slots after the one in
+        progress (the step knows what it needs now) and forget the ones not made; re-raises their error."""
         pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        if pending is None:
+            return
+        self._cancel.set()
+        undone = pending.result()
+        self._cancel.clear()
+        for e, slot, evicted in undone:
+            self.cache.undo(e, slot, evicted)
+            self._prefetched.discard(e)
+        self.stats.prefetched -= len(undone)
+        self.stats.bytes_moved -= len(undone) * self.store.expert_bytes
 
     def start_prefetch(self, predicted: list[int]) -> None:
         """Copy up to ``upload_cap`` of ``predicted`` (most wanted first) into free or evictable slots,
@@ -125,20 +135,23 @@ class OffloadedExperts(nn.Module):
         self._wait_prefetch()
         loads = self.cache.prefetch_plan(predicted, self.upload_cap)
         self._predicted = set(predicted)
-        self._prefetched = {e for e, _ in loads}
+        self._prefetched = {e for e, _, _ in loads}
         self.stats.prefetched += len(loads)
         self.stats.bytes_moved += len(loads) * self.store.expert_bytes
         if not loads:
             return
         if self.mover.asynchronous:
-            for e, slot in loads:
+            for e, slot, _ in loads:
                 self.mover.load(e, slot)
             return
-        mover = self.mover
+        mover, cancel = self.mover, self._cancel
 
-        def copy() -> None:
-            for e, slot in loads:
+        def copy() -> list[tuple[int, int, int | None]]:
+            for i, (e, slot, _) in enumerate(loads):
+                if cancel.is_set():
+                    return loads[i:]
                 mover.load(e, slot)
+            return []
 
         self._pending = _executor().submit(copy)
 
@@ -201,9 +214,6 @@ class OffloadedExperts(nn.Module):
             if len(waves) > 1:
                 y_TH = y_TH.float()  # waves add up in fp32 and round once
             out_TH = y_TH if out_TH is None else out_TH + y_TH
-        if out_TH is None:  # nothing routed to a held expert: the op's rule for dropped slots
-            self._prefetch_next(x_TH)
-            out_TH = torch.zeros_like(x_TH)
         return out_TH.to(x_TH.dtype)
 
     def _run_wave(self, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor, wave) -> Tensor:

@@ -83,6 +83,14 @@ class SlotCache:
         self.slot_of[expert] = slot
         return old
 
+    def undo(self, expert: int, slot: int, evicted: int | None) -> None:
+        """A copy of ``expert`` into ``slot`` was not made: the slot still holds ``evicted`` (or is free)."""
+        if self.expert_in[slot] == expert:
+            del self.slot_of[expert]
+            self.expert_in[slot] = None
+            if evicted is not None:
+                self.assign(evicted, slot)
+
     def plan(self, needed: list[int]) -> list[Wave]:
         """The waves that run the distinct experts ``needed`` by one step: one wave when they fit
         in the slots, else the resident ones and as many misses as fit first, then the rest of the
@@ -105,9 +113,11 @@ class SlotCache:
                 return waves
             wave = []
 
-    def prefetch_plan(self, predicted: list[int], cap: int, protect: set[int] = frozenset()) -> list[tuple[int, int]]:
-        """(expert, slot) copies that bring up to ``cap`` of the ``predicted`` experts in ahead of
-        need, never evicting a predicted expert or one of ``protect``. Assigns the slots."""
+    def prefetch_plan(self, predicted: list[int], cap: int,
+                      protect: set[int] = frozenset()) -> list[tuple[int, int, int | None]]:
+        """(expert, slot, expert evicted or None) copies that bring up to ``cap`` of the ``predicted``
+        experts in ahead of need, never evicting a predicted expert or one of ``protect``. Assigns
+        the slots (:meth:`undo` puts a copy not made back)."""
         keep = set(predicted) | set(protect)
         loads = []
         for e in predicted:
@@ -118,8 +128,7 @@ class SlotCache:
             slot = self.victim(keep)
             if slot is None:
                 break
-            self.assign(e, slot)
-            loads.append((e, slot))
+            loads.append((e, slot, self.assign(e, slot)))
         return loads
 
 

@@ -46,6 +46,24 @@ def test_every_slot_count_gives_the_models_outputs(tier, bias):
         assert (stats.extra_waves > 0) == (slots < E)  # 64 tokens route to every expert: waves below E slots
 
 
+def test_no_tokens_and_dropped_slots_follow_the_contract():
+    from kernel_moe.kernels.contract import StackedExperts
+    from kernel_moe.ops.experts import run_experts
+
+    reference = _model()
+    experts = reference.blocks[0].experts
+    full = StackedExperts(torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in experts]),
+                          torch.stack([e.w2.weight for e in experts]))
+    model, _ = _offloaded(reference, "disk", 2)
+    with torch.no_grad():
+        assert model(torch.randn(0, H)).shape == (0, H)
+        x, w = torch.randn(3, H), torch.rand(3, 2)
+        ids = torch.tensor([[0, -1], [9, 1], [-1, -1]])  # -1 and ids >= E: dropped slots
+        got = model.blocks[0].offloaded_experts(x, w, ids)
+        assert_fp32_close(got, run_experts(x, w, ids, full, "cpu"))
+    assert torch.equal(got[2], torch.zeros(H))
+
+
 def test_bf16_outputs_match_within_the_dtype_tolerance_in_waves():
     reference = _model().to(torch.bfloat16)
     x = torch.randn(32, H, dtype=torch.bfloat16)

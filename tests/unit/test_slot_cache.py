@@ -49,10 +49,14 @@ def test_prefetch_respects_the_cap_and_never_evicts_protected_or_predicted_exper
     cache = SlotCache(8, 3, "lru")
     cache.plan([0, 1, 2])
     loads = cache.prefetch_plan([5, 6, 7], cap=2, protect={0})
-    assert len(loads) == 2 and {e for e, _ in loads} == {5, 6}
+    assert len(loads) == 2 and {e for e, _, _ in loads} == {5, 6}
     assert cache.resident(0) and cache.resident(5) and cache.resident(6)
+    assert {old for _, _, old in loads} == {1, 2}
     assert cache.prefetch_plan([0, 5, 6, 7], cap=3) == []  # every slot holds a predicted expert
     assert cache.prefetch_plan([5], cap=1) == []  # already resident
+    e, slot, old = loads[1]
+    cache.undo(e, slot, old)  # that copy was not made: the slot holds the expert it held before
+    assert not cache.resident(e) and cache.slot_of[old] == slot
 
 
 def test_invalid_arguments_name_what_is_allowed():
