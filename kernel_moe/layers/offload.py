@@ -91,10 +91,14 @@ class OffloadedExperts(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """``.to()`` moves the slots to the device asked for but keeps the store's dtype (a cast
         would make slots and store disagree)."""
+        self._wait_prefetch()
+        moved = False
         for name, buf in self._buffers.items():
             if buf is not None:
                 self._buffers[name] = buf.to(fn(buf.new_empty(0)).device)
-        self.cache.clear()  # the moved slots are refilled on demand
+                moved = moved or self._buffers[name] is not buf
+        if moved:
+            self.cache.clear()  # the new slots are empty: refilled on demand
         return self
 
     def set_next(self, nxt: OffloadedExperts | None, predictor) -> None:
@@ -308,6 +312,8 @@ def predictor(layer: nn.Module):
 
     def predict(x_TH: Tensor) -> Tensor:
         moe = ref()
+        if moe is None:  # the layer is gone: predict nothing
+            return torch.empty(0, dtype=torch.int64, device=x_TH.device)
         r = moe.spec.router
         bias = get_attr_path(moe, r.selection_bias) if r.selection_bias else None
         if getattr(moe, "expert_bias", None) is not None:
