@@ -153,6 +153,7 @@ def _reslot(model: Stack, config: KernelConfig) -> None:
         block.offloaded_experts = OffloadedExperts(old.store, min(config.expert_slots, E), torch.device("cpu"), config,
                                                    old.how)
     link_prefetch(list(model.blocks))
+    gc.collect()
 
 
 def bench_speed(args) -> dict:

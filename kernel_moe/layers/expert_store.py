@@ -134,24 +134,25 @@ Store = HostStore | DiskStore
 
 
 class SlotMover:
-    """Copies experts from ``store`` into the slot tensors ``slots()`` returns (name -> [S, ...])."""
+    """Copies experts from ``store`` into slot tensors (name -> [S, ...]) given with each call (the
+    mover holds no reference to the module that owns them)."""
 
-    def __init__(self, store: Store, slots: Callable[[], dict[str, Tensor]]) -> None:
-        self.store, self.slots = store, slots
+    def __init__(self, store: Store) -> None:
+        self.store = store
         self._stream = None
         self._ready: dict[int, object] = {}  # slot -> CUDA event of its copy
         self._free: dict[int, object] = {}  # slot -> CUDA event of the compute that last read it
         self._staged = None  # CUDA event of the copy out of the disk store's staging buffer
 
-    @property
-    def asynchronous(self) -> bool:
-        """True on a GPU: copies are queued on a side stream (no thread needed to overlap them)."""
-        return next(iter(self.slots().values())).device.type == "cuda"
+    @staticmethod
+    def asynchronous(slots: dict[str, Tensor]) -> bool:
+        """True for GPU slots: copies are queued on a side stream (no thread needed to overlap them)."""
+        return next(iter(slots.values())).device.type == "cuda"
 
-    def load(self, expert: int, slot: int) -> None:
-        """Copy ``expert`` into ``slot`` (queued on the side stream on a GPU)."""
-        targets = {name: t[slot] for name, t in self.slots().items()}
-        if not self.asynchronous:
+    def load(self, expert: int, slot: int, slots: dict[str, Tensor]) -> None:
+        """Copy ``expert`` into ``slot`` of ``slots`` (queued on the side stream on a GPU)."""
+        targets = {name: t[slot] for name, t in slots.items()}
+        if not self.asynchronous(slots):
             self.store.read_into(expert, targets)
             return
         device = next(iter(targets.values())).device

@@ -74,7 +74,7 @@ class OffloadedExperts(nn.Module):
             self.register_buffer(f"{name}_slots", torch.zeros((num_slots, *shape), dtype=dtype, device=device),
                                  persistent=False)
         self.cache = SlotCache(num_experts, num_slots, config.offload_eviction)
-        self.mover = SlotMover(store, self.slot_tensors)
+        self.mover = SlotMover(store)
         self.stats = OffloadStats()
         self.prefetch = config.offload_prefetch
         self.upload_cap = config.offload_upload_cap if config.offload_upload_cap is not None else num_slots
@@ -144,17 +144,17 @@ class OffloadedExperts(nn.Module):
         self.stats.bytes_moved += len(loads) * self.store.expert_bytes
         if not loads:
             return
-        if self.mover.asynchronous:
+        mover, cancel, slots = self.mover, self._cancel, self.slot_tensors()
+        if mover.asynchronous(slots):
             for e, slot, _ in loads:
-                self.mover.load(e, slot)
+                mover.load(e, slot, slots)
             return
-        mover, cancel = self.mover, self._cancel
 
         def copy() -> list[tuple[int, int, int | None]]:
             for i, (e, slot, _) in enumerate(loads):
                 if cancel.is_set():
                     return loads[i:]
-                mover.load(e, slot)
+                mover.load(e, slot, slots)
             return []
 
         self._pending = _executor().submit(copy)
@@ -209,7 +209,7 @@ class OffloadedExperts(nn.Module):
         for i, wave in enumerate(waves):
             for e, slot, load in wave:
                 if load:
-                    self.mover.load(e, slot)
+                    self.mover.load(e, slot, self.slot_tensors())
                     self.stats.loads += 1
                     self.stats.bytes_moved += self.store.expert_bytes
             if i == 0:

@@ -219,3 +219,19 @@ def test_peak_rss_stays_within_the_slots_and_the_non_expert_weights(tmp_path):
     r = json.loads(out.read_text())
     assert r["expert_bytes"] >= 4 * r["slot_bytes"] * 0.99
     assert r["same_tokens"] and r["within"], r
+
+
+def test_a_deleted_model_frees_its_slots_without_waiting_for_the_garbage_collector():
+    import gc
+    import weakref
+
+    model, _ = _offloaded(_model(), "disk", 4)
+    with torch.no_grad():
+        model(torch.randn(5, H))
+    refs = [weakref.ref(m.offloaded_experts) for m in model.blocks]
+    gc.disable()
+    try:
+        del model
+        assert all(r() is None for r in refs)  # no reference cycle keeps the slots alive
+    finally:
+        gc.enable()
