@@ -65,7 +65,9 @@ class KernelConfig:
       quantization of every swapped MoE's experts (``layers/quantized.py``); the full-precision
       expert weights are released unless ``quantize_keep_original``. ``quantize_group_size``: None
       for one scale per output row (int8, fp8), or 32 / 64 / 128 input features per scale (int4:
-      default 128).
+      default 128). ``quantize_hot_experts``: per layer, this many of the experts that calibration
+      batches (``optimize(model, calibration=...)``) route the most slots to stay in full precision
+      (004's "quantize inactive experts"); 0 quantizes every expert.
     - ``expert_parallel``: sharding experts over ranks (not available in this version).
     - ``backend``: "auto" (Triton kernels on CUDA, the CPU backend elsewhere), "triton" (always
       the Triton kernels; on CPU tensors only with TRITON_INTERPRET=1) or "cpu" (the CPU backend:
@@ -92,6 +94,7 @@ class KernelConfig:
     quantize_experts: str | None = None
     quantize_group_size: int | None = None
     quantize_keep_original: bool = False
+    quantize_hot_experts: int = 0
     expert_parallel: bool = False
     backend: str = "auto"
     swap_moe: bool = True
@@ -125,6 +128,9 @@ class KernelConfig:
             _fail("quantize_group_size", self.quantize_group_size, "None, " + ", ".join(map(str, INT4_GROUP_SIZES)))
         if self.quantize_experts is None and self.quantize_group_size is not None:
             _fail("quantize_group_size", self.quantize_group_size, "None when quantize_experts is None")
+        _check_int("quantize_hot_experts", self.quantize_hot_experts, 0)
+        if self.quantize_experts is None and self.quantize_hot_experts:
+            _fail("quantize_hot_experts", self.quantize_hot_experts, "0 when quantize_experts is None")
         _check_float("random_routing", self.random_routing, 0.0, strict=False)
         if self.random_routing >= 1.0:
             _fail("random_routing", self.random_routing, "a probability in [0, 1)")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -22,7 +23,8 @@ from kernel_moe.adapters.probe import (
 from kernel_moe.config import KernelConfig
 from kernel_moe.errors import KernelMoEError, UnsupportedModuleError
 from kernel_moe.layers import SwappedLayer
-from kernel_moe.layers.quantized import quantize_layer
+from kernel_moe.layers.calibration import count_routing
+from kernel_moe.layers.quantized import check_quantizable, quantize_layer
 from kernel_moe.layers.spec import FFNSpec, SwapSpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.kernels import resolve_backend
@@ -58,16 +60,24 @@ class UnifiedManager:
         self.adapters = list(adapters) if adapters is not None else registered_adapters()
         self.report = OptimizeReport()
 
-    def optimize(self, model: nn.Module, filter_fn: FilterFn | None = None, strict: bool = False) -> nn.Module:
+    def optimize(self, model: nn.Module, filter_fn: FilterFn | None = None, strict: bool = False,
+                 calibration: Iterable | None = None) -> nn.Module:
         """Swap every recognized, proven-equivalent module in place and return the optimized model:
         the same object when modules inside it were swapped, the fused layer when ``model`` itself
         is a recognized MoE block. What was swapped and skipped, and why, is ``self.report``.
 
         ``filter_fn(module, fqn)`` returning False leaves a module alone. With ``strict=True``
         a candidate that cannot be swapped raises UnsupportedModuleError instead of being skipped.
+        ``calibration``: model inputs (tensors, tuples of arguments or dicts of keyword arguments)
+        run once after swapping to count each layer's routing; needed by
+        ``KernelConfig.quantize_hot_experts``.
         """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if self.config.quantize_hot_experts and calibration is None:
+            raise ValueError(f"KernelConfig.quantize_hot_experts={self.config.quantize_hot_experts} keeps the most "
+                             "routed experts in full precision and needs calibration batches: "
+                             "optimize(model, calibration=[inputs, ...])")
         report = self.report = OptimizeReport()
         result = model
         done: list[str] = []
@@ -103,6 +113,8 @@ class UnifiedManager:
                 parameters=sum(p.numel() for p in module.parameters()),
                 details=outcome.details(),
             ))
+        if self.config.quantize_hot_experts:
+            self._quantize_calibrated(result, report, calibration)
         logger.info(report.summary())
         return result
 
@@ -167,11 +179,37 @@ class UnifiedManager:
         if cfg.quantize_experts is None or isinstance(layer.spec, FFNSpec):
             return layer
         try:
-            layer.quantization_note = quantize_layer(layer, cfg.quantize_experts, cfg.quantize_group_size,
-                                                     cfg.quantize_keep_original)
+            if cfg.quantize_hot_experts:  # quantized after calibration (see _quantize_calibrated)
+                check_quantizable(layer, cfg.quantize_experts, cfg.quantize_group_size, cfg.quantize_keep_original)
+                layer.awaits_calibration = True
+            else:
+                layer.quantization_note = quantize_layer(layer, cfg.quantize_experts, cfg.quantize_group_size,
+                                                         cfg.quantize_keep_original)
         except KernelMoEError as exc:
             return Skip(f"quantize_experts={cfg.quantize_experts!r} cannot apply: {exc}")
         return layer
+
+    def _quantize_calibrated(self, model: nn.Module, report: OptimizeReport, calibration: Iterable) -> None:
+        """Run the calibration inputs, then quantize each waiting layer's experts but the
+        ``quantize_hot_experts`` it routed the most slots to; the report's details say which."""
+        cfg = self.config
+        layers = {fqn or "<root>": m for fqn, m in model.named_modules() if getattr(m, "awaits_calibration", False)}
+        counts = count_routing(model, list(layers.values()), calibration)
+        for record_index, record in enumerate(report.swapped):
+            layer = layers.get(record.name)
+            if layer is None:
+                continue
+            n = min(cfg.quantize_hot_experts, layer.num_experts)
+            hot = counts[layer].topk(n).indices if n < layer.num_experts else None
+            if hot is None:
+                layer.quantization_note = f"every expert kept in full precision (quantize_hot_experts={n})"
+            else:
+                share = counts[layer][hot].sum().item() / max(1, counts[layer].sum().item())
+                note = quantize_layer(layer, cfg.quantize_experts, cfg.quantize_group_size,
+                                      cfg.quantize_keep_original, hot)
+                layer.quantization_note = f"{note}; the hot experts took {share:.0%} of the calibration slots"
+            layer.awaits_calibration = False
+            report.swapped[record_index] = dataclasses.replace(record, details=layer.details())
 
     def _prove(self, module: nn.Module, specs: list[SwapSpec]) -> SwapSpec | Skip:
         """The first candidate whose layer computes what ``module`` computes on a probe, with
@@ -259,12 +297,13 @@ def _weight_like(module: nn.Module, spec) -> torch.Tensor:
 
 
 def optimize(model: nn.Module, config: KernelConfig | None = None, filter_fn: FilterFn | None = None,
-             strict: bool = False, return_report: bool = False) -> nn.Module | tuple[nn.Module, OptimizeReport]:
+             strict: bool = False, return_report: bool = False,
+             calibration: Iterable | None = None) -> nn.Module | tuple[nn.Module, OptimizeReport]:
     """One-line form of :meth:`UnifiedManager.optimize`: ``model = kernel_moe.optimize(model)``
     returns the optimized model; ``model, report = kernel_moe.optimize(model, return_report=True)``
     also returns what was swapped and skipped, and why."""
     manager = UnifiedManager(config)
-    result = manager.optimize(model, filter_fn=filter_fn, strict=strict)
+    result = manager.optimize(model, filter_fn=filter_fn, strict=strict, calibration=calibration)
     return (result, manager.report) if return_report else result
 
 

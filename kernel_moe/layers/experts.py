@@ -18,25 +18,30 @@ from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec
 from kernel_moe.ops.experts import run_experts as run_op
 
 
-def stacked_experts(layer: nn.Module, ex: ExpertsSpec) -> StackedExperts:
-    """The experts ``ex`` names on ``layer``, as the op's value type (views, no copies; the
-    quantized buffers when the layer's experts are quantized)."""
+def stacked_experts(layer: nn.Module, ex: ExpertsSpec) -> list[StackedExperts]:
+    """The experts ``ex`` names on ``layer``, as the op's value types (views, no copies): one
+    call's, or with quantized experts their buffers (two calls when hot experts stay in full
+    precision, see layers/quantized.py)."""
     if getattr(layer, "quantized_experts", None) is not None:
         return stacked_quantized(layer, ex)
-    return StackedExperts(
+    return [StackedExperts(
         ex.up.get(layer),
         ex.down.get(layer),
         ex.up_bias.get(layer) if ex.up_bias is not None else None,
         ex.down_bias.get(layer) if ex.down_bias is not None else None,
         ex.activation,
-    )
+    )]
 
 
 def run_experts(layer: nn.Module, ex: ExpertsSpec, x_TH: torch.Tensor, weights_TK: torch.Tensor | None,
                 ids_TK: torch.Tensor | None, backend: str, deterministic: bool = True) -> torch.Tensor:
     """The fused experts op on the weights ``ex`` names on ``layer``: [T, H] -> [T, H] (routing
-    None: a dense call of a one-expert spec)."""
-    return run_op(x_TH, weights_TK, ids_TK, stacked_experts(layer, ex), backend, deterministic)
+    None: a dense call of a one-expert spec); the calls of several expert sets add up."""
+    first, *rest = stacked_experts(layer, ex)
+    out_TH = run_op(x_TH, weights_TK, ids_TK, first, backend, deterministic)
+    for experts in rest:
+        out_TH = out_TH + run_op(x_TH, weights_TK, ids_TK, experts, backend, deterministic)
+    return out_TH
 
 
 class FusedExperts(SwappedLayer):
