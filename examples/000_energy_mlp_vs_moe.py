@@ -71,7 +71,7 @@ def params(module: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------- measuring
-def measure(moe: MoE, dim: int, hidden: int, tokens: int, variants: tuple[str, ...], mlps: dict[str, int],
+def measure(moe: MoE, dim: int, tokens: int, variants: tuple[str, ...], mlps: dict[str, int],
             min_time_s: float, energy: bool, seed: int) -> dict:
     """MoEBenchmark of ``moe`` (its ``variants``) and of baseline MLPs of the given hidden sizes,
     side by side at one shape; the cases by variant name."""
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
           f"{params(moe.gate) + k * params(moe.experts[0]):,} active per input; {tokens} inputs per call")
     reason = getattr(meter, "reason", "")
     print(f"energy counter: {meter.method if meter.available else f'not available ({reason})'}")
-    cases = measure(moe, dim, hidden, tokens, ("original", "optimized", "optimized+compiled"),
+    cases = measure(moe, dim, tokens, ("original", "optimized", "optimized+compiled"),
                     {"mlp same total params": n * hidden, "mlp same active params": k * hidden},
                     min_time, True, args.seed)
     labels = {"original": "MoE, loop over all experts", "optimized": "MoE, kernel_moe",
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     for n_sweep in sweep:
         torch.manual_seed(args.seed)
         moe_n = MoE(dim, hidden, n_sweep, k).eval()
-        got = measure(moe_n, dim, hidden, tokens, ("optimized+compiled",), {"mlp": n_sweep * hidden},
+        got = measure(moe_n, dim, tokens, ("optimized+compiled",), {"mlp": n_sweep * hidden},
                       min_time, False, args.seed)
         moe_case, mlp_case = got["optimized+compiled"], got["mlp"]
         if not (moe_case.ok and mlp_case.ok):

@@ -43,6 +43,7 @@ from torch import nn
 import kernel_moe
 from kernel_moe import training
 from kernel_moe.bench import BenchSettings, Measurements, MoEBenchmark, Timing, count_parameters
+from kernel_moe.bench.memory import without_profiler_log_lines
 from kernel_moe.moe import AuxLossFreeMoE, OptimizedTopKGating
 
 from _common import ClassLM, Clock, new_figure, parser, print_table, save_figure, section, setup, train, val_loss
@@ -181,9 +182,13 @@ def op_profile(block: nn.Module, x: torch.Tensor, calls: int) -> None:
     """torch.profiler over a few calls of the block: the operators with the most self CPU time."""
     block.eval()
     block(x)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            block(x)
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    with without_profiler_log_lines():  # the profiler's own start / stop log lines, not ours to show
+        prof.start()
+    for _ in range(calls):
+        block(x)
+    with without_profiler_log_lines():
+        prof.stop()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     print_table(["operator", "self CPU ms per call", "share"], [

@@ -226,17 +226,16 @@ def val_loss(model: nn.Module, val: torch.Tensor) -> float:
 
 
 def train(model: nn.Module, data: torch.Tensor, steps: int, batch: int, lr: float, seed: int = 0,
-          on_step: Callable[[int, float], None] | None = None, opt: torch.optim.Optimizer | None = None,
-          first_step: int = 1) -> torch.optim.Optimizer:
-    """AdamW on the LM loss plus ``kernel_moe.training.aux_loss(model)`` (zero unless a fused
-    layer uses load_balancing="auxiliary_loss"), then ``update_expert_biases`` (acts only on
-    "dynamic" layers). ``on_step(step, loss)`` after each step. Returns the optimizer (pass it
-    back to continue training)."""
+          on_step: Callable[[int, float], None] | None = None) -> None:
+    """``steps`` steps of AdamW on the LM loss plus ``kernel_moe.training.aux_loss(model)`` (zero
+    unless a fused layer uses load_balancing="auxiliary_loss"), each followed by
+    ``update_expert_biases`` (acts only on "dynamic" layers); ``on_step(step, loss)`` after each
+    step (steps count from 1). ``data`` [sequences, length] token ids; ``batch`` sequences a step."""
     model.train()
-    opt = opt or torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    for step in range(first_step, first_step + steps):
-        seqs = data[torch.randint(0, data.shape[0], (batch,), generator=gen)]
+    for step in range(1, steps + 1):
+        seqs = data[torch.randint(0, data.shape[0], (batch,), generator=gen)]  # [batch, length]
         loss = lm_loss(model, seqs) + training.aux_loss(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -244,4 +243,3 @@ def train(model: nn.Module, data: torch.Tensor, steps: int, batch: int, lr: floa
         training.update_expert_biases(model)
         if on_step is not None:
             on_step(step, loss.item())
-    return opt

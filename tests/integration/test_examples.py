@@ -54,6 +54,7 @@ def test_example_smoke_run(script, tmp_path):
     assert result.returncode == 0, output[-4000:]
     for expected in EXPECTED[script]:
         assert expected in result.stdout, f"{expected!r} not printed by {script}:\n{result.stdout[-4000:]}"
+    assert "profiler_start" not in output, f"the PyTorch profiler's log lines leaked into {script}'s output"
     written = sorted(p.name for p in out.rglob("*") if p.is_file()) if out.exists() else []
     if script.startswith("001"):
         assert {"expert_utilization_k2_cf1.5.png", "throughput.png"} <= set(written), written
