@@ -1,8 +1,9 @@
 """000: energy and speed of a baseline MLP vs a loop MoE vs the same MoE optimized by kernel_moe,
 and the break-even formula ``(k/n) + routing_overhead < 1`` against a measured crossover.
 
-    python examples/000_energy_mlp_vs_moe.py            # full: about 1.5 minutes on a 2-core CPU
-    python examples/000_energy_mlp_vs_moe.py --smoke    # tiny sizes: about 15 s
+    python examples/000_energy_mlp_vs_moe.py            # full: 91 s
+    python examples/000_energy_mlp_vs_moe.py --smoke    # tiny sizes: 26 s
+    (times measured on a shared 2-core CPU at load average 8-12; an idle one is faster)
 
 The user's experiment compares a baseline MLP, an "original" MoE (a gate picks the top-k experts
 of each input, then the forward iterates over all experts and finds each one's inputs with a

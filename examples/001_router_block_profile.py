@@ -1,8 +1,9 @@
 """001: a top-k router with capacity factor and jitter, a transformer block whose feed-forward is
 an MoE, expert-utilization plots and profiling, on kernel_moe.
 
-    python examples/001_router_block_profile.py [--out DIR]   # full: about 1 minute on a 2-core CPU
-    python examples/001_router_block_profile.py --smoke       # tiny sizes: about 15 s
+    python examples/001_router_block_profile.py [--out DIR]   # full: 76 s
+    python examples/001_router_block_profile.py --smoke       # tiny sizes: 39 s
+    (times measured on a shared 2-core CPU at load average 8-12; an idle one is faster)
 
 The user's project builds a router (top-k selection, capacity factor, optional jitter), expert
 FFNs, an MoE layer combining them, a transformer block that uses the MoE as its feed-forward,

@@ -1,8 +1,9 @@
 """002: a fair comparison, MoE vs dense at matched ACTIVE parameters, trained with the Switch
 load-balancing loss, then expert usage and expert specialization.
 
-    python examples/002_fair_moe_vs_dense.py            # full: about 1 minute on a 2-core CPU
-    python examples/002_fair_moe_vs_dense.py --smoke    # tiny sizes, 30 steps: about 10 s
+    python examples/002_fair_moe_vs_dense.py            # full: 114 s
+    python examples/002_fair_moe_vs_dense.py --smoke    # tiny sizes, 30 steps: 12 s
+    (times measured on a shared 2-core CPU at load average 8-12; an idle one is faster)
 
 The user's guide builds an MoE from three modules (an ``Expert`` FFN, a ``TopKGating`` that
 takes the top-k gate logits and softmaxes them, an ``MoELayer`` with a loop over its experts),

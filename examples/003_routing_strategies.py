@@ -1,8 +1,9 @@
 """003: routing strategies on kernel_moe: top-1 / top-2 / top-k, expert capacity with dropped
 tokens counted, random routing, and expert collapse: detected, then recovered.
 
-    python examples/003_routing_strategies.py            # full: about 30 s on a 2-core CPU
-    python examples/003_routing_strategies.py --smoke    # tiny sizes, few steps: about 10 s
+    python examples/003_routing_strategies.py            # full: 61 s
+    python examples/003_routing_strategies.py --smoke    # tiny sizes, few steps: 18 s
+    (times measured on a shared 2-core CPU at load average 8-12; an idle one is faster)
 
 The guide explains MoE routing (top-1 as in Switch, top-2 as in Mixtral, top-k), the three
 answers to load imbalance (an auxiliary balance loss, expert capacity, random routing) and the

@@ -1,8 +1,9 @@
 """004: the plan's snippets, run as written on kernel_moe.
 
-    python examples/004_plan_snippets.py            # full: about 1 minute on a 2-core CPU
-    python examples/004_plan_snippets.py --smoke    # tiny sizes: about 20 s
+    python examples/004_plan_snippets.py            # full: 78 s
+    python examples/004_plan_snippets.py --smoke    # tiny sizes: 32 s
     python examples/004_plan_snippets.py --plan-sizes   # the benchmark at the plan's own sizes (long on a CPU)
+    (times measured on a shared 2-core CPU at load average 8-12; an idle one is faster)
 
 The plan ("Mixture of Experts (MoE) Optimization", v0.5.0) shows the API it wants: a top-k gating
 module, an MoE layer with load balancing, a sparse expert attention, a ``for_moe`` config, the
