@@ -105,6 +105,14 @@ class FusedMoE(SwappedLayer):
         if self.spec.returns == "tensor_weights":
             raise ValueError("routing='expert_choice' cannot reproduce a block that returns its top-k routing weights")
 
+    def __getstate__(self) -> dict:
+        """``copy.deepcopy`` and pickling leave out ``aux_loss``: the last training forward's loss
+        belongs to that forward's autograd graph, which neither can copy (a copy has run no
+        forward yet, so its ``aux_loss`` is None)."""
+        state = super().__getstate__()
+        state["aux_loss"] = None
+        return state
+
     def _gating_op_applies(self) -> bool:
         """True when routing runs as the fused gating kernel: the Triton backend on this device
         and a routing the kernel computes (no groups, no selection bias, fp32 scores)."""
