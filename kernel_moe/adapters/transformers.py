@@ -69,6 +69,9 @@ class TransformersMoEAdapter:
         parts = block_parts(module)
         if parts is None or isinstance(parts, Skip):
             return parts
+        quantized = quantized_storage(module)
+        if quantized is not None:
+            return quantized
         if parts.extra:
             return Skip(f"block also computes {', '.join(parts.extra)} (besides router, experts and shared expert), "
                         "which the fused layer does not")
@@ -93,6 +96,24 @@ class TransformersMoEAdapter:
         return _block_specs(parts, ex_specs, readings, like, jitter)
 
 
+_FULL_PRECISION = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def quantized_storage(module: nn.Module) -> Skip | None:
+    """Why a module holding weights that transformers loaded quantized (fp8 with block scales,
+    MXFP4 blocks, int8: any weight matrix not in a floating full-precision dtype) is not swapped,
+    or None. Their computation is not weight-only dequantization on our grid: the fine-grained
+    FP8 experts quantize the activations too, and MXFP4's e2m1 values are not a uniform 4-bit grid;
+    loading the model without its quantization config (or dequantized) makes it swappable."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.dim() >= 2 and t.dtype not in _FULL_PRECISION:
+            return Skip(f"{name} is stored as {t.dtype} ({type(module).__name__}: weights quantized by transformers); "
+                        "its computation (fp8 activation quantization with block scales, or MXFP4 e2m1 blocks) is not "
+                        "the weight-only formats of quantize_experts; load the model unquantized (or dequantized) "
+                        "to swap it")
+    return None
+
+
 def _takes_routing(module: nn.Module) -> bool:
     """Whether ``module.forward`` takes (hidden_states, top_k_index, top_k_weights)."""
     try:
@@ -113,6 +134,9 @@ class TransformersExpertsAdapter:
     def candidates(self, module: nn.Module, config: KernelConfig) -> list[ExpertsModuleSpec] | Skip | None:
         if not config.swap_moe or not is_stacked_experts(module):
             return None
+        quantized = quantized_storage(module)
+        if quantized is not None:
+            return quantized
         if not _takes_routing(module):
             sig = ", ".join(inspect.signature(module.forward).parameters)
             return Skip(f"experts forward({sig}) does not take (hidden_states, top_k_index, top_k_weights): "

@@ -242,3 +242,25 @@ def test_hot_experts_need_calibration_and_a_format():
     with pytest.raises(ValueError, match="calibration gave no inputs"):
         kernel_moe.optimize(_model(), KernelConfig.for_moe(quantize_experts="int8", quantize_hot_experts=2),
                             calibration=[])
+
+
+def test_experts_transformers_loaded_quantized_are_skipped_with_the_reason():
+    """transformers' fine-grained FP8 experts (activations quantized too) and MXFP4 experts (e2m1
+    blocks) are not weight-only on our grid: skipped, naming the stored dtype, never crashing."""
+    pytest.importorskip("transformers")
+    from torch import nn
+    from transformers import GptOssConfig, Qwen3MoeConfig
+    from transformers.integrations.finegrained_fp8 import FP8Experts
+    from transformers.integrations.mxfp4 import Mxfp4GptOssExperts
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    cfg = Qwen3MoeConfig(hidden_size=256, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2)
+    block = Qwen3MoeSparseMoeBlock(cfg)
+    block.experts = FP8Experts(cfg, block_size=(128, 128))
+    gpt = GptOssConfig(hidden_size=128, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)
+    model = nn.ModuleDict({"block": block, "mxfp4": Mxfp4GptOssExperts(gpt)})
+    _, report = kernel_moe.optimize(model, KernelConfig.for_moe(), return_report=True)
+    reasons = {r.name: r.reason for r in report.skipped}
+    assert report.num_swapped == 0
+    assert "float8_e4m3fn" in reasons["block"] and "weights quantized by transformers" in reasons["block"]
+    assert "torch.uint8" in reasons["mxfp4"] and "Mxfp4GptOssExperts" in reasons["mxfp4"]
