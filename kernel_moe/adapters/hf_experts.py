@@ -27,7 +27,7 @@ from kernel_moe.adapters.structure import (
     same_transposition,
     tensor_attr,
 )
-from kernel_moe.kernels.activations import apply_activation
+from kernel_moe.kernels.activations import POINTWISE_KINDS, apply_activation
 from kernel_moe.kernels.contract import Activation
 from kernel_moe.layers.spec import ExpertsSpec
 from kernel_moe.layers.weights import StackedWeight, get_attr_path
@@ -61,29 +61,50 @@ def _named(fragment: str):
     return lambda name: fragment in name.lower()
 
 
+def _module_numbers(module: nn.Module, fragment: str) -> list[float]:
+    """Numeric attributes named like ``fragment`` of ``module`` and its submodules (the caps of a
+    softcap held by the activation, a clamp limit on the experts), in module order, each once."""
+    return list(dict.fromkeys(v for m in module.modules() for v in numeric_attrs(m, _named(fragment)) if v > 0))
+
+
+def _gate_options(act: str | None, glus: tuple[str, ...], limits: list[float], caps: list[float],
+                  alphas: list[float]) -> list[Activation]:
+    """Gated activations a custom gate function may compute, most likely first: GPT-OSS's clamped
+    GLU, act(gate) * up clamped at each declared limit (or not), and the softcapped SwiGLU with the
+    declared caps in either role. Without an ``act_fn`` every pointwise activation is a candidate."""
+    bounds = [*limits, math.inf]
+    options = [Activation("gpt_oss", g, a, lim) for g in glus for a in alphas for lim in (limits or [math.inf])]
+    options += [Activation(kind, g, limit=lim) for kind in ([act] if act else POINTWISE_KINDS) for g in glus
+                for lim in bounds]
+    cap_pairs = [(a, b) for a in [*caps, math.inf] for b in [*caps, math.inf] if (a, b) != (math.inf, math.inf)]
+    options += [Activation("silu", g, limit=lim, gate_softcap=a, up_softcap=b) for (a, b) in cap_pairs
+                for g in glus for lim in bounds]
+    return options
+
+
 def _activation_candidates(experts: nn.Module, has_gate: bool, glu_hint: str,
                            intermediate: int) -> list[Activation] | Skip:
     """Activations proven on the experts' own gate/act function.
 
-    A custom ``_apply_gate`` is evaluated on a probe wide enough to cross any clamp limit the
-    module declares, so a clamp cannot hide behind small probe values."""
+    A custom ``_apply_gate`` is evaluated on a probe of unit-scale rows and rows wide enough to
+    cross any clamp limit or softcap the module declares, so neither can hide behind small probe
+    values (and neither hides the shape of the activation near zero)."""
     act_fn = getattr(experts, "act_fn", None)
     act = identify_activation(act_fn) if act_fn is not None else None
     apply_gate = getattr(type(experts), "_apply_gate", None)
     custom_gate = has_gate and apply_gate is not None and apply_gate is not _default_gate_fn()
     if not custom_gate:
         if act is None:
-            return Skip(f"experts activation {type(act_fn).__name__} is not one of silu, gelu, gelu_tanh, relu "
+            return Skip(f"experts activation {type(act_fn).__name__} is not one of {', '.join(POINTWISE_KINDS)} "
                         "(the fused op has no other activation)")
         return [Activation(act, glu_hint if has_gate else "none")]
     limits = numeric_attrs(experts, _named("limit"))
+    caps = _module_numbers(experts, "softcap")
     alphas = numeric_attrs(experts, _named("alpha")) or [1.702]
-    options = [Activation("gpt_oss", g, a, lim) for g in dict.fromkeys((glu_hint, "interleaved", "concat"))
-               for a in alphas for lim in (limits or [math.inf])]
-    if act is not None:
-        options += [Activation(act, g) for g in dict.fromkeys((glu_hint, "concat", "interleaved"))]
-    reach = max([4.0] + [3.0 * lim for lim in limits])
-    h_TN = probe_input((16, 2 * intermediate), experts.down_proj) * reach
+    options = _gate_options(act, tuple(dict.fromkeys((glu_hint, "concat", "interleaved"))), limits, caps, alphas)
+    reach = max([4.0] + [3.0 * v for v in limits + caps])
+    unit = probe_input((16, 2 * intermediate), experts.down_proj)
+    h_TN = torch.cat([unit, unit * reach])
     try:
         with torch.no_grad():
             ref_TI = experts._apply_gate(h_TN)
@@ -92,9 +113,11 @@ def _activation_candidates(experts: nn.Module, has_gate: bool, glu_hint: str,
     for opt in options:
         if mismatch(apply_activation(h_TN, opt), ref_TI) is None:
             return [opt]
-    clamp = f" with a clamp limit {limits[0]:g}" if limits else ""
-    return Skip(f"{type(experts).__name__}._apply_gate computes a gate function{clamp} that the fused op does not "
-                "(supported: act(gate) * up for silu/gelu/gelu_tanh/relu, and the GPT-OSS clamped GLU)")
+    declared = ([f"a clamp limit {limits[0]:g}"] if limits else []) + ([f"softcaps {caps}"] if caps else [])
+    return Skip(f"{type(experts).__name__}._apply_gate computes a gate function"
+                + (f" (declaring {' and '.join(declared)})" if declared else "") + " that the fused op does not "
+                f"(supported: act(gate) * up for {'/'.join(POINTWISE_KINDS)}, clamped at a declared limit or not, "
+                "the softcapped SwiGLU with declared caps, and the GPT-OSS clamped GLU)")
 
 
 def _join(prefix: str, name: str) -> str:

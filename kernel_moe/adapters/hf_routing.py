@@ -24,7 +24,7 @@ from kernel_moe.adapters.hf_blocks import BlockParts
 from kernel_moe.adapters.probe import eval_mode, probe_input
 from kernel_moe.adapters.structure import TOPK_ATTRS, int_attr, numeric_attrs
 from kernel_moe.layers.weights import get_attr_path
-from kernel_moe.routing.topk import TopKRouting, route
+from kernel_moe.routing.topk import ROUTER_SCORINGS, TopKRouting, route
 
 GROUP_ATTRS = ("n_group", "num_expert_group", "num_group")
 TOPK_GROUP_ATTRS = ("topk_group", "num_topk_group")
@@ -61,6 +61,35 @@ class RouterReading:
     logits_bias: str | None
 
 
+def _score_function(module: nn.Module) -> str | None:
+    """The per-expert scoring a parameter-free child of the router computes (its ``score_fn``),
+    found by evaluating it: "sigmoid" or "sqrtsoftplus"; None when no child computes either."""
+    x = torch.linspace(-8.0, 8.0, 65, dtype=torch.float64)
+    known = {"sigmoid": torch.sigmoid(x), "sqrtsoftplus": F.softplus(x).sqrt()}
+    for child in module.children():
+        if any(True for _ in child.parameters()):
+            continue
+        try:
+            with torch.no_grad():
+                y = child(x)
+        except Exception:
+            continue
+        for name, ref in known.items():
+            if isinstance(y, torch.Tensor) and y.shape == x.shape and torch.allclose(y.double(), ref, atol=1e-9):
+                return name
+    return None
+
+
+def _scorings(objs: list[object], router: nn.Module, selection: bool) -> list[str]:
+    """Scorings to try, most likely first: the one the router's score function computes or its
+    config declares (``scoring_func``), then softmax and sigmoid (sigmoid first next to a
+    selection bias)."""
+    declared = next((v for o in objs for v in [getattr(o, "scoring_func", None)] if v in ROUTER_SCORINGS), None)
+    hint = _score_function(router) or declared
+    plain = ["sigmoid", "softmax"] if selection or hint == "sigmoid" else ["softmax", "sigmoid"]
+    return list(dict.fromkeys(([hint] if hint else []) + plain))
+
+
 def _first_bool(objs: list[object], name: str) -> bool | None:
     return next((v for o in objs for v in [getattr(o, name, None)] if isinstance(v, bool)), None)
 
@@ -71,10 +100,8 @@ def router_readings(block: nn.Module, parts: BlockParts, top_k: int) -> list[Rou
     E = parts.num_experts
     norm_hint = _first_bool(objs, "norm_topk_prob")
     renorms = [norm_hint, not norm_hint] if norm_hint is not None else [True, False]
-    scoring_hint = next((v for o in objs for v in [getattr(o, "scoring_func", None)] if v in ("softmax", "sigmoid")),
-                        None)
     selection = parts.router.selection_biases
-    scorings = ["sigmoid", "softmax"] if selection or scoring_hint == "sigmoid" else ["softmax", "sigmoid"]
+    scorings = _scorings(objs, block.get_submodule(parts.router.path), bool(selection))
     G = int_attr(objs, GROUP_ATTRS) or 1
     TG = int_attr(objs, TOPK_GROUP_ATTRS) or 1
     groups = [(1, 1, "top2_sum")]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernel_moe.kernels.activations import pointwise
+from kernel_moe.kernels.activations import POINTWISE_KINDS, pointwise
 
 PROBE_SEED = 20240611
 POINTWISE = ("silu", "gelu", "gelu_tanh", "relu")
@@ -146,7 +146,7 @@ def run_module(module: nn.Module, *args: torch.Tensor) -> object:
 
 
 def identify_activation(fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
-    """Name of the pointwise activation that ``fn`` computes (silu, gelu, gelu_tanh, relu), or None."""
+    """Name of the pointwise activation that ``fn`` computes (silu, gelu, gelu_tanh, relu, relu2), or None."""
     x = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
     try:
         with torch.no_grad():
@@ -155,7 +155,7 @@ def identify_activation(fn: Callable[[torch.Tensor], torch.Tensor]) -> str | Non
         return None
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         return None
-    for name in POINTWISE:
+    for name in POINTWISE_KINDS:
         if torch.allclose(y.double(), pointwise(x, name), atol=1e-6, rtol=1e-6):
             return name
     return None

@@ -42,7 +42,7 @@ from kernel_moe.routing.expert_choice import expert_choice_route
 from kernel_moe.routing.jitter import jitter_input
 from kernel_moe.routing.random_routing import random_routing
 from kernel_moe.routing.losses import load_balancing_loss, router_z_loss
-from kernel_moe.routing.topk import route
+from kernel_moe.routing.topk import SCORINGS, route
 
 
 def routing_features(config: KernelConfig) -> str:
@@ -102,6 +102,9 @@ class FusedMoE(SwappedLayer):
                              "every expert already gets its tokens")
         if self.spec.router.routing.order != "score_then_topk":
             raise ValueError("routing='expert_choice' needs a router that scores all experts (score_then_topk)")
+        if self.spec.router.routing.scoring not in SCORINGS:
+            raise ValueError(f"routing='expert_choice' scores by {', '.join(SCORINGS)}, not the block's "
+                             f"{self.spec.router.routing.scoring}")
         if self.spec.returns == "tensor_weights":
             raise ValueError("routing='expert_choice' cannot reproduce a block that returns its top-k routing weights")
 
@@ -112,7 +115,7 @@ class FusedMoE(SwappedLayer):
         routing = r.routing
         if r.selection_bias is not None or self.kernel_config.load_balancing == "dynamic":
             return False
-        if routing.num_groups != 1 or routing.score_dtype != "float32":
+        if routing.num_groups != 1 or routing.score_dtype != "float32" or routing.scoring not in SCORINGS:
             return False
         try:
             return resolve_backend(self.backend, self.routing_counts.device) == "triton"

@@ -10,6 +10,7 @@ the document was generated with, the document must list what this run finds.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -87,7 +88,10 @@ def _experts_layout(ex) -> str:
     layout = "transposed " if getattr(up, "transposed", False) else ""
     a = ex.activation
     gated = "gated" if a.gated else "no gate"
-    act = a.kind + (f"(alpha={a.alpha:g}, limit={a.limit:g})" if a.kind == "gpt_oss" else "")
+    params = [f"alpha={a.alpha:g}"] if a.kind == "gpt_oss" else []
+    params += [f"limit={a.limit:g}"] if a.limit != math.inf else []
+    params += [f"softcaps={a.gate_softcap:g}/{a.up_softcap:g}"] if a.softcapped else []
+    act = a.kind + (f"({', '.join(params)})" if params else "")
     return f"{layout}{gated} {a.glu if a.gated else ''} {act}".replace("  ", " ") + (
         " +bias" if ex.up_bias is not None else "")
 
