@@ -144,12 +144,30 @@ class ObservedRouting:
     bias_arg: str | None  # the selection bias passed as the router's second argument, if any
 
 
+def _dense_choice(tensors: list[torch.Tensor], tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """Ids and weights from a float [T, E] tensor holding the routing weights of the chosen experts
+    and zeros elsewhere, the same number K < E of nonzeros in every row (Llama 4's router scores)."""
+    for t in tensors:
+        if not (t.is_floating_point() and t.dim() >= 2 and t.numel() % tokens == 0):
+            continue
+        scores_TE = t.reshape(tokens, -1)
+        nonzero_T = (scores_TE != 0).sum(dim=-1)
+        K = int(nonzero_T[0]) if tokens else 0
+        if 1 <= K < scores_TE.shape[1] and bool((nonzero_T == K).all()):
+            ids_TK = scores_TE.abs().topk(K, dim=-1).indices
+            return ids_TK, [scores_TE.gather(1, ids_TK)]
+    return None
+
+
 def _recognise(outputs: object, tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-    """Expert ids and same-shaped float tensors among a router's outputs (by dtype and shape)."""
+    """Expert ids and same-shaped float tensors among a router's outputs (by dtype and shape); without
+    an ids tensor, a dense [T, E] tensor of the chosen experts' weights (see :func:`_dense_choice`)."""
     flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     tensors = [t for t in flat if isinstance(t, torch.Tensor)]
     ids = [t for t in tensors if not t.is_floating_point() and t.dtype != torch.bool and t.dim() >= 1
            and t.numel() % tokens == 0 and t.numel() // tokens >= 1]
+    if not ids:
+        return _dense_choice(tensors, tokens)
     if len(ids) != 1:
         return None
     K = ids[0].numel() // tokens

@@ -48,19 +48,28 @@ def mismatch(out: torch.Tensor, ref: torch.Tensor) -> str | None:
 def returns_kind(ref: object, x: torch.Tensor, num_experts: int, top_k: int = 0) -> str | None:
     """How a block returns, judged by shapes (see ``MoESpec.returns``): "tensor" (output shaped
     like the input), "tensor_logits" (output, router logits [T, E]), "tensor_weights" (output,
-    top-k routing weights [T, K]); None when the fused layer cannot reproduce it."""
+    top-k routing weights [T, K]), with "@tokens" when the output is [T, H] for an input of another
+    shape and "@flat" when every returned tensor is flattened to 1-D; None when the fused layer
+    cannot reproduce it."""
+    H = x.shape[-1] if x.dim() else 0
+    T = x.numel() // H if H else 0
+    shapes = {(T * H,): "@flat", (T, H): "@tokens", tuple(x.shape): ""}  # the input's own shape wins
     if isinstance(ref, torch.Tensor):
-        return "tensor" if ref.shape == x.shape else None
-    if not (isinstance(ref, tuple) and len(ref) == 2 and all(isinstance(t, torch.Tensor) for t in ref)):
+        out, extra = ref, None
+    elif isinstance(ref, tuple) and len(ref) == 2:
+        out, extra = ref
+    else:
         return None
-    out, extra = ref
-    T = x.numel() // x.shape[-1] if x.dim() else 0
-    if out.shape != x.shape or not extra.is_floating_point():
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) not in shapes:
         return None
-    if extra.shape == (T, num_experts):
-        return "tensor_logits"
-    if top_k and extra.shape == (T, top_k):
-        return "tensor_weights"
+    shape = shapes[tuple(out.shape)]
+    if extra is None:
+        return "tensor" + shape
+    if not isinstance(extra, torch.Tensor) or not extra.is_floating_point():
+        return None
+    for kind, width in (("tensor_logits", num_experts), ("tensor_weights", top_k)):
+        if width and tuple(extra.shape) == ((T * width,) if shape == "@flat" else (T, width)):
+            return kind + shape
     return None
 
 

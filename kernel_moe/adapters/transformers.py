@@ -40,21 +40,32 @@ def _block_experts(module: nn.Module, parts: BlockParts) -> list[ExpertsSpec] | 
     return experts_specs(module.get_submodule(name), name, parts.hidden)
 
 
+def _weights_placements(module: nn.Module, parts: BlockParts) -> list[bool]:
+    """Where the block may apply the routing weights (``MoESpec.scale_inputs``): to the experts'
+    outputs when its experts module takes them (``forward(hidden, top_k_index, top_k_weights)``);
+    when it takes the hidden states alone, the block scales their inputs or their outputs itself."""
+    if parts.split is not None or _takes_routing(module.get_submodule(parts.experts[0])):
+        return [False]
+    return [True, False]
+
+
 def _block_specs(parts: BlockParts, ex_specs: list[ExpertsSpec], readings: list[RouterReading],
-                 like: torch.Tensor, jitter: float) -> list[MoESpec]:
-    """Every combination of output bias, experts reading and router reading, most likely first.
-    In low precision the router may compute in fp32 or in the block's dtype, and score in fp32
-    or (as some routers do) in the logits' dtype: each is a candidate."""
+                 like: torch.Tensor, jitter: float, placements: list[bool]) -> list[MoESpec]:
+    """Every combination of output bias, experts reading, router reading and routing-weight
+    placement, most likely first. In low precision the router may compute in fp32 or in the
+    block's dtype, and score in fp32 or (as some routers do) in the logits' dtype: each is a
+    candidate."""
     low_precision = like.dtype not in (torch.float32, torch.float64)
     precisions = [(False, "float32"), (False, "input"), (True, "float32")] if low_precision else [(False, "float32")]
     specs = []
-    for out_bias, experts, reading, (fp32, score_dtype) in itertools.product(
-            [*parts.output_biases, None], ex_specs, readings, precisions):
+    for out_bias, experts, reading, scale_inputs, (fp32, score_dtype) in itertools.product(
+            [*parts.output_biases, None], ex_specs, readings, placements, precisions):
         router = LinearRouter(weight=parts.router.path + ".weight", bias=reading.logits_bias,
                               routing=dataclasses.replace(reading.routing, score_dtype=score_dtype),
                               selection_bias=reading.selection_bias, fp32_logits=fp32)
         specs.append(MoESpec(router=router, experts=experts, shared_expert=parts.shared,
-                             shared_gate=parts.shared_gate, output_bias=out_bias, input_jitter=jitter))
+                             shared_gate=parts.shared_gate, output_bias=out_bias, input_jitter=jitter,
+                             scale_inputs=scale_inputs))
     return specs
 
 
@@ -90,7 +101,7 @@ class TransformersMoEAdapter:
                         "renormalisation, scaling)")
         jitter = getattr(module, "jitter_noise", 0.0)
         jitter = float(jitter) if isinstance(jitter, (int, float)) else 0.0
-        return _block_specs(parts, ex_specs, readings, like, jitter)
+        return _block_specs(parts, ex_specs, readings, like, jitter, _weights_placements(module, parts))
 
 
 def _takes_routing(module: nn.Module) -> bool:

@@ -17,22 +17,25 @@ from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec
 from kernel_moe.ops.experts import run_experts as run_op
 
 
-def stacked_experts(layer: nn.Module, ex: ExpertsSpec) -> StackedExperts:
-    """The experts ``ex`` names on ``layer``, as the op's value type (views, no copies)."""
+def stacked_experts(layer: nn.Module, ex: ExpertsSpec, scale_inputs: bool = False) -> StackedExperts:
+    """The experts ``ex`` names on ``layer``, as the op's value type (views, no copies);
+    ``scale_inputs``: the routing weights scale each expert's input (Llama 4)."""
     return StackedExperts(
         ex.up.get(layer),
         ex.down.get(layer),
         ex.up_bias.get(layer) if ex.up_bias is not None else None,
         ex.down_bias.get(layer) if ex.down_bias is not None else None,
         ex.activation,
+        scale_inputs=scale_inputs,
     )
 
 
 def run_experts(layer: nn.Module, ex: ExpertsSpec, x_TH: torch.Tensor, weights_TK: torch.Tensor | None,
-                ids_TK: torch.Tensor | None, backend: str, deterministic: bool = True) -> torch.Tensor:
+                ids_TK: torch.Tensor | None, backend: str, deterministic: bool = True,
+                scale_inputs: bool = False) -> torch.Tensor:
     """The fused experts op on the weights ``ex`` names on ``layer``: [T, H] -> [T, H] (routing
     None: a dense call of a one-expert spec)."""
-    return run_op(x_TH, weights_TK, ids_TK, stacked_experts(layer, ex), backend, deterministic)
+    return run_op(x_TH, weights_TK, ids_TK, stacked_experts(layer, ex, scale_inputs), backend, deterministic)
 
 
 class FusedExperts(SwappedLayer):

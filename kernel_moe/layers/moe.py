@@ -148,7 +148,8 @@ class FusedMoE(SwappedLayer):
         return F.linear(x_TH.to(w_EH.dtype), w_EH, None if b_E is None else b_E.to(w_EH.dtype))
 
     def _experts(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-        return run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic)
+        return run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic,
+                           self.spec.scale_inputs)
 
     def _expert_choice(self, x_TH: torch.Tensor, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each expert takes its top-C tokens: (output [T, H], expert id of each of the E*C slots)."""
@@ -207,12 +208,18 @@ class FusedMoE(SwappedLayer):
             out_TH = out_TH + shared_TH
         if spec.output_bias is not None:
             out_TH = out_TH + get_attr_path(self, spec.output_bias)
-        out = out_TH.reshape(hidden_states.shape)
-        if spec.returns == "tensor_logits":
-            return out, logits_TE
-        if spec.returns == "tensor_weights":
-            return out, weights_TK
-        return out
+        return self._returned(out_TH, hidden_states, logits_TE, weights_TK)
+
+    def _returned(self, out_TH: torch.Tensor, hidden_states: torch.Tensor, logits_TE: torch.Tensor,
+                  weights_TK: torch.Tensor):
+        """What the original block returns: the output (shaped like the input, as tokens, or
+        flattened) and the router output its returns kind names (flattened alike)."""
+        spec = self.spec
+        out = out_TH.reshape(hidden_states.shape) if spec.output_shape == "input" else out_TH
+        extra = {"tensor_logits": logits_TE, "tensor_weights": weights_TK}.get(spec.returns)
+        if spec.output_shape == "flat":
+            out, extra = out.flatten(), None if extra is None else extra.flatten()
+        return out if extra is None else (out, extra)
 
     def features(self) -> str:
         return routing_features(self.kernel_config)

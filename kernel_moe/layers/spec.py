@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from kernel_moe.config import KernelConfig
 
 RETURNS = ("tensor", "tensor_logits", "tensor_weights")
+OUTPUT_SHAPES = ("input", "tokens", "flat")
+"""How a block shapes what it returns: like its input, as tokens [T, H] (router outputs [T, E] /
+[T, K]), or flattened to 1-D (every returned tensor). A returns kind names a flattened shape with
+a suffix: "tensor_logits@flat" is (output [T*H], router logits [T*E])."""
 
 Draw = Callable[[tuple[int, ...], int], torch.Tensor]
 """(shape, seed offset) -> a seeded probe tensor of the module's dtype and device."""
@@ -103,8 +107,9 @@ class SwapSpec:
         return None
 
     def returning(self, kind: str) -> SwapSpec | None:
-        """This spec for a module whose forward returns ``kind`` (one of :data:`RETURNS`), or None
-        when the layer cannot return that."""
+        """This spec for a module whose forward returns ``kind`` (one of :data:`RETURNS`, with an
+        ``@tokens`` or ``@flat`` suffix when the outputs are reshaped, see :data:`OUTPUT_SHAPES`),
+        or None when the layer cannot return that."""
         return self if kind == "tensor" else None
 
     def with_fallbacks(self, training: str | None, gradient: str | None) -> SwapSpec:
@@ -138,6 +143,10 @@ class MoESpec(SwapSpec):
     - ``returns``: what the block's forward returns, one of :data:`RETURNS`: "tensor" (the
       output), "tensor_logits" (output, router logits [T, E]) or "tensor_weights" (output,
       top-k routing weights [T, K], as GPT-OSS blocks do).
+    - ``output_shape``: one of :data:`OUTPUT_SHAPES`: the output shaped like the input, as
+      tokens [T, H] (Llama 4), or every returned tensor flattened to 1-D (Ernie 4.5 VL).
+    - ``scale_inputs``: the routing weights scale each expert's input instead of its output
+      (Llama 4: ``sum_j expert_j(w_j * x)``), passed to the op as ``StackedExperts.scale_inputs``.
     - ``training_fallback``: a reason to run the original module in training mode (dropout or
       noise the fused layer does not reproduce); None when the fused path is exact in training too.
     - ``gradient_fallback``: a reason to run the original module whenever autograd records the
@@ -155,10 +164,14 @@ class MoESpec(SwapSpec):
     training_fallback: str | None = None
     gradient_fallback: str | None = None
     notes: tuple[str, ...] = field(default=())
+    output_shape: str = "input"
+    scale_inputs: bool = False
 
     def __post_init__(self) -> None:
         if self.returns not in RETURNS:
             raise ValueError(f"MoESpec.returns={self.returns!r}; allowed: {', '.join(RETURNS)}")
+        if self.output_shape not in OUTPUT_SHAPES:
+            raise ValueError(f"MoESpec.output_shape={self.output_shape!r}; allowed: {', '.join(OUTPUT_SHAPES)}")
 
     @property
     def top_k(self) -> int:  # type: ignore[override]
@@ -179,11 +192,16 @@ class MoESpec(SwapSpec):
             why = f"module routes top_k={self.top_k}, config expects top_k={config.top_k}"
         return why
 
-    def returning(self, kind: str) -> MoESpec:
-        return dataclasses.replace(self, returns=kind)
+    def returning(self, kind: str) -> MoESpec | None:
+        returns, _, shape = kind.partition("@")
+        if returns not in RETURNS or (shape or "input") not in OUTPUT_SHAPES:
+            return None
+        return dataclasses.replace(self, returns=returns, output_shape=shape or "input")
 
     def describe(self) -> str:
         parts = [self.router.routing.describe(), self.experts.describe()]
+        if self.scale_inputs:
+            parts.insert(1, "weights scale the inputs")
         if self.shared_expert:
             parts.append("shared" + ("(gated)" if self.shared_gate else ""))
         if self.output_bias:

@@ -105,8 +105,10 @@ def _routing(spec) -> str:
         text += ", logit bias"
     if spec.shared_expert:
         text += ", shared expert" + (" (sigmoid-gated)" if spec.shared_gate else "")
-    if spec.returns != "tensor":
-        text += f", returns {spec.returns}"
+    if spec.scale_inputs:
+        text += ", weights scale the inputs"
+    if spec.returns != "tensor" or spec.output_shape != "input":
+        text += f", returns {spec.returns}" + (f" ({spec.output_shape})" if spec.output_shape != "input" else "")
     return text
 
 
