@@ -49,7 +49,9 @@ class BlockParts:
       up and down projections live in separate modules (which is up is settled by the shapes).
     - ``shared`` / ``shared_gate``: a shared expert and its Linear(H, 1) gate.
     - ``output_biases``: [H] parameters of the block (candidates for a bias added to its output).
-    - ``extra``: children with parameters that are none of the above."""
+    - ``extra``: children with parameters that are none of the above.
+    - ``routed_ids``: G, the ids the router scores, when more than the E experts hold weights: ids
+      in [E, G) are experts without weights (identity or zero experts); None when G = E."""
 
     experts: tuple[str, ...]
     num_experts: int
@@ -59,6 +61,12 @@ class BlockParts:
     shared_gate: str | None = None
     output_biases: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
+    routed_ids: int | None = None
+
+    @property
+    def num_ids(self) -> int:
+        """G, the size of the id space the router chooses from (E unless there are weightless experts)."""
+        return self.routed_ids or self.num_experts
 
     @property
     def split(self) -> tuple[str, str] | None:
@@ -124,6 +132,13 @@ def _selection_biases(module: nn.Module, num_experts: int, skip: tuple[str, ...]
     return tuple(found)
 
 
+def _routers(module: nn.Module, children: tuple[str, ...], rows) -> list[tuple[str, nn.Module]]:
+    """Submodules outside the experts ``children`` holding a 2-D weight whose row count ``rows`` accepts."""
+    return [(p, m) for p, m in module.named_modules()
+            if p and p.split(".")[0] not in children and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 2 and rows(m.weight.shape[0])]
+
+
 def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     """The parts of a block with a stacked experts child (or two split 3-D expert weights), or
     None when it has none."""
@@ -133,22 +148,24 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     paths, E = experts
     split = len(paths) == 2
     children = tuple(dict.fromkeys(p.split(".")[0] for p in paths))
-    routers = [
-        (p, m) for p, m in module.named_modules()
-        if p and p.split(".")[0] not in children and isinstance(getattr(m, "weight", None), torch.Tensor)
-        and m.weight.dim() == 2 and m.weight.shape[0] == E
-    ]
+    routers = _routers(module, children, lambda rows: rows == E)
+    if not routers and not split:  # a router over more ids than experts with weights (identity experts)
+        hiddens = get_attr_path(module, paths[0] + ".down_proj").shape[1:]
+        routers = [(p, m) for p, m in _routers(module, children, lambda rows: rows > E)
+                   if m.weight.shape[1] in hiddens and not _is_dense_ffn(module.get_submodule(p.split(".")[0]),
+                                                                        m.weight.shape[1])]
     if not routers:
         return None if split else Skip(f"{paths[0]}: no router with a [{E}, H] weight found in the block")
     router_path, router = routers[0]
     H = router.weight.shape[1]
+    G = router.weight.shape[0]
     if split:
         a, b = (get_attr_path(module, p).shape for p in paths)
         if not (chain_layouts(a, b, H) or chain_layouts(b, a, H)):
             return None
     owner = router_path.split(".")[0]
     rbias = getattr(router, "bias", None)
-    logits_bias = router_path + ".bias" if isinstance(rbias, torch.Tensor) and rbias.numel() == E else None
+    logits_bias = router_path + ".bias" if isinstance(rbias, torch.Tensor) and rbias.numel() == G else None
     shared = shared_gate = None
     extra = []
     for name, child in module.named_children():
@@ -163,11 +180,11 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     if split and extra:
         return None  # two 3-D weights inside a larger module: not recognised as an MoE block
     skip = tuple(p for p in (*children, shared, shared_gate) if p)
-    sel = _selection_biases(module, E, skip, router_path, logits_bias)
+    sel = _selection_biases(module, G, skip, router_path, logits_bias)
     out_bias = tuple(n for n, t in module.named_parameters(recurse=False)
                      if t.dim() == 1 and t.numel() == H and n not in sel)
     place = RouterPlace(router_path, owner, logits_bias, sel)
-    return BlockParts(paths, E, H, place, shared, shared_gate, out_bias, tuple(extra))
+    return BlockParts(paths, E, H, place, shared, shared_gate, out_bias, tuple(extra), G if G != E else None)
 
 
 __all__ = ["BlockParts", "RouterPlace", "block_parts"]

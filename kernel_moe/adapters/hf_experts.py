@@ -137,11 +137,14 @@ def _spec(num_experts: int, layout: ChainLayout, up: str, down: str, activation:
     )
 
 
-def experts_specs(experts: nn.Module, prefix: str, hidden: int | None) -> list[ExpertsSpec] | Skip:
+def experts_specs(experts: nn.Module, prefix: str, hidden: int | None,
+                  routed_ids: int | None = None) -> list[ExpertsSpec] | Skip:
     """Candidate ExpertsSpecs for a stacked experts module at attribute path ``prefix``.
 
     ``hidden`` comes from the router when known; otherwise it is read from the weight shapes
-    (both layouts are proposed when the shapes alone do not settle it)."""
+    (both layouts are proposed when the shapes alone do not settle it). ``routed_ids``: G when
+    the block's router scores more ids than down_proj holds experts (weightless experts); the up
+    projection may then hold G experts, of which the E with a down projection are used."""
     has_gate = tensor_attr(experts, "gate_up_proj") is not None
     up_name = "gate_up_proj" if has_gate else "up_proj"
     w_up, w_down = getattr(experts, up_name), experts.down_proj
@@ -149,7 +152,7 @@ def experts_specs(experts: nn.Module, prefix: str, hidden: int | None) -> list[E
     if getattr(experts, "has_post_expert_norm", False):
         return Skip("experts apply a norm to each expert output before the routing weight (post-expert norm), "
                     "which the fused op does not compute")
-    if w_up.shape[0] != E:
+    if w_up.shape[0] not in (E, routed_ids):
         return Skip(f"{_join(prefix, up_name)} holds {w_up.shape[0]} experts but down_proj holds {E} "
                     "(extra experts without a down projection, e.g. identity experts)")
     glu_hint = "concat" if getattr(experts, "is_concatenated", True) else "interleaved"
@@ -157,7 +160,7 @@ def experts_specs(experts: nn.Module, prefix: str, hidden: int | None) -> list[E
     if has_bias is None:
         has_bias = tensor_attr(experts, up_name + "_bias") is not None
     biases = (_join(prefix, up_name + "_bias"), _join(prefix, "down_proj_bias")) if has_bias else None
-    layouts = chain_layouts(w_up.shape, w_down.shape, hidden, gated=has_gate,
+    layouts = chain_layouts((E, *w_up.shape[1:]), w_down.shape, hidden, gated=has_gate,
                             transpositions=same_transposition(getattr(experts, "is_transposed", None)))
     specs: list[ExpertsSpec] = []
     for layout in layouts:

@@ -97,7 +97,7 @@ def _first_bool(objs: list[object], name: str) -> bool | None:
 def router_readings(block: nn.Module, parts: BlockParts, top_k: int) -> list[RouterReading]:
     """Readings of the block's router, most likely first (from the attributes' hints)."""
     objs = hint_objects(block, parts)
-    E = parts.num_experts
+    E = parts.num_ids
     norm_hint = _first_bool(objs, "norm_topk_prob")
     renorms = [norm_hint, not norm_hint] if norm_hint is not None else [True, False]
     selection = parts.router.selection_biases
@@ -266,7 +266,7 @@ def prune_by_router(block: nn.Module, parts: BlockParts, readings: list[RouterRe
 
 def find_top_k(block: nn.Module, parts: BlockParts, like: torch.Tensor, observe: bool = True) -> int | None:
     """k from the router/block/config attributes, else from the shape of the router's expert ids."""
-    E = parts.num_experts
+    E = parts.num_ids
     k = int_attr(hint_objects(block, parts), TOPK_ATTRS, 1, E)
     if k is not None or not observe:
         return k

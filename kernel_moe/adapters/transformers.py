@@ -37,7 +37,7 @@ def _block_experts(module: nn.Module, parts: BlockParts) -> list[ExpertsSpec] | 
     if parts.split is not None:
         return split_experts_specs(module, parts.split, parts.hidden)
     name = parts.experts[0]
-    return experts_specs(module.get_submodule(name), name, parts.hidden)
+    return experts_specs(module.get_submodule(name), name, parts.hidden, parts.routed_ids)
 
 
 def _weights_placements(module: nn.Module, parts: BlockParts) -> list[bool]:
@@ -58,14 +58,15 @@ def _block_specs(parts: BlockParts, ex_specs: list[ExpertsSpec], readings: list[
     low_precision = like.dtype not in (torch.float32, torch.float64)
     precisions = [(False, "float32"), (False, "input"), (True, "float32")] if low_precision else [(False, "float32")]
     specs = []
-    for out_bias, experts, reading, scale_inputs, (fp32, score_dtype) in itertools.product(
-            [*parts.output_biases, None], ex_specs, readings, placements, precisions):
+    weightless = ["identity", "zero"] if parts.routed_ids else ["zero"]
+    for out_bias, experts, reading, scale_inputs, extra, (fp32, score_dtype) in itertools.product(
+            [*parts.output_biases, None], ex_specs, readings, placements, weightless, precisions):
         router = LinearRouter(weight=parts.router.path + ".weight", bias=reading.logits_bias,
                               routing=dataclasses.replace(reading.routing, score_dtype=score_dtype),
                               selection_bias=reading.selection_bias, fp32_logits=fp32)
         specs.append(MoESpec(router=router, experts=experts, shared_expert=parts.shared,
                              shared_gate=parts.shared_gate, output_bias=out_bias, input_jitter=jitter,
-                             scale_inputs=scale_inputs))
+                             scale_inputs=scale_inputs, weightless=extra))
     return specs
 
 

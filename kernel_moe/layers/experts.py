@@ -19,9 +19,11 @@ from kernel_moe.ops.experts import run_experts as run_op
 
 def stacked_experts(layer: nn.Module, ex: ExpertsSpec, scale_inputs: bool = False) -> StackedExperts:
     """The experts ``ex`` names on ``layer``, as the op's value type (views, no copies);
-    ``scale_inputs``: the routing weights scale each expert's input (Llama 4)."""
+    ``scale_inputs``: the routing weights scale each expert's input (Llama 4). An up weight
+    holding more experts than ``ex`` (rows of weightless experts) is viewed as its first E."""
+    w_up = ex.up.get(layer)
     return StackedExperts(
-        ex.up.get(layer),
+        w_up if w_up.shape[0] == ex.num_experts else w_up[: ex.num_experts],
         ex.down.get(layer),
         ex.up_bias.get(layer) if ex.up_bias is not None else None,
         ex.down_bias.get(layer) if ex.down_bias is not None else None,

@@ -102,6 +102,9 @@ class FusedMoE(SwappedLayer):
                              "every expert already gets its tokens")
         if self.spec.router.routing.order != "score_then_topk":
             raise ValueError("routing='expert_choice' needs a router that scores all experts (score_then_topk)")
+        if self.spec.num_experts != self.spec.experts.num_experts:
+            raise ValueError("routing='expert_choice' cannot route to experts without weights (identity or zero "
+                             "experts)")
         if self.spec.router.routing.scoring not in SCORINGS:
             raise ValueError(f"routing='expert_choice' scores by {', '.join(SCORINGS)}, not the block's "
                              f"{self.spec.router.routing.scoring}")
@@ -151,6 +154,13 @@ class FusedMoE(SwappedLayer):
         return run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic,
                            self.spec.scale_inputs)
 
+    def _identity_experts(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        """What the routed ids in [E, G) add as identity experts: each token times the sum of its
+        weights on them, in x's dtype. Dropped slots (id -1) add nothing."""
+        identity_TK = ids_TK >= self.spec.experts.num_experts
+        w_T1 = (weights_TK * identity_TK.to(weights_TK.dtype)).sum(dim=-1, keepdim=True)
+        return x_TH * w_T1.to(x_TH.dtype)
+
     def _expert_choice(self, x_TH: torch.Tensor, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each expert takes its top-C tokens: (output [T, H], expert id of each of the E*C slots)."""
         cfg, E = self.kernel_config, self.num_experts
@@ -193,6 +203,8 @@ class FusedMoE(SwappedLayer):
                     weights_TK, ids_TK, self.num_experts, capacity, cfg.capacity_priority)
                 run_ids_TK = ids_TK.masked_fill(dropped_TK, -1)  # a dropped slot: no work (the contract's rule)
             out_TH = self._experts(x_TH, weights_TK, run_ids_TK)
+            if spec.weightless == "identity" and self.num_experts > spec.experts.num_experts:
+                out_TH = out_TH + self._identity_experts(x_TH, weights_TK, run_ids_TK)
         if self._track_routing:
             self.routing_counts += expert_counts(ids_TK, self.num_experts)
         if self.training and cfg.load_balancing == "auxiliary_loss":

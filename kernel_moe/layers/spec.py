@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from kernel_moe.config import KernelConfig
 
 RETURNS = ("tensor", "tensor_logits", "tensor_weights")
+WEIGHTLESS = ("zero", "identity")
 OUTPUT_SHAPES = ("input", "tokens", "flat")
 """How a block shapes what it returns: like its input, as tokens [T, H] (router outputs [T, E] /
 [T, K]), or flattened to 1-D (every returned tensor). A returns kind names a flattened shape with
@@ -147,6 +148,9 @@ class MoESpec(SwapSpec):
       tokens [T, H] (Llama 4), or every returned tensor flattened to 1-D (Ernie 4.5 VL).
     - ``scale_inputs``: the routing weights scale each expert's input instead of its output
       (Llama 4: ``sum_j expert_j(w_j * x)``), passed to the op as ``StackedExperts.scale_inputs``.
+    - ``weightless``: what a routed id in [E, G) computes when the router scores G ids but only E
+      experts hold weights: "zero" (nothing: a dropped slot of the op) or "identity" (the token
+      times its routing weight, added outside the op; LongCat-Flash's zero-computation experts).
     - ``training_fallback``: a reason to run the original module in training mode (dropout or
       noise the fused layer does not reproduce); None when the fused path is exact in training too.
     - ``gradient_fallback``: a reason to run the original module whenever autograd records the
@@ -166,12 +170,15 @@ class MoESpec(SwapSpec):
     notes: tuple[str, ...] = field(default=())
     output_shape: str = "input"
     scale_inputs: bool = False
+    weightless: str = "zero"
 
     def __post_init__(self) -> None:
         if self.returns not in RETURNS:
             raise ValueError(f"MoESpec.returns={self.returns!r}; allowed: {', '.join(RETURNS)}")
         if self.output_shape not in OUTPUT_SHAPES:
             raise ValueError(f"MoESpec.output_shape={self.output_shape!r}; allowed: {', '.join(OUTPUT_SHAPES)}")
+        if self.weightless not in WEIGHTLESS:
+            raise ValueError(f"MoESpec.weightless={self.weightless!r}; allowed: {', '.join(WEIGHTLESS)}")
 
     @property
     def top_k(self) -> int:  # type: ignore[override]
@@ -179,7 +186,8 @@ class MoESpec(SwapSpec):
 
     @property
     def num_experts(self) -> int:  # type: ignore[override]
-        return self.experts.num_experts
+        """G, the ids the router chooses from (E, or more when some experts hold no weights)."""
+        return self.router.routing.num_experts
 
     def layer_class(self) -> type[nn.Module]:
         from kernel_moe.layers.moe import FusedMoE  # that module imports this one
@@ -202,6 +210,9 @@ class MoESpec(SwapSpec):
         parts = [self.router.routing.describe(), self.experts.describe()]
         if self.scale_inputs:
             parts.insert(1, "weights scale the inputs")
+        extra = self.num_experts - self.experts.num_experts
+        if extra > 0:
+            parts.insert(1, f"+{extra} {self.weightless} experts")
         if self.shared_expert:
             parts.append("shared" + ("(gated)" if self.shared_gate else ""))
         if self.output_bias:
