@@ -132,6 +132,11 @@ def _selection_biases(module: nn.Module, num_experts: int, skip: tuple[str, ...]
     return tuple(found)
 
 
+def _lone_matrix(child: nn.Module) -> bool:
+    """Whether ``child`` holds exactly one 2-D parameter (a linear router, not an MLP or an FFN)."""
+    return sum(1 for p in child.parameters() if p.dim() == 2) == 1
+
+
 def _routers(module: nn.Module, children: tuple[str, ...], rows) -> list[tuple[str, nn.Module]]:
     """Submodules outside the experts ``children`` holding a 2-D weight whose row count ``rows`` accepts."""
     return [(p, m) for p, m in module.named_modules()
@@ -152,8 +157,7 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     if not routers and not split:  # a router over more ids than experts with weights (identity experts)
         hiddens = get_attr_path(module, paths[0] + ".down_proj").shape[1:]
         routers = [(p, m) for p, m in _routers(module, children, lambda rows: rows > E)
-                   if m.weight.shape[1] in hiddens and not _is_dense_ffn(module.get_submodule(p.split(".")[0]),
-                                                                        m.weight.shape[1])]
+                   if m.weight.shape[1] in hiddens and _lone_matrix(module.get_submodule(p.split(".")[0]))]
     if not routers:
         return None if split else Skip(f"{paths[0]}: no router with a [{E}, H] weight found in the block")
     router_path, router = routers[0]
