@@ -107,7 +107,7 @@ def router_readings(block: nn.Module, parts: BlockParts, top_k: int) -> list[Rou
     groups = [(1, 1, "top2_sum")]
     if G > 1 and E % G == 0 and 1 <= TG <= G and top_k <= TG * (E // G):
         groups = [(G, TG, "top2_sum"), (G, TG, "max"), (1, 1, "top2_sum")]
-    scales = _scales(objs)
+    scales = list(dict.fromkeys(_scales(objs) + ([1.0 / top_k] if top_k > 1 else [])))  # a router dividing by k
     biases: list[str | None] = list(selection) + [None]
     logit_biases = [parts.router.logits_bias, None] if parts.router.logits_bias else [None]
     out: list[RouterReading] = []

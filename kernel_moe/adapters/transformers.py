@@ -59,15 +59,18 @@ def _block_specs(parts: BlockParts, ex_specs: list[ExpertsSpec], readings: list[
     precisions = [(False, "float32"), (False, "input"), (True, "float32")] if low_precision else [(False, "float32")]
     specs = []
     weightless = ["identity", "zero"] if parts.routed_ids else ["zero"]
+    undone: list[MoESpec] = []
     for out_bias, experts, reading, scale_inputs, extra, (fp32, score_dtype) in itertools.product(
             [*parts.output_biases, None], ex_specs, readings, placements, weightless, precisions):
         router = LinearRouter(weight=parts.router.path + ".weight", bias=reading.logits_bias,
                               routing=dataclasses.replace(reading.routing, score_dtype=score_dtype),
                               selection_bias=reading.selection_bias, fp32_logits=fp32)
-        specs.append(MoESpec(router=router, experts=experts, shared_expert=parts.shared,
-                             shared_gate=parts.shared_gate, output_bias=out_bias, input_jitter=jitter,
-                             scale_inputs=scale_inputs, weightless=extra))
-    return specs
+        spec = MoESpec(router=router, experts=experts, shared_expert=parts.shared, shared_gate=parts.shared_gate,
+                       output_bias=out_bias, input_jitter=jitter, scale_inputs=scale_inputs, weightless=extra)
+        specs.append(spec)
+        if reading.routing.scaling != 1.0:  # a block that undoes its router's scaling on the routed output
+            undone.append(dataclasses.replace(spec, routed_scale=1.0 / reading.routing.scaling))
+    return specs + undone
 
 
 class TransformersMoEAdapter:

@@ -205,6 +205,8 @@ class FusedMoE(SwappedLayer):
             out_TH = self._experts(x_TH, weights_TK, run_ids_TK)
             if spec.weightless == "identity" and self.num_experts > spec.experts.num_experts:
                 out_TH = out_TH + self._identity_experts(x_TH, weights_TK, run_ids_TK)
+        if spec.routed_scale != 1.0:
+            out_TH = out_TH * spec.routed_scale
         if self._track_routing:
             self.routing_counts += expert_counts(ids_TK, self.num_experts)
         if self.training and cfg.load_balancing == "auxiliary_loss":

@@ -148,6 +148,8 @@ class MoESpec(SwapSpec):
       tokens [T, H] (Llama 4), or every returned tensor flattened to 1-D (Ernie 4.5 VL).
     - ``scale_inputs``: the routing weights scale each expert's input instead of its output
       (Llama 4: ``sum_j expert_j(w_j * x)``), passed to the op as ``StackedExperts.scale_inputs``.
+    - ``routed_scale``: a factor the block multiplies the routed experts' output by, after the
+      op (the OpenAI privacy filter multiplies by k what its router divided by k).
     - ``weightless``: what a routed id in [E, G) computes when the router scores G ids but only E
       experts hold weights: "zero" (nothing: a dropped slot of the op) or "identity" (the token
       times its routing weight, added outside the op; LongCat-Flash's zero-computation experts).
@@ -171,6 +173,7 @@ class MoESpec(SwapSpec):
     output_shape: str = "input"
     scale_inputs: bool = False
     weightless: str = "zero"
+    routed_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.returns not in RETURNS:
@@ -210,6 +213,8 @@ class MoESpec(SwapSpec):
         parts = [self.router.routing.describe(), self.experts.describe()]
         if self.scale_inputs:
             parts.insert(1, "weights scale the inputs")
+        if self.routed_scale != 1.0:
+            parts.insert(1, f"routed output x{self.routed_scale:g}")
         extra = self.num_experts - self.experts.num_experts
         if extra > 0:
             parts.insert(1, f"+{extra} {self.weightless} experts")

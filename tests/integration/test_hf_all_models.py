@@ -107,6 +107,8 @@ def _routing(spec) -> str:
         text += ", shared expert" + (" (sigmoid-gated)" if spec.shared_gate else "")
     if spec.scale_inputs:
         text += ", weights scale the inputs"
+    if spec.routed_scale != 1.0:
+        text += f", routed output x{spec.routed_scale:g}"
     if spec.num_experts > spec.experts.num_experts:
         text += f", +{spec.num_experts - spec.experts.num_experts} {spec.weightless} experts"
     if spec.returns != "tensor" or spec.output_shape != "input":
