@@ -51,7 +51,9 @@ class BlockParts:
     - ``output_biases``: [H] parameters of the block (candidates for a bias added to its output).
     - ``extra``: children with parameters that are none of the above.
     - ``routed_ids``: G, the ids the router scores, when more than the E experts hold weights: ids
-      in [E, G) are experts without weights (identity or zero experts); None when G = E."""
+      in [E, G) are experts without weights (identity or zero experts); None when G = E.
+    - ``packed``: ``experts`` are two or three 2-D Parameters [E * I, H] of one module (DBRX),
+      each packing every expert's rows."""
 
     experts: tuple[str, ...]
     num_experts: int
@@ -62,6 +64,7 @@ class BlockParts:
     output_biases: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
     routed_ids: int | None = None
+    packed: bool = False
 
     @property
     def num_ids(self) -> int:
@@ -71,7 +74,7 @@ class BlockParts:
     @property
     def split(self) -> tuple[str, str] | None:
         """The two 3-D weight paths of a split-experts block, else None."""
-        return (self.experts[0], self.experts[1]) if len(self.experts) == 2 else None
+        return (self.experts[0], self.experts[1]) if len(self.experts) == 2 and not self.packed else None
 
     @property
     def experts_children(self) -> tuple[str, ...]:
@@ -104,18 +107,40 @@ def _split_experts(module: nn.Module) -> tuple[str, str] | None:
     return threed[0][0], threed[1][0]
 
 
-def _find_experts(module: nn.Module) -> tuple[tuple[str, ...], int] | Skip | None:
-    """(experts paths, E): one stacked experts child, else two split 3-D weights; None when the
-    block has neither."""
+def _packed_experts(module: nn.Module) -> tuple[tuple[str, ...], int] | None:
+    """(paths, E) of two or three same-shaped 2-D Parameters [R, H] that are all the parameters of a
+    child (held by one of its modules, not a Linear or Embedding), with a router [E, H] elsewhere in
+    the block for which E divides R (R > E): every expert's rows packed in one matrix (DBRX)."""
+    for name, child in module.named_children():
+        owners = [(sub, m) for sub, m in child.named_modules() if any(True for _ in m.parameters(recurse=False))]
+        if len(owners) != 1 or isinstance(owners[0][1], (nn.Linear, nn.Embedding)):
+            continue
+        sub, owner = owners[0]
+        params = list(owner.named_parameters(recurse=False))
+        shapes = {tuple(p.shape) for _, p in params}
+        if not 2 <= len(params) <= 3 or len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            continue
+        R, H = next(iter(shapes))
+        for _, router in _routers(module, (name,), lambda rows, R=R: 2 <= rows < R and R % rows == 0):
+            if router.weight.shape[1] == H:
+                prefix = ".".join(p for p in (name, sub) if p)
+                return tuple(f"{prefix}.{p}" for p, _ in params), router.weight.shape[0]
+    return None
+
+
+def _find_experts(module: nn.Module) -> tuple[tuple[str, ...], int, bool] | Skip | None:
+    """(experts paths, E, packed): one stacked experts child, else two split 3-D weights, else
+    packed 2-D weights; None when the block has none of them."""
     found = [n for n, c in module.named_children() if is_stacked_experts(c)]
     if len(found) > 1:
         return Skip(f"block holds {len(found)} experts modules ({', '.join(found)}); the fused layer routes to one")
     if found:
-        return (found[0],), module.get_submodule(found[0]).down_proj.shape[0]
+        return (found[0],), module.get_submodule(found[0]).down_proj.shape[0], False
     split = _split_experts(module)
-    if split is None:
-        return None
-    return split, get_attr_path(module, split[0]).shape[0]
+    if split is not None:
+        return split, get_attr_path(module, split[0]).shape[0], False
+    packed = _packed_experts(module)
+    return None if packed is None else (*packed, True)
 
 
 def _selection_biases(module: nn.Module, num_experts: int, skip: tuple[str, ...], router: str,
@@ -150,11 +175,11 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     experts = _find_experts(module)
     if experts is None or isinstance(experts, Skip):
         return experts
-    paths, E = experts
-    split = len(paths) == 2
+    paths, E, packed = experts
+    split = len(paths) == 2 and not packed
     children = tuple(dict.fromkeys(p.split(".")[0] for p in paths))
     routers = _routers(module, children, lambda rows: rows == E)
-    if not routers and not split:  # a router over more ids than experts with weights (identity experts)
+    if not routers and not split and not packed:  # a router over more ids than experts with weights
         hiddens = get_attr_path(module, paths[0] + ".down_proj").shape[1:]
         routers = [(p, m) for p, m in _routers(module, children, lambda rows: rows > E)
                    if m.weight.shape[1] in hiddens and _lone_matrix(module.get_submodule(p.split(".")[0]))]
@@ -188,7 +213,8 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     out_bias = tuple(n for n, t in module.named_parameters(recurse=False)
                      if t.dim() == 1 and t.numel() == H and n not in sel)
     place = RouterPlace(router_path, owner, logits_bias, sel)
-    return BlockParts(paths, E, H, place, shared, shared_gate, out_bias, tuple(extra), G if G != E else None)
+    return BlockParts(paths, E, H, place, shared, shared_gate, out_bias, tuple(extra), G if G != E else None,
+                      packed)
 
 
 __all__ = ["BlockParts", "RouterPlace", "block_parts"]

@@ -30,7 +30,7 @@ from kernel_moe.adapters.structure import (
 from kernel_moe.kernels.activations import POINTWISE_KINDS, apply_activation
 from kernel_moe.kernels.contract import Activation
 from kernel_moe.layers.spec import ExpertsSpec
-from kernel_moe.layers.weights import StackedWeight, get_attr_path
+from kernel_moe.layers.weights import PairedRowsWeight, StackedWeight, get_attr_path
 
 
 def is_stacked_experts(module: nn.Module) -> bool:
@@ -189,4 +189,26 @@ def split_experts_specs(block: nn.Module, paths: tuple[str, str], hidden: int) -
                          f"{tuple(get_attr_path(block, b).shape)} do not chain H={hidden} -> I -> H")
 
 
-__all__ = ["declared_hidden", "experts_specs", "is_stacked_experts", "split_experts_specs"]
+def packed_experts_specs(block: nn.Module, paths: tuple[str, ...], num_experts: int,
+                         hidden: int) -> list[ExpertsSpec] | Skip:
+    """Candidate ExpertsSpecs for packed 2-D weights [E * I, H] at ``paths`` (DBRX): three are gate,
+    up and down in some order (gate and up read row-interleaved without a copy, down as the [E, I, H]
+    view of a transposed [E, H, I]), two are up and down; every order, declared order first, with the
+    activations the experts' module computes."""
+    E = num_experts
+    rows = get_attr_path(block, paths[0]).shape[0]
+    owner = block.get_submodule(paths[0].rpartition(".")[0])
+    acts = list(dict.fromkeys(leaf_activations(owner))) or list(POINTWISE)
+    specs = []
+    for order in itertools.permutations(paths):
+        down = StackedWeight(order[-1], transposed=True, experts=E)
+        if len(order) == 3:
+            up, glu = PairedRowsWeight(order[0], order[1], E), "interleaved"
+        else:
+            up, glu = StackedWeight(order[0], experts=E), "none"
+        specs += [ExpertsSpec(num_experts=E, hidden=hidden, intermediate=rows // E, up=up, down=down,
+                              activation=Activation(act, glu)) for act in acts]
+    return specs or Skip(f"packed expert weights {', '.join(paths)} give no candidate")
+
+
+__all__ = ["declared_hidden", "experts_specs", "is_stacked_experts", "packed_experts_specs", "split_experts_specs"]

@@ -19,7 +19,13 @@ from torch import nn
 
 from kernel_moe.adapters.base import Skip
 from kernel_moe.adapters.hf_blocks import BlockParts, RouterPlace, block_parts
-from kernel_moe.adapters.hf_experts import declared_hidden, experts_specs, is_stacked_experts, split_experts_specs
+from kernel_moe.adapters.hf_experts import (
+    declared_hidden,
+    experts_specs,
+    is_stacked_experts,
+    packed_experts_specs,
+    split_experts_specs,
+)
 from kernel_moe.adapters.hf_routing import (
     ObservedRouting,
     RouterReading,
@@ -36,6 +42,8 @@ def _block_experts(module: nn.Module, parts: BlockParts) -> list[ExpertsSpec] | 
     """Candidate ExpertsSpecs of the block's experts (stacked module or split weights)."""
     if parts.split is not None:
         return split_experts_specs(module, parts.split, parts.hidden)
+    if parts.packed:
+        return packed_experts_specs(module, parts.experts, parts.num_experts, parts.hidden)
     name = parts.experts[0]
     return experts_specs(module.get_submodule(name), name, parts.hidden, parts.routed_ids)
 
@@ -44,7 +52,7 @@ def _weights_placements(module: nn.Module, parts: BlockParts) -> list[bool]:
     """Where the block may apply the routing weights (``MoESpec.scale_inputs``): to the experts'
     outputs when its experts module takes them (``forward(hidden, top_k_index, top_k_weights)``);
     when it takes the hidden states alone, the block scales their inputs or their outputs itself."""
-    if parts.split is not None or _takes_routing(module.get_submodule(parts.experts[0])):
+    if parts.split is not None or parts.packed or _takes_routing(module.get_submodule(parts.experts[0])):
         return [False]
     return [True, False]
 
