@@ -35,7 +35,7 @@ from kernel_moe.adapters.hf_routing import (
     router_readings,
 )
 from kernel_moe.config import KernelConfig
-from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec, LinearRouter, MoESpec
+from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec, LinearRouter, MoESpec, TokenIds
 
 
 def _block_experts(module: nn.Module, parts: BlockParts) -> list[ExpertsSpec] | Skip:
@@ -113,7 +113,35 @@ class TransformersMoEAdapter:
                         "renormalisation, scaling)")
         jitter = getattr(module, "jitter_noise", 0.0)
         jitter = float(jitter) if isinstance(jitter, (int, float)) else 0.0
-        return _block_specs(parts, ex_specs, readings, like, jitter, _weights_placements(module, parts))
+        specs = _block_specs(parts, ex_specs, readings, like, jitter, _weights_placements(module, parts))
+        return _with_token_ids(module, parts, k, specs)
+
+
+def _with_token_ids(module: nn.Module, parts: BlockParts, k: int, specs: list[MoESpec]) -> list[MoESpec]:
+    """The specs of a block whose forward also takes token ids (an optional parameter named like
+    ``*ids``): when the router holds an int [V, k] table, it routes by ``table[ids]`` (hash
+    routing: the table's experts, weighed by each reading's scores) and the probe draws ids in
+    [0, V); otherwise the ids are passed through and the proof shows they change nothing."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())[1:2]
+    except (TypeError, ValueError):
+        params = []
+    if not params or not params[0].name.endswith("ids") or params[0].default is inspect.Parameter.empty:
+        return specs
+    owner = module.get_submodule(parts.router.owner)
+    tables = [(n, t) for n, t in owner.named_buffers() if not t.is_floating_point() and t.dtype != torch.bool
+              and t.dim() == 2 and t.shape[1] == k]
+    if not tables:
+        return [dataclasses.replace(s, token_ids=TokenIds(params[0].name)) for s in specs]
+    name, table = tables[0]
+    path = f"{parts.router.owner}.{name}"
+    by_table = []
+    for s in specs:  # the table chooses: selection biases, groups and top-k order do not apply
+        r = s.router.routing
+        if s.router.selection_bias is None and r.num_groups == 1 and r.order == "score_then_topk":
+            by_table.append(dataclasses.replace(s, router=dataclasses.replace(s.router, id_table=path),
+                                                token_ids=TokenIds(params[0].name, int(table.shape[0]))))
+    return list(dict.fromkeys(by_table))
 
 
 def _takes_routing(module: nn.Module) -> bool:

@@ -42,7 +42,7 @@ from kernel_moe.routing.expert_choice import expert_choice_route
 from kernel_moe.routing.jitter import jitter_input
 from kernel_moe.routing.random_routing import random_routing
 from kernel_moe.routing.losses import load_balancing_loss, router_z_loss
-from kernel_moe.routing.topk import SCORINGS, route
+from kernel_moe.routing.topk import SCORINGS, route, routing_weights
 
 
 def routing_features(config: KernelConfig) -> str:
@@ -102,6 +102,8 @@ class FusedMoE(SwappedLayer):
                              "every expert already gets its tokens")
         if self.spec.router.routing.order != "score_then_topk":
             raise ValueError("routing='expert_choice' needs a router that scores all experts (score_then_topk)")
+        if self.spec.router.id_table is not None:
+            raise ValueError("routing='expert_choice' cannot apply to a block that routes by a table of token ids")
         if self.spec.num_experts != self.spec.experts.num_experts:
             raise ValueError("routing='expert_choice' cannot route to experts without weights (identity or zero "
                              "experts)")
@@ -116,7 +118,7 @@ class FusedMoE(SwappedLayer):
         and a routing the kernel computes (no groups, no selection bias, fp32 scores)."""
         r = self.spec.router
         routing = r.routing
-        if r.selection_bias is not None or self.kernel_config.load_balancing == "dynamic":
+        if r.selection_bias is not None or r.id_table is not None or self.kernel_config.load_balancing == "dynamic":
             return False
         if routing.num_groups != 1 or routing.score_dtype != "float32" or routing.scoring not in SCORINGS:
             return False
@@ -173,17 +175,27 @@ class FusedMoE(SwappedLayer):
         out_TH = torch.zeros_like(x_TH).index_add_(0, tok_S, y_SH)
         return out_TH, ids_S1
 
-    def forward(self, hidden_states: torch.Tensor):
-        if self.runs_original(hidden_states):
-            return self.original(hidden_states)
+    def _token_ids(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The token ids [B, S] the block takes besides its hidden states (``spec.token_ids``), from
+        the call's extra arguments; a TypeError for arguments the original block does not take."""
+        name = self.spec.token_ids.name if self.spec.token_ids is not None else None
+        extra = dict(zip([name], args)) if name is not None and len(args) <= 1 else {}
+        if len(args) > len(extra) or set(kwargs) - {name} or (name in extra and name in kwargs):
+            raise TypeError(f"{type(self).__name__}.forward() takes hidden_states"
+                            + (f" and {name}" if name else "") + f", got {len(args)} more positional arguments "
+                            f"and keywords {sorted(kwargs)}")
+        return extra.get(name, kwargs.get(name)) if name is not None else None
+
+    def _token_choice(self, x_TH: torch.Tensor, logits_TE: torch.Tensor, token_ids: torch.Tensor | None):
+        """Each token's k experts (the proven routing, then the config's features) through the op:
+        (routed output [T, H], weights [T, K], ids [T, K])."""
         spec, cfg = self.spec, self.kernel_config
-        x_TH = hidden_states.reshape(-1, self.hidden_size)
-        if self.training and spec.input_jitter > 0:
-            x_TH = jitter_input(x_TH, spec.input_jitter, True)
-        router_in = jitter_input(x_TH, cfg.router_jitter, self.training) if cfg.router_jitter > 0 else x_TH
-        logits_TE = self.router_logits(router_in)
-        if cfg.routing == "expert_choice":
-            out_TH, ids_TK = self._expert_choice(x_TH, logits_TE)
+        if spec.router.id_table is not None:  # hash routing: a table gives each token id its experts
+            if token_ids is None:
+                raise ValueError(f"this block routes by a table of token ids: pass {spec.token_ids.name}")
+            table = get_attr_path(self, spec.router.id_table)
+            ids_TK = table.index_select(0, token_ids.reshape(-1).to(torch.long)).to(torch.long)
+            weights_TK = routing_weights(logits_TE, ids_TK, spec.router.routing)
         else:
             sel_bias = get_attr_path(self, spec.router.selection_bias) if spec.router.selection_bias else None
             if cfg.load_balancing == "dynamic":
@@ -192,19 +204,35 @@ class FusedMoE(SwappedLayer):
                 weights_TK, ids_TK = gate(logits_TE, spec.router.routing, self.backend)
             else:
                 weights_TK, ids_TK = route(logits_TE, spec.router.routing, sel_bias)
-            if self.training and cfg.random_routing > 0:
-                weights_TK, ids_TK, self.randomly_routed = random_routing(
-                    logits_TE, weights_TK, ids_TK, spec.router.routing, cfg.random_routing)
-            run_ids_TK = ids_TK
-            if cfg.capacity_factor is not None:
-                T, K = ids_TK.shape
-                capacity = expert_capacity(T, K, self.num_experts, cfg.capacity_factor, cfg.min_capacity)
-                weights_TK, ids_TK, dropped_TK, self.dropped_tokens = apply_capacity(
-                    weights_TK, ids_TK, self.num_experts, capacity, cfg.capacity_priority)
-                run_ids_TK = ids_TK.masked_fill(dropped_TK, -1)  # a dropped slot: no work (the contract's rule)
-            out_TH = self._experts(x_TH, weights_TK, run_ids_TK)
-            if spec.weightless == "identity" and self.num_experts > spec.experts.num_experts:
-                out_TH = out_TH + self._identity_experts(x_TH, weights_TK, run_ids_TK)
+        if self.training and cfg.random_routing > 0:
+            weights_TK, ids_TK, self.randomly_routed = random_routing(
+                logits_TE, weights_TK, ids_TK, spec.router.routing, cfg.random_routing)
+        run_ids_TK = ids_TK
+        if cfg.capacity_factor is not None:
+            T, K = ids_TK.shape
+            capacity = expert_capacity(T, K, self.num_experts, cfg.capacity_factor, cfg.min_capacity)
+            weights_TK, ids_TK, dropped_TK, self.dropped_tokens = apply_capacity(
+                weights_TK, ids_TK, self.num_experts, capacity, cfg.capacity_priority)
+            run_ids_TK = ids_TK.masked_fill(dropped_TK, -1)  # a dropped slot: no work (the contract's rule)
+        out_TH = self._experts(x_TH, weights_TK, run_ids_TK)
+        if spec.weightless == "identity" and self.num_experts > spec.experts.num_experts:
+            out_TH = out_TH + self._identity_experts(x_TH, weights_TK, run_ids_TK)
+        return out_TH, weights_TK, ids_TK
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        token_ids = self._token_ids(args, kwargs)
+        if self.runs_original(hidden_states):
+            return self.original(hidden_states, *args, **kwargs)
+        spec, cfg = self.spec, self.kernel_config
+        x_TH = hidden_states.reshape(-1, self.hidden_size)
+        if self.training and spec.input_jitter > 0:
+            x_TH = jitter_input(x_TH, spec.input_jitter, True)
+        router_in = jitter_input(x_TH, cfg.router_jitter, self.training) if cfg.router_jitter > 0 else x_TH
+        logits_TE = self.router_logits(router_in)
+        if cfg.routing == "expert_choice":
+            (out_TH, ids_TK), weights_TK = self._expert_choice(x_TH, logits_TE), None
+        else:
+            out_TH, weights_TK, ids_TK = self._token_choice(x_TH, logits_TE, token_ids)
         if spec.routed_scale != 1.0:
             out_TH = out_TH * spec.routed_scale
         if self._track_routing:

@@ -69,6 +69,8 @@ class LinearRouter:
     ``routing`` turns into top-k weights and expert ids.
 
     ``selection_bias`` is the path of a per-expert bias added to the scores for selection only.
+    ``id_table`` is the path of an int [V, K] tensor giving the experts of each token id (hash
+    routing, DeepSeek-V4): it replaces the top-k choice, and ``routing`` weighs the table's experts.
     """
 
     weight: str
@@ -76,6 +78,16 @@ class LinearRouter:
     bias: str | None = None
     selection_bias: str | None = None
     fp32_logits: bool = False
+    id_table: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """A forward argument of token ids [B, S] a block takes besides its hidden states (its name:
+    callers pass it by keyword); the probe draws ids in [0, ``vocab``)."""
+
+    name: str
+    vocab: int = 32
 
 
 class SwapSpec:
@@ -146,6 +158,8 @@ class MoESpec(SwapSpec):
       top-k routing weights [T, K], as GPT-OSS blocks do).
     - ``output_shape``: one of :data:`OUTPUT_SHAPES`: the output shaped like the input, as
       tokens [T, H] (Llama 4), or every returned tensor flattened to 1-D (Ernie 4.5 VL).
+    - ``token_ids``: a token-ids argument the block's forward takes (see :class:`TokenIds`): used
+      by a hash-routing router (``router.id_table``), else proven to change nothing.
     - ``scale_inputs``: the routing weights scale each expert's input instead of its output
       (Llama 4: ``sum_j expert_j(w_j * x)``), passed to the op as ``StackedExperts.scale_inputs``.
     - ``routed_scale``: a factor the block multiplies the routed experts' output by, after the
@@ -171,6 +185,7 @@ class MoESpec(SwapSpec):
     gradient_fallback: str | None = None
     notes: tuple[str, ...] = field(default=())
     output_shape: str = "input"
+    token_ids: TokenIds | None = None
     scale_inputs: bool = False
     weightless: str = "zero"
     routed_scale: float = 1.0
@@ -203,6 +218,14 @@ class MoESpec(SwapSpec):
             why = f"module routes top_k={self.top_k}, config expects top_k={config.top_k}"
         return why
 
+    def probe_args(self, tokens: int, draw: Draw) -> list[tuple]:
+        """With a token-ids argument: [1, T, H] tokens and [1, T] ids in [0, vocab) (drawn from the
+        probe's seeded values); else as every spec."""
+        if self.token_ids is None:
+            return super().probe_args(tokens, draw)
+        ids = (draw((1, tokens), 9).double().abs() * 1e6).long() % self.token_ids.vocab
+        return [(draw((1, tokens, self.experts.hidden), 0), ids)]
+
     def returning(self, kind: str) -> MoESpec | None:
         returns, _, shape = kind.partition("@")
         if returns not in RETURNS or (shape or "input") not in OUTPUT_SHAPES:
@@ -211,6 +234,8 @@ class MoESpec(SwapSpec):
 
     def describe(self) -> str:
         parts = [self.router.routing.describe(), self.experts.describe()]
+        if self.router.id_table is not None:
+            parts[0] = f"experts by token id ({self.router.id_table}) weighted {parts[0]}"
         if self.scale_inputs:
             parts.insert(1, "weights scale the inputs")
         if self.routed_scale != 1.0:

@@ -99,6 +99,8 @@ def _experts_layout(ex) -> str:
 def _routing(spec) -> str:
     r = spec.router
     text = r.routing.describe()
+    if r.id_table:
+        text = f"experts by token id (table), weighted {text}"
     if r.selection_bias:
         text += ", selection bias"
     if r.bias:
