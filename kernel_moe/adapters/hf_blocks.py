@@ -52,8 +52,10 @@ class BlockParts:
     - ``extra``: children with parameters that are none of the above.
     - ``routed_ids``: G, the ids the router scores, when more than the E experts hold weights: ids
       in [E, G) are experts without weights (identity or zero experts); None when G = E.
-    - ``packed``: ``experts`` are two or three 2-D Parameters [E * I, H] of one module (DBRX),
-      each packing every expert's rows."""
+    - ``layout``: how ``experts`` hold the weights: "stacked" (a transformers experts child with
+      3-D weights), "split" (two 3-D weights of separate children), "packed" (two or three 2-D
+      Parameters [E * I, H] of one module, each packing every expert's rows: DBRX) or "list" (a
+      container child of E identical expert MLPs made of Linear layers: Switch Transformers)."""
 
     experts: tuple[str, ...]
     num_experts: int
@@ -64,7 +66,7 @@ class BlockParts:
     output_biases: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
     routed_ids: int | None = None
-    packed: bool = False
+    layout: str = "stacked"
 
     @property
     def num_ids(self) -> int:
@@ -74,7 +76,7 @@ class BlockParts:
     @property
     def split(self) -> tuple[str, str] | None:
         """The two 3-D weight paths of a split-experts block, else None."""
-        return (self.experts[0], self.experts[1]) if len(self.experts) == 2 and not self.packed else None
+        return (self.experts[0], self.experts[1]) if self.layout == "split" else None
 
     @property
     def experts_children(self) -> tuple[str, ...]:
@@ -128,19 +130,39 @@ def _packed_experts(module: nn.Module) -> tuple[tuple[str, ...], int] | None:
     return None
 
 
-def _find_experts(module: nn.Module) -> tuple[tuple[str, ...], int, bool] | Skip | None:
-    """(experts paths, E, packed): one stacked experts child, else two split 3-D weights, else
-    packed 2-D weights; None when the block has none of them."""
+def _expert_list(module: nn.Module) -> tuple[tuple[str, ...], int] | None:
+    """((child,), E) of a container child (not a ModuleList: those are hand-written blocks, see
+    ``adapters/handwritten.py``) whose parametrised children are E >= 2 modules of one class with
+    equal parameter shapes, each made of Linear layers only (expert MLPs); parameter-free children
+    (a dropout) may sit beside them."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.ModuleList):
+            continue
+        items = [c for _, c in child.named_children() if any(True for _ in c.parameters())]
+        if len(items) < 2 or len({type(c) for c in items}) != 1 or any(True for _ in child.parameters(recurse=False)):
+            continue
+        if len({tuple(tuple(p.shape) for p in c.parameters()) for c in items}) == 1 and all(
+                linear_layers(c) for c in items):
+            return (name,), len(items)
+    return None
+
+
+def _find_experts(module: nn.Module) -> tuple[tuple[str, ...], int, str] | Skip | None:
+    """(experts paths, E, layout): one stacked experts child, else two split 3-D weights, else
+    packed 2-D weights, else a container of expert MLPs; None when the block has none of them."""
     found = [n for n, c in module.named_children() if is_stacked_experts(c)]
     if len(found) > 1:
         return Skip(f"block holds {len(found)} experts modules ({', '.join(found)}); the fused layer routes to one")
     if found:
-        return (found[0],), module.get_submodule(found[0]).down_proj.shape[0], False
+        return (found[0],), module.get_submodule(found[0]).down_proj.shape[0], "stacked"
     split = _split_experts(module)
     if split is not None:
-        return split, get_attr_path(module, split[0]).shape[0], False
-    packed = _packed_experts(module)
-    return None if packed is None else (*packed, True)
+        return split, get_attr_path(module, split[0]).shape[0], "split"
+    for layout, find in (("packed", _packed_experts), ("list", _expert_list)):
+        found_layout = find(module)
+        if found_layout is not None:
+            return (*found_layout, layout)
+    return None
 
 
 def _selection_biases(module: nn.Module, num_experts: int, skip: tuple[str, ...], router: str,
@@ -175,16 +197,17 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     experts = _find_experts(module)
     if experts is None or isinstance(experts, Skip):
         return experts
-    paths, E, packed = experts
-    split = len(paths) == 2 and not packed
+    paths, E, layout = experts
+    split = layout == "split"
     children = tuple(dict.fromkeys(p.split(".")[0] for p in paths))
     routers = _routers(module, children, lambda rows: rows == E)
-    if not routers and not split and not packed:  # a router over more ids than experts with weights
+    if not routers and layout == "stacked":  # a router over more ids than experts with weights
         hiddens = get_attr_path(module, paths[0] + ".down_proj").shape[1:]
         routers = [(p, m) for p, m in _routers(module, children, lambda rows: rows > E)
                    if m.weight.shape[1] in hiddens and _lone_matrix(module.get_submodule(p.split(".")[0]))]
     if not routers:
-        return None if split else Skip(f"{paths[0]}: no router with a [{E}, H] weight found in the block")
+        return None if layout in ("split", "list") else Skip(
+            f"{paths[0]}: no router with a [{E}, H] weight found in the block")
     router_path, router = routers[0]
     H = router.weight.shape[1]
     G = router.weight.shape[0]
@@ -214,7 +237,7 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
                      if t.dim() == 1 and t.numel() == H and n not in sel)
     place = RouterPlace(router_path, owner, logits_bias, sel)
     return BlockParts(paths, E, H, place, shared, shared_gate, out_bias, tuple(extra), G if G != E else None,
-                      packed)
+                      layout)
 
 
 __all__ = ["BlockParts", "RouterPlace", "block_parts"]

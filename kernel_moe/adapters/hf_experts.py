@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kernel_moe.adapters.base import Skip
+from kernel_moe.adapters.handwritten import form_experts_spec, prove_expert_form
 from kernel_moe.adapters.probe import POINTWISE, identify_activation, leaf_activations, mismatch, probe_input
 from kernel_moe.adapters.structure import (
     ChainLayout,
@@ -31,6 +32,9 @@ from kernel_moe.kernels.activations import POINTWISE_KINDS, apply_activation
 from kernel_moe.kernels.contract import Activation
 from kernel_moe.layers.spec import ExpertsSpec
 from kernel_moe.layers.weights import PairedRowsWeight, StackedWeight, get_attr_path
+
+
+PROBE_TOKENS = 16
 
 
 def is_stacked_experts(module: nn.Module) -> bool:
@@ -211,4 +215,18 @@ def packed_experts_specs(block: nn.Module, paths: tuple[str, ...], num_experts: 
     return specs or Skip(f"packed expert weights {', '.join(paths)} give no candidate")
 
 
-__all__ = ["declared_hidden", "experts_specs", "is_stacked_experts", "packed_experts_specs", "split_experts_specs"]
+def list_experts_specs(block: nn.Module, name: str, hidden: int) -> list[ExpertsSpec] | Skip:
+    """The ExpertsSpec of a container ``name`` of identical expert MLPs (Switch Transformers): the
+    wiring of one expert (which Linear is up, gate, down; the activation) proven on a probe, each
+    expert's Linear weights stacked as the hand-written adapter stacks a ModuleList."""
+    container = block.get_submodule(name)
+    items = [(n, c) for n, c in container.named_children() if any(True for _ in c.parameters())]
+    form = prove_expert_form(items[0][1], hidden, PROBE_TOKENS)
+    if isinstance(form, Skip):
+        return Skip(f"{name}: {form.reason}")
+    inter = items[0][1].get_submodule(form.up[0]).out_features
+    return [form_experts_spec(form, [f"{name}.{n}." for n, _ in items], hidden, inter)]
+
+
+__all__ = ["declared_hidden", "experts_specs", "is_stacked_experts", "list_experts_specs", "packed_experts_specs",
+           "split_experts_specs"]

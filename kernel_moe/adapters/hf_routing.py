@@ -159,11 +159,30 @@ def _dense_choice(tensors: list[torch.Tensor], tokens: int) -> tuple[torch.Tenso
     return None
 
 
-def _recognise(outputs: object, tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-    """Expert ids and same-shaped float tensors among a router's outputs (by dtype and shape); without
-    an ids tensor, a dense [T, E] tensor of the chosen experts' weights (see :func:`_dense_choice`)."""
+def _dispatch_ids(t: torch.Tensor, tokens: int, num_ids: int) -> torch.Tensor | None:
+    """Expert ids [T, K] of a one-hot dispatch mask [.., E] (integer 0/1, the same K < E ones in
+    every row: Switch Transformers' router), else None."""
+    if t.is_floating_point() or t.dim() < 2 or t.shape[-1] != num_ids or t.numel() != tokens * num_ids:
+        return None
+    mask_TE = t.reshape(tokens, num_ids).long()
+    counts_T = mask_TE.sum(dim=-1)
+    K = int(counts_T[0]) if tokens else 0
+    if not (1 <= K < num_ids and bool(((mask_TE == 0) | (mask_TE == 1)).all()) and bool((counts_T == K).all())):
+        return None
+    return mask_TE.topk(K, dim=-1).indices
+
+
+def _recognise(outputs: object, tokens: int, num_ids: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """Expert ids and same-shaped float tensors among a router's outputs (by dtype and shape); ids
+    may come as a one-hot dispatch mask (:func:`_dispatch_ids`); without ids, a dense [T, E] tensor of
+    the chosen experts' weights (see :func:`_dense_choice`)."""
     flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+    dispatched = [d for d in (_dispatch_ids(t, tokens, num_ids) for t in tensors) if d is not None]
+    if len(dispatched) == 1:
+        K = dispatched[0].shape[1]
+        return dispatched[0], [t.reshape(tokens, K) for t in tensors if t.is_floating_point()
+                               and t.numel() == tokens * K]
     ids = [t for t in tensors if not t.is_floating_point() and t.dtype != torch.bool and t.dim() >= 1
            and t.numel() % tokens == 0 and t.numel() // tokens >= 1]
     if not ids:
@@ -201,7 +220,7 @@ def observe_router(block: nn.Module, parts: BlockParts, x_TH: torch.Tensor) -> l
                 outputs = owner(*args)
         except Exception:
             continue
-        found = _recognise(outputs, T)
+        found = _recognise(outputs, T, parts.num_ids)
         if found is not None:
             seen.append(ObservedRouting(found[0], found[1], bias))
             done_bias.add(bias)

@@ -102,8 +102,9 @@ class FusedMoE(SwappedLayer):
                              "every expert already gets its tokens")
         if self.spec.router.routing.order != "score_then_topk":
             raise ValueError("routing='expert_choice' needs a router that scores all experts (score_then_topk)")
-        if self.spec.router.id_table is not None:
-            raise ValueError("routing='expert_choice' cannot apply to a block that routes by a table of token ids")
+        if self.spec.router.id_table is not None or self.spec.capacity is not None:
+            raise ValueError("routing='expert_choice' cannot apply to a block that routes by a table of token ids "
+                             "or has its own expert capacity")
         if self.spec.num_experts != self.spec.experts.num_experts:
             raise ValueError("routing='expert_choice' cannot route to experts without weights (identity or zero "
                              "experts)")
@@ -186,9 +187,23 @@ class FusedMoE(SwappedLayer):
                             f"and keywords {sorted(kwargs)}")
         return extra.get(name, kwargs.get(name)) if name is not None else None
 
-    def _token_choice(self, x_TH: torch.Tensor, logits_TE: torch.Tensor, token_ids: torch.Tensor | None):
+    def _block_capacity(self, weights_TK: torch.Tensor, ids_TK: torch.Tensor,
+                        sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's own capacity (``spec.capacity``): (weights with dropped slots zeroed, dropped
+        [T, K] bool). Per sequence, every (sequence, expert) pair counts as its own expert."""
+        capacity = self.spec.capacity
+        T = ids_TK.shape[0]
+        groups = max(sequences, 1) if capacity.per_sequence else 1
+        sequence_T = torch.arange(T, device=ids_TK.device) // max(T // groups, 1)
+        keyed_TK = ids_TK + (sequence_T * self.num_experts).unsqueeze(-1)
+        weights_TK, _, dropped_TK, _ = apply_capacity(weights_TK, keyed_TK, groups * self.num_experts,
+                                                      capacity.slots, "position")
+        return weights_TK, dropped_TK
+
+    def _token_choice(self, x_TH: torch.Tensor, logits_TE: torch.Tensor, token_ids: torch.Tensor | None,
+                      sequences: int):
         """Each token's k experts (the proven routing, then the config's features) through the op:
-        (routed output [T, H], weights [T, K], ids [T, K])."""
+        (routed output [T, H], weights [T, K], ids [T, K]); ``sequences``: B of a [B, S, H] input."""
         spec, cfg = self.spec, self.kernel_config
         if spec.router.id_table is not None:  # hash routing: a table gives each token id its experts
             if token_ids is None:
@@ -208,12 +223,15 @@ class FusedMoE(SwappedLayer):
             weights_TK, ids_TK, self.randomly_routed = random_routing(
                 logits_TE, weights_TK, ids_TK, spec.router.routing, cfg.random_routing)
         run_ids_TK = ids_TK
+        if spec.capacity is not None:
+            weights_TK, dropped_TK = self._block_capacity(weights_TK, ids_TK, sequences)
+            run_ids_TK = run_ids_TK.masked_fill(dropped_TK, -1)  # a dropped slot: no work (the contract's rule)
         if cfg.capacity_factor is not None:
             T, K = ids_TK.shape
             capacity = expert_capacity(T, K, self.num_experts, cfg.capacity_factor, cfg.min_capacity)
             weights_TK, ids_TK, dropped_TK, self.dropped_tokens = apply_capacity(
                 weights_TK, ids_TK, self.num_experts, capacity, cfg.capacity_priority)
-            run_ids_TK = ids_TK.masked_fill(dropped_TK, -1)  # a dropped slot: no work (the contract's rule)
+            run_ids_TK = run_ids_TK.masked_fill(dropped_TK, -1)
         out_TH = self._experts(x_TH, weights_TK, run_ids_TK)
         if spec.weightless == "identity" and self.num_experts > spec.experts.num_experts:
             out_TH = out_TH + self._identity_experts(x_TH, weights_TK, run_ids_TK)
@@ -232,7 +250,8 @@ class FusedMoE(SwappedLayer):
         if cfg.routing == "expert_choice":
             (out_TH, ids_TK), weights_TK = self._expert_choice(x_TH, logits_TE), None
         else:
-            out_TH, weights_TK, ids_TK = self._token_choice(x_TH, logits_TE, token_ids)
+            sequences = hidden_states.shape[0] if hidden_states.dim() == 3 else 1
+            out_TH, weights_TK, ids_TK = self._token_choice(x_TH, logits_TE, token_ids, sequences)
         if spec.routed_scale != 1.0:
             out_TH = out_TH * spec.routed_scale
         if self._track_routing:

@@ -82,6 +82,21 @@ class LinearRouter:
 
 
 @dataclass(frozen=True)
+class BlockCapacity:
+    """A capacity the block imposes itself (Switch Transformers' router): each expert takes at most
+    ``slots`` slots in each sequence of a [B, S, H] input (``per_sequence``) or in the whole call,
+    admitted in position order (slot t * K + j); later slots are dropped: no output, no gradient."""
+
+    slots: int
+    per_sequence: bool = True
+
+    def probe_tokens(self, num_ids: int, top_k: int) -> int:
+        """Tokens per sequence a probe needs for every expert to overflow on average (twice its
+        capacity), so that which slots are dropped shows in the outputs."""
+        return -(-2 * self.slots * num_ids // top_k)
+
+
+@dataclass(frozen=True)
 class TokenIds:
     """A forward argument of token ids [B, S] a block takes besides its hidden states (its name:
     callers pass it by keyword); the probe draws ids in [0, ``vocab``)."""
@@ -158,6 +173,8 @@ class MoESpec(SwapSpec):
       top-k routing weights [T, K], as GPT-OSS blocks do).
     - ``output_shape``: one of :data:`OUTPUT_SHAPES`: the output shaped like the input, as
       tokens [T, H] (Llama 4), or every returned tensor flattened to 1-D (Ernie 4.5 VL).
+    - ``capacity``: the block's own expert capacity (:class:`BlockCapacity`), proven on a probe
+      long enough to overflow it.
     - ``token_ids``: a token-ids argument the block's forward takes (see :class:`TokenIds`): used
       by a hash-routing router (``router.id_table``), else proven to change nothing.
     - ``scale_inputs``: the routing weights scale each expert's input instead of its output
@@ -186,6 +203,7 @@ class MoESpec(SwapSpec):
     notes: tuple[str, ...] = field(default=())
     output_shape: str = "input"
     token_ids: TokenIds | None = None
+    capacity: BlockCapacity | None = None
     scale_inputs: bool = False
     weightless: str = "zero"
     routed_scale: float = 1.0
@@ -219,12 +237,18 @@ class MoESpec(SwapSpec):
         return why
 
     def probe_args(self, tokens: int, draw: Draw) -> list[tuple]:
-        """With a token-ids argument: [1, T, H] tokens and [1, T] ids in [0, vocab) (drawn from the
-        probe's seeded values); else as every spec."""
-        if self.token_ids is None:
+        """With a capacity: two sequences long enough to overflow it ([2, S, H]); with a token-ids
+        argument: the tokens and ids in [0, vocab) (drawn from the probe's seeded values); else as
+        every spec."""
+        if self.token_ids is None and self.capacity is None:
             return super().probe_args(tokens, draw)
-        ids = (draw((1, tokens), 9).double().abs() * 1e6).long() % self.token_ids.vocab
-        return [(draw((1, tokens, self.experts.hidden), 0), ids)]
+        shape = (1, tokens)
+        if self.capacity is not None:
+            shape = (2, max(tokens, self.capacity.probe_tokens(self.num_experts, self.top_k)))
+        x = draw((*shape, self.experts.hidden), 0)
+        if self.token_ids is None:
+            return [(x,)]
+        return [(x, (draw(shape, 9).double().abs() * 1e6).long() % self.token_ids.vocab)]
 
     def returning(self, kind: str) -> MoESpec | None:
         returns, _, shape = kind.partition("@")
@@ -240,6 +264,9 @@ class MoESpec(SwapSpec):
             parts.insert(1, "weights scale the inputs")
         if self.routed_scale != 1.0:
             parts.insert(1, f"routed output x{self.routed_scale:g}")
+        if self.capacity is not None:
+            scope = "per sequence" if self.capacity.per_sequence else "per call"
+            parts.insert(1, f"capacity {self.capacity.slots} {scope} (position order)")
         extra = self.num_experts - self.experts.num_experts
         if extra > 0:
             parts.insert(1, f"+{extra} {self.weightless} experts")

@@ -109,6 +109,8 @@ def _routing(spec) -> str:
         text += ", shared expert" + (" (sigmoid-gated)" if spec.shared_gate else "")
     if spec.scale_inputs:
         text += ", weights scale the inputs"
+    if spec.capacity is not None:
+        text += f", capacity {spec.capacity.slots} per {'sequence' if spec.capacity.per_sequence else 'call'}"
     if spec.routed_scale != 1.0:
         text += f", routed output x{spec.routed_scale:g}"
     if spec.num_experts > spec.experts.num_experts:
