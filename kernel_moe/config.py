@@ -11,6 +11,8 @@ import math
 import warnings
 from dataclasses import dataclass
 
+QUANTIZED_FORMATS = ("int8", "fp8", "int4")  # weight-only expert formats (kernels/quantization.py)
+INT4_GROUP_SIZES = (32, 64, 128)
 BACKENDS = ("auto", "triton", "cpu")
 DEPRECATED_BACKENDS = {"torch": "cpu"}
 LOAD_BALANCING = ("none", "auxiliary_loss", "dynamic")
@@ -59,6 +61,11 @@ class KernelConfig:
       uniformly random expert it did not choose (weighted by the router's score for it), so every
       expert keeps getting a training signal; drawn from torch's global RNG (``torch.manual_seed``
       makes it reproducible) and counted in ``FusedMoE.randomly_routed``. 0 disables.
+    - ``quantize_experts``: None (full precision) or "int8" / "fp8" / "int4": weight-only
+      quantization of every swapped MoE's experts (``layers/quantized.py``); the full-precision
+      expert weights are released unless ``quantize_keep_original``. ``quantize_group_size``: None
+      for one scale per output row (int8, fp8), or 32 / 64 / 128 input features per scale (int4:
+      default 128).
     - ``expert_parallel``: sharding experts over ranks (not available in this version).
     - ``backend``: "auto" (Triton kernels on CUDA, the CPU backend elsewhere), "triton" (always
       the Triton kernels; on CPU tensors only with TRITON_INTERPRET=1) or "cpu" (the CPU backend:
@@ -82,6 +89,9 @@ class KernelConfig:
     bias_update_rate: float = 1e-3
     router_jitter: float = 0.0
     random_routing: float = 0.0
+    quantize_experts: str | None = None
+    quantize_group_size: int | None = None
+    quantize_keep_original: bool = False
     expert_parallel: bool = False
     backend: str = "auto"
     swap_moe: bool = True
@@ -109,6 +119,12 @@ class KernelConfig:
         _check_float("router_jitter", self.router_jitter, 0.0, strict=False)
         if self.router_jitter >= 1.0:
             _fail("router_jitter", self.router_jitter, "a number in [0, 1)")
+        if self.quantize_experts not in (None, *QUANTIZED_FORMATS):
+            _fail("quantize_experts", self.quantize_experts, "None, " + ", ".join(QUANTIZED_FORMATS))
+        if self.quantize_group_size not in (None, *INT4_GROUP_SIZES):
+            _fail("quantize_group_size", self.quantize_group_size, "None, " + ", ".join(map(str, INT4_GROUP_SIZES)))
+        if self.quantize_experts is None and self.quantize_group_size is not None:
+            _fail("quantize_group_size", self.quantize_group_size, "None when quantize_experts is None")
         _check_float("random_routing", self.random_routing, 0.0, strict=False)
         if self.random_routing >= 1.0:
             _fail("random_routing", self.random_routing, "a probability in [0, 1)")
@@ -123,7 +139,7 @@ class KernelConfig:
             object.__setattr__(self, "backend", new)
         if self.backend not in BACKENDS:
             _fail("backend", self.backend, ", ".join(BACKENDS))
-        for name in ("swap_moe", "swap_ffn", "verify", "deterministic"):
+        for name in ("swap_moe", "swap_ffn", "verify", "deterministic", "quantize_keep_original"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
         if not (self.swap_moe or self.swap_ffn):

@@ -20,9 +20,10 @@ from kernel_moe.adapters.probe import (
     run_reference,
 )
 from kernel_moe.config import KernelConfig
-from kernel_moe.errors import UnsupportedModuleError
+from kernel_moe.errors import KernelMoEError, UnsupportedModuleError
 from kernel_moe.layers import SwappedLayer
-from kernel_moe.layers.spec import SwapSpec
+from kernel_moe.layers.quantized import quantize_layer
+from kernel_moe.layers.spec import FFNSpec, SwapSpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.kernels import resolve_backend
 from kernel_moe.report import OptimizeReport, SkipRecord, SwapRecord
@@ -71,6 +72,8 @@ class UnifiedManager:
         result = model
         done: list[str] = []
         for fqn, module in list(model.named_modules()):
+            if "" in done:
+                break  # the model itself was swapped: nothing inside it is left to visit
             if any(fqn.startswith(p + ".") for p in done):
                 continue
             if isinstance(module, FUSED_LAYERS):
@@ -116,10 +119,15 @@ class UnifiedManager:
     def restore(model: nn.Module) -> nn.Module:
         """Put the original modules back in place of every fused layer and return the model (the
         original module when ``model`` itself is a fused layer)."""
+        fused = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, FUSED_LAYERS)]
+        released = [fqn or "<root>" for fqn, m in fused if m.original_released]
+        if released:
+            raise KernelMoEError(f"cannot restore {', '.join(released)}: quantize_experts released the original expert "
+                                 "weights; optimize with quantize_keep_original=True to be able to restore")
         if isinstance(model, FUSED_LAYERS):
             return model.original
-        for fqn, module in list(model.named_modules()):
-            if isinstance(module, FUSED_LAYERS) and fqn:
+        for fqn, module in fused:
+            if fqn:
                 parent_name, _, child_name = fqn.rpartition(".")
                 setattr(model.get_submodule(parent_name), child_name, module.original)
         return model
@@ -145,10 +153,25 @@ class UnifiedManager:
                 reasons.append(spec.reason)
                 continue
             try:
-                return spec.build(module, self.config)
+                layer = spec.build(module, self.config)
             except ValueError as exc:  # a routing feature of the config that cannot apply to this block
                 reasons.append(str(exc))
+                continue
+            return self._quantized(layer)
         return Skip("; ".join(reasons)) if reasons else None
+
+    def _quantized(self, layer: nn.Module) -> nn.Module | Skip:
+        """The layer with its experts quantized when the config asks (MoE blocks and experts
+        modules; dense FFNs stay as they are)."""
+        cfg = self.config
+        if cfg.quantize_experts is None or isinstance(layer.spec, FFNSpec):
+            return layer
+        try:
+            layer.quantization_note = quantize_layer(layer, cfg.quantize_experts, cfg.quantize_group_size,
+                                                     cfg.quantize_keep_original)
+        except KernelMoEError as exc:
+            return Skip(f"quantize_experts={cfg.quantize_experts!r} cannot apply: {exc}")
+        return layer
 
     def _prove(self, module: nn.Module, specs: list[SwapSpec]) -> SwapSpec | Skip:
         """The first candidate whose layer computes what ``module`` computes on a probe, with

@@ -135,7 +135,8 @@ def run_op(inputs: dict, activation: str = "silu", glu: str = "concat", alpha: f
     gate_cap, up_cap = i.get("softcaps", (math.inf, math.inf))
     return torch.ops.kernel_moe.fused_experts(
         i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"], i.get("expert_map"),
-        activation, glu, alpha, limit, gate_cap, up_cap, i.get("scale_inputs", False), backend,
+        i.get("w_up_scale"), i.get("w_down_scale"), activation, glu, alpha, limit, gate_cap, up_cap,
+        i.get("scale_inputs", False), i.get("weight_format", "full"), backend,
     )
 
 

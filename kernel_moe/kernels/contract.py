@@ -37,7 +37,9 @@ from kernel_moe.errors import UnsupportedInputError
 
 ACTIVATION_KINDS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "gpt_oss")
 GLU_LAYOUTS = ("none", "concat", "interleaved")
-WEIGHT_FORMATS = ("full",)
+WEIGHT_FORMATS = ("full", "int8", "fp8", "int4")
+# the stored dtype of each quantized format (see kernels/quantization.py for the layouts)
+QUANTIZED_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.uint8}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ID_DTYPES = (torch.int32, torch.int64)
 
@@ -109,7 +111,7 @@ class Activation:
 
 class StackedExperts(NamedTuple):
     """The experts of one call: stacked weights (views, never copies), biases, the activation,
-    the weight format and the expert-id map. Built per forward by the layer (cheap: a tuple of
+    the weight format (with its scales) and the expert-id map. Built per forward by the layer (cheap: a tuple of
     references), passed whole through Python; only the custom-op schema spells it out."""
 
     w_up: Tensor  # [E, N, H], any strides
@@ -120,6 +122,12 @@ class StackedExperts(NamedTuple):
     weight_format: str = "full"
     expert_map: Optional[Tensor] = None  # [G] int: local expert of each routed id, -1 = not held
     scale_inputs: bool = False  # routing weights scale each expert's input instead of its output
+    w_up_scale: Optional[Tensor] = None  # quantized formats: [E, N] per row, or [E, N, H / group]
+    w_down_scale: Optional[Tensor] = None  # [E, H] or [E, H, I / group]
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_format != "full"
 
     @property
     def num_experts(self) -> int:
@@ -134,12 +142,13 @@ class StackedExperts(NamedTuple):
 
 class ExpertsGrads(NamedTuple):
     """Gradients of a call: x [T, H], routing weights [T, K] (None for a dense call), the
-    weights [E, N, H] / [E, H, I] and the biases (None where there is none)."""
+    weights [E, N, H] / [E, H, I] (None for quantized, frozen weights) and the biases (None where
+    there is none)."""
 
     x: Tensor
     topk_weights: Optional[Tensor]
-    w_up: Tensor
-    w_down: Tensor
+    w_up: Optional[Tensor]
+    w_down: Optional[Tensor]
     b_up: Optional[Tensor]
     b_down: Optional[Tensor]
 
@@ -175,38 +184,84 @@ def validate_call(x_TH: Tensor, weights_TK: Optional[Tensor], ids_TK: Optional[T
     """The one check of a call's inputs, from metadata only (no tensor data is read): shapes,
     dtypes, devices, the activation and the weight format. Raises UnsupportedInputError naming
     the input, what it is and what is allowed."""
-    w_up, w_down, b_up, b_down, activation, weight_format, mapping = experts[:7]
-    if not isinstance(activation, Activation):
-        raise UnsupportedInputError(f"activation must be an Activation, got {type(activation).__name__}")
-    if weight_format not in WEIGHT_FORMATS:
-        raise UnsupportedInputError(f"weight_format={weight_format!r} is not supported; allowed: "
+    if not isinstance(experts.activation, Activation):
+        raise UnsupportedInputError(f"activation must be an Activation, got {type(experts.activation).__name__}")
+    if experts.weight_format not in WEIGHT_FORMATS:
+        raise UnsupportedInputError(f"weight_format={experts.weight_format!r} is not supported; allowed: "
                                     f"{', '.join(WEIGHT_FORMATS)}")
     if x_TH.dim() != 2:
         raise UnsupportedInputError(f"x must be 2-D [T, H], got shape {tuple(x_TH.shape)}")
-    for name, t in (("x", x_TH), ("w_up", w_up), ("w_down", w_down), ("b_up", b_up), ("b_down", b_down)):
+    if x_TH.dtype not in FLOAT_DTYPES:
+        raise UnsupportedInputError(f"x dtype {x_TH.dtype} is not supported; allowed: float32, bfloat16, float16, "
+                                    "float64")
+    E, N, H = _check_weights(x_TH.shape[1], experts)
+    for name, t, shape in (("b_up", experts.b_up, (E, N)), ("b_down", experts.b_down, (E, H))):
         if t is not None and t.dtype not in FLOAT_DTYPES:
             raise UnsupportedInputError(f"{name} dtype {t.dtype} is not supported; allowed: float32, bfloat16, "
                                         "float16, float64")
-    T, H = x_TH.shape
+        if t is not None and tuple(t.shape) != shape:
+            raise UnsupportedInputError(f"{name} must be [{', '.join(map(str, shape))}], got {tuple(t.shape)}")
+    _check_routing(x_TH.shape[0], weights_TK, ids_TK, experts)
+    for name, t in (("topk_weights", weights_TK), ("topk_ids", ids_TK), *zip(StackedExperts._fields, experts)):
+        if isinstance(t, Tensor) and t.device != x_TH.device:
+            raise UnsupportedInputError(f"{name} is on {t.device} but x is on {x_TH.device}; all inputs must share a "
+                                        "device")
+
+
+def _check_weights(H: int, experts: StackedExperts) -> tuple[int, int, int]:
+    """Shapes and dtypes of the stacked weights (and scales): (E, N, H)."""
+    w_up, w_down, fmt = experts.w_up, experts.w_down, experts.weight_format
     if w_up.dim() != 3 or w_down.dim() != 3:
         raise UnsupportedInputError(
             f"w_up and w_down must be 3-D [E, N, H] and [E, H, I], got {tuple(w_up.shape)} and {tuple(w_down.shape)}")
-    E, N, H_w = w_up.shape
+    want = QUANTIZED_DTYPES.get(fmt)
+    for name, t in (("w_up", w_up), ("w_down", w_down)):
+        if want is None and t.dtype not in FLOAT_DTYPES:
+            raise UnsupportedInputError(f"{name} dtype {t.dtype} is not supported; allowed: float32, bfloat16, "
+                                        "float16, float64")
+        if want is not None and (t.dtype != want or t.stride(-1) != 1):
+            raise UnsupportedInputError(f"{name} of weight_format={fmt!r} must be {want} with unit stride along its "
+                                        f"input features, got {t.dtype} with strides {t.stride()}")
+    packing = 2 if fmt == "int4" else 1  # int4 holds two input features per byte
+    E, N, H_w = w_up.shape[0], w_up.shape[1], w_up.shape[2] * packing
     if H_w != H:
         raise UnsupportedInputError(f"w_up is [E, N, H={H_w}] but x has H={H}")
+    activation = experts.activation
     if activation.gated and N % 2 != 0:
         raise UnsupportedInputError(f"w_up has N={N} features, not even, but glu={activation.glu!r} needs "
                                     "[gate, up] pairs")
     I = N // 2 if activation.gated else N
-    if tuple(w_down.shape) != (E, H, I):
-        raise UnsupportedInputError(f"w_down must be [E={E}, H={H}, I={I}], got {tuple(w_down.shape)}")
-    if b_up is not None and tuple(b_up.shape) != (E, N):
-        raise UnsupportedInputError(f"b_up must be [E={E}, N={N}], got {tuple(b_up.shape)}")
-    if b_down is not None and tuple(b_down.shape) != (E, H):
-        raise UnsupportedInputError(f"b_down must be [E={E}, H={H}], got {tuple(b_down.shape)}")
+    if (w_down.shape[0], w_down.shape[1], w_down.shape[2] * packing) != (E, H, I):
+        raise UnsupportedInputError(f"w_down must be [E={E}, H={H}, I={I}], got {tuple(w_down.shape)}"
+                                    + (" (int4: two per byte)" if packing == 2 else ""))
+    if want is not None:
+        _check_scale("w_up_scale", experts.w_up_scale, (E, N), H, fmt)
+        _check_scale("w_down_scale", experts.w_down_scale, (E, H), I, fmt)
+    elif experts.w_up_scale is not None or experts.w_down_scale is not None:
+        raise UnsupportedInputError("weight scales are given but weight_format='full'")
+    return E, N, H
+
+
+def _check_scale(name: str, scale: Optional[Tensor], rows: tuple[int, int], K: int, fmt: str) -> None:
+    """A quantized weight's scale: float32 [E, N] (one per row; int8, fp8) or [E, N, G] with G
+    dividing K (groups of K / G input features; int4 always)."""
+    if scale is None or scale.dtype != torch.float32:
+        raise UnsupportedInputError(f"weight_format={fmt!r} needs {name} as float32, got "
+                                    f"{None if scale is None else scale.dtype}")
+    per_row = scale.dim() == 2 and fmt != "int4"
+    grouped = scale.dim() == 3 and scale.shape[-1] > 0 and K % scale.shape[-1] == 0
+    if tuple(scale.shape[:2]) != rows or not (per_row or grouped):
+        shapes = f"[{rows[0]}, {rows[1]}, K / group]" + ("" if fmt == "int4" else f" or [{rows[0]}, {rows[1]}]")
+        raise UnsupportedInputError(f"{name} of weight_format={fmt!r} must be {shapes} with the group dividing "
+                                    f"K={K}, got {tuple(scale.shape)}")
+
+
+def _check_routing(T: int, weights_TK: Optional[Tensor], ids_TK: Optional[Tensor], experts: StackedExperts) -> None:
+    mapping = experts.expert_map
     if (weights_TK is None) != (ids_TK is None):
         raise UnsupportedInputError("topk_weights and topk_ids must both be given, or both be None (a dense call)")
     if ids_TK is None:
+        E = experts.num_experts
         if E != 1 or mapping is not None or experts.scale_inputs:
             raise UnsupportedInputError(f"a dense call (no routing) needs one expert, no expert map and no input "
                                         f"scaling, got E={E}" + (" and an expert map" if mapping is not None else "")
@@ -224,11 +279,6 @@ def validate_call(x_TH: Tensor, weights_TK: Optional[Tensor], ids_TK: Optional[T
     if mapping is not None and (mapping.dim() != 1 or mapping.dtype not in ID_DTYPES):
         raise UnsupportedInputError(f"expert_map must be a 1-D int32/int64 tensor [G], got {mapping.dtype} "
                                     f"{tuple(mapping.shape)}")
-    for name, t in (("topk_weights", weights_TK), ("topk_ids", ids_TK), ("w_up", w_up), ("w_down", w_down),
-                    ("b_up", b_up), ("b_down", b_down), ("expert_map", mapping)):
-        if t is not None and t.device != x_TH.device:
-            raise UnsupportedInputError(f"{name} is on {t.device} but x is on {x_TH.device}; all inputs must share a "
-                                        "device")
 
 
 __all__ = [

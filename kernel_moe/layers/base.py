@@ -37,6 +37,8 @@ class SwappedLayer(nn.Module):
         self.backend = config.backend
         self.deterministic = config.deterministic
         self._stacked_weights: dict[str, torch.Tensor] = {}
+        self.quantized_experts: nn.Module | None = None  # see layers/quantized.py
+        self.original_released = False  # the original's expert weights were released by quantization
         self.training = original.training
 
     @property
@@ -57,8 +59,15 @@ class SwappedLayer(nn.Module):
     def _weight_sources(self) -> list:
         return []
 
+    def _live_sources(self) -> list:
+        """The weight sources still present (quantization may have released the expert weights)."""
+        if not self.original_released:
+            return self._weight_sources()
+        released = (self.spec.experts.up, self.spec.experts.down)
+        return [s for s in self._weight_sources() if all(s is not r for r in released)]
+
     def _bind_weights(self) -> None:
-        for source in self._weight_sources():
+        for source in self._live_sources():
             source.bind(self)
 
     def _apply(self, fn, recurse: bool = True):
@@ -74,7 +83,8 @@ class SwappedLayer(nn.Module):
     def details(self) -> str:
         """What the report says about this layer: what it computes, the features the config
         added, and when it runs the original module instead."""
-        notes = [self.spec.describe(), self.features(), *self.spec.fallback_notes()]
+        notes = [self.spec.describe(), self.features(), getattr(self, "quantization_note", ""),
+                 *self.spec.fallback_notes()]
         return "; ".join(n for n in notes if n)
 
     def extra_repr(self) -> str:

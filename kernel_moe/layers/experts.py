@@ -13,14 +13,18 @@ from torch import nn
 from kernel_moe.config import KernelConfig
 from kernel_moe.kernels.contract import StackedExperts
 from kernel_moe.layers.base import SwappedLayer
+from kernel_moe.layers.quantized import stacked_quantized
 from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec
 from kernel_moe.ops.experts import run_experts as run_op
 
 
 def stacked_experts(layer: nn.Module, ex: ExpertsSpec, scale_inputs: bool = False) -> StackedExperts:
-    """The experts ``ex`` names on ``layer``, as the op's value type (views, no copies);
-    ``scale_inputs``: the routing weights scale each expert's input (Llama 4). An up weight
-    holding more experts than ``ex`` (rows of weightless experts) is viewed as its first E."""
+    """The experts ``ex`` names on ``layer``, as the op's value type (views, no copies; the
+    quantized buffers when the layer's experts are quantized); ``scale_inputs``: the routing
+    weights scale each expert's input (Llama 4). An up weight holding more experts than ``ex``
+    (rows of weightless experts) is viewed as its first E."""
+    if getattr(layer, "quantized_experts", None) is not None:
+        return stacked_quantized(layer, ex, scale_inputs)
     w_up = ex.up.get(layer)
     return StackedExperts(
         w_up if w_up.shape[0] == ex.num_experts else w_up[: ex.num_experts],

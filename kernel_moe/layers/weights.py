@@ -55,6 +55,13 @@ class StackedWeight:
     def paths(self) -> list[str]:
         return [self.path]
 
+    def assemble(self, lookup) -> torch.Tensor:
+        """The [E, out, in] tensor from ``lookup(path)`` (a checkpoint's tensors, not the layer's)."""
+        w = lookup(self.path)
+        if self.experts is not None:
+            w = w.view(self.experts, -1, w.shape[-1])
+        return w.transpose(1, 2) if self.transposed else w
+
 
 @dataclass(frozen=True)
 class ExpertListWeight:
@@ -110,6 +117,10 @@ class ExpertListWeight:
     def paths(self) -> list[str]:
         return [p for expert in self.parts for p in expert]
 
+    def assemble(self, lookup) -> torch.Tensor:
+        """The stacked [E, out, in] tensor from ``lookup(path)`` (a checkpoint's tensors)."""
+        return torch.stack([torch.cat([lookup(p) for p in expert], dim=0) for expert in self.parts])
+
 
 @dataclass(frozen=True)
 class PairedRowsWeight:
@@ -161,6 +172,11 @@ class PairedRowsWeight:
 
     def paths(self) -> list[str]:
         return [self.gate, self.up]
+
+    def assemble(self, lookup) -> torch.Tensor:
+        """The [E, 2I, H] row-interleaved tensor from ``lookup(path)`` (a checkpoint's tensors)."""
+        gate, up = lookup(self.gate), lookup(self.up)  # [E * I, H] each
+        return torch.stack([gate, up], dim=1).view(self.experts, -1, gate.shape[-1])
 
 
 WeightSource = StackedWeight | ExpertListWeight | PairedRowsWeight

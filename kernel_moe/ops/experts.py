@@ -41,15 +41,16 @@ def activation_of(fields: tuple) -> Activation:
 def _flat(experts: StackedExperts) -> tuple:
     """The schema's arguments between topk_ids and backend, in schema order."""
     act = experts.activation
-    return (experts.w_up, experts.w_down, experts.b_up, experts.b_down, experts.expert_map, act.kind, act.glu,
-            act.alpha, act.limit, act.gate_softcap, act.up_softcap, experts.scale_inputs)
+    return (experts.w_up, experts.w_down, experts.b_up, experts.b_down, experts.expert_map, experts.w_up_scale,
+            experts.w_down_scale, act.kind, act.glu, act.alpha, act.limit, act.gate_softcap, act.up_softcap,
+            experts.scale_inputs, experts.weight_format)
 
 
 def _unflat(args: tuple) -> StackedExperts:
     """The StackedExperts of the schema's arguments between topk_ids and backend (see :func:`_flat`)."""
-    w_up, w_down, b_up, b_down, expert_map = args[:5]
-    return StackedExperts(w_up, w_down, b_up, b_down, activation_of(tuple(args[5:11])), "full", expert_map,
-                          bool(args[11]))
+    w_up, w_down, b_up, b_down, expert_map, up_scale, down_scale = args[:7]
+    return StackedExperts(w_up, w_down, b_up, b_down, activation_of(tuple(args[7:13])), args[14], expert_map,
+                          bool(args[13]), up_scale, down_scale)
 
 
 def _forward(x: Tensor, weights: Optional[Tensor], ids: Optional[Tensor], experts: StackedExperts, backend: str,
@@ -74,6 +75,8 @@ def fused_experts(
     b_up: Optional[Tensor],
     b_down: Optional[Tensor],
     expert_map: Optional[Tensor],
+    w_up_scale: Optional[Tensor],
+    w_down_scale: Optional[Tensor],
     activation: str,
     glu: str,
     alpha: float,
@@ -81,24 +84,27 @@ def fused_experts(
     gate_softcap: float,
     up_softcap: float,
     scale_inputs: bool,
+    weight_format: str,
     backend: str,
     deterministic: bool = True,
 ) -> Tensor:
     """Routed experts: x [T, H], topk_weights / topk_ids [T, K] (both None: a dense call with E = 1),
     w_up [E, N, H], w_down [E, H, I], b_up [E, N] | None, b_down [E, H] | None, expert_map [G] | None,
-    the activation's fields, whether the weights scale the inputs -> [T, H] in x's dtype.
+    the weight scales of a quantized format, the activation's fields, whether the weights scale the
+    inputs, the weight format -> [T, H] in x's dtype.
     ``deterministic`` selects a fixed reduction order on the Triton backend (the CPU backend always
     has one)."""
-    experts = _unflat((w_up, w_down, b_up, b_down, expert_map, activation, glu, alpha, limit, gate_softcap,
-                       up_softcap, scale_inputs))
+    experts = _unflat((w_up, w_down, b_up, b_down, expert_map, w_up_scale, w_down_scale, activation, glu, alpha,
+                       limit, gate_softcap, up_softcap, scale_inputs, weight_format))
     return _forward(x, topk_weights, topk_ids, experts, backend, deterministic)
 
 
 @fused_experts.register_fake
-def _fused_experts_fake(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map, activation, glu, alpha,
-                        limit, gate_softcap, up_softcap, scale_inputs, backend, deterministic=True):
-    experts = _unflat((w_up, w_down, b_up, b_down, expert_map, activation, glu, alpha, limit, gate_softcap,
-                       up_softcap, scale_inputs))
+def _fused_experts_fake(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map, w_up_scale, w_down_scale,
+                        activation, glu, alpha, limit, gate_softcap, up_softcap, scale_inputs, weight_format, backend,
+                        deterministic=True):
+    experts = _unflat((w_up, w_down, b_up, b_down, expert_map, w_up_scale, w_down_scale, activation, glu, alpha,
+                       limit, gate_softcap, up_softcap, scale_inputs, weight_format))
     validate_call(x, topk_weights, topk_ids, experts)
     return x.new_empty(x.shape)
 
@@ -144,6 +150,8 @@ def fused_experts_backward(
     b_up: Optional[Tensor],
     b_down: Optional[Tensor],
     expert_map: Optional[Tensor],
+    w_up_scale: Optional[Tensor],
+    w_down_scale: Optional[Tensor],
     activation: str,
     glu: str,
     alpha: float,
@@ -151,12 +159,14 @@ def fused_experts_backward(
     gate_softcap: float,
     up_softcap: float,
     scale_inputs: bool,
+    weight_format: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of fused_experts: (grad_x, grad_topk_weights or [0] for a dense call, grad_w_up,
-    grad_w_down, grad_b_up or [0], grad_b_down or [0])."""
-    experts = _unflat((w_up, w_down, b_up, b_down, expert_map, activation, glu, alpha, limit, gate_softcap,
-                       up_softcap, scale_inputs))
+    grad_w_down, grad_b_up or [0], grad_b_down or [0]); quantized weights are frozen: their
+    gradients are [0]."""
+    experts = _unflat((w_up, w_down, b_up, b_down, expert_map, w_up_scale, w_down_scale, activation, glu, alpha,
+                       limit, gate_softcap, up_softcap, scale_inputs, weight_format))
     chosen = select_backend(backend, x.device)
     if topk_ids is None:
         g = chosen.backward(grad_out, x, None, None, experts)
@@ -167,30 +177,35 @@ def fused_experts_backward(
     def given(t: Optional[Tensor]) -> Tensor:
         return x.new_empty(0) if t is None else t  # a fresh empty each: outputs may not alias
 
-    return g.x, given(g.topk_weights), g.w_up, g.w_down, given(g.b_up), given(g.b_down)
+    return g.x, given(g.topk_weights), given(g.w_up), given(g.w_down), given(g.b_up), given(g.b_down)
 
 
 @fused_experts_backward.register_fake
 def _fused_experts_backward_fake(grad_out, x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map,
-                                 activation, glu, alpha, limit, gate_softcap, up_softcap, scale_inputs, backend):
+                                 w_up_scale, w_down_scale, activation, glu, alpha, limit, gate_softcap, up_softcap,
+                                 scale_inputs, weight_format, backend):
     def like(t: Optional[Tensor]) -> Tensor:
         return x.new_empty(0) if t is None else t.new_empty(t.shape)
 
-    return like(x), like(topk_weights), like(w_up), like(w_down), like(b_up), like(b_down)
+    frozen = weight_format != "full"
+    return (like(x), like(topk_weights), like(None if frozen else w_up), like(None if frozen else w_down), like(b_up),
+            like(b_down))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map = inputs[:8]
-    ctx.save_for_backward(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map)
-    ctx.args = inputs[8:16]  # activation fields, scale_inputs, backend
+    ctx.save_for_backward(*inputs[:10])  # x, routing, weights, biases, expert map, scales
+    ctx.args = inputs[10:19]  # activation fields, scale_inputs, weight_format, backend
+    ctx.frozen = inputs[17] != "full"  # quantized weights take no gradient
 
 
 def _backward(ctx, grad_out):
-    x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map = ctx.saved_tensors
+    x, topk_weights, topk_ids, w_up, w_down, b_up, b_down = ctx.saved_tensors[:7]
     g_x, g_w, g_up, g_down, g_bup, g_bdown = torch.ops.kernel_moe.fused_experts_backward(
-        grad_out.contiguous(), x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map, *ctx.args)
+        grad_out.contiguous(), *ctx.saved_tensors, *ctx.args)
+    if ctx.frozen:
+        g_up = g_down = None
     return (g_x, None if topk_weights is None else g_w, None, g_up, g_down, None if b_up is None else g_bup,
-            None if b_down is None else g_bdown) + (None,) * 10
+            None if b_down is None else g_bdown) + (None,) * 13
 
 
 fused_experts.register_autograd(_backward, setup_context=_setup_context)

@@ -23,6 +23,7 @@ def _fused_ffn(x, w_up, w_down, b_up, b_down, activation, glu, alpha, limit, bac
     def one(t):
         return None if t is None else t.unsqueeze(0)
 
-    return torch.ops.kernel_moe.fused_experts(x, None, None, one(w_up), one(w_down), one(b_up), one(b_down), None,
-                                              activation, glu, alpha, limit, math.inf, math.inf, False, backend)
+    return torch.ops.kernel_moe.fused_experts(x, None, None, one(w_up), one(w_down), one(b_up), one(b_down), None, None,
+                                              None, activation, glu, alpha, limit, math.inf, math.inf, False, "full",
+                                              backend)
 

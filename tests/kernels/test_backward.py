@@ -361,8 +361,8 @@ def _op_grads(inputs, kw, backend, g):
     i = {**inputs, **leaves}
     out = torch.ops.kernel_moe.fused_experts(
         i["x_TH"], i["topk_weights_TK"], i["topk_ids_TK"], i["w_up_ENH"], i["w_down_EHI"], i["b_up_EN"],
-        i["b_down_EH"], None, kw["activation"], kw["glu"], kw["alpha"], kw["limit"], math.inf, math.inf, False,
-        backend,
+        i["b_down_EH"], None, None, None, kw["activation"], kw["glu"], kw["alpha"], kw["limit"], math.inf, math.inf,
+        False, "full", backend,
     )  # fmt: skip
     out.backward(g)
     return out, {k: v.grad for k, v in leaves.items()}
@@ -396,8 +396,9 @@ def test_opcheck_backward_op_triton(kt, T, bias, transposed):
     if transposed:
         inputs["w_up_ENH"] = inputs["w_up_ENH"].transpose(1, 2).contiguous().transpose(1, 2)
         inputs["w_down_EHI"] = inputs["w_down_EHI"].transpose(1, 2).contiguous().transpose(1, 2)
-    args = (_grad_out(T),) + tuple(inputs[k] for k in ARG_ORDER) + (None, "gpt_oss", "interleaved", 1.702, 5.0,
-                                                                      math.inf, math.inf, False, "triton")
+    args = (_grad_out(T),) + tuple(inputs[k] for k in ARG_ORDER) + (None, None, None, "gpt_oss", "interleaved",
+                                                                      1.702, 5.0, math.inf, math.inf, False, "full",
+                                                                      "triton")
     result = torch.library.opcheck(torch.ops.kernel_moe.fused_experts_backward.default, args)
     assert result and all(v == "SUCCESS" for v in result.values()), result
 

@@ -148,8 +148,8 @@ def test_gradcheck_float64(activation, glu, limit):
     diff = tuple(inputs[k].clone().requires_grad_(True) for k in DIFF_KEYS)
 
     def fn(x, w, w_up, w_down, b_up, b_down):
-        return torch.ops.kernel_moe.fused_experts(x, w, ids, w_up, w_down, b_up, b_down, None, activation, glu, 1.702,
-                                                  limit, math.inf, math.inf, False, "auto")
+        return torch.ops.kernel_moe.fused_experts(x, w, ids, w_up, w_down, b_up, b_down, None, None, None, activation,
+                                                  glu, 1.702, limit, math.inf, math.inf, False, "full", "auto")
 
     assert torch.autograd.gradcheck(fn, diff, eps=1e-6, atol=1e-7, rtol=1e-5)
 

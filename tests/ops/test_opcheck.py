@@ -44,8 +44,9 @@ def _args(T, E, K, glu="concat", activation="silu", bias=False, dtype=torch.floa
     for k in ("x", "topk_weights", "w_up", "w_down", "b_up", "b_down"):
         if i[k] is not None and requires_grad:
             i[k].requires_grad_(True)
-    tensors = (i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"], expert_map)
-    return tensors, (activation, glu, 1.702, limit, math.inf, math.inf, False, "auto")
+    tensors = (i["x"], i["topk_weights"], i["topk_ids"], i["w_up"], i["w_down"], i["b_up"], i["b_down"], expert_map,
+               None, None)
+    return tensors, (activation, glu, 1.702, limit, math.inf, math.inf, False, "full", "auto")
 
 
 def _assert_passed(result: dict) -> None:
@@ -97,14 +98,14 @@ def test_opcheck_dense_call_and_ffn_alias(bias, glu):
     b_up = (torch.randn(N) * 0.1).requires_grad_() if bias else None
     b_down = (torch.randn(H) * 0.1).requires_grad_() if bias else None
     act = ("silu", glu, 1.702, math.inf, "cpu")
-    experts_act = ("silu", glu, 1.702, math.inf, math.inf, math.inf, False, "cpu")
+    experts_act = ("silu", glu, 1.702, math.inf, math.inf, math.inf, False, "full", "cpu")
 
     def one(t):
         return None if t is None else t.unsqueeze(0)
 
-    dense = (x, None, None, one(w_up), one(w_down), one(b_up), one(b_down), None, *experts_act)
+    dense = (x, None, None, one(w_up), one(w_down), one(b_up), one(b_down), None, None, None, *experts_act)
     _assert_passed(torch.library.opcheck(torch.ops.kernel_moe.fused_experts.default, dense))
-    detached = [None if t is None else t.detach() for t in dense[:8]]
+    detached = [None if t is None else t.detach() for t in dense[:10]]
     _assert_passed(torch.library.opcheck(torch.ops.kernel_moe.fused_experts_backward.default,
                                          (torch.randn(T, H), *detached, *experts_act)))
     out = torch.ops.kernel_moe.fused_ffn(x, w_up, w_down, b_up, b_down, *act)

@@ -15,7 +15,7 @@ from torch import nn
 
 import kernel_moe
 from helpers import assert_fp32_close
-from kernel_moe import FusedMoE, KernelConfig, UnifiedManager
+from kernel_moe import FusedFFN, FusedMoE, KernelConfig, UnifiedManager
 from kernel_moe.moe import AuxLossFreeMoE, OptimizedTopKGating
 from kernel_moe.routing.random_routing import random_routing
 from kernel_moe.routing.topk import TopKRouting, route
@@ -165,6 +165,18 @@ def test_004_manager_snippet_returns_the_optimized_model():
     x = torch.randn(4, H)
     with torch.no_grad():
         assert_fp32_close(optimized_moe_model(x), moe_model(x))
+
+
+def test_a_swapped_root_is_counted_once_and_nothing_inside_it_is_visited():
+    net = nn.Sequential(nn.Linear(H, I), nn.SiLU(), nn.Linear(I, H)).eval()
+    wrapper = nn.Sequential(net)  # computes what net computes, so the root itself is the dense FFN
+    manager = UnifiedManager(KernelConfig.for_ffn())
+    out = manager.optimize(wrapper)
+    assert [r.name for r in manager.report.swapped] == ["<root>"]
+    assert wrapper[0] is net and isinstance(out, FusedFFN)
+    x = torch.randn(3, H)
+    with torch.no_grad():
+        assert_fp32_close(out(x), net(x))
 
 
 # --- random routing (003) -------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The CPU backend of the experts contract.
 
 - ``extension.py`` builds and loads the native C++ kernels (compiled on first use, cached):
-  ``grouped_matvec.cpp`` for decode and small batches, ``fused_experts.cpp`` for batches;
+  ``grouped_matvec.cpp`` for decode and small batches (``quant_matvec.cpp`` for quantized
+  experts), ``fused_experts.cpp`` for batches;
   ``kernels.h`` declares them, ``bindings.cpp`` makes the Python module.
 - ``forward.py`` chooses, per call, how the routed experts run on CPU (native kernels, strided
   batched GEMMs, per-expert GEMMs in chunks) and ``backward.py`` computes the gradients;

@@ -23,17 +23,20 @@ def experts_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_TK:
     w_up, w_down, b_up, b_down = experts[:4]
     grad_x_TH = torch.zeros(T, H, dtype=acc, device=x_TH.device)
     grad_w_S = torch.zeros(T * K, dtype=acc, device=x_TH.device)
-    grad_w_up = torch.zeros(w_up.shape, dtype=w_up.dtype, device=w_up.device)
-    grad_w_down = torch.zeros(w_down.shape, dtype=w_down.dtype, device=w_down.device)
+    frozen = experts.quantized  # quantized weights take no gradient
+    grad_w_up = None if frozen else torch.zeros(w_up.shape, dtype=w_up.dtype, device=w_up.device)
+    grad_w_down = None if frozen else torch.zeros(w_down.shape, dtype=w_down.dtype, device=w_down.device)
     grad_b_up = torch.zeros_like(b_up) if b_up is not None else None
     grad_b_down = torch.zeros_like(b_down) if b_down is not None else None
     weights_S = topk_weights_TK.reshape(-1)
     for e, tok_M, slot_M in expert_groups(topk_ids_TK, experts.num_experts):
         g = mlp_backward(grad_TH.index_select(0, tok_M), weights_S.index_select(0, slot_M),
-                         x_TH.index_select(0, tok_M), expert_of(experts, e), experts.activation)
+                         x_TH.index_select(0, tok_M), expert_of(experts, e, x_TH.dtype), experts.activation,
+                         weight_grads=not frozen)
         grad_w_S[slot_M] = g.scale
-        grad_w_up[e] = g.w_up
-        grad_w_down[e] = g.w_down
+        if not frozen:
+            grad_w_up[e] = g.w_up
+            grad_w_down[e] = g.w_down
         if grad_b_up is not None:
             grad_b_up[e] = g.b_up
         if grad_b_down is not None:
@@ -45,11 +48,15 @@ def experts_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_TK:
 
 def dense_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, experts: StackedExperts) -> ExpertsGrads:
     """Gradients of a dense call (one expert, weight 1): no routing-weight gradient."""
-    g = mlp_backward(grad_TH, None, x_TH, expert_of(experts, 0), experts.activation)
+    g = mlp_backward(grad_TH, None, x_TH, expert_of(experts, 0, x_TH.dtype), experts.activation,
+                     weight_grads=not experts.quantized)
     w_up, w_down, b_up, b_down = experts[:4]
-    return ExpertsGrads(g.x.to(x_TH.dtype), None, g.w_up.to(w_up.dtype).unsqueeze(0),
-                        g.w_down.to(w_down.dtype).unsqueeze(0), None if b_up is None else g.b_up.unsqueeze(0),
-                        None if b_down is None else g.b_down.unsqueeze(0))
+
+    def one(grad, like):
+        return None if grad is None else grad.to(like.dtype).unsqueeze(0)
+
+    return ExpertsGrads(g.x.to(x_TH.dtype), None, one(g.w_up, w_up), one(g.w_down, w_down),
+                        None if b_up is None else g.b_up.unsqueeze(0), None if b_down is None else g.b_down.unsqueeze(0))
 
 
 __all__ = ["dense_backward", "experts_backward"]

@@ -8,6 +8,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the GIL is released while a kernel runs: other Python threads keep going
   m.def("grouped_matvec", &grouped_matvec, "y[r] = w[expert of r] @ x[r] for rows sorted by expert",
         py::call_guard<py::gil_scoped_release>());
+  m.def("grouped_matvec_quantized", &grouped_matvec_quantized,
+        "grouped_matvec over int8 / fp8 / int4 weights converted in registers", py::call_guard<py::gil_scoped_release>());
   m.def("fused_experts", &fused_experts, "the routed-experts forward of a batch, experts run concurrently",
         py::arg("x"), py::arg("topk_weights"), py::arg("order"), py::arg("counts"), py::arg("w_up"), py::arg("w_down"),
         py::arg("b_up"), py::arg("b_down"), py::arg("activation"), py::arg("glu"), py::arg("alpha"), py::arg("limit"),

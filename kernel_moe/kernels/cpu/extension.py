@@ -2,6 +2,7 @@
 
 - ``grouped_matvec.cpp`` multiplies each expert's few token rows with its weights, reading every
   weight row once at close to memory bandwidth: the CPU experts op's decode and small batches;
+- ``quant_matvec.cpp`` does the same over int8 / fp8 / int4 weights, converted in registers;
 - ``fused_experts.cpp`` runs the whole forward of larger batches (gather, GEMMs, activation,
   weighted combine) as tasks of one expert's rows, run concurrently, one thread each.
 
@@ -32,7 +33,8 @@ logger = logging.getLogger("kernel_moe")
 
 ENV = "KERNEL_MOE_CPU_EXTENSION"
 SETTINGS = ("auto", "off", "require")
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("bindings.cpp", "grouped_matvec.cpp", "fused_experts.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("bindings.cpp", "grouped_matvec.cpp", "quant_matvec.cpp", "fused_experts.cpp"))
 HEADERS = (Path(__file__).with_name("kernels.h"),)
 # hot loops aligned to 64 bytes: where a streaming loop lands relative to the instruction fetch
 # blocks moved the same matrix-vector code by 10-15% from one build to the next (measured)

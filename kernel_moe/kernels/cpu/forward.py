@@ -43,6 +43,9 @@ HOST_SORT_MAX_SLOTS = 64
 # rows matter far less than the mean
 NATIVE_MAX_MEAN_ROWS = {torch.float32: 8, torch.bfloat16: 5}
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# quantized experts: the native matrix-vector kernel reads 1 (or 0.5) byte per weight where the
+# PyTorch path dequantizes each active expert whole; it is used up to this many rows per expert
+QUANTIZED_MAX_MEAN_ROWS = 16
 
 
 class SortedSlots(NamedTuple):
@@ -212,7 +215,7 @@ def _small_batch_rows(x_TH: torch.Tensor, slots: SortedSlots, experts: StackedEx
         lo = starts[first]
         x_MH = x_SH[lo : lo + sum(rows)]
         if count == 1:  # one expert: a plain GEMM (batched low-precision GEMMs are slower)
-            outs.append(mlp_forward(x_MH, expert_of(experts, first), experts.activation))
+            outs.append(mlp_forward(x_MH, expert_of(experts, first, x_TH.dtype), experts.activation))
             continue
         pos = None
         if min(rows) == m:
@@ -243,20 +246,22 @@ def _single_token_forward(x_1H: torch.Tensor, topk_weights_1K: torch.Tensor, top
         ids = [ids[j] for j in kept]
         weights_1K = weights_1K[:, kept]
     K = len(ids)
-    run = _strided_run(ids, x_1H.dtype)
+    run = None if experts.quantized else _strided_run(ids, x_1H.dtype)
     if run is not None:
         order = sorted(range(K), key=ids.__getitem__)
         y_KH = _run_mlp(x_1H.expand(K, 1, H), run[0], run[1], experts).view(K, H)
         weights_1K = weights_1K[:, order]
     else:
-        y_KH = torch.cat([mlp_forward(x_1H, expert_of(experts, e), experts.activation) for e in ids])
+        y_KH = torch.cat([mlp_forward(x_1H, expert_of(experts, e, x_1H.dtype), experts.activation) for e in ids])
     return torch.mm(weights_1K, y_KH.to(acc_dtype)).to(x_1H.dtype)
 
 
 def _matvec_fits(x_TH: torch.Tensor, experts: StackedExperts, S: int) -> bool:
     """Whether the native grouped matrix-vector kernel takes these tensors: fp32 or bf16
-    weights of x's dtype with unit stride along the input features, few slots."""
+    weights of x's dtype with unit stride along the input features, or quantized weights; few slots."""
     w_up, w_down = experts.w_up, experts.w_down
+    if experts.quantized:
+        return S <= MIN_CHUNK_ROWS and x_TH.dtype in (torch.float32, torch.bfloat16, torch.float16)
     return (x_TH.dtype in NATIVE_MAX_MEAN_ROWS and S <= MIN_CHUNK_ROWS and w_up.dtype == x_TH.dtype
             and w_down.dtype == x_TH.dtype and w_up.stride(-1) == 1 and w_down.stride(-1) == 1)
 
@@ -265,6 +270,19 @@ def _fused_fits(x_TH: torch.Tensor, experts: StackedExperts) -> bool:
     """Whether the native fused forward takes these tensors: fp32, bf16 or fp16, weights and
     biases of x's dtype."""
     return x_TH.dtype in FUSED_DTYPES and all(w is None or w.dtype == x_TH.dtype for w in experts[:4])
+
+
+_FORMAT_CODES = {"int8": 1, "fp8": 2, "int4": 3}
+
+
+def _matvec(ext, x_SK: torch.Tensor, experts: StackedExperts, which: int, counts: list[int]) -> torch.Tensor:
+    """The native grouped matrix-vector product with the up (``which`` 0) or down (1) weights."""
+    w = experts.w_up if which == 0 else experts.w_down
+    if not experts.quantized:
+        return ext.grouped_matvec(x_SK, w, counts)
+    scale = experts.w_up_scale if which == 0 else experts.w_down_scale
+    return ext.grouped_matvec_quantized(x_SK, w.view(torch.uint8), scale, counts,
+                                        _FORMAT_CODES[experts.weight_format])
 
 
 def _native_rows(ext, x_TH: torch.Tensor, slots: SortedSlots, experts: StackedExperts) -> torch.Tensor:
@@ -276,11 +294,11 @@ def _native_rows(ext, x_TH: torch.Tensor, slots: SortedSlots, experts: StackedEx
     expert_S = None
     if b_up is not None or b_down is not None:
         expert_S = torch.repeat_interleave(torch.arange(len(slots.counts)), torch.tensor(slots.counts))
-    h_SN = ext.grouped_matvec(x_SH, experts.w_up, slots.counts)
+    h_SN = _matvec(ext, x_SH, experts, 0, slots.counts)
     if b_up is not None:
         h_SN += b_up.index_select(0, expert_S)
     a_SI = apply_activation(h_SN, experts.activation).contiguous()
-    y_SH = ext.grouped_matvec(a_SI, experts.w_down, slots.counts)
+    y_SH = _matvec(ext, a_SI, experts, 1, slots.counts)
     if b_down is not None:
         y_SH += b_down.index_select(0, expert_S)
     return y_SH
@@ -294,6 +312,7 @@ def _chunked_forward(x_TH: torch.Tensor, weights_S: torch.Tensor, slots: SortedS
     N = experts.w_up.shape[1]
     out_TH = torch.zeros(T, H, dtype=weights_S.dtype, device=x_TH.device)
     S = slots.order_S.shape[0]
+    dequantized: dict[int, object] = {}  # quantized experts: each dequantized once per call, when first needed
     ends = list(accumulate(slots.counts))
     for c0, c1 in _chunk_bounds(slots.counts, max(MIN_CHUNK_ROWS, -(-S // CHUNKS_PER_CALL))):
         # (expert, first row, end row) of each expert's slots inside this chunk, chunk-relative
@@ -303,18 +322,28 @@ def _chunked_forward(x_TH: torch.Tensor, weights_S: torch.Tensor, slots: SortedS
         x_CH = x_TH.index_select(0, tok_C)
         h_CN = x_TH.new_empty(c1 - c0, N)
         for e, lo, hi in segments:
-            ex = expert_of(experts, e)
+            ex = _expert(experts, e, x_TH.dtype, dequantized)
             _linear_into(h_CN[lo:hi], x_CH[lo:hi], ex.w_up, ex.b_up)
         del x_CH
         a_CI = apply_activation(h_CN, experts.activation)
         del h_CN
         y_CH = x_TH.new_empty(c1 - c0, H)
         for e, lo, hi in segments:
-            ex = expert_of(experts, e)
+            ex = _expert(experts, e, x_TH.dtype, dequantized)
             _linear_into(y_CH[lo:hi], a_CI[lo:hi], ex.w_down, ex.b_down)
         del a_CI
         out_TH.index_add_(0, tok_C, y_CH.to(weights_S.dtype).mul_(weights_S[c0:c1].unsqueeze(-1)))
     return out_TH
+
+
+def _expert(experts: StackedExperts, e: int, dtype: torch.dtype, cache: dict):
+    """Expert ``e`` (views; a quantized one dequantized once into ``cache``, dropped when the call ends)."""
+    if not experts.quantized:
+        return expert_of(experts, e)
+    if e not in cache:
+        cache.clear()  # one dequantized expert alive at a time: experts come in sorted order
+        cache[e] = expert_of(experts, e, dtype)
+    return cache[e]
 
 
 def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
@@ -341,8 +370,8 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
     active = sum(1 for n in slots.counts if n)
     if not active:  # every slot dropped
         return x_TH.new_zeros(T, H)
-    matvec = matvec and S <= NATIVE_MAX_MEAN_ROWS[x_TH.dtype] * active
-    if ext is not None and not matvec and _fused_fits(x_TH, experts):
+    matvec = matvec and S <= (QUANTIZED_MAX_MEAN_ROWS if experts.quantized else NATIVE_MAX_MEAN_ROWS[x_TH.dtype]) * active
+    if ext is not None and not matvec and not experts.quantized and _fused_fits(x_TH, experts):
         act = experts.activation
         return ext.fused_experts(x_TH, topk_weights_TK, slots.order_S, slots.counts, *experts[:4], act.kind,
                                  act.glu, act.alpha, act.limit, act.gate_softcap, act.up_softcap)
@@ -351,7 +380,7 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
         y_SH = _native_rows(ext, x_TH, slots, experts)
         if T == 1:  # one token: combine its rows by a [1, S'] x [S', H] GEMM
             return torch.mm(weights_S.unsqueeze(0), y_SH).to(x_TH.dtype)
-    elif S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active:
+    elif S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active and not experts.quantized:
         y_SH = _small_batch_rows(x_TH, slots, experts).to(acc_dtype)
     else:
         return _chunked_forward(x_TH, weights_S, slots, experts).to(x_TH.dtype)
@@ -361,7 +390,7 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
 
 def dense_forward(x_TH: torch.Tensor, experts: StackedExperts) -> torch.Tensor:
     """A dense call (one expert, weight 1 for every token): [T, H] -> [T, H] in x's dtype."""
-    return mlp_forward(x_TH, expert_of(experts, 0), experts.activation).to(x_TH.dtype)
+    return mlp_forward(x_TH, expert_of(experts, 0, x_TH.dtype), experts.activation).to(x_TH.dtype)
 
 
 __all__ = ["SortedSlots", "dense_forward", "expert_groups", "experts_forward", "sort_slots"]

@@ -29,6 +29,12 @@ inline void check_counts(const char* kernel, const std::vector<int64_t>& counts,
 // along K. Returns y_SN: [S, N] float32.
 at::Tensor grouped_matvec(const at::Tensor& x_SK, const at::Tensor& w_ENK, const std::vector<int64_t>& counts);
 
+// grouped_matvec over quantized weights (quant_matvec.cpp): w_ENK one byte per weight (int8,
+// fp8 e4m3) or two per byte (int4, K/2 bytes per row); scale float32 [E, N] (one per row) or
+// [E, N, G] (groups of K / G features); format 1 int8, 2 fp8, 3 int4. Returns y_SN: [S, N] float32.
+at::Tensor grouped_matvec_quantized(const at::Tensor& x_SK, const at::Tensor& w_ENK, const at::Tensor& scale,
+                                    const std::vector<int64_t>& counts, int64_t format);
+
 // The routed-experts forward for batches: out[t] = sum_j weight[t, j] * expert_{e}(x[t]) over
 // the K slots of token t, with the experts' work run concurrently (fused_experts.cpp).
 // order_S: [S'] int64, the slot t * K + j of each kept row (S' <= T*K; dropped slots are left

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from kernel_moe.kernels.activations import activation_backward, apply_activation
 from kernel_moe.kernels.contract import Activation, StackedExperts
+from kernel_moe.kernels.quantization import dequantize
 
 
 class Expert(NamedTuple):
@@ -24,9 +25,15 @@ class Expert(NamedTuple):
     b_down: Optional[torch.Tensor]
 
 
-def expert_of(experts: StackedExperts, e: int) -> Expert:
-    """Expert ``e`` of a stacked set (views)."""
-    return Expert(experts.w_up[e], experts.w_down[e], None if experts.b_up is None else experts.b_up[e],
+def expert_of(experts: StackedExperts, e: int, dtype: torch.dtype | None = None) -> Expert:
+    """Expert ``e`` of a stacked set: views, or for a quantized format its weights dequantized in
+    ``dtype`` (one expert at a time: the PyTorch paths' transient, never the whole stack)."""
+    w_up, w_down = experts.w_up[e], experts.w_down[e]
+    if experts.quantized:
+        fmt = experts.weight_format
+        w_up = dequantize(w_up, experts.w_up_scale[e], fmt).to(dtype or torch.float32)
+        w_down = dequantize(w_down, experts.w_down_scale[e], fmt).to(dtype or torch.float32)
+    return Expert(w_up, w_down, None if experts.b_up is None else experts.b_up[e],
                   None if experts.b_down is None else experts.b_down[e])
 
 
@@ -40,17 +47,18 @@ class MLPGrads(NamedTuple):
     """x [M, H] (accumulation dtype), weights and biases (None where absent), the row scales [M]."""
 
     x: torch.Tensor
-    w_up: torch.Tensor
-    w_down: torch.Tensor
+    w_up: Optional[torch.Tensor]
+    w_down: Optional[torch.Tensor]
     b_up: Optional[torch.Tensor]
     b_down: Optional[torch.Tensor]
     scale: Optional[torch.Tensor]
 
 
 def mlp_backward(g_MH: torch.Tensor, scale_M: torch.Tensor | None, x_MH: torch.Tensor, ex: Expert,
-                 act: Activation) -> MLPGrads:
+                 act: Activation, weight_grads: bool = True) -> MLPGrads:
     """Gradients of ``scale_M[:, None] * mlp_forward(x_MH)`` given d/d out ``g_MH``, recomputing
-    the forward (nothing was saved)."""
+    the forward (nothing was saved); without ``weight_grads`` (frozen, quantized weights) the
+    weight gradients are None."""
     acc = torch.promote_types(x_MH.dtype, torch.float32)
     h_MN = F.linear(x_MH, ex.w_up, ex.b_up)
     a_MI = apply_activation(h_MN, act)
@@ -61,11 +69,11 @@ def mlp_backward(g_MH: torch.Tensor, scale_M: torch.Tensor | None, x_MH: torch.T
         d_scale = (dy_MH * y_MH.to(acc)).sum(dim=-1)
         dy_MH = dy_MH * scale_M.to(acc).unsqueeze(-1)
     dy_MH = dy_MH.to(ex.w_down.dtype)
-    dw_down = dy_MH.t() @ a_MI.to(dy_MH.dtype)
+    dw_down = dy_MH.t() @ a_MI.to(dy_MH.dtype) if weight_grads else None
     db_down = dy_MH.to(acc).sum(dim=0).to(ex.b_down.dtype) if ex.b_down is not None else None
     da_MI = (dy_MH @ ex.w_down).to(a_MI.dtype)
     dh_MN = activation_backward(h_MN, da_MI, act).to(ex.w_up.dtype)
-    dw_up = dh_MN.t() @ x_MH.to(dh_MN.dtype)
+    dw_up = dh_MN.t() @ x_MH.to(dh_MN.dtype) if weight_grads else None
     db_up = dh_MN.to(acc).sum(dim=0).to(ex.b_up.dtype) if ex.b_up is not None else None
     return MLPGrads((dh_MN @ ex.w_up).to(acc), dw_up, dw_down, db_up, db_down, d_scale)
 

@@ -1,0 +1,250 @@
+// Grouped matrix-vector products over quantized expert weights (int8, fp8 e4m3, int4 two per byte):
+// decode and small batches of quantized experts.
+//
+// y[r] = dequant(W[e(r)]) @ x[r] for rows r sorted by expert, as grouped_matvec.cpp does for
+// float weights: each quantized weight row is read once and multiplied with all of its expert's
+// rows (four at a time), converted to float in registers and multiplied by its scale (one per row,
+// or per group of input features). Reading 1 byte (or half a byte) per weight instead
+// of 2 or 4 is what makes quantized decode faster: decode is bound by reading the weights.
+//
+// int4: element 2j of a group sits in the low nibble of byte j, element 2j + 1 in the high one,
+// as value + 8. The x rows are deinterleaved once per call (even features of a group, then odd),
+// so the inner loop reads bytes and both x halves contiguously.
+//
+// Legend: E experts, N output features, K input features, S rows (sum of counts), G groups per row.
+
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define KERNEL_MOE_AVX512 1
+#endif
+
+namespace {
+
+enum Format : int64_t { kInt8 = 1, kFp8 = 2, kInt4 = 3 };
+
+// e4m3 (bias 7, no infinities) -> float: the 7 magnitude bits placed at float's exponent/mantissa
+// boundary and rescaled by 2^(127 - 7); exact for normal and subnormal codes alike
+inline float fp8_to_float(uint8_t b) {
+  uint32_t bits = uint32_t(b & 0x7F) << 20;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  f *= 0x1p120f;
+  return (b & 0x80) ? -f : f;
+}
+
+template <int F>
+inline float weight(const uint8_t* w, int64_t k) {
+  if constexpr (F == kInt8) {
+    return static_cast<float>(static_cast<int8_t>(w[k]));
+  } else {
+    return fp8_to_float(w[k]);
+  }
+}
+
+constexpr int64_t kLanes = 16;  // independent partial sums per x row: one 512-bit vector of floats
+
+// acc[j][l] += scale * w[k] * x[j][k] over one group, lane l taking k = l (mod kLanes); the lanes
+// are summed once per weight row, not once per group (a horizontal sum per group of 32 costs as
+// much as the group's multiplies). int8/fp8: ``len`` bytes; int4: ``len`` features in len / 2
+// bytes, x deinterleaved (even features, then odd).
+template <int F, int ROWS>
+inline void group_fma(const uint8_t* __restrict w, const float* __restrict x, int64_t K, int64_t len, float scale,
+                      float (*acc)[kLanes]) {
+  const int64_t n = F == kInt4 ? len / 2 : len;
+  const int64_t body = n - n % kLanes;
+  for (int64_t k0 = 0; k0 < body; k0 += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const int64_t k = k0 + l;
+      if constexpr (F == kInt4) {
+        const float lo = scale * static_cast<float>(static_cast<int>(w[k] & 0xF) - 8);
+        const float hi = scale * static_cast<float>(static_cast<int>(w[k] >> 4) - 8);
+        for (int j = 0; j < ROWS; ++j) acc[j][l] += lo * x[j * K + k] + hi * x[j * K + n + k];
+      } else {
+        const float wk = scale * weight<F>(w, k);
+        for (int j = 0; j < ROWS; ++j) acc[j][l] += wk * x[j * K + k];
+      }
+    }
+  }
+  for (int64_t k = body; k < n; ++k) {  // the tail (int8 / fp8 rows of K not a multiple of 16)
+    if constexpr (F == kInt4) {
+      const float lo = scale * static_cast<float>(static_cast<int>(w[k] & 0xF) - 8);
+      const float hi = scale * static_cast<float>(static_cast<int>(w[k] >> 4) - 8);
+      for (int j = 0; j < ROWS; ++j) acc[j][0] += lo * x[j * K + k] + hi * x[j * K + n + k];
+    } else {
+      const float wk = scale * weight<F>(w, k);
+      for (int j = 0; j < ROWS; ++j) acc[j][0] += wk * x[j * K + k];
+    }
+  }
+}
+
+struct Rows {
+  int64_t expert, first_row, rows;
+};
+
+struct Layout {
+  int64_t N, K, groups, group_len;  // group_len features per scale (K when one scale per row)
+  int64_t bytes_per_row, bytes_per_group;
+};
+
+// one weight row with one scale (int8 / fp8 rows): a plain reduction, scaled once
+template <int F, int ROWS>
+inline void row_dot_one_scale(const uint8_t* __restrict w, float scale, const float* __restrict x, int64_t K,
+                              float* out) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t k = 0; k < K; ++k) {
+    const float wk = weight<F>(w, k);
+    s0 += wk * x[k];
+    if (ROWS > 1) s1 += wk * x[K + k];
+    if (ROWS > 2) s2 += wk * x[2 * K + k];
+    if (ROWS > 3) s3 += wk * x[3 * K + k];
+  }
+  out[0] = s0 * scale;
+  if (ROWS > 1) out[1] = s1 * scale;
+  if (ROWS > 2) out[2] = s2 * scale;
+  if (ROWS > 3) out[3] = s3 * scale;
+}
+
+#ifdef KERNEL_MOE_AVX512
+// An int4 row with AVX-512: 16 bytes (32 features) per step, nibbles widened to int32 and
+// converted to float, one FMA per half into a group accumulator that is scaled once per group.
+// The "- 8" of the stored value is folded out: sum (q - 8) x = sum q x - 8 sum x, with each
+// group's sum of x (``xsum``, [ROWS][groups]) computed once per call.
+template <int ROWS>
+inline void row_dot_int4_avx512(const uint8_t* w_row, const float* scale_row, const float* x, const float* xsum,
+                                const Layout& L, float* out) {
+  const __m512i low_mask = _mm512_set1_epi32(0xF);
+  const int64_t half = L.group_len / 2;
+  __m512 acc[ROWS];
+  for (int j = 0; j < ROWS; ++j) acc[j] = _mm512_setzero_ps();
+  float offset[ROWS] = {};
+  for (int64_t g = 0; g < L.groups; ++g) {
+    const uint8_t* w = w_row + g * L.bytes_per_group;
+    const float* xg = x + g * L.group_len;
+    __m512 part[ROWS];
+    for (int j = 0; j < ROWS; ++j) part[j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < half; k += 16) {
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low_mask));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+      for (int j = 0; j < ROWS; ++j) {
+        part[j] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xg + j * L.K + k), part[j]);
+        part[j] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xg + j * L.K + half + k), part[j]);
+      }
+    }
+    const __m512 scale = _mm512_set1_ps(scale_row[g]);
+    for (int j = 0; j < ROWS; ++j) {
+      acc[j] = _mm512_fmadd_ps(part[j], scale, acc[j]);
+      offset[j] += 8.f * scale_row[g] * xsum[j * L.groups + g];
+    }
+  }
+  for (int j = 0; j < ROWS; ++j) out[j] = _mm512_reduce_add_ps(acc[j]) - offset[j];
+}
+#endif
+
+// one weight row against ROWS consecutive x rows (``xsum``: per-group sums of x, int4 only)
+template <int F, int ROWS>
+inline void row_dot(const uint8_t* w_row, const float* scale_row, const float* x, const float* xsum, const Layout& L,
+                    float* out) {
+  if constexpr (F != kInt4) {
+    if (L.groups == 1) return row_dot_one_scale<F, ROWS>(w_row, scale_row[0], x, L.K, out);
+  }
+#ifdef KERNEL_MOE_AVX512
+  if constexpr (F == kInt4) {
+    if (L.group_len % 32 == 0) return row_dot_int4_avx512<ROWS>(w_row, scale_row, x, xsum, L, out);
+  }
+#endif
+  float acc[ROWS][kLanes] = {};
+  for (int64_t g = 0; g < L.groups; ++g) {
+    group_fma<F, ROWS>(w_row + g * L.bytes_per_group, x + g * L.group_len, L.K, L.group_len, scale_row[g], acc);
+  }
+  for (int j = 0; j < ROWS; ++j) {
+    float sum = 0.f;
+    for (int64_t l = 0; l < kLanes; ++l) sum += acc[j][l];
+    out[j] = sum;
+  }
+}
+
+template <int F>
+void quant_matvec_impl(const uint8_t* w, const float* scale, const float* x_SK, const float* xsum_SG, float* y_SN,
+                       const Layout& L, const std::vector<Rows>& groups) {
+  const int64_t R = static_cast<int64_t>(groups.size());
+  at::parallel_for(0, R * L.N, 16, [&](int64_t begin, int64_t end) {
+    float acc[4];
+    for (int64_t i = begin; i < end; ++i) {
+      const Rows& g = groups[i / L.N];
+      const int64_t n = i % L.N;
+      const int64_t row = g.expert * L.N + n;
+      const uint8_t* w_row = w + row * L.bytes_per_row;
+      const float* s_row = scale + row * L.groups;
+      int64_t r = g.first_row;
+      const int64_t r_end = g.first_row + g.rows;
+      for (; r + 4 <= r_end; r += 4) {
+        row_dot<F, 4>(w_row, s_row, x_SK + r * L.K, xsum_SG + r * L.groups, L, acc);
+        for (int j = 0; j < 4; ++j) y_SN[(r + j) * L.N + n] = acc[j];
+      }
+      const int64_t rest = r_end - r;
+      if (rest == 3) row_dot<F, 3>(w_row, s_row, x_SK + r * L.K, xsum_SG + r * L.groups, L, acc);
+      if (rest == 2) row_dot<F, 2>(w_row, s_row, x_SK + r * L.K, xsum_SG + r * L.groups, L, acc);
+      if (rest == 1) row_dot<F, 1>(w_row, s_row, x_SK + r * L.K, xsum_SG + r * L.groups, L, acc);
+      for (int64_t j = 0; j < rest; ++j) y_SN[(r + j) * L.N + n] = acc[j];
+    }
+  });
+}
+
+// x rows with each group's features reordered even-then-odd (int4's byte layout)
+at::Tensor deinterleave_groups(const at::Tensor& x_SK, int64_t group_len) {
+  const int64_t S = x_SK.size(0), K = x_SK.size(1);
+  return x_SK.view({S, K / group_len, group_len / 2, 2}).transpose(2, 3).reshape({S, K}).contiguous();
+}
+
+}  // namespace
+
+at::Tensor grouped_matvec_quantized(const at::Tensor& x_SK, const at::Tensor& w_ENK, const at::Tensor& scale,
+                                    const std::vector<int64_t>& counts, int64_t format) {
+  TORCH_CHECK(format == kInt8 || format == kFp8 || format == kInt4,
+              "grouped_matvec_quantized: format ", format, " is not one of 1 (int8), 2 (fp8), 3 (int4)");
+  TORCH_CHECK(x_SK.dim() == 2 && x_SK.scalar_type() == at::kFloat && x_SK.is_contiguous(),
+              "grouped_matvec_quantized: x must be a contiguous float32 [S, K] tensor");
+  TORCH_CHECK(w_ENK.dim() == 3 && w_ENK.is_contiguous() && w_ENK.element_size() == 1,
+              "grouped_matvec_quantized: w must be a contiguous one-byte [E, N, K (int4: K/2)] tensor");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && (scale.dim() == 2 || scale.dim() == 3),
+              "grouped_matvec_quantized: scale must be a contiguous float32 [E, N] or [E, N, G] tensor");
+  TORCH_CHECK(x_SK.device().is_cpu() && w_ENK.device().is_cpu() && scale.device().is_cpu(),
+              "grouped_matvec_quantized: CPU tensors only");
+  const int64_t E = w_ENK.size(0), N = w_ENK.size(1), K = w_ENK.size(2) * (format == kInt4 ? 2 : 1);
+  TORCH_CHECK(x_SK.size(1) == K, "grouped_matvec_quantized: x has ", x_SK.size(1), " features, w holds ", K);
+  TORCH_CHECK(scale.size(0) == E && scale.size(1) == N, "grouped_matvec_quantized: scale is ", scale.sizes(),
+              " for w ", w_ENK.sizes());
+  const int64_t groups = scale.dim() == 3 ? scale.size(2) : 1;
+  TORCH_CHECK(groups > 0 && K % groups == 0 && (format != kInt4 || (K / groups) % 2 == 0),
+              "grouped_matvec_quantized: ", groups, " groups do not divide ", K, " features evenly");
+  check_counts("grouped_matvec_quantized", counts, E, x_SK.size(0));
+  const int64_t group_len = K / groups;
+  const int64_t bytes_per_group = format == kInt4 ? group_len / 2 : group_len;
+  const Layout L{N, K, groups, group_len, bytes_per_group * groups, bytes_per_group};
+  std::vector<Rows> rows;
+  int64_t row = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (counts[e] > 0) rows.push_back({e, row, counts[e]});
+    row += counts[e];
+  }
+  const at::Tensor x = format == kInt4 ? deinterleave_groups(x_SK, group_len) : x_SK;
+  // per-group sums of x: the int4 kernels fold the stored values' offset of 8 out of their loop
+  const at::Tensor xsum = x_SK.view({x_SK.size(0), groups, group_len}).sum(-1).contiguous();
+  auto y_SN = at::empty({x_SK.size(0), N}, x_SK.options());
+  const auto* w = static_cast<const uint8_t*>(w_ENK.data_ptr());
+  const float* s = scale.data_ptr<float>();
+  const float* xs = xsum.data_ptr<float>();
+  if (format == kInt8) quant_matvec_impl<kInt8>(w, s, x.data_ptr<float>(), xs, y_SN.data_ptr<float>(), L, rows);
+  if (format == kFp8) quant_matvec_impl<kFp8>(w, s, x.data_ptr<float>(), xs, y_SN.data_ptr<float>(), L, rows);
+  if (format == kInt4) quant_matvec_impl<kInt4>(w, s, x.data_ptr<float>(), xs, y_SN.data_ptr<float>(), L, rows);
+  return y_SN;
+}
