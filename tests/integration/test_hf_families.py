@@ -19,6 +19,7 @@ import torch
 
 import kernel_moe
 from kernel_moe import FusedMoE
+from kernel_moe.kernels.quantization import dequantize
 from kernel_moe.layers.weights import PairedRowsWeight
 
 pytest.importorskip("transformers")
@@ -38,12 +39,12 @@ FP32 = dict(atol=1e-5, rtol=1e-5)
 GRAD = dict(atol=1e-4, rtol=1e-4)
 
 
-def _build(model_type: str, **overrides):
+def _build(model_type: str, seed: int = 21, **overrides):
     if model_type not in moe_model_types():
         pytest.skip(f"{model_type} is not in this transformers")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return build_tiny_model(model_type, seed=21, **overrides)
+        return build_tiny_model(model_type, seed=seed, **overrides)
 
 
 def _eager(model) -> None:
@@ -309,3 +310,34 @@ def test_whole_model_logits_and_greedy_generation_are_unchanged(model_type):
     new_tokens = 9 if model.config.is_encoder_decoder else 13  # the start token or the prompt, then 8
     assert ours.shape == (2, new_tokens)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("model_type", ["dbrx", "longcat_flash", "llama4_text"])
+def test_quantized_experts_of_the_new_layouts(model_type):
+    """quantize_experts on packed paired rows (DBRX), an up weight with rows of weightless experts
+    (LongCat) and input-scaled routing (Llama 4): the blocks stay whole and compute what the
+    original computes with the dequantized weights (fp32 tolerance), and a full-precision
+    checkpoint quantizes on load into exactly the buffers optimize() made."""
+    config = kernel_moe.KernelConfig.for_moe(quantize_experts="int8", quantize_keep_original=True)
+    model, report = kernel_moe.optimize(_build(model_type), config, return_report=True)
+    _assert_swapped_whole(report, FAMILIES[model_type])
+    assert all("int8" in r.details for r in report.swapped)
+    for record in report.swapped:
+        layer = model.get_submodule(record.name)
+        q, ex = layer.quantized_experts, layer.spec.experts
+        args = _block_args(layer)
+        with torch.no_grad():
+            # the kept original, its expert weights replaced (through their views) by the dequantized ones
+            ex.up.get(layer)[: ex.num_experts].copy_(dequantize(q.up_weight, q.up_scale, q.format))
+            ex.down.get(layer).copy_(dequantize(q.down_weight, q.down_scale, q.format))
+            torch.testing.assert_close(_first(layer(*args)), _first(layer.original(*args)), **FP32)
+
+    released = kernel_moe.KernelConfig.for_moe(quantize_experts="int8")
+    original = _build(model_type)
+    model = kernel_moe.optimize(copy.deepcopy(original), released)
+    reloaded = kernel_moe.optimize(_build(model_type, seed=22), released)
+    reloaded.load_state_dict(original.state_dict())  # the full-precision checkpoint
+    quantized, again = model.state_dict(), reloaded.state_dict()
+    assert set(quantized) == set(again)
+    for key, value in quantized.items():
+        assert torch.equal(value, again[key]), key
