@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernel_moe.kernels.activations import pointwise
+from kernel_moe.kernels.activations import POINTWISE_KINDS, pointwise
 
 PROBE_SEED = 20240611
 POINTWISE = ("silu", "gelu", "gelu_tanh", "relu")
@@ -48,19 +48,28 @@ def mismatch(out: torch.Tensor, ref: torch.Tensor) -> str | None:
 def returns_kind(ref: object, x: torch.Tensor, num_experts: int, top_k: int = 0) -> str | None:
     """How a block returns, judged by shapes (see ``MoESpec.returns``): "tensor" (output shaped
     like the input), "tensor_logits" (output, router logits [T, E]), "tensor_weights" (output,
-    top-k routing weights [T, K]); None when the fused layer cannot reproduce it."""
+    top-k routing weights [T, K]), with "@tokens" when the output is [T, H] for an input of another
+    shape and "@flat" when every returned tensor is flattened to 1-D; None when the fused layer
+    cannot reproduce it."""
+    H = x.shape[-1] if x.dim() else 0
+    T = x.numel() // H if H else 0
+    shapes = {(T * H,): "@flat", (T, H): "@tokens", tuple(x.shape): ""}  # the input's own shape wins
     if isinstance(ref, torch.Tensor):
-        return "tensor" if ref.shape == x.shape else None
-    if not (isinstance(ref, tuple) and len(ref) == 2 and all(isinstance(t, torch.Tensor) for t in ref)):
+        out, extra = ref, None
+    elif isinstance(ref, tuple) and len(ref) == 2:
+        out, extra = ref
+    else:
         return None
-    out, extra = ref
-    T = x.numel() // x.shape[-1] if x.dim() else 0
-    if out.shape != x.shape or not extra.is_floating_point():
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) not in shapes:
         return None
-    if extra.shape == (T, num_experts):
-        return "tensor_logits"
-    if top_k and extra.shape == (T, top_k):
-        return "tensor_weights"
+    shape = shapes[tuple(out.shape)]
+    if extra is None:
+        return "tensor" + shape
+    if not isinstance(extra, torch.Tensor) or not extra.is_floating_point():
+        return None
+    for kind, width in (("tensor_logits", num_experts), ("tensor_weights", top_k)):
+        if width and tuple(extra.shape) == ((T * width,) if shape == "@flat" else (T, width)):
+            return kind + shape
     return None
 
 
@@ -146,7 +155,7 @@ def run_module(module: nn.Module, *args: torch.Tensor) -> object:
 
 
 def identify_activation(fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
-    """Name of the pointwise activation that ``fn`` computes (silu, gelu, gelu_tanh, relu), or None."""
+    """Name of the pointwise activation that ``fn`` computes (silu, gelu, gelu_tanh, relu, relu2), or None."""
     x = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
     try:
         with torch.no_grad():
@@ -155,7 +164,7 @@ def identify_activation(fn: Callable[[torch.Tensor], torch.Tensor]) -> str | Non
         return None
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         return None
-    for name in POINTWISE:
+    for name in POINTWISE_KINDS:
         if torch.allclose(y.double(), pointwise(x, name), atol=1e-6, rtol=1e-6):
             return name
     return None

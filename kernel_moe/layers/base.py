@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from kernel_moe.config import KernelConfig
-from kernel_moe.layers.weights import ExpertListWeight
 
 
 class SwappedLayer(nn.Module):
@@ -74,8 +73,7 @@ class SwappedLayer(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """After .to()/.half()/..., re-point per-expert weights into fresh stacked storage."""
         result = super()._apply(fn, recurse)
-        if any(isinstance(s, ExpertListWeight) for s in self._live_sources()):
-            self._bind_weights()
+        self._bind_weights()  # a no-op for weights already stacked
         return result
 
     def features(self) -> str:

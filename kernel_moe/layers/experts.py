@@ -18,26 +18,31 @@ from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec
 from kernel_moe.ops.experts import run_experts as run_op
 
 
-def stacked_experts(layer: nn.Module, ex: ExpertsSpec) -> list[StackedExperts]:
+def stacked_experts(layer: nn.Module, ex: ExpertsSpec, scale_inputs: bool = False) -> list[StackedExperts]:
     """The experts ``ex`` names on ``layer``, as the op's value types (views, no copies): one
     call's, or with quantized experts their buffers (two calls when hot experts stay in full
-    precision, see layers/quantized.py)."""
+    precision, see layers/quantized.py); ``scale_inputs``: the routing weights scale each
+    expert's input (Llama 4). An up weight holding more experts than ``ex`` (rows of weightless
+    experts) is viewed as its first E."""
     if getattr(layer, "quantized_experts", None) is not None:
-        return stacked_quantized(layer, ex)
+        return stacked_quantized(layer, ex, scale_inputs)
+    w_up = ex.up.get(layer)
     return [StackedExperts(
-        ex.up.get(layer),
+        w_up if w_up.shape[0] == ex.num_experts else w_up[: ex.num_experts],
         ex.down.get(layer),
         ex.up_bias.get(layer) if ex.up_bias is not None else None,
         ex.down_bias.get(layer) if ex.down_bias is not None else None,
         ex.activation,
+        scale_inputs=scale_inputs,
     )]
 
 
 def run_experts(layer: nn.Module, ex: ExpertsSpec, x_TH: torch.Tensor, weights_TK: torch.Tensor | None,
-                ids_TK: torch.Tensor | None, backend: str, deterministic: bool = True) -> torch.Tensor:
+                ids_TK: torch.Tensor | None, backend: str, deterministic: bool = True,
+                scale_inputs: bool = False) -> torch.Tensor:
     """The fused experts op on the weights ``ex`` names on ``layer``: [T, H] -> [T, H] (routing
     None: a dense call of a one-expert spec); the calls of several expert sets add up."""
-    first, *rest = stacked_experts(layer, ex)
+    first, *rest = stacked_experts(layer, ex, scale_inputs)
     out_TH = run_op(x_TH, weights_TK, ids_TK, first, backend, deterministic)
     for experts in rest:
         out_TH = out_TH + run_op(x_TH, weights_TK, ids_TK, experts, backend, deterministic)

@@ -161,7 +161,7 @@ def quantize_layer(layer: nn.Module, fmt: str, group_size: int | None, keep_orig
     ex = layer.spec.experts
     before = _full_bytes(ex, layer)
     with torch.no_grad():
-        w_up, w_down = ex.up.get(layer), ex.down.get(layer)
+        w_up, w_down = ex.up.get(layer)[: ex.num_experts], ex.down.get(layer)  # without rows of weightless experts
         hot = None
         if hot_ids is not None:
             hot_ids = hot_ids.to(device=w_up.device, dtype=torch.int64).sort().values
@@ -171,7 +171,7 @@ def quantize_layer(layer: nn.Module, fmt: str, group_size: int | None, keep_orig
             w_up, w_down = w_up[cold], w_down[cold]
         up = quantize(w_up, fmt, group_size)
         down = quantize(w_down, fmt, group_size)
-    layer.quantized_experts = QuantizedExperts(up, down, hot, ex.up.get(layer).shape[0]).to(up.data.device)
+    layer.quantized_experts = QuantizedExperts(up, down, hot, ex.num_experts).to(up.data.device)
     layer.original_released = not keep_original
     if not keep_original:
         _release(layer, ex)
@@ -200,7 +200,7 @@ def _quantize_on_load(module: nn.Module, state_dict: dict, prefix: str, *args) -
         keys = [prefix + p for p in source.paths()]
         if not all(k in state_dict for k in keys) or not module.original_released:
             continue
-        full = source.assemble(lambda p: state_dict.pop(prefix + p))
+        full = source.assemble(lambda p: state_dict.pop(prefix + p))[: ex.num_experts]
         if q.has_hot:
             hot_ids = state_dict.get(f"{prefix}quantized_experts.hot_ids", q.hot_ids).to(full.device)
             cold_ids = state_dict.get(f"{prefix}quantized_experts.cold_ids", q.cold_ids).to(full.device)

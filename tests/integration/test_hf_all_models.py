@@ -10,6 +10,7 @@ the document was generated with, the document must list what this run finds.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -87,7 +88,10 @@ def _experts_layout(ex) -> str:
     layout = "transposed " if getattr(up, "transposed", False) else ""
     a = ex.activation
     gated = "gated" if a.gated else "no gate"
-    act = a.kind + (f"(alpha={a.alpha:g}, limit={a.limit:g})" if a.kind == "gpt_oss" else "")
+    params = [f"alpha={a.alpha:g}"] if a.kind == "gpt_oss" else []
+    params += [f"limit={a.limit:g}"] if a.limit != math.inf else []
+    params += [f"softcaps={a.gate_softcap:g}/{a.up_softcap:g}"] if a.softcapped else []
+    act = a.kind + (f"({', '.join(params)})" if params else "")
     return f"{layout}{gated} {a.glu if a.gated else ''} {act}".replace("  ", " ") + (
         " +bias" if ex.up_bias is not None else "")
 
@@ -95,14 +99,24 @@ def _experts_layout(ex) -> str:
 def _routing(spec) -> str:
     r = spec.router
     text = r.routing.describe()
+    if r.id_table:
+        text = f"experts by token id (table), weighted {text}"
     if r.selection_bias:
         text += ", selection bias"
     if r.bias:
         text += ", logit bias"
     if spec.shared_expert:
         text += ", shared expert" + (" (sigmoid-gated)" if spec.shared_gate else "")
-    if spec.returns != "tensor":
-        text += f", returns {spec.returns}"
+    if spec.scale_inputs:
+        text += ", weights scale the inputs"
+    if spec.capacity is not None:
+        text += f", capacity {spec.capacity.slots} per {'sequence' if spec.capacity.per_sequence else 'call'}"
+    if spec.routed_scale != 1.0:
+        text += f", routed output x{spec.routed_scale:g}"
+    if spec.num_experts > spec.experts.num_experts:
+        text += f", +{spec.num_experts - spec.experts.num_experts} {spec.weightless} experts"
+    if spec.returns != "tensor" or spec.output_shape != "input":
+        text += f", returns {spec.returns}" + (f" ({spec.output_shape})" if spec.output_shape != "input" else "")
     return text
 
 
