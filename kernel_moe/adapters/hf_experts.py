@@ -176,6 +176,21 @@ def experts_specs(experts: nn.Module, prefix: str, hidden: int | None,
                          "do not chain")
 
 
+def _split_biases(block: nn.Module, up_path: str, down_path: str, num_experts: int,
+                  layout: ChainLayout) -> tuple[str, str] | None:
+    """Paths of the experts' biases beside split 3-D weights: the 2-D parameters [E, N] and [E, H]
+    named after each weight (``<weight>_bias``), or None when the experts have none."""
+    N = layout.intermediate * (2 if layout.gated else 1)
+    found = []
+    for path, features in ((up_path, N), (down_path, layout.hidden)):
+        owner_path, _, name = path.rpartition(".")
+        t = tensor_attr(block.get_submodule(owner_path) if owner_path else block, name + "_bias")
+        if t is None or tuple(t.shape) != (num_experts, features):
+            return None
+        found.append(path + "_bias")
+    return found[0], found[1]
+
+
 def split_experts_specs(block: nn.Module, paths: tuple[str, str], hidden: int) -> list[ExpertsSpec] | Skip:
     """Candidate ExpertsSpecs for two 3-D weights at ``paths`` in separate modules of ``block``:
     every (up, down) assignment and transposition the shapes allow, each with the activations
@@ -185,10 +200,16 @@ def split_experts_specs(block: nn.Module, paths: tuple[str, str], hidden: int) -
     specs = []
     for up_path, down_path in ((a, b), (b, a)):
         up, down = get_attr_path(block, up_path), get_attr_path(block, down_path)
+        owner = block.get_submodule(up_path.rpartition(".")[0])
         for layout in chain_layouts(up.shape, down.shape, hidden):
             glus = ["concat", "interleaved"] if layout.gated else ["none"]
-            specs += [_spec(up.shape[0], layout, up_path, down_path, Activation(act, glu))
-                      for act, glu in itertools.product(acts, glus)]
+            options = [Activation(act, glu) for act, glu in itertools.product(acts, glus)]
+            if layout.gated:  # GPT-OSS's clamped GLU, at a limit the experts declare (or none)
+                limits = [v for v in numeric_attrs(owner, _named("limit")) if v > 0] or [math.inf]
+                alphas = numeric_attrs(owner, _named("alpha")) or [1.702]
+                options += [Activation("gpt_oss", g, al, lim) for g in glus for al in alphas for lim in limits]
+            biases = _split_biases(block, up_path, down_path, up.shape[0], layout)
+            specs += [_spec(up.shape[0], layout, up_path, down_path, act, biases) for act in options]
     return specs or Skip(f"3-D weights {a} {tuple(get_attr_path(block, a).shape)} and {b} "
                          f"{tuple(get_attr_path(block, b).shape)} do not chain H={hidden} -> I -> H")
 

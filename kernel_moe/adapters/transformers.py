@@ -178,17 +178,15 @@ def _with_token_ids(module: nn.Module, parts: BlockParts, k: int, specs: list[Mo
     return list(dict.fromkeys(by_table))
 
 
-_FULL_PRECISION = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
 def quantized_storage(module: nn.Module) -> Skip | None:
     """Why a module holding weights that transformers loaded quantized (fp8 with block scales,
-    MXFP4 blocks, int8: any weight matrix not in a floating full-precision dtype) is not swapped,
+    MXFP4 blocks, int8: weight matrices of one byte per element, or packed ``qweight``s) is not swapped,
     or None. Their computation is not weight-only dequantization on our grid: the fine-grained
     FP8 experts quantize the activations too, and MXFP4's e2m1 values are not a uniform 4-bit grid;
     loading the model without its quantization config (or dequantized) makes it swappable."""
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if t.dim() >= 2 and t.dtype not in _FULL_PRECISION:
+        one_byte = t.dtype in (torch.uint8, torch.int8) or (t.is_floating_point() and t.element_size() == 1)
+        if t.dim() >= 2 and (one_byte or "qweight" in name):  # id tables (int64) are not weights
             return Skip(f"{name} is stored as {t.dtype} ({type(module).__name__}: weights quantized by transformers); "
                         "its computation (fp8 activation quantization with block scales, or MXFP4 e2m1 blocks) is not "
                         "the weight-only formats of quantize_experts; load the model unquantized (or dequantized) "
