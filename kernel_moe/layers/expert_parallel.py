@@ -114,7 +114,7 @@ def _shard_on_load(layer: nn.Module, state_dict: dict, prefix: str, *args) -> No
                     state_dict.pop(prefix + path, None)
 
 
-def _local_experts(layer: nn.Module, ep: ExpertParallel) -> StackedExperts:
+def local_experts(layer: nn.Module, ep: ExpertParallel) -> StackedExperts:
     """The op's value type for this rank's experts, with the map from global expert ids."""
     ex = ep.experts
     return StackedExperts(
@@ -129,7 +129,7 @@ def parallel_experts(layer: nn.Module, x_TH: Tensor, weights_TK: Tensor, ids_TK:
     """The routed experts of ``layer`` over its group: [T, H] -> [T, H]. Each rank's slots travel to
     the ranks holding their experts, run there with the fused op, and come back to be weighted."""
     ep: ExpertParallel = layer.expert_parallel
-    experts = _local_experts(layer, ep)
+    experts = local_experts(layer, ep)
 
     def experts_fn(rows_RH: Tensor, ids_R1: Tensor) -> Tensor:
         ones_R1 = rows_RH.new_ones(ids_R1.shape)
@@ -144,4 +144,4 @@ def parallel_experts(layer: nn.Module, x_TH: Tensor, weights_TK: Tensor, ids_TK:
     return out_TH
 
 
-__all__ = ["ExpertParallel", "parallel_experts", "shard_layer"]
+__all__ = ["ExpertParallel", "local_experts", "parallel_experts", "shard_layer"]
