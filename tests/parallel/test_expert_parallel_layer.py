@@ -98,11 +98,12 @@ def _worker(rank: int, world: int, cases: list[tuple]) -> list[tuple]:
 
 
 def _extras_2(rank: int) -> list[tuple]:
-    """A DeviceMesh dimension as the group; a full checkpoint loads into the sharded layer."""
+    """A DeviceMesh dimension as the group; an experts module swapped alone; a full checkpoint
+    loads into the sharded layer."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
-    checks = _case(rank, 8, 2, [5, 3], "exact", group=mesh["ep"])
+    checks = _case(rank, 8, 2, [5, 3], "exact", group=mesh["ep"]) + _experts_module_case(rank)
     torch.manual_seed(3)
     block = TopKMoE(H, I, 4, 2)
     full = copy.deepcopy(block.state_dict())
@@ -117,6 +118,42 @@ def _extras_2(rank: int) -> list[tuple]:
     kept = sorted(n for n in layer.state_dict() if n.startswith("experts."))
     checks.append((f"experts kept {kept}", torch.tensor(kept == sorted(n for n in full if n.startswith(tuple(held)))),
                    torch.tensor(True), {}))
+    return checks
+
+
+def _experts_module_case(rank: int) -> list[tuple]:
+    """A transformers experts module swapped alone (routing given by its caller, stacked 3-D
+    weights): the sharded FusedExperts against the single-process one."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    torch.manual_seed(5)
+    module = Qwen3MoeExperts(Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=8))
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3)
+    single = kernel_moe.optimize(copy.deepcopy(module), KernelConfig.for_moe())
+    layer = kernel_moe.optimize(module, KernelConfig.for_moe(expert_parallel=True))
+    g = torch.Generator().manual_seed(6)
+    inputs = []
+    for T in (9, 4):
+        weights, ids = torch.softmax(torch.randn(T, 8, generator=g), dim=-1).topk(2, dim=-1)
+        inputs.append((torch.randn(T, H, generator=g), ids, weights))
+
+    def run(model, x, ids, weights):
+        model.zero_grad(set_to_none=True)
+        x, weights = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        out = model(x, ids, weights)
+        (out * _cotangent(out)).sum().backward()
+        return out.detach(), x.grad, weights.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out, gx, gw, grads = run(layer, *inputs[rank])
+    ref_out, ref_gx, ref_gw, _ = run(single, *inputs[rank])
+    summed = [run(single, *inputs[r])[3] for r in range(2)]
+    checks = [(f"{type(layer).__name__} output", out, ref_out, FP32), ("experts module input grad", gx, ref_gx, GRAD),
+              ("experts module routing-weight grad", gw, ref_gw, GRAD)]
+    for name, grad in grads.items():
+        checks.append((f"experts module {name} grad", grad, sum(g[name] for g in summed)[4 * rank: 4 * rank + 4], GRAD))
     return checks
 
 
