@@ -178,6 +178,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_layer_equals_the_single_process_layer(world):
     results = run_ranks(_worker, world, CASES[world], timeout_s=600)
