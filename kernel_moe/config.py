@@ -18,6 +18,7 @@ DEPRECATED_BACKENDS = {"torch": "cpu"}
 LOAD_BALANCING = ("none", "auxiliary_loss", "dynamic")
 CAPACITY_PRIORITIES = ("score", "position")
 ROUTING_MODES = ("token_choice", "expert_choice")
+EXPERT_PARALLEL_MODES = ("exact", "padded")
 
 
 def _fail(field: str, value: object, allowed: str) -> None:
@@ -68,7 +69,14 @@ class KernelConfig:
       default 128). ``quantize_hot_experts``: per layer, this many of the experts that calibration
       batches (``optimize(model, calibration=...)``) route the most slots to stay in full precision
       (004's "quantize inactive experts"); 0 quantizes every expert.
-    - ``expert_parallel``: sharding experts over ranks (not available in this version).
+    - ``expert_parallel``: shard every swapped MoE's experts over the ranks of a process group
+      (``optimize(model, process_group=...)``, default the whole world; torch.distributed must be
+      initialised): each rank keeps a contiguous E / world share and tokens travel by all-to-all.
+      ``expert_parallel_mode``: "exact" (per-rank counts exchanged and read on the host: eager
+      inference and training, any token count per rank) or "padded" (fixed buffers of
+      ``ceil(expert_parallel_capacity_factor * T * k / world)`` rows per rank pair, overflow
+      dropped and counted, no host read: ``torch.compile(fullgraph=True)`` and CUDA graphs; the
+      same token count on every rank).
     - ``backend``: "auto" (Triton kernels on CUDA, the CPU backend elsewhere), "triton" (always
       the Triton kernels; on CPU tensors only with TRITON_INTERPRET=1) or "cpu" (the CPU backend:
       native CPU kernels on CPU tensors, its PyTorch path on any device). "torch" is the
@@ -96,6 +104,8 @@ class KernelConfig:
     quantize_keep_original: bool = False
     quantize_hot_experts: int = 0
     expert_parallel: bool = False
+    expert_parallel_mode: str = "exact"
+    expert_parallel_capacity_factor: float = 2.0
     backend: str = "auto"
     swap_moe: bool = True
     swap_ffn: bool = False
@@ -136,8 +146,14 @@ class KernelConfig:
             _fail("random_routing", self.random_routing, "a probability in [0, 1)")
         if not isinstance(self.expert_parallel, bool):
             _fail("expert_parallel", self.expert_parallel, "True or False")
-        if self.expert_parallel:
-            _fail("expert_parallel", self.expert_parallel, "False (expert parallelism is not available in this version)")
+        if self.expert_parallel_mode not in EXPERT_PARALLEL_MODES:
+            _fail("expert_parallel_mode", self.expert_parallel_mode, ", ".join(EXPERT_PARALLEL_MODES))
+        _check_float("expert_parallel_capacity_factor", self.expert_parallel_capacity_factor, 0.0, strict=True)
+        if not self.expert_parallel and self.expert_parallel_mode != "exact":
+            _fail("expert_parallel_mode", self.expert_parallel_mode, "'exact' (the default) when expert_parallel=False")
+        if self.expert_parallel and self.quantize_experts is not None:
+            _fail("quantize_experts", self.quantize_experts, "None when expert_parallel=True (quantized experts are "
+                  "not sharded in this version)")
         if self.backend in DEPRECATED_BACKENDS:
             new = DEPRECATED_BACKENDS[self.backend]
             warnings.warn(f"KernelConfig.backend={self.backend!r} is deprecated; use {new!r}", DeprecationWarning,

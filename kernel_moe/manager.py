@@ -24,10 +24,12 @@ from kernel_moe.config import KernelConfig
 from kernel_moe.errors import KernelMoEError, UnsupportedModuleError
 from kernel_moe.layers import SwappedLayer
 from kernel_moe.layers.calibration import count_routing
+from kernel_moe.layers.expert_parallel import shard_layer
 from kernel_moe.layers.quantized import check_quantizable, quantize_layer
 from kernel_moe.layers.spec import FFNSpec, SwapSpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.kernels import resolve_backend
+from kernel_moe.parallel.group import expert_group
 from kernel_moe.report import OptimizeReport, SkipRecord, SwapRecord
 
 logger = logging.getLogger("kernel_moe")
@@ -59,9 +61,10 @@ class UnifiedManager:
         self.config = config if config is not None else KernelConfig.for_moe()
         self.adapters = list(adapters) if adapters is not None else registered_adapters()
         self.report = OptimizeReport()
+        self._group = None
 
     def optimize(self, model: nn.Module, filter_fn: FilterFn | None = None, strict: bool = False,
-                 calibration: Iterable | None = None) -> nn.Module:
+                 calibration: Iterable | None = None, process_group: object = None) -> nn.Module:
         """Swap every recognized, proven-equivalent module in place and return the optimized model:
         the same object when modules inside it were swapped, the fused layer when ``model`` itself
         is a recognized MoE block. What was swapped and skipped, and why, is ``self.report``.
@@ -70,7 +73,10 @@ class UnifiedManager:
         a candidate that cannot be swapped raises UnsupportedModuleError instead of being skipped.
         ``calibration``: model inputs (tensors, tuples of arguments or dicts of keyword arguments)
         run once after swapping to count each layer's routing; needed by
-        ``KernelConfig.quantize_hot_experts``.
+        ``KernelConfig.quantize_hot_experts``. With ``KernelConfig.expert_parallel``, every swapped
+        MoE keeps only this rank's share of its experts in ``process_group`` (a ProcessGroup or a
+        one-dimensional DeviceMesh; None: the whole world), after its equivalence was proven on all
+        of them.
         """
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -78,6 +84,7 @@ class UnifiedManager:
             raise ValueError(f"KernelConfig.quantize_hot_experts={self.config.quantize_hot_experts} keeps the most "
                              "routed experts in full precision and needs calibration batches: "
                              "optimize(model, calibration=[inputs, ...])")
+        self._group = self._expert_group(process_group)
         report = self.report = OptimizeReport()
         result = model
         done: list[str] = []
@@ -118,8 +125,10 @@ class UnifiedManager:
         logger.info(report.summary())
         return result
 
-    def convert(self, module: nn.Module) -> nn.Module:
-        """The fused layer for one MoE module (not placed anywhere); raises if it cannot be swapped."""
+    def convert(self, module: nn.Module, process_group: object = None) -> nn.Module:
+        """The fused layer for one MoE module (not placed anywhere); raises if it cannot be swapped.
+        ``process_group``: as in :meth:`optimize`."""
+        self._group = self._expert_group(process_group)
         outcome = self._convert(module)
         if outcome is None:
             raise UnsupportedModuleError(f"{type(module).__name__} is not recognized as an MoE module")
@@ -132,6 +141,10 @@ class UnifiedManager:
         """Put the original modules back in place of every fused layer and return the model (the
         original module when ``model`` itself is a fused layer)."""
         fused = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, FUSED_LAYERS)]
+        sharded = [fqn or "<root>" for fqn, m in fused if m.expert_parallel is not None]
+        if sharded:
+            raise KernelMoEError(f"cannot restore {', '.join(sharded)}: expert parallelism sharded their experts "
+                                 "(each rank holds its share only); build the model again to get the original")
         released = [fqn or "<root>" for fqn, m in fused if m.original_released]
         if released:
             raise KernelMoEError(f"cannot restore {', '.join(released)}: quantize_experts released the original expert "
@@ -169,8 +182,31 @@ class UnifiedManager:
             except ValueError as exc:  # a routing feature of the config that cannot apply to this block
                 reasons.append(str(exc))
                 continue
-            return self._quantized(layer)
+            return self._sharded(self._quantized(layer))
         return Skip("; ".join(reasons)) if reasons else None
+
+    def _expert_group(self, process_group: object):
+        """The group expert parallelism shards over (None without it). Raises ValueError when a group
+        is given without ``expert_parallel``, or torch.distributed is not initialised."""
+        if not self.config.expert_parallel:
+            if process_group is not None:
+                raise ValueError(f"process_group={process_group!r} is given but KernelConfig.expert_parallel=False; "
+                                 "allowed: None, or a config with expert_parallel=True")
+            return None
+        return expert_group(process_group)
+
+    def _sharded(self, layer: nn.Module | Skip) -> nn.Module | Skip:
+        """The layer with this rank's share of its experts when the config asks for expert
+        parallelism (MoE blocks and experts modules; dense FFNs stay replicated). An uneven split
+        raises ValueError naming the numbers."""
+        if self._group is None or isinstance(layer, Skip) or isinstance(layer.spec, FFNSpec):
+            return layer
+        cfg = self.config
+        try:
+            shard_layer(layer, self._group, cfg.expert_parallel_mode, cfg.expert_parallel_capacity_factor)
+        except KernelMoEError as exc:
+            return Skip(f"expert_parallel cannot apply: {exc}")
+        return layer
 
     def _quantized(self, layer: nn.Module) -> nn.Module | Skip:
         """The layer with its experts quantized when the config asks (MoE blocks and experts
@@ -298,12 +334,15 @@ def _weight_like(module: nn.Module, spec) -> torch.Tensor:
 
 def optimize(model: nn.Module, config: KernelConfig | None = None, filter_fn: FilterFn | None = None,
              strict: bool = False, return_report: bool = False,
-             calibration: Iterable | None = None) -> nn.Module | tuple[nn.Module, OptimizeReport]:
+             calibration: Iterable | None = None,
+             process_group: object = None) -> nn.Module | tuple[nn.Module, OptimizeReport]:
     """One-line form of :meth:`UnifiedManager.optimize`: ``model = kernel_moe.optimize(model)``
     returns the optimized model; ``model, report = kernel_moe.optimize(model, return_report=True)``
-    also returns what was swapped and skipped, and why."""
+    also returns what was swapped and skipped, and why. ``process_group``: the group expert
+    parallelism shards over (see :meth:`UnifiedManager.optimize`)."""
     manager = UnifiedManager(config)
-    result = manager.optimize(model, filter_fn=filter_fn, strict=strict, calibration=calibration)
+    result = manager.optimize(model, filter_fn=filter_fn, strict=strict, calibration=calibration,
+                              process_group=process_group)
     return (result, manager.report) if return_report else result
 
 

@@ -39,6 +39,7 @@ class SwappedLayer(nn.Module):
         self._stacked_weights: dict[str, torch.Tensor] = {}
         self.quantized_experts: nn.Module | None = None  # see layers/quantized.py
         self.original_released = False  # the original's expert weights were released by quantization
+        self.expert_parallel = None  # an ExpertParallel when the experts are sharded (layers/expert_parallel.py)
         self.training = original.training
 
     @property
@@ -58,6 +59,11 @@ class SwappedLayer(nn.Module):
 
     def _weight_sources(self) -> list:
         return []
+
+    def experts_spec(self):
+        """The ExpertsSpec of the experts this layer holds: the spec's, or this rank's share of
+        them when expert parallelism sharded the layer."""
+        return self.spec.experts if self.expert_parallel is None else self.expert_parallel.experts
 
     def _live_sources(self) -> list:
         """The weight sources still present (quantization may have released the expert weights)."""
@@ -83,7 +89,8 @@ class SwappedLayer(nn.Module):
     def details(self) -> str:
         """What the report says about this layer: what it computes, the features the config
         added, and when it runs the original module instead."""
-        notes = [self.spec.describe(), self.features(), getattr(self, "quantization_note", ""),
+        sharding = self.expert_parallel.describe() if self.expert_parallel is not None else ""
+        notes = [self.spec.describe(), self.features(), getattr(self, "quantization_note", ""), sharding,
                  *self.spec.fallback_notes()]
         return "; ".join(n for n in notes if n)
 

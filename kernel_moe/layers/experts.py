@@ -13,6 +13,7 @@ from torch import nn
 from kernel_moe.config import KernelConfig
 from kernel_moe.kernels.contract import StackedExperts
 from kernel_moe.layers.base import SwappedLayer
+from kernel_moe.layers.expert_parallel import parallel_experts
 from kernel_moe.layers.quantized import stacked_quantized
 from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec
 from kernel_moe.ops.experts import run_experts as run_op
@@ -59,7 +60,7 @@ class FusedExperts(SwappedLayer):
         self._bind_weights()
 
     def _weight_sources(self) -> list:
-        return self.spec.experts.sources()
+        return self.experts_spec().sources()
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.runs_original(hidden_states, top_k_weights):
@@ -68,5 +69,8 @@ class FusedExperts(SwappedLayer):
         x_TH = hidden_states.reshape(-1, H)
         ids_TK = top_k_index.reshape(x_TH.shape[0], -1)
         weights_TK = top_k_weights.reshape(ids_TK.shape)
-        out_TH = run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic)
+        if self.expert_parallel is not None:
+            out_TH = parallel_experts(self, x_TH, weights_TK, ids_TK)
+        else:
+            out_TH = run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic)
         return out_TH.reshape(hidden_states.shape)

@@ -32,6 +32,7 @@ from torch import nn
 from kernel_moe.config import KernelConfig
 from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.experts import run_experts
+from kernel_moe.layers.expert_parallel import parallel_experts
 from kernel_moe.layers.spec import MoESpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.kernels import resolve_backend
@@ -142,7 +143,7 @@ class FusedMoE(SwappedLayer):
         return result
 
     def _weight_sources(self) -> list:
-        return self.spec.experts.sources()
+        return self.experts_spec().sources()
 
     def track_routing(self, enabled: bool = True) -> None:
         """Accumulate per-expert slot counts into ``routing_counts`` on every forward."""
@@ -162,6 +163,8 @@ class FusedMoE(SwappedLayer):
         return F.linear(x_TH.to(w_EH.dtype), w_EH, None if b_E is None else b_E.to(w_EH.dtype))
 
     def _experts(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        if self.expert_parallel is not None:
+            return parallel_experts(self, x_TH, weights_TK, ids_TK)
         return run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic,
                            self.spec.scale_inputs)
 
