@@ -132,24 +132,31 @@ def projection_backward(grad: Tensor, x: Tensor, weights_TK: Optional[Tensor], i
     x_SD = _rows(x, slots)
     g_w = torch.zeros_like(w_EOD)
     g_b = None if b_EO is None else torch.zeros_like(b_EO)
-    g_topk = None
     if weights_TK is None:
-        g_SO = grad.reshape(T * K, O).index_select(0, slots.order_S)
+        g_SO = grad.reshape(T * K, O).index_select(0, slots.order_S)  # [S', O]
     else:
-        g_tok_SO = grad.index_select(0, slots.tok_S)
-        y_SO = _expert_outputs(x_SD, slots, w_EOD, b_EO)
-        g_topk_S = (g_tok_SO.float() * y_SO.float()).sum(-1).to(weights_TK.dtype)
-        g_topk = weights_TK.new_zeros(T * K).index_copy_(0, slots.order_S, g_topk_S).view(T, K)
-        g_SO = g_tok_SO * weights_TK.reshape(-1).index_select(0, slots.order_S).to(grad.dtype)[:, None]
-    g_x_SD = x_SD.new_empty(x_SD.shape)
+        g_SO = grad.index_select(0, slots.tok_S)  # the token's gradient, before the slot's weight
+        w_S1 = weights_TK.reshape(-1).index_select(0, slots.order_S).to(grad.dtype)[:, None]
+    u_SD = x_SD.new_empty(x_SD.shape)  # the gradient reaching each slot's input, before its weight
 
     def one(e: int, a: int, b: int) -> None:
-        torch.mm(g_SO[a:b], w_EOD[e], out=g_x_SD[a:b])
-        torch.mm(g_SO[a:b].t(), x_SD[a:b], out=g_w[e])
+        torch.mm(g_SO[a:b], w_EOD[e], out=u_SD[a:b])
+        g_e = g_SO[a:b] if weights_TK is None else g_SO[a:b] * w_S1[a:b]
+        torch.mm(g_e.t(), x_SD[a:b], out=g_w[e])
         if g_b is not None:
-            torch.sum(g_SO[a:b], dim=0, out=g_b[e])
+            torch.sum(g_e, dim=0, out=g_b[e])
 
     _per_expert(slots, one)
+    g_topk = None
+    g_x_SD = u_SD
+    if weights_TK is not None:
+        # d out / d weight[t, k] = the slot's output y = x w^T + b, so grad . y = (grad w) . x + grad . b
+        g_topk_S = (u_SD.float() * x_SD.float()).sum(-1)
+        if b_EO is not None:
+            ids_S = ids_TK.reshape(-1).index_select(0, slots.order_S)
+            g_topk_S = g_topk_S + (g_SO.float() * b_EO.index_select(0, ids_S).float()).sum(-1)
+        g_topk = weights_TK.new_zeros(T * K).index_copy_(0, slots.order_S, g_topk_S.to(weights_TK.dtype)).view(T, K)
+        g_x_SD = u_SD * w_S1
     if x.dim() == 3:
         g_x = x.new_zeros(T * K, D).index_copy_(0, slots.order_S, g_x_SD).view(T, K, D)
     else:
