@@ -9,6 +9,7 @@ from __future__ import annotations
 from kernel_moe.adapters.base import Adapter, Skip
 from kernel_moe.adapters.ffn import DenseFFNAdapter
 from kernel_moe.adapters.handwritten import HandwrittenMoEAdapter
+from kernel_moe.adapters.handwritten_attention import HandwrittenMoAAdapter
 from kernel_moe.adapters.hf_attention import MoAAttentionAdapter
 from kernel_moe.adapters.transformers import TransformersExpertsAdapter, TransformersMoEAdapter
 from kernel_moe.adapters.unsupported import UnsupportedMoEAdapter
@@ -19,6 +20,7 @@ _REGISTRY: list[Adapter] = [
     HandwrittenMoEAdapter(),
     TransformersExpertsAdapter(),
     DenseFFNAdapter(),
+    HandwrittenMoAAdapter(),
     UnsupportedMoEAdapter(),
 ]
 

@@ -99,8 +99,10 @@ def _probes(spec: MoAAttentionSpec, tokens: int, like: torch.Tensor) -> list[tup
     return [(x, None, emb.cos(), emb.sin()), (x, mask, emb.cos(), emb.sin())]
 
 
-def _outputs_differ(ours: tuple, ref: tuple) -> str | None:
+def outputs_differ(ours: object, ref: object) -> str | None:
     """None when every tensor output agrees (a None where the original has None)."""
+    if isinstance(ref, torch.Tensor):
+        return mismatch(ours, ref)
     if not isinstance(ours, tuple) or len(ours) != len(ref):
         return f"returns {type(ours).__name__} where the original returns a {len(ref)}-tuple"
     for i, (a, b) in enumerate(zip(ours, ref)):
@@ -112,13 +114,16 @@ def _outputs_differ(ours: tuple, ref: tuple) -> str | None:
     return None
 
 
-def _run(module: nn.Module, x: torch.Tensor, training: bool) -> tuple:
+def run_probe(module: nn.Module, x: torch.Tensor, training: bool) -> object:
+    """module(x) without gradients, in train or eval mode, the global RNG forked and seeded."""
     with torch.no_grad(), train_mode(module, training), torch.random.fork_rng(devices=[]):
         torch.manual_seed(PROBE_SEED)
         return module(x)
 
 
-def _gradients_differ(original: nn.Module, layer: nn.Module, x: torch.Tensor, training: bool) -> str | None:
+def gradients_differ(original: nn.Module, layer: nn.Module, x: torch.Tensor, training: bool) -> str | None:
+    """None when ``layer`` gives the gradients ``original`` gives (x and every parameter that
+    requires grad, shared by both), else which one differs."""
     params = [(n, p) for n, p in original.named_parameters() if p.requires_grad and p.is_floating_point()]
     tensors = [p for _, p in params]
     ref = probe_gradients(original, (x,), tensors, training)
@@ -145,20 +150,20 @@ def prove_moa_attention(module: nn.Module, spec: MoAAttentionSpec, config: Kerne
     for x, mask, cos, sin in _probes(spec, max(config.verify_tokens, 4), like):
         original, ours = _Call(module, mask, cos, sin), _Call(layer, mask, cos, sin)
         try:
-            why = _outputs_differ(_run(ours, x, False), _run(original, x, False))
+            why = outputs_differ(run_probe(ours, x, False), run_probe(original, x, False))
         except Exception as exc:  # the original cannot run on a probe: not provable
             return Skip(f"the attention layer failed on a probe input ({type(exc).__name__}: {str(exc)[:160]})")
         if why is not None:
             return Skip(f"not proven equivalent: {why}")
         if training is None:
-            first, second = _run(original, x, True), _run(original, x, True)
-            if _outputs_differ(first, second) is not None:
+            first, second = run_probe(original, x, True), run_probe(original, x, True)
+            if outputs_differ(first, second) is not None:
                 training = "its training-mode forward is stochastic (attention dropout)"
             else:
-                why = _outputs_differ(_run(ours, x, True), first)
+                why = outputs_differ(run_probe(ours, x, True), first)
                 training = None if why is None else f"training-mode forward differs: {why}"
         for mode in (False, True) if training is None else (False,):
-            gradient = gradient or _gradients_differ(original, ours, x, mode)
+            gradient = gradient or gradients_differ(original, ours, x, mode)
     layer.training = module.training
     return dataclasses.replace(spec, training_fallback=training, gradient_fallback=gradient)
 
@@ -186,4 +191,5 @@ class MoAAttentionAdapter:
         return [ProvenMoAAttentionSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})]
 
 
-__all__ = ["MoAAttentionAdapter", "moa_attention_spec", "prove_moa_attention"]
+__all__ = ["MoAAttentionAdapter", "gradients_differ", "moa_attention_spec", "outputs_differ", "prove_moa_attention",
+           "run_probe"]

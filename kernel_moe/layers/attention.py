@@ -73,6 +73,33 @@ def padding_attention_mask(keep_BT: torch.Tensor, causal: bool) -> torch.Tensor:
     return allowed | eye
 
 
+def attend(q_BHTd: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, masking: tuple) -> torch.Tensor:
+    """scaled_dot_product_attention of q [B, Hq, T, d] over k, v [B, Hkv, T, d] (query head i reads
+    key/value head i // (Hq / Hkv)). ``masking`` = (causal, boolean mask [B, 1, T, T] | None,
+    rotary (cos, sin) | None); the mask, when given, already holds causality."""
+    causal, mask, position_embeddings = masking
+    if position_embeddings is not None:
+        cos, sin = position_embeddings
+        q_BHTd, k_BHTd = apply_rotary(q_BHTd, cos, sin), apply_rotary(k_BHTd, cos, sin)
+    is_causal = mask is None and causal and q_BHTd.shape[2] > 1
+    return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=q_BHTd.shape[1] != k_BHTd.shape[1])
+
+
+def moa_attend(q_NKF: torch.Tensor, k_BTF: torch.Tensor, v_BTF: torch.Tensor, heads: int,
+               masking: tuple) -> torch.Tensor:
+    """MoA's attention: each slot's query [N, K, F] (h heads) over the shared keys and values
+    [B, T, F] (h heads, head j of every expert reads shared head j) -> [N, K, F]."""
+    B, T, F_ = k_BTF.shape
+    K, h, d = q_NKF.shape[1], heads, F_ // heads
+    # query heads ordered (head j, slot k), so that GQA maps them to shared head j
+    q_BHTd = q_NKF.view(B, T, K, h, d).permute(0, 3, 2, 1, 4).reshape(B, h * K, T, d)
+    k_BHTd = k_BTF.view(B, T, h, d).transpose(1, 2)
+    v_BHTd = v_BTF.view(B, T, h, d).transpose(1, 2)
+    o_BHTd = attend(q_BHTd, k_BHTd, v_BHTd, masking)
+    return o_BHTd.view(B, h, K, T, d).permute(0, 3, 2, 1, 4).reshape(B * T, K, F_)
+
+
 def _check(name: str, value: object, ok: bool, allowed: str) -> None:
     if not ok:
         raise ValueError(f"SparseExpertAttention.{name}={value!r} is invalid; allowed: {allowed}")
@@ -211,29 +238,13 @@ class SparseExpertAttention(nn.Module):
         eps = self.kernel_config.router_jitter
         return jitter_input(x_ND, eps, self.training) if eps > 0 else x_ND
 
-    def _attend(self, q_BHTd, k_BHTd, v_BHTd, mask, position_embeddings) -> torch.Tensor:
-        """scaled_dot_product_attention of q [B, Hq, T, d] over k, v [B, Hkv, T, d] (query head i
-        reads key/value head i // (Hq / Hkv)), with rotary embeddings when given."""
-        if position_embeddings is not None:
-            cos, sin = position_embeddings
-            q_BHTd, k_BHTd = apply_rotary(q_BHTd, cos, sin), apply_rotary(k_BHTd, cos, sin)
-        causal = mask is None and self.causal and q_BHTd.shape[2] > 1
-        return F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, attn_mask=mask, is_causal=causal,
-                                              enable_gqa=q_BHTd.shape[1] != k_BHTd.shape[1])
-
     def _moa(self, x_BTD: torch.Tensor, mask, position_embeddings) -> torch.Tensor:
         B, T, D = x_BTD.shape
-        h, d, K = self.num_heads, self.head_dim, self.top_k
         x_ND = x_BTD.reshape(B * T, D)
         weights_NK, ids_NK = self._route(self.router(self._router_input(x_ND)), B * T)
         q_NKF = run_projection(x_ND, None, ids_NK, self.w_q)
-        # query heads ordered (head j, slot k), so head j of every chosen expert reads shared head j
-        q_BHTd = q_NKF.view(B, T, K, h, d).permute(0, 3, 2, 1, 4).reshape(B, h * K, T, d)
         k_BTF, v_BTF = self.kv_proj(x_BTD).chunk(2, dim=-1)
-        k_BHTd = k_BTF.view(B, T, h, d).transpose(1, 2)
-        v_BHTd = v_BTF.view(B, T, h, d).transpose(1, 2)
-        o_BHTd = self._attend(q_BHTd, k_BHTd, v_BHTd, mask, position_embeddings)
-        o_NKF = o_BHTd.view(B, h, K, T, d).permute(0, 3, 2, 1, 4).reshape(B * T, K, h * d)
+        o_NKF = moa_attend(q_NKF, k_BTF, v_BTF, self.num_heads, (self.causal, mask, position_embeddings))
         return run_projection(o_NKF, weights_NK, ids_NK, self.w_o)
 
     def _switchhead(self, x_BTD: torch.Tensor, mask, position_embeddings) -> torch.Tensor:
@@ -247,7 +258,8 @@ class SparseExpertAttention(nn.Module):
         v_Nhd = (v_NSd.view(N, h, K, d) * ws_NS.view(N, h, K, 1).to(v_NSd.dtype)).sum(2)
         q_BHTd = self.q_proj(x_BTD).view(B, T, h, d).transpose(1, 2)
         k_BHTd = self.k_proj(x_BTD).view(B, T, h, d).transpose(1, 2)
-        o_BHTd = self._attend(q_BHTd, k_BHTd, v_Nhd.view(B, T, h, d).transpose(1, 2), mask, position_embeddings)
+        v_BHTd = v_Nhd.view(B, T, h, d).transpose(1, 2)
+        o_BHTd = attend(q_BHTd, k_BHTd, v_BHTd, (self.causal, mask, position_embeddings))
         wd_NS, ids_d_NS = self._route(self.destination_router(router_in).view(N * h, E), N)
         o_NSd = o_BHTd.transpose(1, 2).reshape(N, h, 1, d).expand(N, h, K, d).reshape(N, h * K, d)
         return run_projection(o_NSd, wd_NS, ids_d_NS, self.w_o)
@@ -281,4 +293,4 @@ class SparseExpertAttention(nn.Module):
                 f"capacity={self.expert_capacity}")
 
 
-__all__ = ["SparseExpertAttention", "apply_rotary", "padding_attention_mask", "rotate_half"]
+__all__ = ["SparseExpertAttention", "apply_rotary", "attend", "moa_attend", "padding_attention_mask", "rotate_half"]

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernel_moe.config import KernelConfig
-from kernel_moe.layers.attention import apply_rotary
+from kernel_moe.layers.attention import apply_rotary, moa_attend
 from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.spec import SwapSpec
+from kernel_moe.layers.weights import WeightSource, get_attr_path
 from kernel_moe.ops.projection import run_projection
 from kernel_moe.routing.topk import TopKRouting, route
 
@@ -106,4 +107,75 @@ class FusedMoAAttention(SwappedLayer):
         return out_ND.view(B, T, D), attn_weights, logits_NE
 
 
-__all__ = ["FusedMoAAttention", "MoAAttentionSpec"]
+
+
+@dataclass(frozen=True)
+class HandwrittenMoASpec(SwapSpec):
+    """A hand-written MoA module (one forward(x [B, T, D]) call): paths of the router weight [E, D],
+    the expert query [E, F, D] and output [E, D, F] projections (stacked or per-expert Linears),
+    the key and value weights ((path, part): part 0 / 1 takes the first / second half of the rows of
+    a fused key-value weight, None the whole), the output bias (or None); h heads per expert,
+    causal or not, and whether the top-k softmax weights are renormalized over the k."""
+
+    router: str
+    w_q: WeightSource
+    w_o: WeightSource
+    key: tuple[str, int | None]
+    value: tuple[str, int | None]
+    bias: str | None
+    num_heads: int
+    causal: bool
+    renormalize: bool
+    num_experts: int = 1  # (after the fields without a default: SwapSpec gives these class defaults)
+    top_k: int = 1
+    training_fallback: str | None = None
+    gradient_fallback: str | None = None
+    quantizable = False
+
+    def layer_class(self) -> type[nn.Module]:
+        return FusedHandwrittenMoA
+
+    def describe(self) -> str:
+        order = "top-k softmax" if self.renormalize else "softmax, top-k"
+        return (f"mixture of attention heads: {order} {self.top_k} of {self.num_experts} experts of "
+                f"{self.num_heads} heads, {'causal' if self.causal else 'bidirectional'}, shared kv")
+
+
+def _rows(t: torch.Tensor, part: int | None) -> torch.Tensor:
+    return t if part is None else t.chunk(2, dim=0)[part]
+
+
+class FusedHandwrittenMoA(SwappedLayer):
+    """The swapped-in layer for a hand-written MoA module: routing, the query projection (gather
+    half of the experts op), ``scaled_dot_product_attention`` over the shared keys and values, the
+    output projection and weighted sum (combine half). Proven for ``forward(x)`` alone: any other
+    argument runs the original module."""
+
+    def __init__(self, original: nn.Module, spec: HandwrittenMoASpec, config: KernelConfig | None = None) -> None:
+        super().__init__(original, spec, config)
+        self.num_experts, self.top_k = spec.num_experts, spec.top_k
+        self.routing = (TopKRouting(spec.num_experts, spec.top_k, "softmax", order="topk_then_score")
+                        if spec.renormalize else TopKRouting(spec.num_experts, spec.top_k, "softmax"))
+        self._bind_weights()
+
+    def _weight_sources(self) -> list:
+        return [self.spec.w_q, self.spec.w_o]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if args or kwargs or x.dim() != 3 or self.runs_original(x):
+            return self.original(x, *args, **kwargs)
+        spec = self.spec
+        B, T, D = x.shape
+        x_ND = x.reshape(B * T, D)
+        weights_NK, ids_NK = route(F.linear(x_ND, get_attr_path(self, spec.router)), self.routing)
+        q_NKF = run_projection(x_ND, None, ids_NK, spec.w_q.get(self))
+        k_BTF = F.linear(x, _rows(get_attr_path(self, spec.key[0]), spec.key[1]))
+        v_BTF = F.linear(x, _rows(get_attr_path(self, spec.value[0]), spec.value[1]))
+        o_NKF = moa_attend(q_NKF, k_BTF, v_BTF, spec.num_heads, (spec.causal, None, None))
+        out_ND = run_projection(o_NKF, weights_NK.to(x.dtype), ids_NK, spec.w_o.get(self))
+        if spec.bias is not None:
+            out_ND = out_ND + get_attr_path(self, spec.bias)
+        return out_ND.view(B, T, D)
+
+
+__all__ = ["FusedHandwrittenMoA", "FusedMoAAttention", "HandwrittenMoASpec", "MoAAttentionSpec"]
