@@ -24,6 +24,7 @@ from kernel_moe.adapters.base import Skip
 from kernel_moe.adapters.hf_attention import gradients_differ, outputs_differ, run_probe
 from kernel_moe.adapters.probe import probe_input
 from kernel_moe.config import KernelConfig
+from kernel_moe.layers.attention import SparseExpertAttention
 from kernel_moe.layers.moa_attention import HandwrittenMoASpec
 from kernel_moe.layers.weights import ExpertListWeight, StackedWeight
 
@@ -41,9 +42,9 @@ def _expert_options(module: nn.Module) -> Iterator[tuple]:
     """(E, F, D, w_q, w_o, expert prefixes) readings of the module's expert projections: two 3-D
     Parameters, E expert modules of two bias-free Linears, or two ModuleLists of E Linears."""
     cube = [(n, p) for n, p in module.named_parameters() if p.dim() == 3]
-    for (nq, q), (no, o) in itertools.permutations(cube, 2):
+    for (nq, q), (no, o) in itertools.permutations(cube if len(cube) == 2 else [], 2):
         E, F_, D = q.shape
-        if len(cube) == 2 and tuple(o.shape) == (E, D, F_):
+        if tuple(o.shape) == (E, D, F_):
             yield E, F_, D, StackedWeight(nq), StackedWeight(no), ()
     lists = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.ModuleList) and len(m) >= 2]
     for name, experts in lists:
@@ -138,6 +139,8 @@ class HandwrittenMoAAdapter:
     name = "handwritten-moa-attention"
 
     def candidates(self, module: nn.Module, config: KernelConfig) -> list[MoACandidates] | None:
+        if isinstance(module, SparseExpertAttention):
+            return None  # already kernel_moe's own layer
         found = handwritten_moa_candidates(module)
         return None if found is None else [found]
 

@@ -125,3 +125,10 @@ def test_a_moa_the_candidates_cannot_reproduce_stays():
     report = kernel_moe.optimize(model, return_report=True)[1]
     assert not report.swapped
     assert "not proven" in {r.name: r.reason for r in report.skipped}["attn"]
+
+
+def test_sparse_expert_attention_itself_is_left_alone():
+    model = nn.Sequential(kernel_moe.SparseExpertAttention(D, E, HEADS, top_k=K), nn.Linear(D, D))
+    report = kernel_moe.optimize(model, return_report=True)[1]
+    assert not report.swapped and not report.skipped
+    assert isinstance(model[0], kernel_moe.SparseExpertAttention)
