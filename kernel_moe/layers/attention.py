@@ -216,11 +216,11 @@ class SparseExpertAttention(nn.Module):
             self.aux_loss = loss if self.aux_loss is None else self.aux_loss + loss  # SwitchHead: two routers
         if self.training and cfg.load_balancing == "dynamic":
             self.load_counts += expert_counts(ids_RK, E)
-        per_token = logits_RE.shape[0] // max(tokens, 1)  # 1 (MoA) or h (SwitchHead)
+        per_token = 1 if self.variant == "moa" else self.num_heads  # routed rows per token
         if per_token > 1:  # head j's experts are ids j*E .. j*E + E-1 of the stacked weights
             ids_RK = ids_RK + torch.arange(per_token, device=ids_RK.device).repeat(tokens).unsqueeze(1) * E
-        ids_NS = ids_RK.reshape(tokens, -1)
-        weights_NS = weights_RK.reshape(tokens, -1)
+        ids_NS = ids_RK.reshape(tokens, per_token * self.top_k)
+        weights_NS = weights_RK.reshape(tokens, per_token * self.top_k)
         n_ids = E * per_token
         if self._track_routing:
             self.routing_counts += expert_counts(ids_NS, n_ids)

@@ -159,3 +159,18 @@ def test_input_errors_name_the_input():
         layer(torch.randn(7, D))
     with pytest.raises(ValueError, match="attention_mask"):
         layer(torch.randn(2, 7, D), torch.ones(2, 6))
+
+
+@pytest.mark.parametrize("variant", ["moa", "switchhead"])
+def test_empty_sequence_and_bf16(variant):
+    layer = _layer(variant, True)
+    x = torch.randn(2, 0, D, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (2, 0, D)
+    out.sum().backward()
+    x = torch.randn(2, 7, D)
+    ref = _reference(layer, x, None)
+    low = layer.to(torch.bfloat16)
+    out = low(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
