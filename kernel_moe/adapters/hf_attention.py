@@ -88,7 +88,8 @@ def _probes(spec: MoAAttentionSpec, tokens: int, like: torch.Tensor) -> list[tup
     a causal mask with left padding in the first sequence."""
     B, T, d = PROBE_BATCH, tokens, spec.head_dim
     x = probe_input((B, T, spec.hidden), like)
-    angles = torch.arange(T, dtype=torch.float32)[:, None] * probe_input((d // 2,), like, PROBE_SEED + 1).float().abs()
+    freqs = probe_input((d // 2,), like, PROBE_SEED + 1).float().abs()
+    angles = torch.arange(T, dtype=torch.float32, device=like.device)[:, None] * freqs
     emb = torch.cat((angles, angles), dim=-1).expand(B, T, d).to(like)
     keep = torch.ones(B, T, dtype=torch.bool, device=like.device)
     keep[0, : T // 3] = False
