@@ -117,10 +117,12 @@ def handwritten_moa_candidates(module: nn.Module) -> MoACandidates | None:
     """Candidate specs of a hand-written MoA module, the likeliest first (None: not one)."""
     top_k = next((getattr(module, a) for a in ("top_k", "k", "num_experts_per_tok")
                   if isinstance(getattr(module, a, None), int)), None)
+    if top_k is None:
+        return None
     n_params = sum(1 for _ in module.parameters())
     for E, F_, D, w_q, w_o, skip in _expert_options(module):
         shared = _shared(module, E, F_, D, skip)
-        if shared is None or top_k is None or not 1 <= top_k <= E:
+        if shared is None or not 1 <= top_k <= E:
             continue
         router, kv_options, bias, n_shared = shared
         if n_params != (2 if not skip else 2 * E) + n_shared:
