@@ -80,3 +80,12 @@ def test_errors_name_the_input():
         run_projection(x, g, ids, w, b[:, :1])
     with pytest.raises(UnsupportedInputError, match="dtype"):
         run_projection(x.double(), g, ids, w, b)
+
+
+@pytest.mark.parametrize("per_slot,weighted,bias", MODES)
+def test_opcheck_backward(per_slot, weighted, bias):
+    x, g, ids, w, b = _inputs(per_slot, weighted, bias)
+    out_shape = (T, O) if weighted else (T, K, O)
+    grad = torch.randn(out_shape, generator=torch.Generator().manual_seed(5))
+    result = torch.library.opcheck(torch.ops.kernel_moe.expert_projection_backward, (grad, x, g, ids, w, b))
+    assert result and all(v == "SUCCESS" for v in result.values()), result
