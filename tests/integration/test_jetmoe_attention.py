@@ -124,3 +124,26 @@ def test_swapped_layer_compiles_without_graph_breaks():
     original = layer.original
     assert torch._dynamo.explain(original)(x, None, (emb.cos(), emb.sin())).graph_break_count > 0
     torch._dynamo.reset()
+
+
+def test_attention_dropout_in_training_draws_as_the_original():
+    """The swapped layer calls the model's attention function with the same dropout and draws
+    nothing before it, so under the same seed its training forward equals the original's: the
+    proof (run under one seed) accepts it without a training fallback."""
+    cfg = _model().config
+    cfg.attention_dropout = 0.5
+    torch.manual_seed(0)
+    model = JetMoeForCausalLM(cfg).eval()
+    original = copy.deepcopy(model)
+    report = kernel_moe.optimize(model, return_report=True)[1]
+    details = {r.name: r.details for r in report.swapped}["model.layers.0.self_attention"]
+    assert "runs the original" not in details
+    ids, mask = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
+    model.train()
+    original.train()
+    for m in (model, original):
+        torch.manual_seed(3)
+        m.loss = m(ids, attention_mask=mask, labels=ids).loss
+    torch.testing.assert_close(model.loss, original.loss, atol=1e-5, rtol=1e-5)
