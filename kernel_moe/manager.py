@@ -212,7 +212,8 @@ class UnifiedManager:
         """The layer with its experts quantized when the config asks (MoE blocks and experts
         modules; dense FFNs stay as they are)."""
         cfg = self.config
-        if cfg.quantize_experts is None or isinstance(layer.spec, FFNSpec):
+        if cfg.quantize_experts is None or isinstance(layer.spec, FFNSpec) or not getattr(layer.spec, "quantizable",
+                                                                                           True):
             return layer
         try:
             if cfg.quantize_hot_experts:  # quantized after calibration (see _quantize_calibrated)
@@ -249,7 +250,11 @@ class UnifiedManager:
 
     def _prove(self, module: nn.Module, specs: list[SwapSpec]) -> SwapSpec | Skip:
         """The first candidate whose layer computes what ``module`` computes on a probe, with
-        the fallbacks its training forward and gradients call for; or why there is none."""
+        the fallbacks its training forward and gradients call for; or why there is none. A spec
+        kind with its own ``prove`` (an attention layer, probed with masks and rotary embeddings)
+        proves itself."""
+        if callable(getattr(specs[0], "prove", None)):
+            return specs[0].prove(module, self.config)
         like = _weight_like(module, specs[0])
         if like.device.type != "meta":
             resolve_backend(self.config.backend, like.device)  # an unusable backend is the user's error: raise

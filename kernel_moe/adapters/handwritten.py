@@ -117,7 +117,11 @@ def prove_expert_form(expert: nn.Module, hidden: int, tokens: int) -> ExpertForm
     if like.device.type == "meta":
         return Skip("parameters are on the meta device, so the expert MLP cannot be probed")
     x = probe_input((tokens, hidden), like)
-    match = first_match(forms, lambda f: _form_reference(expert, f), run_module(expert, x), (x,))
+    try:
+        ref = run_module(expert, x)
+    except Exception as exc:  # not a callable MLP (an attention expert's projections, a container)
+        return Skip(f"the expert's forward failed on a probe input ({type(exc).__name__}: {str(exc)[:120]})")
+    match = first_match(forms, lambda f: _form_reference(expert, f), ref, (x,))
     if match.candidate is None:
         return Skip(f"expert MLP not recognized: no candidate matched the probe ({match.reason(300)})")
     return match.candidate

@@ -23,6 +23,7 @@ from torch import nn
 import kernel_moe
 from kernel_moe import FusedMoE
 from kernel_moe.layers import FusedExperts
+from kernel_moe.layers.moa_attention import FusedMoAAttention
 
 pytest.importorskip("transformers")
 
@@ -50,7 +51,7 @@ class Row:
     """One line of the coverage table: what happened to one kind of module of a model type."""
 
     model_type: str
-    outcome: str  # "FusedMoE", "FusedExperts" or "skipped"
+    outcome: str  # "FusedMoE", "FusedExperts", "FusedMoAAttention" or "skipped"
     module_class: str
     routing: str = ""
     experts: str = ""
@@ -155,6 +156,9 @@ def survey(model_type: str) -> Survey:
         layer = model.get_submodule(rec.name)
         if isinstance(layer, FusedMoE):
             row = Row(model_type, "FusedMoE", rec.original_class, _routing(layer.spec), _experts_layout(layer.spec.experts))
+        elif isinstance(layer, FusedMoAAttention):
+            row = Row(model_type, "FusedMoAAttention", rec.original_class, f"top{layer.top_k}>softmax",
+                      "attention experts: query + output projections, shared kv")
         else:
             parent = rec.name.rpartition(".")[0]
             why = skipped_by_name.get(parent)
@@ -198,7 +202,7 @@ def outcome_of(s: Survey) -> str:
         return "not built"
     if not kinds:
         return "skipped"
-    return " + ".join(k for k in ("FusedMoE", "FusedExperts") if k in kinds)
+    return " + ".join(k for k in ("FusedMoE", "FusedExperts", "FusedMoAAttention") if k in kinds)
 
 
 _CACHE: dict[str, Survey] = {}
