@@ -35,6 +35,7 @@ from kernel_moe.layers.experts import run_experts
 from kernel_moe.layers.spec import MoESpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.kernels import resolve_backend
+from kernel_moe.kernels.annotate import GATING, ROUTER, stage
 from kernel_moe.ops.gating import gate
 from kernel_moe.routing.balancing import expert_counts
 from kernel_moe.routing.capacity import apply_capacity, expert_capacity
@@ -152,7 +153,8 @@ class FusedMoE(SwappedLayer):
         cfg, E = self.kernel_config, self.num_experts
         T = x_TH.shape[0]
         C = expert_capacity(T, self.top_k, E, cfg.capacity_factor or 1.0, cfg.min_capacity)
-        weights_EC, tok_EC = expert_choice_route(logits_TE, C, self.spec.router.routing.scoring)
+        with stage(GATING):
+            weights_EC, tok_EC = expert_choice_route(logits_TE, C, self.spec.router.routing.scoring)
         tok_S = tok_EC.reshape(-1)
         ids_S1 = torch.arange(E, device=x_TH.device).repeat_interleave(C).unsqueeze(-1)
         y_SH = self._experts(x_TH.index_select(0, tok_S), weights_EC.reshape(-1, 1), ids_S1)
@@ -167,27 +169,29 @@ class FusedMoE(SwappedLayer):
         if self.training and spec.input_jitter > 0:
             x_TH = jitter_input(x_TH, spec.input_jitter, True)
         router_in = jitter_input(x_TH, cfg.router_jitter, self.training) if cfg.router_jitter > 0 else x_TH
-        logits_TE = self.router_logits(router_in)
+        with stage(ROUTER):
+            logits_TE = self.router_logits(router_in)
         if cfg.routing == "expert_choice":
             out_TH, ids_TK = self._expert_choice(x_TH, logits_TE)
         else:
             sel_bias = get_attr_path(self, spec.router.selection_bias) if spec.router.selection_bias else None
             if cfg.load_balancing == "dynamic":
                 sel_bias = self.expert_bias if sel_bias is None else sel_bias + self.expert_bias
-            if self._use_gating_op:
-                weights_TK, ids_TK = gate(logits_TE, spec.router.routing, self.backend)
-            else:
-                weights_TK, ids_TK = route(logits_TE, spec.router.routing, sel_bias)
-            if self.training and cfg.random_routing > 0:
-                weights_TK, ids_TK, self.randomly_routed = random_routing(
-                    logits_TE, weights_TK, ids_TK, spec.router.routing, cfg.random_routing)
-            run_ids_TK = ids_TK
-            if cfg.capacity_factor is not None:
-                T, K = ids_TK.shape
-                capacity = expert_capacity(T, K, self.num_experts, cfg.capacity_factor, cfg.min_capacity)
-                weights_TK, ids_TK, dropped_TK, self.dropped_tokens = apply_capacity(
-                    weights_TK, ids_TK, self.num_experts, capacity, cfg.capacity_priority)
-                run_ids_TK = ids_TK.masked_fill(dropped_TK, -1)  # a dropped slot: no work (the contract's rule)
+            with stage(GATING):
+                if self._use_gating_op:
+                    weights_TK, ids_TK = gate(logits_TE, spec.router.routing, self.backend)
+                else:
+                    weights_TK, ids_TK = route(logits_TE, spec.router.routing, sel_bias)
+                if self.training and cfg.random_routing > 0:
+                    weights_TK, ids_TK, self.randomly_routed = random_routing(
+                        logits_TE, weights_TK, ids_TK, spec.router.routing, cfg.random_routing)
+                run_ids_TK = ids_TK
+                if cfg.capacity_factor is not None:
+                    T, K = ids_TK.shape
+                    capacity = expert_capacity(T, K, self.num_experts, cfg.capacity_factor, cfg.min_capacity)
+                    weights_TK, ids_TK, dropped_TK, self.dropped_tokens = apply_capacity(
+                        weights_TK, ids_TK, self.num_experts, capacity, cfg.capacity_priority)
+                    run_ids_TK = ids_TK.masked_fill(dropped_TK, -1)  # a dropped slot: no work (the contract's rule)
             out_TH = self._experts(x_TH, weights_TK, run_ids_TK)
         if self._track_routing:
             self.routing_counts += expert_counts(ids_TK, self.num_experts)
