@@ -67,8 +67,10 @@ def profile_markdown(results, command: str | None = None) -> str:
         "Each stage's time is its mean over the fastest half of the profiled calls; \"other\" is the rest of the "
         "call (Python, reshapes, op overhead), so the stages add up to the profiled total. That total is checked "
         "against the median of the fastest half of the same calls timed without the profiler (on a shared machine "
-        "other processes now and then slow a call several-fold; the fastest half stands for the layer). Where the optimized layer runs the native fused CPU "
-        "forward, gather, up-projection, activation, down-projection and combine are one call and one stage.",
+        "other processes now and then slow a call several-fold; the fastest half stands for the layer). Where the "
+        "optimized layer runs the native fused CPU forward, gather, up-projection, activation, down-projection and "
+        "combine are one call and one stage (`KERNEL_MOE_CPU_EXTENSION=off` runs the PyTorch path instead, whose "
+        "stages are split).",
         "",
     ]
     variants = list(dict.fromkeys(c.variant for c in results.cases))

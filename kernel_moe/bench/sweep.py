@@ -12,7 +12,8 @@ with a :class:`~kernel_moe.config.KernelConfig` carrying the point's capacity fa
   imbalance shows as dropped slots);
 - capacity factor in :data:`SWEEP_CAPACITY` (None: dropless) at the base shape.
 
-Per point: throughput (tokens / median time of a call), the load of the experts after capacity
+Per point: throughput (tokens / median time of a call; on a CPU the points of one parameter are
+timed round-robin, one call each per round), the load of the experts after capacity
 (kept slots per expert, as max / mean and min / mean: 1 is balanced) and the share of
 token-expert slots dropped.
 
@@ -33,7 +34,7 @@ from kernel_moe.bench.models import NaiveMoE
 from kernel_moe.bench.presets import MoEShape
 from kernel_moe.bench.settings import BenchSettings, Inputs, Timing
 from kernel_moe.bench.stats import LoadBalance
-from kernel_moe.bench.timing import sample_block
+from kernel_moe.bench.timing import sample_block, sample_interleaved
 from kernel_moe.bench.variants import VariantBuilder
 from kernel_moe.config import KernelConfig
 from kernel_moe.routing.capacity import expert_capacity
@@ -97,9 +98,10 @@ def sweep_points() -> list[tuple[str, MoEShape, float | None]]:
     return points
 
 
-def _measure(point: tuple[str, MoEShape, float | None], tokens: int, device: torch.device, dtype: torch.dtype,
-             timing: Timing) -> SweepPoint:
-    parameter, shape, cf = point
+def _prepare(point: tuple[str, MoEShape, float | None], tokens: int, device: torch.device, dtype: torch.dtype,
+             timing: Timing) -> tuple:
+    """The optimized layer of one point and its call on seeded inputs, warmed up."""
+    _, shape, cf = point
     torch.manual_seed(0)
     block = NaiveMoE(shape.hidden, shape.intermediate, shape.num_experts, shape.top_k)
     settings = BenchSettings(optimize_config=KernelConfig.for_moe(capacity_factor=cf), progress=False)
@@ -110,7 +112,12 @@ def _measure(point: tuple[str, MoEShape, float | None], tokens: int, device: tor
     call = make_call(layer, inputs)
     for _ in range(1 + timing.warmup):
         call()
-    median_s = statistics.median(sample_block(call, device, timing))
+    return layer, call
+
+
+def _routed(point: tuple[str, MoEShape, float | None], tokens: int, layer, call, median_s: float) -> SweepPoint:
+    """The point's expert load after capacity and dropped slots, from one tracked call."""
+    parameter, shape, cf = point
     layer.reset_routing_counts()
     layer.track_routing(True)
     try:
@@ -128,12 +135,25 @@ def _measure(point: tuple[str, MoEShape, float | None], tokens: int, device: tor
 
 def run_sweep(tokens: int, device: torch.device, dtype: torch.dtype, timing: Timing) -> list[SweepPoint]:
     """Measure every point of :func:`sweep_points` at ``tokens`` tokens per call (torch threads:
-    ``timing.num_threads`` when given)."""
+    ``timing.num_threads`` when given). On a CPU the points of one swept parameter are timed
+    round-robin, one call each per round, so that load from other processes hits them alike."""
     previous = torch.get_num_threads()
     if timing.num_threads is not None:
         torch.set_num_threads(timing.num_threads)
+    measured: list[SweepPoint] = []
     try:
-        return [_measure(p, tokens, device, dtype, timing) for p in sweep_points()]
+        for parameter, _ in PARAMETERS:
+            points = [p for p in sweep_points() if p[0] == parameter]
+            prepared = [_prepare(p, tokens, device, dtype, timing) for p in points]
+            calls = [call for _, call in prepared]
+            if device.type == "cuda":
+                samples = [sample_block(call, device, timing) for call in calls]
+            else:
+                samples = sample_interleaved(calls, device, timing)
+            measured += [_routed(p, tokens, layer, call, statistics.median(times))
+                         for p, (layer, call), times in zip(points, prepared, samples, strict=True)]
+            del prepared, calls
+        return measured
     finally:
         torch.set_num_threads(previous)
 
