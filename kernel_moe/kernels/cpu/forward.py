@@ -294,17 +294,15 @@ def _matvec(ext, x_SK: torch.Tensor, experts: StackedExperts, which: int, counts
                                         _FORMAT_CODES[experts.weight_format])
 
 
-def _native_rows(ext, x_TH: torch.Tensor, slots: SortedSlots, experts: StackedExperts) -> torch.Tensor:
-    """Expert outputs [S', H] in fp32, sorted-slot order, from the native grouped
-    matrix-vector kernel: one pass over each active expert's weights per projection, fp32
-    accumulation and fp32 activation."""
+def _native_rows(ext, x_SH: torch.Tensor, slots: SortedSlots, experts: StackedExperts) -> torch.Tensor:
+    """Expert outputs [S', H] in fp32, sorted-slot order, of the gathered fp32 rows ``x_SH``, from
+    the native grouped matrix-vector kernel: one pass over each active expert's weights per
+    projection, fp32 accumulation and fp32 activation."""
     b_up, b_down = experts.b_up, experts.b_down
-    with stage(DISPATCH):
-        x_SH = x_TH.index_select(0, slots.tok_S).float()
+    with stage(UP):
         expert_S = None
         if b_up is not None or b_down is not None:
             expert_S = torch.repeat_interleave(torch.arange(len(slots.counts)), torch.tensor(slots.counts))
-    with stage(UP):
         h_SN = _matvec(ext, x_SH, experts, 0, slots.counts)
         if b_up is not None:
             h_SN += b_up.index_select(0, expert_S)
@@ -383,21 +381,26 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
     matvec = ext is not None and _matvec_fits(x_TH, experts, S)
     if T == 1 and not matvec and x_TH.device.type == "cpu":
         return _single_token_forward(x_TH, topk_weights_TK, topk_ids_TK, experts)
+    # one dispatch range (a decode call opens one range per stage): sort, choose the path, gather
     with stage(DISPATCH):
         slots = sort_slots(topk_ids_TK, experts.num_experts)
-    active = sum(1 for n in slots.counts if n)
+        active = sum(1 for n in slots.counts if n)
+        matvec = matvec and S <= (QUANTIZED_MAX_MEAN_ROWS if experts.quantized
+                                  else NATIVE_MAX_MEAN_ROWS[x_TH.dtype]) * active
+        fused = ext is not None and not matvec and not experts.quantized and _fused_fits(x_TH, experts)
+        if active and not fused:
+            weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
+        if active and matvec:
+            x_SH = x_TH.index_select(0, slots.tok_S).float()
     if not active:  # every slot dropped
         return x_TH.new_zeros(T, H)
-    matvec = matvec and S <= (QUANTIZED_MAX_MEAN_ROWS if experts.quantized else NATIVE_MAX_MEAN_ROWS[x_TH.dtype]) * active
-    if ext is not None and not matvec and not experts.quantized and _fused_fits(x_TH, experts):
+    if fused:
         act = experts.activation
         with stage(FUSED):  # gather, up-projection, activation, down-projection and combine in one call
             return ext.fused_experts(x_TH, topk_weights_TK, slots.order_S, slots.counts, *experts[:4], act.kind,
                                      act.glu, act.alpha, act.limit, act.gate_softcap, act.up_softcap)
-    with stage(DISPATCH):
-        weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
     if matvec:
-        y_SH = _native_rows(ext, x_TH, slots, experts)
+        y_SH = _native_rows(ext, x_SH, slots, experts)
         if T == 1:  # one token: combine its rows by a [1, S'] x [S', H] GEMM
             with stage(COMBINE):
                 return torch.mm(weights_S.unsqueeze(0), y_SH).to(x_TH.dtype)
