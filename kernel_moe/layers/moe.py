@@ -36,6 +36,7 @@ from kernel_moe.layers.expert_parallel import parallel_experts
 from kernel_moe.layers.spec import MoESpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.kernels import resolve_backend
+from kernel_moe.kernels.annotate import GATING, ROUTER, stage
 from kernel_moe.ops.gating import gate
 from kernel_moe.routing.balancing import expert_counts
 from kernel_moe.routing.capacity import apply_capacity, expert_capacity
@@ -180,7 +181,8 @@ class FusedMoE(SwappedLayer):
         cfg, E = self.kernel_config, self.num_experts
         T = x_TH.shape[0]
         C = expert_capacity(T, self.top_k, E, cfg.capacity_factor or 1.0, cfg.min_capacity)
-        weights_EC, tok_EC = expert_choice_route(logits_TE, C, self.spec.router.routing.scoring)
+        with stage(GATING):
+            weights_EC, tok_EC = expert_choice_route(logits_TE, C, self.spec.router.routing.scoring)
         tok_S = tok_EC.reshape(-1)
         ids_S1 = torch.arange(E, device=x_TH.device).repeat_interleave(C).unsqueeze(-1)
         y_SH = self._experts(x_TH.index_select(0, tok_S), weights_EC.reshape(-1, 1), ids_S1)
@@ -211,10 +213,10 @@ class FusedMoE(SwappedLayer):
                                                       capacity.slots, "position")
         return weights_TK, dropped_TK
 
-    def _token_choice(self, x_TH: torch.Tensor, logits_TE: torch.Tensor, token_ids: torch.Tensor | None,
-                      sequences: int):
-        """Each token's k experts (the proven routing, then the config's features) through the op:
-        (routed output [T, H], weights [T, K], ids [T, K]); ``sequences``: B of a [B, S, H] input."""
+    def _gating(self, logits_TE: torch.Tensor, token_ids: torch.Tensor | None,
+                sequences: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each token's k experts and weights (the proven routing, then the config's features):
+        (weights [T, K], ids [T, K], the ids the op runs [T, K]: -1 for slots dropped by a capacity)."""
         spec, cfg = self.spec, self.kernel_config
         if spec.router.id_table is not None:  # hash routing: a table gives each token id its experts
             if token_ids is None:
@@ -243,6 +245,15 @@ class FusedMoE(SwappedLayer):
             weights_TK, ids_TK, dropped_TK, self.dropped_tokens = apply_capacity(
                 weights_TK, ids_TK, self.num_experts, capacity, cfg.capacity_priority)
             run_ids_TK = run_ids_TK.masked_fill(dropped_TK, -1)
+        return weights_TK, ids_TK, run_ids_TK
+
+    def _token_choice(self, x_TH: torch.Tensor, logits_TE: torch.Tensor, token_ids: torch.Tensor | None,
+                      sequences: int):
+        """Each token's k experts (the proven routing, then the config's features) through the op:
+        (routed output [T, H], weights [T, K], ids [T, K]); ``sequences``: B of a [B, S, H] input."""
+        spec = self.spec
+        with stage(GATING):
+            weights_TK, ids_TK, run_ids_TK = self._gating(logits_TE, token_ids, sequences)
         out_TH = self._experts(x_TH, weights_TK, run_ids_TK)
         if spec.weightless == "identity" and self.num_experts > spec.experts.num_experts:
             out_TH = out_TH + self._identity_experts(x_TH, weights_TK, run_ids_TK)
@@ -257,7 +268,8 @@ class FusedMoE(SwappedLayer):
         if self.training and spec.input_jitter > 0:
             x_TH = jitter_input(x_TH, spec.input_jitter, True)
         router_in = jitter_input(x_TH, cfg.router_jitter, self.training) if cfg.router_jitter > 0 else x_TH
-        logits_TE = self.router_logits(router_in)
+        with stage(ROUTER):
+            logits_TE = self.router_logits(router_in)
         if cfg.routing == "expert_choice":
             (out_TH, ids_TK), weights_TK = self._expert_choice(x_TH, logits_TE), None
         else:

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from kernel_moe.errors import UnsupportedInputError
+from kernel_moe.kernels.annotate import DISPATCH, DOWN, UP, stage
 from kernel_moe.kernels.contract import ExpertsGrads, StackedExperts, local_ids, validate_call
 from kernel_moe.kernels.triton import common
 from kernel_moe.kernels.triton.common import (  # device helpers, called by the kernels
@@ -454,17 +455,22 @@ def experts_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, weights_TK: torc
                                          gated=activation.gated)
     else:
         config = validate_backward_config(copy.deepcopy(config))
-    routing = align_by_expert(ids_TK, E, config["BLOCK_M"])
+    with stage(DISPATCH):
+        routing = align_by_expert(ids_TK, E, config["BLOCK_M"])
     with common.launch_device(x_TH):
-        a_PI, dh_PN, dot_partial = _launch_act(x_TH, grad_TH, weights_TK, routing, experts, config)
+        with stage(UP):  # the up-projection recomputed, the activation's and routing weights' gradients
+            a_PI, dh_PN, dot_partial = _launch_act(x_TH, grad_TH, weights_TK, routing, experts, config)
         if frozen:
             _bias_grads(grad_TH, weights_TK, dh_PN, routing, grad_b_up, grad_b_down)
         else:
-            _launch_dw(grad_TH, a_PI, weights_TK, grad_w_down, grad_b_down, routing, True, config["dw"])
-            _launch_dw(dh_PN, x_TH, None, grad_w_up, grad_b_up, routing, False, config["dw"])
-    grad_x = moe_down_projection(
-        dh_PN, routing, up_operand(experts).t(), None, common.unit_weights(T, K, dev), x_TH.dtype, True, config
-    )
+            with stage(DOWN):
+                _launch_dw(grad_TH, a_PI, weights_TK, grad_w_down, grad_b_down, routing, True, config["dw"])
+            with stage(UP):
+                _launch_dw(dh_PN, x_TH, None, grad_w_up, grad_b_up, routing, False, config["dw"])
+    with stage(UP):  # grad x: a grouped GEMM through w_up (the forward's down-projection kernel)
+        grad_x = moe_down_projection(
+            dh_PN, routing, up_operand(experts).t(), None, common.unit_weights(T, K, dev), x_TH.dtype, True, config
+        )
     grad_w = None if dense else dot_partial.sum(dim=0).view(T, K).to(weights_TK.dtype)
     return ExpertsGrads(grad_x, grad_w, grad_w_up, grad_w_down, grad_b_up, grad_b_down)
 

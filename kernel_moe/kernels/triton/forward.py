@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernel_moe.kernels.annotate import COMBINE, DISPATCH, DOWN, UP, stage
 from kernel_moe.kernels.contract import Activation, StackedExperts, local_ids, validate_call
 from kernel_moe.kernels.triton import common
 from kernel_moe.kernels.triton.common import (  # device helpers, called by the kernels
@@ -331,11 +332,12 @@ def moe_down_projection(
         out_TH = torch.empty(T, H, dtype=out_dtype, device=dev)
         block_h = min(256, max(16, triton.next_power_of_2(H)))
         block_t = max(1, min(64, 4096 // block_h))
-        _moe_reduce_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
-            target, ids_TK, out_TH, T, H, E, K, S * H,
-            ids_TK.stride(0), ids_TK.stride(1), out_TH.stride(0), out_TH.stride(1),
-            SPLIT_K=split, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
-        )  # fmt: skip
+        with stage(COMBINE):
+            _moe_reduce_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
+                target, ids_TK, out_TH, T, H, E, K, S * H,
+                ids_TK.stride(0), ids_TK.stride(1), out_TH.stride(0), out_TH.stride(1),
+                SPLIT_K=split, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
+            )  # fmt: skip
     return out_TH
 
 
@@ -363,11 +365,14 @@ def experts_forward(x_TH: torch.Tensor, weights_TK: torch.Tensor | None, ids_TK:
         config = get_tile_config(E, N, H, x_TH.dtype, common.device_name_of(x_TH), T, top_k=K, gated=activation.gated)
     else:
         validate_tile_config(config)
-    routing = align_by_expert(ids_TK, E, config["BLOCK_M"])
-    inter_PI = moe_up_projection(x_TH, routing, up_operand(experts), experts.b_up, activation, config)
-    return moe_down_projection(
-        inter_PI, routing, down_operand(experts), experts.b_down, weights_TK, x_TH.dtype, deterministic, config
-    )
+    with stage(DISPATCH):
+        routing = align_by_expert(ids_TK, E, config["BLOCK_M"])
+    with stage(UP):  # the activation runs in the up-projection's epilogue
+        inter_PI = moe_up_projection(x_TH, routing, up_operand(experts), experts.b_up, activation, config)
+    with stage(DOWN):  # the routing weight scales in the epilogue; a reduction over K, if any, is "combine"
+        return moe_down_projection(
+            inter_PI, routing, down_operand(experts), experts.b_down, weights_TK, x_TH.dtype, deterministic, config
+        )
 
 
 def fused_experts_triton(
