@@ -11,6 +11,7 @@ from torch import nn
 
 from kernel_moe.adapters import registered_adapters
 from kernel_moe.adapters.base import Adapter, Skip
+from kernel_moe.adapters.extras import PROBES, prove_tuple
 from kernel_moe.adapters.probe import (
     PROBE_SEED,
     first_match,
@@ -267,25 +268,45 @@ class UnifiedManager:
         def draw(shape: tuple[int, ...], offset: int) -> torch.Tensor:
             return probe_input(shape, like, seed=PROBE_SEED + offset)
 
-        found = run_reference(module, specs[0].probe_args(self.config.verify_tokens, draw))
+        options = specs[0].probe_args(self.config.verify_tokens, draw)
+        found = run_reference(module, options)
         if isinstance(found, str):
             return Skip(f"the original forward failed on a probe input ({found[:200]})")
         args, ref = found
-        kind = returns_kind(ref, args[0], specs[0].num_experts, specs[0].top_k)
-        if kind is None or specs[0].returning(kind) is None:
-            return Skip(f"forward returns {type(ref).__name__} that the fused layer cannot reproduce")
         # the proof is of the original routing: the config's routing features are off here
         plain = KernelConfig(backend=self.config.backend, deterministic=self.config.deterministic)
-        match = first_match([s.returning(kind) for s in specs], lambda s: s.build(module, plain), ref, args)
-        if match.candidate is None:
-            return Skip("not proven equivalent: " + match.reason(400))
-        spec, layer = match.candidate, match.module
+        if isinstance(ref, tuple):
+            index = next(i for i, option in enumerate(options) if option is args)
+            proven = prove_tuple(specs, ref, [args] + self._more_probes(specs[0], index, like),
+                                 lambda s: s.build(module, plain), module)
+            if isinstance(proven, Skip):
+                return proven
+            spec, layer = proven
+        else:
+            kind = returns_kind(ref, args[0])
+            if kind is None or specs[0].returning(kind) is None:
+                return Skip(f"forward returns {type(ref).__name__} that the fused layer cannot reproduce")
+            match = first_match([s.returning(kind) for s in specs], lambda s: s.build(module, plain), ref, args)
+            if match.candidate is None:
+                return Skip("not proven equivalent: " + match.reason(400))
+            spec, layer = match.candidate, match.module
         why = spec.unexpected(self.config)
         if why is not None:
             return Skip(why)
         training = self._training_check(module, layer, args)
         gradient = self._gradient_check(module, layer, args, train=training is None)
         return spec.with_fallbacks(training, gradient)
+
+    def _more_probes(self, spec: SwapSpec, index: int, like: torch.Tensor) -> list[tuple]:
+        """Probe arguments of the form ``spec.probe_args(...)[index]`` beside the first, with other
+        seeds and other token counts, for what one probe cannot settle (the extras of a tuple)."""
+        probes = []
+        for n in range(1, PROBES):
+            def draw(shape: tuple[int, ...], offset: int, n: int = n) -> torch.Tensor:
+                return probe_input(shape, like, seed=PROBE_SEED + 1000 * n + offset)
+
+            probes.append(spec.probe_args(self.config.verify_tokens + 5 * n, draw)[index])
+        return probes
 
     @staticmethod
     def _training_check(module: nn.Module, layer: nn.Module, args: tuple) -> str | None:

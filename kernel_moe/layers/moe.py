@@ -42,6 +42,7 @@ from kernel_moe.routing.balancing import expert_counts
 from kernel_moe.routing.capacity import apply_capacity, expert_capacity
 from kernel_moe.routing.expert_choice import expert_choice_route
 from kernel_moe.routing.jitter import jitter_input
+from kernel_moe.routing.extras import routing_extra
 from kernel_moe.routing.random_routing import random_routing
 from kernel_moe.routing.losses import load_balancing_loss, router_z_loss
 from kernel_moe.routing.topk import SCORINGS, route, routing_weights
@@ -113,8 +114,10 @@ class FusedMoE(SwappedLayer):
         if self.spec.router.routing.scoring not in SCORINGS:
             raise ValueError(f"routing='expert_choice' scores by {', '.join(SCORINGS)}, not the block's "
                              f"{self.spec.router.routing.scoring}")
-        if self.spec.returns == "tensor_weights":
-            raise ValueError("routing='expert_choice' cannot reproduce a block that returns its top-k routing weights")
+        choice = [e.describe() for e in self.spec.returned_extras() if e.needs_choice]
+        if choice:
+            raise ValueError(f"routing='expert_choice' cannot reproduce what the block returns from each token's "
+                             f"top-k choice ({', '.join(choice)})")
 
     def __getstate__(self) -> dict:
         """``copy.deepcopy`` and pickling leave out ``aux_loss``: the last training forward's loss
@@ -157,6 +160,7 @@ class FusedMoE(SwappedLayer):
         """[T, H] -> [T, E], in the router weight's dtype (fp32 when ``fp32_logits``)."""
         r = self.spec.router
         w_EH = get_attr_path(self, r.weight)
+        w_EH = w_EH.t() if r.transposed else w_EH
         b_E = get_attr_path(self, r.bias) if r.bias is not None else None
         if r.fp32_logits:
             return F.linear(x_TH.float(), w_EH.float(), None if b_E is None else b_E.float())
@@ -292,18 +296,19 @@ class FusedMoE(SwappedLayer):
             out_TH = out_TH + shared_TH
         if spec.output_bias is not None:
             out_TH = out_TH + get_attr_path(self, spec.output_bias)
-        return self._returned(out_TH, hidden_states, logits_TE, weights_TK)
+        return self._returned(out_TH, hidden_states, (logits_TE, weights_TK, ids_TK))
 
-    def _returned(self, out_TH: torch.Tensor, hidden_states: torch.Tensor, logits_TE: torch.Tensor,
-                  weights_TK: torch.Tensor):
+    def _returned(self, out_TH: torch.Tensor, hidden_states: torch.Tensor, routing: tuple):
         """What the original block returns: the output (shaped like the input, as tokens, or
-        flattened) and the router output its returns kind names (flattened alike)."""
+        flattened) and the extras of the spec, computed from ``routing`` (logits [T, E], weights
+        [T, K], ids [T, K]); flattened outputs flatten every extra of two or more dims."""
         spec = self.spec
         out = out_TH.reshape(hidden_states.shape) if spec.output_shape == "input" else out_TH
-        extra = {"tensor_logits": logits_TE, "tensor_weights": weights_TK}.get(spec.returns)
+        extras = [routing_extra(e, *routing) for e in spec.returned_extras()]
         if spec.output_shape == "flat":
-            out, extra = out.flatten(), None if extra is None else extra.flatten()
-        return out if extra is None else (out, extra)
+            out = out.flatten()
+            extras = [t.flatten() if t.dim() > 1 else t for t in extras]
+        return (out, *extras) if extras else out
 
     def features(self) -> str:
         return routing_features(self.kernel_config)

@@ -25,6 +25,7 @@ from torch import nn
 
 from kernel_moe.kernels.contract import Activation
 from kernel_moe.layers.weights import WeightSource
+from kernel_moe.routing.extras import RoutingExtra
 from kernel_moe.routing.topk import TopKRouting
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class LinearRouter:
     ``selection_bias`` is the path of a per-expert bias added to the scores for selection only.
     ``id_table`` is the path of an int [V, K] tensor giving the experts of each token id (hash
     routing, DeepSeek-V4): it replaces the top-k choice, and ``routing`` weighs the table's experts.
+    ``transposed``: the weight is stored [H, E] (a raw Parameter used as ``x @ weight``).
     """
 
     weight: str
@@ -79,6 +81,7 @@ class LinearRouter:
     selection_bias: str | None = None
     fp32_logits: bool = False
     id_table: str | None = None
+    transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,11 @@ class MoESpec(SwapSpec):
     - ``input_jitter``: Mixtral-style multiplicative input noise in training.
     - ``returns``: what the block's forward returns, one of :data:`RETURNS`: "tensor" (the
       output), "tensor_logits" (output, router logits [T, E]) or "tensor_weights" (output,
-      top-k routing weights [T, K], as GPT-OSS blocks do).
+      top-k routing weights [T, K], as GPT-OSS blocks do); a shorthand for the two ``extras``
+      below that hand-built specs use.
+    - ``extras``: the outputs the block returns after its output, in order (each a
+      :class:`~kernel_moe.routing.extras.RoutingExtra`: logits, top-k weights or ids, per-expert
+      counts, an auxiliary loss); the forward returns ``(output, *extras)`` when there are any.
     - ``output_shape``: one of :data:`OUTPUT_SHAPES`: the output shaped like the input, as
       tokens [T, H] (Llama 4), or every returned tensor flattened to 1-D (Ernie 4.5 VL).
     - ``capacity``: the block's own expert capacity (:class:`BlockCapacity`), proven on a probe
@@ -207,10 +214,14 @@ class MoESpec(SwapSpec):
     scale_inputs: bool = False
     weightless: str = "zero"
     routed_scale: float = 1.0
+    extras: tuple[RoutingExtra, ...] = ()
 
     def __post_init__(self) -> None:
         if self.returns not in RETURNS:
             raise ValueError(f"MoESpec.returns={self.returns!r}; allowed: {', '.join(RETURNS)}")
+        if self.returns != "tensor" and self.extras:
+            raise ValueError(f"MoESpec.returns={self.returns!r} with extras={self.extras!r}: give the extra "
+                             "outputs once, as extras (returns='tensor')")
         if self.output_shape not in OUTPUT_SHAPES:
             raise ValueError(f"MoESpec.output_shape={self.output_shape!r}; allowed: {', '.join(OUTPUT_SHAPES)}")
         if self.weightless not in WEIGHTLESS:
@@ -256,6 +267,11 @@ class MoESpec(SwapSpec):
             return None
         return dataclasses.replace(self, returns=returns, output_shape=shape or "input")
 
+    def returned_extras(self) -> tuple[RoutingExtra, ...]:
+        """The outputs the forward returns after the output (``returns`` spelled as ``extras``)."""
+        shorthand = {"tensor_logits": (RoutingExtra("logits"),), "tensor_weights": (RoutingExtra("weights"),)}
+        return shorthand.get(self.returns, self.extras)
+
     def describe(self) -> str:
         parts = [self.router.routing.describe(), self.experts.describe()]
         if self.router.id_table is not None:
@@ -274,6 +290,8 @@ class MoESpec(SwapSpec):
             parts.append("shared" + ("(gated)" if self.shared_gate else ""))
         if self.output_bias:
             parts.append("+output bias")
+        if self.extras:
+            parts.append("returns (output, " + ", ".join(e.describe() for e in self.extras) + ")")
         return ", ".join(parts)
 
 

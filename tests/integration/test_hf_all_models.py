@@ -116,8 +116,10 @@ def _routing(spec) -> str:
         text += f", routed output x{spec.routed_scale:g}"
     if spec.num_experts > spec.experts.num_experts:
         text += f", +{spec.num_experts - spec.experts.num_experts} {spec.weightless} experts"
-    if spec.returns != "tensor" or spec.output_shape != "input":
-        text += f", returns {spec.returns}" + (f" ({spec.output_shape})" if spec.output_shape != "input" else "")
+    extras = [e.describe() for e in spec.returned_extras()]
+    if extras or spec.output_shape != "input":
+        text += ", returns (output" + "".join(f", {e}" for e in extras) + ")" + (
+            f" ({spec.output_shape})" if spec.output_shape != "input" else "")
     return text
 
 
