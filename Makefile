@@ -9,6 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 LOCK := requirements/lock.txt
+THIRDPARTY := requirements/thirdparty.txt
 TORCH_PIN ?= torch==2.13.0
 EXTRAS := .[test,hf,plot]
 LATEST := .venv-latest
@@ -29,10 +30,11 @@ define make_venv
 	$(1)/bin/python -m pip install --quiet $(2) --upgrade pip
 	$(1)/bin/python -m pip install --quiet $(2) "$(TORCH_PIN)"
 	$(1)/bin/python -m pip install --quiet $(2) "$(TORCH_PIN)" -e "$(EXTRAS)"
+	$(1)/bin/python -m pip install --quiet --no-deps -r $(THIRDPARTY)
 	$(1)/bin/python -m kernel_moe build || echo "native CPU kernels not built: the PyTorch path will be used"
 endef
 
-$(VENV)/.installed: pyproject.toml $(LOCK)
+$(VENV)/.installed: pyproject.toml $(LOCK) $(THIRDPARTY)
 	$(call make_venv,$(VENV),-c $(LOCK))
 	touch $@
 

@@ -18,6 +18,7 @@ from kernel_moe.config import KernelConfig
 from kernel_moe.errors import KernelMoEError, UnsupportedInputError, UnsupportedModuleError
 from kernel_moe.layers import FusedExperts, FusedFFN, FusedMoE
 from kernel_moe.layers.offload import offload_stats
+from kernel_moe.layers.attention import SparseExpertAttention
 from kernel_moe.manager import UnifiedManager, optimize, restore
 from kernel_moe.moe import AuxLossFreeMoE, OptimizedTopKGating
 from kernel_moe.report import OptimizeReport
@@ -46,6 +47,7 @@ __all__ = [
     "KernelConfig",
     "KernelMoEError",
     "OptimizeReport",
+    "SparseExpertAttention",
     "UnifiedManager",
     "UnsupportedInputError",
     "UnsupportedModuleError",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m kernel_moe demo | bench | env | build``."""
+"""Command line: ``python -m kernel_moe demo | bench | profile | env | build``."""
 
 from __future__ import annotations
 
@@ -42,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         from kernel_moe.bench.cli import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["profile"]:
+        from kernel_moe.bench.profile_cli import main as profile_main
+
+        return profile_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m kernel_moe", description=__doc__)
-    parser.add_argument("command", choices=["demo", "bench", "env", "build"])
+    parser.add_argument("command", choices=["demo", "bench", "profile", "env", "build"])
     args = parser.parse_args(argv)
     if args.command == "demo":
         from kernel_moe.demo import run_demo

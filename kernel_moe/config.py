@@ -20,6 +20,7 @@ CAPACITY_PRIORITIES = ("score", "position")
 ROUTING_MODES = ("token_choice", "expert_choice")
 OFFLOAD_TIERS = ("host", "disk")  # where offloaded experts live (layers/offload.py)
 OFFLOAD_EVICTIONS = ("frequency", "lru")  # slot eviction policies (layers/slot_cache.py)
+EXPERT_PARALLEL_MODES = ("exact", "padded")
 
 
 def _fail(field: str, value: object, allowed: str) -> None:
@@ -67,7 +68,9 @@ class KernelConfig:
       quantization of every swapped MoE's experts (``layers/quantized.py``); the full-precision
       expert weights are released unless ``quantize_keep_original``. ``quantize_group_size``: None
       for one scale per output row (int8, fp8), or 32 / 64 / 128 input features per scale (int4:
-      default 128).
+      default 128). ``quantize_hot_experts``: per layer, this many of the experts that calibration
+      batches (``optimize(model, calibration=...)``) route the most slots to stay in full precision
+      (004's "quantize inactive experts"); 0 quantizes every expert.
     - ``offload_experts``: None (every expert stays where the model has it), "host" or "disk":
       each swapped MoE keeps ``expert_slots`` experts in fast slots (on the model's device) and
       the rest in the slow tier, copied into a slot when routed to (``layers/offload.py``).
@@ -82,7 +85,14 @@ class KernelConfig:
       layer's input and copy them while this layer computes.
     - ``offload_upload_cap``: at most this many prefetch copies per layer per step (None: the slot
       count); the copies a step needs are never capped, its outputs stay exact.
-    - ``expert_parallel``: sharding experts over ranks (not available in this version).
+    - ``expert_parallel``: shard every swapped MoE's experts over the ranks of a process group
+      (``optimize(model, process_group=...)``, default the whole world; torch.distributed must be
+      initialised): each rank keeps a contiguous E / world share and tokens travel by all-to-all.
+      ``expert_parallel_mode``: "exact" (per-rank counts exchanged and read on the host: eager
+      inference and training, any token count per rank) or "padded" (fixed buffers of
+      ``ceil(expert_parallel_capacity_factor * T * k / world)`` rows per rank pair, overflow
+      dropped and counted, no host read: ``torch.compile(fullgraph=True)`` and CUDA graphs; the
+      same token count on every rank).
     - ``backend``: "auto" (Triton kernels on CUDA, the CPU backend elsewhere), "triton" (always
       the Triton kernels; on CPU tensors only with TRITON_INTERPRET=1) or "cpu" (the CPU backend:
       native CPU kernels on CPU tensors, its PyTorch path on any device). "torch" is the
@@ -114,7 +124,10 @@ class KernelConfig:
     offload_eviction: str = "frequency"
     offload_prefetch: bool = True
     offload_upload_cap: int | None = None
+    quantize_hot_experts: int = 0
     expert_parallel: bool = False
+    expert_parallel_mode: str = "exact"
+    expert_parallel_capacity_factor: float = 2.0
     backend: str = "auto"
     swap_moe: bool = True
     swap_ffn: bool = False
@@ -147,14 +160,23 @@ class KernelConfig:
             _fail("quantize_group_size", self.quantize_group_size, "None, " + ", ".join(map(str, INT4_GROUP_SIZES)))
         if self.quantize_experts is None and self.quantize_group_size is not None:
             _fail("quantize_group_size", self.quantize_group_size, "None when quantize_experts is None")
+        _check_int("quantize_hot_experts", self.quantize_hot_experts, 0)
+        if self.quantize_experts is None and self.quantize_hot_experts:
+            _fail("quantize_hot_experts", self.quantize_hot_experts, "0 when quantize_experts is None")
         _check_float("random_routing", self.random_routing, 0.0, strict=False)
         if self.random_routing >= 1.0:
             _fail("random_routing", self.random_routing, "a probability in [0, 1)")
         self._check_offload()
         if not isinstance(self.expert_parallel, bool):
             _fail("expert_parallel", self.expert_parallel, "True or False")
-        if self.expert_parallel:
-            _fail("expert_parallel", self.expert_parallel, "False (expert parallelism is not available in this version)")
+        if self.expert_parallel_mode not in EXPERT_PARALLEL_MODES:
+            _fail("expert_parallel_mode", self.expert_parallel_mode, ", ".join(EXPERT_PARALLEL_MODES))
+        _check_float("expert_parallel_capacity_factor", self.expert_parallel_capacity_factor, 0.0, strict=True)
+        if not self.expert_parallel and self.expert_parallel_mode != "exact":
+            _fail("expert_parallel_mode", self.expert_parallel_mode, "'exact' (the default) when expert_parallel=False")
+        if self.expert_parallel and self.quantize_experts is not None:
+            _fail("quantize_experts", self.quantize_experts, "None when expert_parallel=True (quantized experts are "
+                  "not sharded in this version)")
         if self.backend in DEPRECATED_BACKENDS:
             new = DEPRECATED_BACKENDS[self.backend]
             warnings.warn(f"KernelConfig.backend={self.backend!r} is deprecated; use {new!r}", DeprecationWarning,
@@ -183,6 +205,9 @@ class KernelConfig:
             if self.quantize_experts is not None:
                 _fail("quantize_experts", self.quantize_experts,
                       "None when offload_experts is set (offloading quantized experts is not available)")
+            if self.expert_parallel is True:
+                _fail("expert_parallel", self.expert_parallel,
+                      "False when offload_experts is set (offloading sharded experts is not available)")
         if self.offload_dir is not None and (not isinstance(self.offload_dir, str) or not self.offload_dir):
             _fail("offload_dir", self.offload_dir, "a directory path (str) or None")
         if self.offload_dir is not None and self.offload_experts != "disk":

@@ -15,14 +15,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kernel_moe.layers.attention import SparseExpertAttention
 from kernel_moe.layers.moe import FusedMoE
 from kernel_moe.routing.balancing import update_expert_bias
 
 logger = logging.getLogger("kernel_moe")
 
 
-def fused_layers(model: nn.Module) -> list[FusedMoE]:
-    return [m for m in model.modules() if isinstance(m, FusedMoE)]
+ROUTED_LAYERS = (FusedMoE, SparseExpertAttention)
+
+
+def fused_layers(model: nn.Module) -> list[nn.Module]:
+    """The routed layers of a model: fused MoE blocks and sparse expert attention."""
+    return [m for m in model.modules() if isinstance(m, ROUTED_LAYERS)]
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
@@ -101,9 +106,9 @@ class RoutingMonitor:
                 not 0 < collapse_share <= 1:
             raise ValueError(f"RoutingMonitor.collapse_share={collapse_share!r}; allowed: a number in (0, 1]")
         self.window, self.collapse_share, self.dead_after = window, float(collapse_share), dead_after
-        self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, FusedMoE)]
+        self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, ROUTED_LAYERS)]
         self._history: dict[str, deque] = {name: deque(maxlen=window) for name, _ in self.layers}
-        self._idle: dict[str, torch.Tensor] = {name: torch.zeros(m.num_experts, dtype=torch.int64)
+        self._idle: dict[str, torch.Tensor] = {name: torch.zeros(m.routing_counts.numel(), dtype=torch.int64)
                                                for name, m in self.layers}
         self._warned: set[str] = set()
         for _, layer in self.layers:

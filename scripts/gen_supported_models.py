@@ -50,8 +50,8 @@ def render(surveys: list) -> str:
         "optimized model's output is compared with the original's (fp32, max error <= 1e-4 of the output scale).",
         "",
         f"**{len(surveys)} model types**: "
-        + ", ".join(f"{counts[k]} {k}" for k in ("FusedMoE", "FusedMoE + FusedExperts", "FusedExperts", "skipped",
-                                                   "not built") if counts[k])
+        + ", ".join(f"{counts[k]} {k}" for k in ("FusedMoE", "FusedMoE + FusedExperts", "FusedMoE + FusedMoAAttention",
+                                                   "FusedExperts", "skipped", "not built") if counts[k])
         + ".",
         "",
         "- **FusedMoE**: the whole block is swapped: router (scoring, top-k, selection bias, groups, "
@@ -59,6 +59,9 @@ def render(surveys: list) -> str:
         "- **FusedExperts**: the block's router is not one the fused layer reproduces (or the block computes "
         "more than router + experts + shared expert), so only its experts module is swapped; transformers keeps "
         "routing. The reason the block was not fused is in the last column.",
+        "- **FusedMoAAttention**: an attention layer whose queries come from a mixture of attention heads "
+        "(JetMoE's `JetMoeMoA` inside its attention layer) is swapped whole: routing, the expert query and output "
+        "projections as `kernel_moe::expert_projection`, the model's own attention function.",
         "- **skipped**: nothing of it is swapped; the reason says why.",
         "",
         "Routing is written `scores>top-k>...`: `softmax>top2>renorm` scores all experts, takes the best two "

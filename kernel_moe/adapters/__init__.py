@@ -9,14 +9,18 @@ from __future__ import annotations
 from kernel_moe.adapters.base import Adapter, Skip
 from kernel_moe.adapters.ffn import DenseFFNAdapter
 from kernel_moe.adapters.handwritten import HandwrittenMoEAdapter
+from kernel_moe.adapters.handwritten_attention import HandwrittenMoAAdapter
+from kernel_moe.adapters.hf_attention import MoAAttentionAdapter
 from kernel_moe.adapters.transformers import TransformersExpertsAdapter, TransformersMoEAdapter
 from kernel_moe.adapters.unsupported import UnsupportedMoEAdapter
 
 _REGISTRY: list[Adapter] = [
+    MoAAttentionAdapter(),
     TransformersMoEAdapter(),
     HandwrittenMoEAdapter(),
     TransformersExpertsAdapter(),
     DenseFFNAdapter(),
+    HandwrittenMoAAdapter(),
     UnsupportedMoEAdapter(),
 ]
 

@@ -1,9 +1,10 @@
 """Hand-written MoE blocks: a gate ``nn.Linear(H, E)`` and an ``nn.ModuleList`` of E expert MLPs.
 
-Recognized by structure, whatever the attribute names: the experts are the block's
-ModuleList child whose items share one class and hold two Linear layers (up, down) or three
-(gate, up, down); the router is a Linear(H, E) elsewhere in the block (directly or inside
-a gating submodule). Which Linear is the gate, the activation, the routing variant and top-k
+Recognized by structure, whatever the attribute names: the experts are a ModuleList or
+ModuleDict of the block (a child, or nested in one: ``self.moe.experts``) whose items share one
+class and hold two Linear layers (up, down) or three (gate, up, down); the router is a
+Linear(H, E) or a raw Parameter [E, H] / [H, E] elsewhere in the block (directly or inside a
+gating submodule), see :mod:`kernel_moe.adapters.handwritten_parts`. Which Linear is the gate, the activation, the routing variant and top-k
 are then settled by computation: the first candidate whose output matches the original on a
 probe input is the one swapped.
 """
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from kernel_moe.adapters.base import Skip
+from kernel_moe.adapters.handwritten_parts import declared_capacity, expert_containers, router_weights
 from kernel_moe.adapters.probe import POINTWISE, first_match, leaf_activations, probe_input, run_module
 from kernel_moe.adapters.structure import TOPK_ATTRS, int_attr
 from kernel_moe.config import KernelConfig
@@ -117,67 +119,78 @@ def prove_expert_form(expert: nn.Module, hidden: int, tokens: int) -> ExpertForm
     if like.device.type == "meta":
         return Skip("parameters are on the meta device, so the expert MLP cannot be probed")
     x = probe_input((tokens, hidden), like)
-    match = first_match(forms, lambda f: _form_reference(expert, f), run_module(expert, x), (x,))
+    try:
+        ref = run_module(expert, x)
+    except Exception as exc:  # not a callable MLP (an attention expert's projections, a container)
+        return Skip(f"the expert's forward failed on a probe input ({type(exc).__name__}: {str(exc)[:120]})")
+    match = first_match(forms, lambda f: _form_reference(expert, f), ref, (x,))
     if match.candidate is None:
         return Skip(f"expert MLP not recognized: no candidate matched the probe ({match.reason(300)})")
     return match.candidate
 
 
-def _top_k_hints(module: nn.Module, router_owner: nn.Module, num_experts: int) -> list[int]:
-    """k declared by the block or its router's owner, else every k up to MAX_PROBED_K (the probe decides)."""
-    k = int_attr((module, router_owner), TOPK_ATTRS, 1, num_experts)
+def _top_k_hints(holders: tuple[nn.Module, ...], num_experts: int) -> list[int]:
+    """k declared by the block, its router's owner or its experts' owner, else every k up to
+    MAX_PROBED_K (the probe decides)."""
+    k = int_attr(holders, TOPK_ATTRS, 1, num_experts)
     return [k] if k is not None else list(range(1, min(num_experts, MAX_PROBED_K) + 1))
 
 
+def _parent(module: nn.Module, path: str) -> nn.Module:
+    return module.get_submodule(path.rpartition(".")[0]) if "." in path else module
+
+
 class HandwrittenMoEAdapter:
-    """Adapter for plain-PyTorch MoE blocks (gate Linear + ModuleList of expert MLPs)."""
+    """Adapter for plain-PyTorch MoE blocks: a router (a Linear or a raw Parameter, in the block or
+    a gating child) and a ModuleList / ModuleDict of expert MLPs (a child or nested deeper)."""
 
     name = "handwritten"
 
     def candidates(self, module: nn.Module, config: KernelConfig) -> list[MoESpec] | Skip | None:
         if not config.swap_moe:
             return None
-        lists = [(n, c) for n, c in module.named_children() if isinstance(c, nn.ModuleList) and len(c) > 0]
         last_skip: Skip | None = None
-        for list_name, experts in lists:
+        for list_name, items in expert_containers(module):
+            experts = [m for _, m in items]
             if len({type(m) for m in experts}) != 1:
                 continue
-            E = len(experts)
-            routers = [
-                (p, m)
-                for p, m in module.named_modules()
-                if isinstance(m, nn.Linear) and m.out_features == E and not p.startswith(list_name + ".")
-            ]
-            if not routers:
+            routers = router_weights(module, len(experts), list_name)
+            if not routers or not any(isinstance(m, nn.Linear) for m in experts[0].modules()):
                 continue
-            hidden = routers[0][1].in_features
-            if not any(isinstance(m, nn.Linear) for m in experts[0].modules()):
-                continue
-            form = prove_expert_form(experts[0], hidden, config.verify_tokens)
-            if isinstance(form, Skip):
-                last_skip = Skip(f"{list_name}: {form.reason}")
+            form: ExpertForm | Skip | None = None
+            for hidden in dict.fromkeys(r.hidden for r in routers):
+                form = prove_expert_form(experts[0], hidden, config.verify_tokens)
+                if not isinstance(form, Skip):
+                    break
+            if isinstance(form, Skip):  # reported for direct children only: deeper lists are often not experts
+                last_skip = Skip(f"{list_name}: {form.reason}") if "." not in list_name else last_skip
                 continue
             shapes = {tuple(tuple(p.shape) for p in m.parameters()) for m in experts}
             if len(shapes) != 1:
                 last_skip = Skip(f"{list_name}: experts differ in parameter shapes")
                 continue
-            return self._specs(module, list_name, experts, routers, hidden, form)
+            capacity = declared_capacity(module)
+            if capacity is not None:
+                return Skip(f"{len(experts)} experts in {list_name} with a router, but the block declares an expert "
+                            f"capacity ({capacity}) that drops tokens on long inputs, which the hand-written adapter "
+                            "does not reproduce")
+            prefixes = [f"{list_name}.{key}." for key, _ in items]
+            return self._specs(module, list_name, prefixes, [r for r in routers if r.hidden == hidden], form)
         return last_skip
 
-    def _specs(self, module, list_name, experts, routers, hidden, form: ExpertForm) -> list[MoESpec]:
-        E = len(experts)
-        inter = experts[0].get_submodule(form.up[0]).out_features
-        experts_spec = form_experts_spec(form, [f"{list_name}.{e}." for e in range(E)], hidden, inter)
+    def _specs(self, module, list_name, prefixes, routers, form: ExpertForm) -> list[MoESpec]:
+        E = len(prefixes)
+        first = module.get_submodule(prefixes[0][:-1])
+        hidden = routers[0].hidden
+        inter = first.get_submodule(form.up[0]).out_features
+        experts_spec = form_experts_spec(form, prefixes, hidden, inter)
         specs = []
-        for router_path, router in routers:
-            owner = module.get_submodule(router_path.rpartition(".")[0]) if "." in router_path else module
-            for k in _top_k_hints(module, owner, E):
+        for router in routers:
+            owner = module.get_submodule(router.owner) if router.owner else module
+            for k in _top_k_hints((module, owner, _parent(module, list_name)), E):
                 for scoring, renorm in ROUTING_VARIANTS:
                     routing = TopKRouting(num_experts=E, top_k=k, scoring=scoring, renormalize=renorm)
-                    rspec = LinearRouter(
-                        weight=router_path + ".weight",
-                        bias=router_path + ".bias" if router.bias is not None else None,
-                        routing=routing,
-                    )
+                    rspec = LinearRouter(weight=router.weight, bias=router.bias, routing=routing,
+                                         transposed=router.transposed)
                     specs.append(MoESpec(router=rspec, experts=experts_spec))
         return specs

@@ -49,7 +49,13 @@ class BlockParts:
       up and down projections live in separate modules (which is up is settled by the shapes).
     - ``shared`` / ``shared_gate``: a shared expert and its Linear(H, 1) gate.
     - ``output_biases``: [H] parameters of the block (candidates for a bias added to its output).
-    - ``extra``: children with parameters that are none of the above."""
+    - ``extra``: children with parameters that are none of the above.
+    - ``routed_ids``: G, the ids the router scores, when more than the E experts hold weights: ids
+      in [E, G) are experts without weights (identity or zero experts); None when G = E.
+    - ``layout``: how ``experts`` hold the weights: "stacked" (a transformers experts child with
+      3-D weights), "split" (two 3-D weights of separate children), "packed" (two or three 2-D
+      Parameters [E * I, H] of one module, each packing every expert's rows: DBRX) or "list" (a
+      container child of E identical expert MLPs made of Linear layers: Switch Transformers)."""
 
     experts: tuple[str, ...]
     num_experts: int
@@ -59,11 +65,18 @@ class BlockParts:
     shared_gate: str | None = None
     output_biases: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
+    routed_ids: int | None = None
+    layout: str = "stacked"
+
+    @property
+    def num_ids(self) -> int:
+        """G, the size of the id space the router chooses from (E unless there are weightless experts)."""
+        return self.routed_ids or self.num_experts
 
     @property
     def split(self) -> tuple[str, str] | None:
         """The two 3-D weight paths of a split-experts block, else None."""
-        return (self.experts[0], self.experts[1]) if len(self.experts) == 2 else None
+        return (self.experts[0], self.experts[1]) if self.layout == "split" else None
 
     @property
     def experts_children(self) -> tuple[str, ...]:
@@ -96,18 +109,60 @@ def _split_experts(module: nn.Module) -> tuple[str, str] | None:
     return threed[0][0], threed[1][0]
 
 
-def _find_experts(module: nn.Module) -> tuple[tuple[str, ...], int] | Skip | None:
-    """(experts paths, E): one stacked experts child, else two split 3-D weights; None when the
-    block has neither."""
+def _packed_experts(module: nn.Module) -> tuple[tuple[str, ...], int] | None:
+    """(paths, E) of two or three same-shaped 2-D Parameters [R, H] that are all the parameters of a
+    child (held by one of its modules, not a Linear or Embedding), with a router [E, H] elsewhere in
+    the block for which E divides R (R > E): every expert's rows packed in one matrix (DBRX)."""
+    for name, child in module.named_children():
+        owners = [(sub, m) for sub, m in child.named_modules() if any(True for _ in m.parameters(recurse=False))]
+        if len(owners) != 1 or isinstance(owners[0][1], (nn.Linear, nn.Embedding)):
+            continue
+        sub, owner = owners[0]
+        params = list(owner.named_parameters(recurse=False))
+        shapes = {tuple(p.shape) for _, p in params}
+        if not 2 <= len(params) <= 3 or len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            continue
+        R, H = next(iter(shapes))
+        for _, router in _routers(module, (name,), lambda rows, R=R: 2 <= rows < R and R % rows == 0):
+            if router.weight.shape[1] == H:
+                prefix = ".".join(p for p in (name, sub) if p)
+                return tuple(f"{prefix}.{p}" for p, _ in params), router.weight.shape[0]
+    return None
+
+
+def _expert_list(module: nn.Module) -> tuple[tuple[str, ...], int] | None:
+    """((child,), E) of a container child (not a ModuleList: those are hand-written blocks, see
+    ``adapters/handwritten.py``) whose parametrised children are E >= 2 modules of one class with
+    equal parameter shapes, each made of Linear layers only (expert MLPs); parameter-free children
+    (a dropout) may sit beside them."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.ModuleList):
+            continue
+        items = [c for _, c in child.named_children() if any(True for _ in c.parameters())]
+        if len(items) < 2 or len({type(c) for c in items}) != 1 or any(True for _ in child.parameters(recurse=False)):
+            continue
+        if len({tuple(tuple(p.shape) for p in c.parameters()) for c in items}) == 1 and all(
+                linear_layers(c) for c in items):
+            return (name,), len(items)
+    return None
+
+
+def _find_experts(module: nn.Module) -> tuple[tuple[str, ...], int, str] | Skip | None:
+    """(experts paths, E, layout): one stacked experts child, else two split 3-D weights, else
+    packed 2-D weights, else a container of expert MLPs; None when the block has none of them."""
     found = [n for n, c in module.named_children() if is_stacked_experts(c)]
     if len(found) > 1:
         return Skip(f"block holds {len(found)} experts modules ({', '.join(found)}); the fused layer routes to one")
     if found:
-        return (found[0],), module.get_submodule(found[0]).down_proj.shape[0]
+        return (found[0],), module.get_submodule(found[0]).down_proj.shape[0], "stacked"
     split = _split_experts(module)
-    if split is None:
-        return None
-    return split, get_attr_path(module, split[0]).shape[0]
+    if split is not None:
+        return split, get_attr_path(module, split[0]).shape[0], "split"
+    for layout, find in (("packed", _packed_experts), ("list", _expert_list)):
+        found_layout = find(module)
+        if found_layout is not None:
+            return (*found_layout, layout)
+    return None
 
 
 def _selection_biases(module: nn.Module, num_experts: int, skip: tuple[str, ...], router: str,
@@ -124,31 +179,45 @@ def _selection_biases(module: nn.Module, num_experts: int, skip: tuple[str, ...]
     return tuple(found)
 
 
+def _lone_matrix(child: nn.Module) -> bool:
+    """Whether ``child`` holds exactly one 2-D parameter (a linear router, not an MLP or an FFN)."""
+    return sum(1 for p in child.parameters() if p.dim() == 2) == 1
+
+
+def _routers(module: nn.Module, children: tuple[str, ...], rows) -> list[tuple[str, nn.Module]]:
+    """Submodules outside the experts ``children`` holding a 2-D weight whose row count ``rows`` accepts."""
+    return [(p, m) for p, m in module.named_modules()
+            if p and p.split(".")[0] not in children and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 2 and rows(m.weight.shape[0])]
+
+
 def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     """The parts of a block with a stacked experts child (or two split 3-D expert weights), or
     None when it has none."""
     experts = _find_experts(module)
     if experts is None or isinstance(experts, Skip):
         return experts
-    paths, E = experts
-    split = len(paths) == 2
+    paths, E, layout = experts
+    split = layout == "split"
     children = tuple(dict.fromkeys(p.split(".")[0] for p in paths))
-    routers = [
-        (p, m) for p, m in module.named_modules()
-        if p and p.split(".")[0] not in children and isinstance(getattr(m, "weight", None), torch.Tensor)
-        and m.weight.dim() == 2 and m.weight.shape[0] == E
-    ]
+    routers = _routers(module, children, lambda rows: rows == E)
+    if not routers and layout == "stacked":  # a router over more ids than experts with weights
+        hiddens = get_attr_path(module, paths[0] + ".down_proj").shape[1:]
+        routers = [(p, m) for p, m in _routers(module, children, lambda rows: rows > E)
+                   if m.weight.shape[1] in hiddens and _lone_matrix(module.get_submodule(p.split(".")[0]))]
     if not routers:
-        return None if split else Skip(f"{paths[0]}: no router with a [{E}, H] weight found in the block")
+        return None if layout in ("split", "list") else Skip(
+            f"{paths[0]}: no router with a [{E}, H] weight found in the block")
     router_path, router = routers[0]
     H = router.weight.shape[1]
+    G = router.weight.shape[0]
     if split:
         a, b = (get_attr_path(module, p).shape for p in paths)
         if not (chain_layouts(a, b, H) or chain_layouts(b, a, H)):
             return None
     owner = router_path.split(".")[0]
     rbias = getattr(router, "bias", None)
-    logits_bias = router_path + ".bias" if isinstance(rbias, torch.Tensor) and rbias.numel() == E else None
+    logits_bias = router_path + ".bias" if isinstance(rbias, torch.Tensor) and rbias.numel() == G else None
     shared = shared_gate = None
     extra = []
     for name, child in module.named_children():
@@ -163,11 +232,12 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     if split and extra:
         return None  # two 3-D weights inside a larger module: not recognised as an MoE block
     skip = tuple(p for p in (*children, shared, shared_gate) if p)
-    sel = _selection_biases(module, E, skip, router_path, logits_bias)
+    sel = _selection_biases(module, G, skip, router_path, logits_bias)
     out_bias = tuple(n for n, t in module.named_parameters(recurse=False)
                      if t.dim() == 1 and t.numel() == H and n not in sel)
     place = RouterPlace(router_path, owner, logits_bias, sel)
-    return BlockParts(paths, E, H, place, shared, shared_gate, out_bias, tuple(extra))
+    return BlockParts(paths, E, H, place, shared, shared_gate, out_bias, tuple(extra), G if G != E else None,
+                      layout)
 
 
 __all__ = ["BlockParts", "RouterPlace", "block_parts"]

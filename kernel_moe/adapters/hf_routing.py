@@ -24,7 +24,7 @@ from kernel_moe.adapters.hf_blocks import BlockParts
 from kernel_moe.adapters.probe import eval_mode, probe_input
 from kernel_moe.adapters.structure import TOPK_ATTRS, int_attr, numeric_attrs
 from kernel_moe.layers.weights import get_attr_path
-from kernel_moe.routing.topk import TopKRouting, route
+from kernel_moe.routing.topk import ROUTER_SCORINGS, TopKRouting, route
 
 GROUP_ATTRS = ("n_group", "num_expert_group", "num_group")
 TOPK_GROUP_ATTRS = ("topk_group", "num_topk_group")
@@ -61,6 +61,35 @@ class RouterReading:
     logits_bias: str | None
 
 
+def _score_function(module: nn.Module) -> str | None:
+    """The per-expert scoring a parameter-free child of the router computes (its ``score_fn``),
+    found by evaluating it: "sigmoid" or "sqrtsoftplus"; None when no child computes either."""
+    x = torch.linspace(-8.0, 8.0, 65, dtype=torch.float64)
+    known = {"sigmoid": torch.sigmoid(x), "sqrtsoftplus": F.softplus(x).sqrt()}
+    for child in module.children():
+        if any(True for _ in child.parameters()):
+            continue
+        try:
+            with torch.no_grad():
+                y = child(x)
+        except Exception:
+            continue
+        for name, ref in known.items():
+            if isinstance(y, torch.Tensor) and y.shape == x.shape and torch.allclose(y.double(), ref, atol=1e-9):
+                return name
+    return None
+
+
+def _scorings(objs: list[object], router: nn.Module, selection: bool) -> list[str]:
+    """Scorings to try, most likely first: the one the router's score function computes or its
+    config declares (``scoring_func``), then softmax and sigmoid (sigmoid first next to a
+    selection bias)."""
+    declared = next((v for o in objs for v in [getattr(o, "scoring_func", None)] if v in ROUTER_SCORINGS), None)
+    hint = _score_function(router) or declared
+    plain = ["sigmoid", "softmax"] if selection or hint == "sigmoid" else ["softmax", "sigmoid"]
+    return list(dict.fromkeys(([hint] if hint else []) + plain))
+
+
 def _first_bool(objs: list[object], name: str) -> bool | None:
     return next((v for o in objs for v in [getattr(o, name, None)] if isinstance(v, bool)), None)
 
@@ -68,19 +97,17 @@ def _first_bool(objs: list[object], name: str) -> bool | None:
 def router_readings(block: nn.Module, parts: BlockParts, top_k: int) -> list[RouterReading]:
     """Readings of the block's router, most likely first (from the attributes' hints)."""
     objs = hint_objects(block, parts)
-    E = parts.num_experts
+    E = parts.num_ids
     norm_hint = _first_bool(objs, "norm_topk_prob")
     renorms = [norm_hint, not norm_hint] if norm_hint is not None else [True, False]
-    scoring_hint = next((v for o in objs for v in [getattr(o, "scoring_func", None)] if v in ("softmax", "sigmoid")),
-                        None)
     selection = parts.router.selection_biases
-    scorings = ["sigmoid", "softmax"] if selection or scoring_hint == "sigmoid" else ["softmax", "sigmoid"]
+    scorings = _scorings(objs, block.get_submodule(parts.router.path), bool(selection))
     G = int_attr(objs, GROUP_ATTRS) or 1
     TG = int_attr(objs, TOPK_GROUP_ATTRS) or 1
     groups = [(1, 1, "top2_sum")]
     if G > 1 and E % G == 0 and 1 <= TG <= G and top_k <= TG * (E // G):
         groups = [(G, TG, "top2_sum"), (G, TG, "max"), (1, 1, "top2_sum")]
-    scales = _scales(objs)
+    scales = list(dict.fromkeys(_scales(objs) + ([1.0 / top_k] if top_k > 1 else [])))  # a router dividing by k
     biases: list[str | None] = list(selection) + [None]
     logit_biases = [parts.router.logits_bias, None] if parts.router.logits_bias else [None]
     out: list[RouterReading] = []
@@ -117,12 +144,49 @@ class ObservedRouting:
     bias_arg: str | None  # the selection bias passed as the router's second argument, if any
 
 
-def _recognise(outputs: object, tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-    """Expert ids and same-shaped float tensors among a router's outputs (by dtype and shape)."""
+def _dense_choice(tensors: list[torch.Tensor], tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """Ids and weights from a float [T, E] tensor holding the routing weights of the chosen experts
+    and zeros elsewhere, the same number K < E of nonzeros in every row (Llama 4's router scores)."""
+    for t in tensors:
+        if not (t.is_floating_point() and t.dim() >= 2 and t.numel() % tokens == 0):
+            continue
+        scores_TE = t.reshape(tokens, -1)
+        nonzero_T = (scores_TE != 0).sum(dim=-1)
+        K = int(nonzero_T[0]) if tokens else 0
+        if 1 <= K < scores_TE.shape[1] and bool((nonzero_T == K).all()):
+            ids_TK = scores_TE.abs().topk(K, dim=-1).indices
+            return ids_TK, [scores_TE.gather(1, ids_TK)]
+    return None
+
+
+def _dispatch_ids(t: torch.Tensor, tokens: int, num_ids: int) -> torch.Tensor | None:
+    """Expert ids [T, K] of a one-hot dispatch mask [.., E] (integer 0/1, the same K < E ones in
+    every row: Switch Transformers' router), else None."""
+    if t.is_floating_point() or t.dim() < 2 or t.shape[-1] != num_ids or t.numel() != tokens * num_ids:
+        return None
+    mask_TE = t.reshape(tokens, num_ids).long()
+    counts_T = mask_TE.sum(dim=-1)
+    K = int(counts_T[0]) if tokens else 0
+    if not (1 <= K < num_ids and bool(((mask_TE == 0) | (mask_TE == 1)).all()) and bool((counts_T == K).all())):
+        return None
+    return mask_TE.topk(K, dim=-1).indices
+
+
+def _recognise(outputs: object, tokens: int, num_ids: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """Expert ids and same-shaped float tensors among a router's outputs (by dtype and shape); ids
+    may come as a one-hot dispatch mask (:func:`_dispatch_ids`); without ids, a dense [T, E] tensor of
+    the chosen experts' weights (see :func:`_dense_choice`)."""
     flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+    dispatched = [d for d in (_dispatch_ids(t, tokens, num_ids) for t in tensors) if d is not None]
+    if len(dispatched) == 1:
+        K = dispatched[0].shape[1]
+        return dispatched[0], [t.reshape(tokens, K) for t in tensors if t.is_floating_point()
+                               and t.numel() == tokens * K]
     ids = [t for t in tensors if not t.is_floating_point() and t.dtype != torch.bool and t.dim() >= 1
            and t.numel() % tokens == 0 and t.numel() // tokens >= 1]
+    if not ids:
+        return _dense_choice(tensors, tokens)
     if len(ids) != 1:
         return None
     K = ids[0].numel() // tokens
@@ -156,7 +220,7 @@ def observe_router(block: nn.Module, parts: BlockParts, x_TH: torch.Tensor) -> l
                 outputs = owner(*args)
         except Exception:
             continue
-        found = _recognise(outputs, T)
+        found = _recognise(outputs, T, parts.num_ids)
         if found is not None:
             seen.append(ObservedRouting(found[0], found[1], bias))
             done_bias.add(bias)
@@ -221,7 +285,7 @@ def prune_by_router(block: nn.Module, parts: BlockParts, readings: list[RouterRe
 
 def find_top_k(block: nn.Module, parts: BlockParts, like: torch.Tensor, observe: bool = True) -> int | None:
     """k from the router/block/config attributes, else from the shape of the router's expert ids."""
-    E = parts.num_experts
+    E = parts.num_ids
     k = int_attr(hint_objects(block, parts), TOPK_ATTRS, 1, E)
     if k is not None or not observe:
         return k

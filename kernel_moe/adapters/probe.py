@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernel_moe.kernels.activations import pointwise
+from kernel_moe.kernels.activations import POINTWISE_KINDS, pointwise
 
 PROBE_SEED = 20240611
 POINTWISE = ("silu", "gelu", "gelu_tanh", "relu")
@@ -32,6 +32,9 @@ def mismatch(out: torch.Tensor, ref: torch.Tensor) -> str | None:
     """None when ``out`` matches ``ref`` within the dtype tolerance, else a short description."""
     if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
         return f"shape {getattr(out, 'shape', type(out).__name__)} != {tuple(ref.shape)}"
+    if not ref.is_floating_point() or not out.is_floating_point():  # ids, counts: exactly equal
+        same = out.dtype == ref.dtype and torch.equal(out, ref)
+        return None if same else f"{out.dtype} values differ from the original's {ref.dtype} values"
     a, b = out.double(), ref.double()
     if not torch.isfinite(b).all():
         return "reference output has non-finite values on the probe"
@@ -45,23 +48,17 @@ def mismatch(out: torch.Tensor, ref: torch.Tensor) -> str | None:
     return None if err <= 2e-2 else f"relative error {err:.2e} > 2e-2"
 
 
-def returns_kind(ref: object, x: torch.Tensor, num_experts: int, top_k: int = 0) -> str | None:
-    """How a block returns, judged by shapes (see ``MoESpec.returns``): "tensor" (output shaped
-    like the input), "tensor_logits" (output, router logits [T, E]), "tensor_weights" (output,
-    top-k routing weights [T, K]); None when the fused layer cannot reproduce it."""
-    if isinstance(ref, torch.Tensor):
-        return "tensor" if ref.shape == x.shape else None
-    if not (isinstance(ref, tuple) and len(ref) == 2 and all(isinstance(t, torch.Tensor) for t in ref)):
+def returns_kind(ref: object, x: torch.Tensor) -> str | None:
+    """How a block shapes its output tensor ``ref`` for the input ``x`` (see ``MoESpec.output_shape``):
+    "tensor" (shaped like the input), "tensor@tokens" ([T, H] for an input of another shape) or
+    "tensor@flat" (flattened to 1-D); None when ``ref`` is none of these. Extra outputs of a block
+    returning a tuple are identified by :mod:`kernel_moe.adapters.extras`."""
+    H = x.shape[-1] if x.dim() else 0
+    T = x.numel() // H if H else 0
+    shapes = {(T * H,): "@flat", (T, H): "@tokens", tuple(x.shape): ""}  # the input's own shape wins
+    if not isinstance(ref, torch.Tensor) or tuple(ref.shape) not in shapes:
         return None
-    out, extra = ref
-    T = x.numel() // x.shape[-1] if x.dim() else 0
-    if out.shape != x.shape or not extra.is_floating_point():
-        return None
-    if extra.shape == (T, num_experts):
-        return "tensor_logits"
-    if top_k and extra.shape == (T, top_k):
-        return "tensor_weights"
-    return None
+    return "tensor" + shapes[tuple(ref.shape)]
 
 
 def outputs_mismatch(out: object, ref: object) -> str | None:
@@ -95,6 +92,7 @@ def eval_mode(module: nn.Module) -> contextlib.AbstractContextManager[None]:
 
 
 def _float_tensors(out: object) -> list[torch.Tensor]:
+    """The floating tensors among the outputs, in order (integer outputs carry no gradient)."""
     items = out if isinstance(out, (tuple, list)) else (out,)
     return [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
@@ -104,16 +102,18 @@ def probe_gradients(
 ) -> list[torch.Tensor]:
     """Gradients of a seeded random projection of every floating output of ``module(*args)``
     with respect to the floating inputs and ``params``, in train or eval mode (zeros where
-    nothing flows). The global RNG is forked and seeded, so stochastic layers draw alike."""
+    nothing flows). Each output's projection is seeded by its position among the floating
+    outputs, so an output that carries no gradient in one module but does in another shifts
+    nothing. The global RNG is forked and seeded, so stochastic layers draw alike."""
     inputs = [a.detach().clone().requires_grad_() if a.is_floating_point() else a for a in args]
     wrt = [a for a in inputs if a.requires_grad] + list(params)
     with torch.enable_grad(), train_mode(module, training), torch.random.fork_rng(devices=[]):
         torch.manual_seed(PROBE_SEED)
-        outs = [t for t in _float_tensors(module(*inputs)) if t.requires_grad]
+        outs = [(i, t) for i, t in enumerate(_float_tensors(module(*inputs))) if t.requires_grad]
         grads = [None] * len(wrt)
         if outs:
-            cotangents = [probe_input(tuple(t.shape), t, seed=PROBE_SEED + 2 + i) for i, t in enumerate(outs)]
-            grads = torch.autograd.grad(outs, wrt, cotangents, allow_unused=True)
+            cotangents = [probe_input(tuple(t.shape), t, seed=PROBE_SEED + 2 + i) for i, t in outs]
+            grads = torch.autograd.grad([t for _, t in outs], wrt, cotangents, allow_unused=True)
     return [torch.zeros_like(w) if g is None else g.detach() for g, w in zip(grads, wrt)]
 
 
@@ -146,7 +146,7 @@ def run_module(module: nn.Module, *args: torch.Tensor) -> object:
 
 
 def identify_activation(fn: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
-    """Name of the pointwise activation that ``fn`` computes (silu, gelu, gelu_tanh, relu), or None."""
+    """Name of the pointwise activation that ``fn`` computes (silu, gelu, gelu_tanh, relu, relu2), or None."""
     x = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
     try:
         with torch.no_grad():
@@ -155,7 +155,7 @@ def identify_activation(fn: Callable[[torch.Tensor], torch.Tensor]) -> str | Non
         return None
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         return None
-    for name in POINTWISE:
+    for name in POINTWISE_KINDS:
         if torch.allclose(y.double(), pointwise(x, name), atol=1e-6, rtol=1e-6):
             return name
     return None

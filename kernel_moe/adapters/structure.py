@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-TOPK_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "num_experts_per_token", "top_k_experts", "moe_k",
+TOPK_ATTRS = ("top_k", "num_experts_per_tok", "num_activated_experts", "n_activated_experts", "moe_topk", "num_experts_per_token", "top_k_experts", "moe_k",
               "moe_top_k", "num_selected_experts", "experts_per_token", "topk", "k", "n_active")
 """Attribute names a block, its router or its config use for the experts each token picks."""
 

@@ -19,43 +19,71 @@ from torch import nn
 
 from kernel_moe.adapters.base import Skip
 from kernel_moe.adapters.hf_blocks import BlockParts, RouterPlace, block_parts
-from kernel_moe.adapters.hf_experts import declared_hidden, experts_specs, is_stacked_experts, split_experts_specs
+from kernel_moe.adapters.hf_experts import (
+    declared_hidden,
+    experts_specs,
+    is_stacked_experts,
+    list_experts_specs,
+    packed_experts_specs,
+    split_experts_specs,
+)
 from kernel_moe.adapters.hf_routing import (
     ObservedRouting,
     RouterReading,
     find_top_k,
+    hint_objects,
     observe_router,
     prune_by_router,
     router_readings,
 )
 from kernel_moe.config import KernelConfig
-from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec, LinearRouter, MoESpec
+from kernel_moe.adapters.structure import int_attr
+from kernel_moe.layers.spec import BlockCapacity, ExpertsModuleSpec, ExpertsSpec, LinearRouter, MoESpec, TokenIds
 
 
 def _block_experts(module: nn.Module, parts: BlockParts) -> list[ExpertsSpec] | Skip:
     """Candidate ExpertsSpecs of the block's experts (stacked module or split weights)."""
     if parts.split is not None:
         return split_experts_specs(module, parts.split, parts.hidden)
+    if parts.layout == "packed":
+        return packed_experts_specs(module, parts.experts, parts.num_experts, parts.hidden)
+    if parts.layout == "list":
+        return list_experts_specs(module, parts.experts[0], parts.hidden)
     name = parts.experts[0]
-    return experts_specs(module.get_submodule(name), name, parts.hidden)
+    return experts_specs(module.get_submodule(name), name, parts.hidden, parts.routed_ids)
+
+
+def _weights_placements(module: nn.Module, parts: BlockParts) -> list[bool]:
+    """Where the block may apply the routing weights (``MoESpec.scale_inputs``): to the experts'
+    outputs when its experts module takes them (``forward(hidden, top_k_index, top_k_weights)``);
+    when it takes the hidden states alone, the block scales their inputs or their outputs itself."""
+    if parts.layout != "stacked" or _takes_routing(module.get_submodule(parts.experts[0])):
+        return [False]
+    return [True, False]
 
 
 def _block_specs(parts: BlockParts, ex_specs: list[ExpertsSpec], readings: list[RouterReading],
-                 like: torch.Tensor, jitter: float) -> list[MoESpec]:
-    """Every combination of output bias, experts reading and router reading, most likely first.
-    In low precision the router may compute in fp32 or in the block's dtype, and score in fp32
-    or (as some routers do) in the logits' dtype: each is a candidate."""
+                 like: torch.Tensor, jitter: float, placements: list[bool]) -> list[MoESpec]:
+    """Every combination of output bias, experts reading, router reading and routing-weight
+    placement, most likely first. In low precision the router may compute in fp32 or in the
+    block's dtype, and score in fp32 or (as some routers do) in the logits' dtype: each is a
+    candidate."""
     low_precision = like.dtype not in (torch.float32, torch.float64)
     precisions = [(False, "float32"), (False, "input"), (True, "float32")] if low_precision else [(False, "float32")]
     specs = []
-    for out_bias, experts, reading, (fp32, score_dtype) in itertools.product(
-            [*parts.output_biases, None], ex_specs, readings, precisions):
+    weightless = ["identity", "zero"] if parts.routed_ids else ["zero"]
+    undone: list[MoESpec] = []
+    for out_bias, experts, reading, scale_inputs, extra, (fp32, score_dtype) in itertools.product(
+            [*parts.output_biases, None], ex_specs, readings, placements, weightless, precisions):
         router = LinearRouter(weight=parts.router.path + ".weight", bias=reading.logits_bias,
                               routing=dataclasses.replace(reading.routing, score_dtype=score_dtype),
                               selection_bias=reading.selection_bias, fp32_logits=fp32)
-        specs.append(MoESpec(router=router, experts=experts, shared_expert=parts.shared,
-                             shared_gate=parts.shared_gate, output_bias=out_bias, input_jitter=jitter))
-    return specs
+        spec = MoESpec(router=router, experts=experts, shared_expert=parts.shared, shared_gate=parts.shared_gate,
+                       output_bias=out_bias, input_jitter=jitter, scale_inputs=scale_inputs, weightless=extra)
+        specs.append(spec)
+        if reading.routing.scaling != 1.0:  # a block that undoes its router's scaling on the routed output
+            undone.append(dataclasses.replace(spec, routed_scale=1.0 / reading.routing.scaling))
+    return specs + undone
 
 
 class TransformersMoEAdapter:
@@ -69,6 +97,9 @@ class TransformersMoEAdapter:
         parts = block_parts(module)
         if parts is None or isinstance(parts, Skip):
             return parts
+        quantized = quantized_storage(module)
+        if quantized is not None:
+            return quantized
         if parts.extra:
             return Skip(f"block also computes {', '.join(parts.extra)} (besides router, experts and shared expert), "
                         "which the fused layer does not")
@@ -90,7 +121,77 @@ class TransformersMoEAdapter:
                         "renormalisation, scaling)")
         jitter = getattr(module, "jitter_noise", 0.0)
         jitter = float(jitter) if isinstance(jitter, (int, float)) else 0.0
-        return _block_specs(parts, ex_specs, readings, like, jitter)
+        specs = _with_token_ids(module, parts, k, _block_specs(parts, ex_specs, readings, like, jitter,
+                                                                _weights_placements(module, parts)))
+        return specs if isinstance(specs, Skip) else _with_capacity(module, parts, k, specs)
+
+
+MAX_CAPACITY_PROBE = 4096
+"""The most tokens per sequence a probe may take to overflow a block's own expert capacity."""
+
+
+def _with_capacity(module: nn.Module, parts: BlockParts, k: int, specs: list[MoESpec]) -> list[MoESpec] | Skip:
+    """The specs of a block whose router declares an ``expert_capacity``: each with that capacity
+    per sequence, then per call (position order; the probe, two sequences long enough to overflow
+    it, decides). A capacity too large for a probe to overflow is a Skip: which tokens it drops
+    could not be shown."""
+    slots = int_attr(hint_objects(module, parts), ("expert_capacity",), 0)
+    if slots is None:
+        return specs
+    need = BlockCapacity(slots).probe_tokens(parts.num_ids, k)
+    if need > MAX_CAPACITY_PROBE:
+        return Skip(f"its router drops tokens beyond an expert capacity ({slots}); a probe showing which needs "
+                    f"{need} tokens per sequence, more than {MAX_CAPACITY_PROBE}")
+    return [dataclasses.replace(s, capacity=BlockCapacity(slots, per_sequence)) for per_sequence in (True, False)
+            for s in specs]
+
+
+def _with_token_ids(module: nn.Module, parts: BlockParts, k: int, specs: list[MoESpec]) -> list[MoESpec] | Skip:
+    """The specs of a block whose forward also takes token ids (an optional parameter named like
+    ``*ids``): when the router holds an int [V, k] table, it routes by ``table[ids]`` (hash
+    routing: the table's experts, weighed by each reading's scores) and the probe draws ids in
+    [0, V); otherwise the ids are passed through and the proof shows they change nothing. A block
+    taking any other argument besides its hidden states is a Skip: the fused layer takes none."""
+    try:
+        params = [p for p in list(inspect.signature(module.forward).parameters.values())[1:]
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    if not params:
+        return specs
+    if len(params) > 1 or not params[0].name.endswith("ids") or params[0].default is inspect.Parameter.empty:
+        return Skip(f"forward takes {', '.join(p.name for p in params)} besides the hidden states, which the fused "
+                    "layer does not take")
+    owner = module.get_submodule(parts.router.owner)
+    tables = [(n, t) for n, t in owner.named_buffers() if not t.is_floating_point() and t.dtype != torch.bool
+              and t.dim() == 2 and t.shape[1] == k]
+    if not tables:
+        return [dataclasses.replace(s, token_ids=TokenIds(params[0].name)) for s in specs]
+    name, table = tables[0]
+    path = f"{parts.router.owner}.{name}"
+    by_table = []
+    for s in specs:  # the table chooses: selection biases, groups and top-k order do not apply
+        r = s.router.routing
+        if s.router.selection_bias is None and r.num_groups == 1 and r.order == "score_then_topk":
+            by_table.append(dataclasses.replace(s, router=dataclasses.replace(s.router, id_table=path),
+                                                token_ids=TokenIds(params[0].name, int(table.shape[0]))))
+    return list(dict.fromkeys(by_table))
+
+
+def quantized_storage(module: nn.Module) -> Skip | None:
+    """Why a module holding weights that transformers loaded quantized (fp8 with block scales,
+    MXFP4 blocks, int8: weight matrices of one byte per element, or packed ``qweight``s) is not swapped,
+    or None. Their computation is not weight-only dequantization on our grid: the fine-grained
+    FP8 experts quantize the activations too, and MXFP4's e2m1 values are not a uniform 4-bit grid;
+    loading the model without its quantization config (or dequantized) makes it swappable."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        one_byte = t.dtype in (torch.uint8, torch.int8) or (t.is_floating_point() and t.element_size() == 1)
+        if t.dim() >= 2 and (one_byte or "qweight" in name):  # id tables (int64) are not weights
+            return Skip(f"{name} is stored as {t.dtype} ({type(module).__name__}: weights quantized by transformers); "
+                        "its computation (fp8 activation quantization with block scales, or MXFP4 e2m1 blocks) is not "
+                        "the weight-only formats of quantize_experts; load the model unquantized (or dequantized) "
+                        "to swap it")
+    return None
 
 
 def _takes_routing(module: nn.Module) -> bool:
@@ -113,6 +214,9 @@ class TransformersExpertsAdapter:
     def candidates(self, module: nn.Module, config: KernelConfig) -> list[ExpertsModuleSpec] | Skip | None:
         if not config.swap_moe or not is_stacked_experts(module):
             return None
+        quantized = quantized_storage(module)
+        if quantized is not None:
+            return quantized
         if not _takes_routing(module):
             sig = ", ".join(inspect.signature(module.forward).parameters)
             return Skip(f"experts forward({sig}) does not take (hidden_states, top_k_index, top_k_weights): "

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from kernel_moe.config import KernelConfig
-from kernel_moe.layers.weights import ExpertListWeight
 
 
 class SwappedLayer(nn.Module):
@@ -40,6 +39,7 @@ class SwappedLayer(nn.Module):
         self._stacked_weights: dict[str, torch.Tensor] = {}
         self.quantized_experts: nn.Module | None = None  # see layers/quantized.py
         self.original_released = False  # the original's expert weights were released (quantized / offloaded)
+        self.expert_parallel = None  # an ExpertParallel when the experts are sharded (layers/expert_parallel.py)
         self.released_sources: tuple = ()  # weight sources whose tensors were released (layers/quantized.py)
         self.offloaded_experts: nn.Module | None = None  # see layers/offload.py
         self.training = original.training
@@ -62,6 +62,11 @@ class SwappedLayer(nn.Module):
     def _weight_sources(self) -> list:
         return []
 
+    def experts_spec(self):
+        """The ExpertsSpec of the experts this layer holds: the spec's, or this rank's share of
+        them when expert parallelism sharded the layer."""
+        return self.spec.experts if self.expert_parallel is None else self.expert_parallel.experts
+
     def _live_sources(self) -> list:
         """The weight sources still present (quantization or offloading may have released some)."""
         return [s for s in self._weight_sources() if all(s is not r for r in self.released_sources)]
@@ -73,8 +78,7 @@ class SwappedLayer(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """After .to()/.half()/..., re-point per-expert weights into fresh stacked storage."""
         result = super()._apply(fn, recurse)
-        if any(isinstance(s, ExpertListWeight) for s in self._live_sources()):
-            self._bind_weights()
+        self._bind_weights()  # a no-op for weights already stacked
         return result
 
     def features(self) -> str:
@@ -84,8 +88,10 @@ class SwappedLayer(nn.Module):
     def details(self) -> str:
         """What the report says about this layer: what it computes, the features the config
         added, and when it runs the original module instead."""
-        notes = [self.spec.describe(), self.features(), getattr(self, "quantization_note", ""),
-                 getattr(self, "offload_note", ""), *self.spec.fallback_notes()]
+        sharding = self.expert_parallel.describe() if self.expert_parallel is not None else ""
+        notes = [self.spec.describe(), self.features(), getattr(self, "quantization_note", ""), sharding,
+                 getattr(self, "offload_note", ""),
+                 *self.spec.fallback_notes()]
         return "; ".join(n for n in notes if n)
 
     def extra_repr(self) -> str:

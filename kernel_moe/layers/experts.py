@@ -13,32 +13,44 @@ from torch import nn
 from kernel_moe.config import KernelConfig
 from kernel_moe.kernels.contract import StackedExperts
 from kernel_moe.layers.base import SwappedLayer
+from kernel_moe.layers.expert_parallel import parallel_experts
 from kernel_moe.layers.quantized import stacked_quantized
 from kernel_moe.layers.spec import ExpertsModuleSpec, ExpertsSpec
 from kernel_moe.ops.experts import run_experts as run_op
 
 
-def stacked_experts(layer: nn.Module, ex: ExpertsSpec) -> StackedExperts:
-    """The experts ``ex`` names on ``layer``, as the op's value type (views, no copies; the
-    quantized buffers when the layer's experts are quantized)."""
+def stacked_experts(layer: nn.Module, ex: ExpertsSpec, scale_inputs: bool = False) -> list[StackedExperts]:
+    """The experts ``ex`` names on ``layer``, as the op's value types (views, no copies): one
+    call's, or with quantized experts their buffers (two calls when hot experts stay in full
+    precision, see layers/quantized.py); ``scale_inputs``: the routing weights scale each
+    expert's input (Llama 4). An up weight holding more experts than ``ex`` (rows of weightless
+    experts) is viewed as its first E."""
     if getattr(layer, "quantized_experts", None) is not None:
-        return stacked_quantized(layer, ex)
-    return StackedExperts(
-        ex.up.get(layer),
+        return stacked_quantized(layer, ex, scale_inputs)
+    w_up = ex.up.get(layer)
+    return [StackedExperts(
+        w_up if w_up.shape[0] == ex.num_experts else w_up[: ex.num_experts],
         ex.down.get(layer),
         ex.up_bias.get(layer) if ex.up_bias is not None else None,
         ex.down_bias.get(layer) if ex.down_bias is not None else None,
         ex.activation,
-    )
+        scale_inputs=scale_inputs,
+    )]
 
 
 def run_experts(layer: nn.Module, ex: ExpertsSpec, x_TH: torch.Tensor, weights_TK: torch.Tensor | None,
-                ids_TK: torch.Tensor | None, backend: str, deterministic: bool = True) -> torch.Tensor:
+                ids_TK: torch.Tensor | None, backend: str, deterministic: bool = True,
+                scale_inputs: bool = False) -> torch.Tensor:
     """The fused experts op on the weights ``ex`` names on ``layer``: [T, H] -> [T, H] (routing
-    None: a dense call of a one-expert spec); from the slots when the layer's experts are offloaded."""
+    None: a dense call of a one-expert spec); the calls of several expert sets add up; from the slots when
+    the layer's experts are offloaded."""
     if getattr(layer, "offloaded_experts", None) is not None:
         return layer.offloaded_experts(x_TH, weights_TK, ids_TK)
-    return run_op(x_TH, weights_TK, ids_TK, stacked_experts(layer, ex), backend, deterministic)
+    first, *rest = stacked_experts(layer, ex, scale_inputs)
+    out_TH = run_op(x_TH, weights_TK, ids_TK, first, backend, deterministic)
+    for experts in rest:
+        out_TH = out_TH + run_op(x_TH, weights_TK, ids_TK, experts, backend, deterministic)
+    return out_TH
 
 
 class FusedExperts(SwappedLayer):
@@ -51,7 +63,7 @@ class FusedExperts(SwappedLayer):
         self._bind_weights()
 
     def _weight_sources(self) -> list:
-        return self.spec.experts.sources()
+        return self.experts_spec().sources()
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.runs_original(hidden_states, top_k_weights):
@@ -60,5 +72,8 @@ class FusedExperts(SwappedLayer):
         x_TH = hidden_states.reshape(-1, H)
         ids_TK = top_k_index.reshape(x_TH.shape[0], -1)
         weights_TK = top_k_weights.reshape(ids_TK.shape)
-        out_TH = run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic)
+        if self.expert_parallel is not None:
+            out_TH = parallel_experts(self, x_TH, weights_TK, ids_TK)
+        else:
+            out_TH = run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic)
         return out_TH.reshape(hidden_states.shape)

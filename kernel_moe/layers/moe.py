@@ -32,17 +32,20 @@ from torch import nn
 from kernel_moe.config import KernelConfig
 from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.experts import run_experts
+from kernel_moe.layers.expert_parallel import parallel_experts
 from kernel_moe.layers.spec import MoESpec
 from kernel_moe.layers.weights import get_attr_path
 from kernel_moe.kernels import resolve_backend
+from kernel_moe.kernels.annotate import GATING, ROUTER, stage
 from kernel_moe.ops.gating import gate
 from kernel_moe.routing.balancing import expert_counts
 from kernel_moe.routing.capacity import apply_capacity, expert_capacity
 from kernel_moe.routing.expert_choice import expert_choice_route
 from kernel_moe.routing.jitter import jitter_input
+from kernel_moe.routing.extras import routing_extra
 from kernel_moe.routing.random_routing import random_routing
 from kernel_moe.routing.losses import load_balancing_loss, router_z_loss
-from kernel_moe.routing.topk import route
+from kernel_moe.routing.topk import SCORINGS, route, routing_weights
 
 
 def routing_features(config: KernelConfig) -> str:
@@ -102,17 +105,36 @@ class FusedMoE(SwappedLayer):
                              "every expert already gets its tokens")
         if self.spec.router.routing.order != "score_then_topk":
             raise ValueError("routing='expert_choice' needs a router that scores all experts (score_then_topk)")
-        if self.spec.returns == "tensor_weights":
-            raise ValueError("routing='expert_choice' cannot reproduce a block that returns its top-k routing weights")
+        if self.spec.router.id_table is not None or self.spec.capacity is not None:
+            raise ValueError("routing='expert_choice' cannot apply to a block that routes by a table of token ids "
+                             "or has its own expert capacity")
+        if self.spec.num_experts != self.spec.experts.num_experts:
+            raise ValueError("routing='expert_choice' cannot route to experts without weights (identity or zero "
+                             "experts)")
+        if self.spec.router.routing.scoring not in SCORINGS:
+            raise ValueError(f"routing='expert_choice' scores by {', '.join(SCORINGS)}, not the block's "
+                             f"{self.spec.router.routing.scoring}")
+        choice = [e.describe() for e in self.spec.returned_extras() if e.needs_choice]
+        if choice:
+            raise ValueError(f"routing='expert_choice' cannot reproduce what the block returns from each token's "
+                             f"top-k choice ({', '.join(choice)})")
+
+    def __getstate__(self) -> dict:
+        """``copy.deepcopy`` and pickling leave out ``aux_loss``: the last training forward's loss
+        belongs to that forward's autograd graph, which neither can copy (a copy has run no
+        forward yet, so its ``aux_loss`` is None)."""
+        state = super().__getstate__()
+        state["aux_loss"] = None
+        return state
 
     def _gating_op_applies(self) -> bool:
         """True when routing runs as the fused gating kernel: the Triton backend on this device
         and a routing the kernel computes (no groups, no selection bias, fp32 scores)."""
         r = self.spec.router
         routing = r.routing
-        if r.selection_bias is not None or self.kernel_config.load_balancing == "dynamic":
+        if r.selection_bias is not None or r.id_table is not None or self.kernel_config.load_balancing == "dynamic":
             return False
-        if routing.num_groups != 1 or routing.score_dtype != "float32":
+        if routing.num_groups != 1 or routing.score_dtype != "float32" or routing.scoring not in SCORINGS:
             return False
         try:
             return resolve_backend(self.backend, self.routing_counts.device) == "triton"
@@ -125,7 +147,7 @@ class FusedMoE(SwappedLayer):
         return result
 
     def _weight_sources(self) -> list:
-        return self.spec.experts.sources()
+        return self.experts_spec().sources()
 
     def track_routing(self, enabled: bool = True) -> None:
         """Accumulate per-expert slot counts into ``routing_counts`` on every forward."""
@@ -138,6 +160,7 @@ class FusedMoE(SwappedLayer):
         """[T, H] -> [T, E], in the router weight's dtype (fp32 when ``fp32_logits``)."""
         r = self.spec.router
         w_EH = get_attr_path(self, r.weight)
+        w_EH = w_EH.t() if r.transposed else w_EH
         b_E = get_attr_path(self, r.bias) if r.bias is not None else None
         if r.fp32_logits:
             return F.linear(x_TH.float(), w_EH.float(), None if b_E is None else b_E.float())
@@ -145,31 +168,66 @@ class FusedMoE(SwappedLayer):
         return F.linear(x_TH.to(w_EH.dtype), w_EH, None if b_E is None else b_E.to(w_EH.dtype))
 
     def _experts(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-        return run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic)
+        if self.expert_parallel is not None:
+            return parallel_experts(self, x_TH, weights_TK, ids_TK)
+        return run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic,
+                           self.spec.scale_inputs)
+
+    def _identity_experts(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        """What the routed ids in [E, G) add as identity experts: each token times the sum of its
+        weights on them, in x's dtype. Dropped slots (id -1) add nothing."""
+        identity_TK = ids_TK >= self.spec.experts.num_experts
+        w_T1 = (weights_TK * identity_TK.to(weights_TK.dtype)).sum(dim=-1, keepdim=True)
+        return x_TH * w_T1.to(x_TH.dtype)
 
     def _expert_choice(self, x_TH: torch.Tensor, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each expert takes its top-C tokens: (output [T, H], expert id of each of the E*C slots)."""
         cfg, E = self.kernel_config, self.num_experts
         T = x_TH.shape[0]
         C = expert_capacity(T, self.top_k, E, cfg.capacity_factor or 1.0, cfg.min_capacity)
-        weights_EC, tok_EC = expert_choice_route(logits_TE, C, self.spec.router.routing.scoring)
+        with stage(GATING):
+            weights_EC, tok_EC = expert_choice_route(logits_TE, C, self.spec.router.routing.scoring)
         tok_S = tok_EC.reshape(-1)
         ids_S1 = torch.arange(E, device=x_TH.device).repeat_interleave(C).unsqueeze(-1)
         y_SH = self._experts(x_TH.index_select(0, tok_S), weights_EC.reshape(-1, 1), ids_S1)
         out_TH = torch.zeros_like(x_TH).index_add_(0, tok_S, y_SH)
         return out_TH, ids_S1
 
-    def forward(self, hidden_states: torch.Tensor):
-        if self.runs_original(hidden_states):
-            return self.original(hidden_states)
+    def _token_ids(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The token ids [B, S] the block takes besides its hidden states (``spec.token_ids``), from
+        the call's extra arguments; a TypeError for arguments the original block does not take."""
+        name = self.spec.token_ids.name if self.spec.token_ids is not None else None
+        extra = dict(zip([name], args)) if name is not None and len(args) <= 1 else {}
+        if len(args) > len(extra) or set(kwargs) - {name} or (name in extra and name in kwargs):
+            raise TypeError(f"{type(self).__name__}.forward() takes hidden_states"
+                            + (f" and {name}" if name else "") + f", got {len(args)} more positional arguments "
+                            f"and keywords {sorted(kwargs)}")
+        return extra.get(name, kwargs.get(name)) if name is not None else None
+
+    def _block_capacity(self, weights_TK: torch.Tensor, ids_TK: torch.Tensor,
+                        sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's own capacity (``spec.capacity``): (weights with dropped slots zeroed, dropped
+        [T, K] bool). Per sequence, every (sequence, expert) pair counts as its own expert."""
+        capacity = self.spec.capacity
+        T = ids_TK.shape[0]
+        groups = max(sequences, 1) if capacity.per_sequence else 1
+        sequence_T = torch.arange(T, device=ids_TK.device) // max(T // groups, 1)
+        keyed_TK = ids_TK + (sequence_T * self.num_experts).unsqueeze(-1)
+        weights_TK, _, dropped_TK, _ = apply_capacity(weights_TK, keyed_TK, groups * self.num_experts,
+                                                      capacity.slots, "position")
+        return weights_TK, dropped_TK
+
+    def _gating(self, logits_TE: torch.Tensor, token_ids: torch.Tensor | None,
+                sequences: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each token's k experts and weights (the proven routing, then the config's features):
+        (weights [T, K], ids [T, K], the ids the op runs [T, K]: -1 for slots dropped by a capacity)."""
         spec, cfg = self.spec, self.kernel_config
-        x_TH = hidden_states.reshape(-1, self.hidden_size)
-        if self.training and spec.input_jitter > 0:
-            x_TH = jitter_input(x_TH, spec.input_jitter, True)
-        router_in = jitter_input(x_TH, cfg.router_jitter, self.training) if cfg.router_jitter > 0 else x_TH
-        logits_TE = self.router_logits(router_in)
-        if cfg.routing == "expert_choice":
-            out_TH, ids_TK = self._expert_choice(x_TH, logits_TE)
+        if spec.router.id_table is not None:  # hash routing: a table gives each token id its experts
+            if token_ids is None:
+                raise ValueError(f"this block routes by a table of token ids: pass {spec.token_ids.name}")
+            table = get_attr_path(self, spec.router.id_table)
+            ids_TK = table.index_select(0, token_ids.reshape(-1).to(torch.long)).to(torch.long)
+            weights_TK = routing_weights(logits_TE, ids_TK, spec.router.routing)
         else:
             sel_bias = get_attr_path(self, spec.router.selection_bias) if spec.router.selection_bias else None
             if cfg.load_balancing == "dynamic":
@@ -178,17 +236,51 @@ class FusedMoE(SwappedLayer):
                 weights_TK, ids_TK = gate(logits_TE, spec.router.routing, self.backend)
             else:
                 weights_TK, ids_TK = route(logits_TE, spec.router.routing, sel_bias)
-            if self.training and cfg.random_routing > 0:
-                weights_TK, ids_TK, self.randomly_routed = random_routing(
-                    logits_TE, weights_TK, ids_TK, spec.router.routing, cfg.random_routing)
-            run_ids_TK = ids_TK
-            if cfg.capacity_factor is not None:
-                T, K = ids_TK.shape
-                capacity = expert_capacity(T, K, self.num_experts, cfg.capacity_factor, cfg.min_capacity)
-                weights_TK, ids_TK, dropped_TK, self.dropped_tokens = apply_capacity(
-                    weights_TK, ids_TK, self.num_experts, capacity, cfg.capacity_priority)
-                run_ids_TK = ids_TK.masked_fill(dropped_TK, -1)  # a dropped slot: no work (the contract's rule)
-            out_TH = self._experts(x_TH, weights_TK, run_ids_TK)
+        if self.training and cfg.random_routing > 0:
+            weights_TK, ids_TK, self.randomly_routed = random_routing(
+                logits_TE, weights_TK, ids_TK, spec.router.routing, cfg.random_routing)
+        run_ids_TK = ids_TK
+        if spec.capacity is not None:
+            weights_TK, dropped_TK = self._block_capacity(weights_TK, ids_TK, sequences)
+            run_ids_TK = run_ids_TK.masked_fill(dropped_TK, -1)  # a dropped slot: no work (the contract's rule)
+        if cfg.capacity_factor is not None:
+            T, K = ids_TK.shape
+            capacity = expert_capacity(T, K, self.num_experts, cfg.capacity_factor, cfg.min_capacity)
+            weights_TK, ids_TK, dropped_TK, self.dropped_tokens = apply_capacity(
+                weights_TK, ids_TK, self.num_experts, capacity, cfg.capacity_priority)
+            run_ids_TK = run_ids_TK.masked_fill(dropped_TK, -1)
+        return weights_TK, ids_TK, run_ids_TK
+
+    def _token_choice(self, x_TH: torch.Tensor, logits_TE: torch.Tensor, token_ids: torch.Tensor | None,
+                      sequences: int):
+        """Each token's k experts (the proven routing, then the config's features) through the op:
+        (routed output [T, H], weights [T, K], ids [T, K]); ``sequences``: B of a [B, S, H] input."""
+        spec = self.spec
+        with stage(GATING):
+            weights_TK, ids_TK, run_ids_TK = self._gating(logits_TE, token_ids, sequences)
+        out_TH = self._experts(x_TH, weights_TK, run_ids_TK)
+        if spec.weightless == "identity" and self.num_experts > spec.experts.num_experts:
+            out_TH = out_TH + self._identity_experts(x_TH, weights_TK, run_ids_TK)
+        return out_TH, weights_TK, ids_TK
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        token_ids = self._token_ids(args, kwargs)
+        if self.runs_original(hidden_states):
+            return self.original(hidden_states, *args, **kwargs)
+        spec, cfg = self.spec, self.kernel_config
+        x_TH = hidden_states.reshape(-1, self.hidden_size)
+        if self.training and spec.input_jitter > 0:
+            x_TH = jitter_input(x_TH, spec.input_jitter, True)
+        router_in = jitter_input(x_TH, cfg.router_jitter, self.training) if cfg.router_jitter > 0 else x_TH
+        with stage(ROUTER):
+            logits_TE = self.router_logits(router_in)
+        if cfg.routing == "expert_choice":
+            (out_TH, ids_TK), weights_TK = self._expert_choice(x_TH, logits_TE), None
+        else:
+            sequences = hidden_states.shape[0] if hidden_states.dim() == 3 else 1
+            out_TH, weights_TK, ids_TK = self._token_choice(x_TH, logits_TE, token_ids, sequences)
+        if spec.routed_scale != 1.0:
+            out_TH = out_TH * spec.routed_scale
         if self._track_routing:
             self.routing_counts += expert_counts(ids_TK, self.num_experts)
         if self.training and cfg.load_balancing == "auxiliary_loss":
@@ -204,12 +296,19 @@ class FusedMoE(SwappedLayer):
             out_TH = out_TH + shared_TH
         if spec.output_bias is not None:
             out_TH = out_TH + get_attr_path(self, spec.output_bias)
-        out = out_TH.reshape(hidden_states.shape)
-        if spec.returns == "tensor_logits":
-            return out, logits_TE
-        if spec.returns == "tensor_weights":
-            return out, weights_TK
-        return out
+        return self._returned(out_TH, hidden_states, (logits_TE, weights_TK, ids_TK))
+
+    def _returned(self, out_TH: torch.Tensor, hidden_states: torch.Tensor, routing: tuple):
+        """What the original block returns: the output (shaped like the input, as tokens, or
+        flattened) and the extras of the spec, computed from ``routing`` (logits [T, E], weights
+        [T, K], ids [T, K]); flattened outputs flatten every extra of two or more dims."""
+        spec = self.spec
+        out = out_TH.reshape(hidden_states.shape) if spec.output_shape == "input" else out_TH
+        extras = [routing_extra(e, *routing) for e in spec.returned_extras()]
+        if spec.output_shape == "flat":
+            out = out.flatten()
+            extras = [t.flatten() if t.dim() > 1 else t for t in extras]
+        return (out, *extras) if extras else out
 
     def features(self) -> str:
         return routing_features(self.kernel_config)

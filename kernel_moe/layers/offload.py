@@ -237,7 +237,8 @@ class OffloadedExperts(nn.Module):
 
 def _expert_tensors(layer: nn.Module, ex: ExpertsSpec) -> dict[str, Tensor]:
     """name -> [E, ...] of each expert tensor the layer has (views)."""
-    full = {"up": ex.up.get(layer), "down": ex.down.get(layer)}
+    up = ex.up.get(layer)
+    full = {"up": up[: ex.num_experts], "down": ex.down.get(layer)}  # an up weight may hold weightless experts' rows
     if ex.up_bias is not None:
         full["up_bias"] = ex.up_bias.get(layer)
     if ex.down_bias is not None:
@@ -274,6 +275,8 @@ def offload_layer(layer: nn.Module, config, name: str) -> str:
         raise KernelMoEError("its original module must keep running in training or under autograd "
                              f"({spec.training_fallback or spec.gradient_fallback}), and offloading would release "
                              "its expert weights")
+    if getattr(spec, "scale_inputs", False):
+        raise KernelMoEError("its routing weights scale the experts' inputs, which offloaded experts do not run")
     ex = spec.experts
     with torch.no_grad():
         full = _expert_tensors(layer, ex)

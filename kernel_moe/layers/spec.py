@@ -25,12 +25,18 @@ from torch import nn
 
 from kernel_moe.kernels.contract import Activation
 from kernel_moe.layers.weights import WeightSource
+from kernel_moe.routing.extras import RoutingExtra
 from kernel_moe.routing.topk import TopKRouting
 
 if TYPE_CHECKING:
     from kernel_moe.config import KernelConfig
 
 RETURNS = ("tensor", "tensor_logits", "tensor_weights")
+WEIGHTLESS = ("zero", "identity")
+OUTPUT_SHAPES = ("input", "tokens", "flat")
+"""How a block shapes what it returns: like its input, as tokens [T, H] (router outputs [T, E] /
+[T, K]), or flattened to 1-D (every returned tensor). A returns kind names a flattened shape with
+a suffix: "tensor_logits@flat" is (output [T*H], router logits [T*E])."""
 
 Draw = Callable[[tuple[int, ...], int], torch.Tensor]
 """(shape, seed offset) -> a seeded probe tensor of the module's dtype and device."""
@@ -64,6 +70,9 @@ class LinearRouter:
     ``routing`` turns into top-k weights and expert ids.
 
     ``selection_bias`` is the path of a per-expert bias added to the scores for selection only.
+    ``id_table`` is the path of an int [V, K] tensor giving the experts of each token id (hash
+    routing, DeepSeek-V4): it replaces the top-k choice, and ``routing`` weighs the table's experts.
+    ``transposed``: the weight is stored [H, E] (a raw Parameter used as ``x @ weight``).
     """
 
     weight: str
@@ -71,6 +80,32 @@ class LinearRouter:
     bias: str | None = None
     selection_bias: str | None = None
     fp32_logits: bool = False
+    id_table: str | None = None
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
+class BlockCapacity:
+    """A capacity the block imposes itself (Switch Transformers' router): each expert takes at most
+    ``slots`` slots in each sequence of a [B, S, H] input (``per_sequence``) or in the whole call,
+    admitted in position order (slot t * K + j); later slots are dropped: no output, no gradient."""
+
+    slots: int
+    per_sequence: bool = True
+
+    def probe_tokens(self, num_ids: int, top_k: int) -> int:
+        """Tokens per sequence a probe needs for every expert to overflow on average (twice its
+        capacity), so that which slots are dropped shows in the outputs."""
+        return -(-2 * self.slots * num_ids // top_k)
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """A forward argument of token ids [B, S] a block takes besides its hidden states (its name:
+    callers pass it by keyword); the probe draws ids in [0, ``vocab``)."""
+
+    name: str
+    vocab: int = 32
 
 
 class SwapSpec:
@@ -103,8 +138,9 @@ class SwapSpec:
         return None
 
     def returning(self, kind: str) -> SwapSpec | None:
-        """This spec for a module whose forward returns ``kind`` (one of :data:`RETURNS`), or None
-        when the layer cannot return that."""
+        """This spec for a module whose forward returns ``kind`` (one of :data:`RETURNS`, with an
+        ``@tokens`` or ``@flat`` suffix when the outputs are reshaped, see :data:`OUTPUT_SHAPES`),
+        or None when the layer cannot return that."""
         return self if kind == "tensor" else None
 
     def with_fallbacks(self, training: str | None, gradient: str | None) -> SwapSpec:
@@ -137,7 +173,24 @@ class MoESpec(SwapSpec):
     - ``input_jitter``: Mixtral-style multiplicative input noise in training.
     - ``returns``: what the block's forward returns, one of :data:`RETURNS`: "tensor" (the
       output), "tensor_logits" (output, router logits [T, E]) or "tensor_weights" (output,
-      top-k routing weights [T, K], as GPT-OSS blocks do).
+      top-k routing weights [T, K], as GPT-OSS blocks do); a shorthand for the two ``extras``
+      below that hand-built specs use.
+    - ``extras``: the outputs the block returns after its output, in order (each a
+      :class:`~kernel_moe.routing.extras.RoutingExtra`: logits, top-k weights or ids, per-expert
+      counts, an auxiliary loss); the forward returns ``(output, *extras)`` when there are any.
+    - ``output_shape``: one of :data:`OUTPUT_SHAPES`: the output shaped like the input, as
+      tokens [T, H] (Llama 4), or every returned tensor flattened to 1-D (Ernie 4.5 VL).
+    - ``capacity``: the block's own expert capacity (:class:`BlockCapacity`), proven on a probe
+      long enough to overflow it.
+    - ``token_ids``: a token-ids argument the block's forward takes (see :class:`TokenIds`): used
+      by a hash-routing router (``router.id_table``), else proven to change nothing.
+    - ``scale_inputs``: the routing weights scale each expert's input instead of its output
+      (Llama 4: ``sum_j expert_j(w_j * x)``), passed to the op as ``StackedExperts.scale_inputs``.
+    - ``routed_scale``: a factor the block multiplies the routed experts' output by, after the
+      op (the OpenAI privacy filter multiplies by k what its router divided by k).
+    - ``weightless``: what a routed id in [E, G) computes when the router scores G ids but only E
+      experts hold weights: "zero" (nothing: a dropped slot of the op) or "identity" (the token
+      times its routing weight, added outside the op; LongCat-Flash's zero-computation experts).
     - ``training_fallback``: a reason to run the original module in training mode (dropout or
       noise the fused layer does not reproduce); None when the fused path is exact in training too.
     - ``gradient_fallback``: a reason to run the original module whenever autograd records the
@@ -155,10 +208,24 @@ class MoESpec(SwapSpec):
     training_fallback: str | None = None
     gradient_fallback: str | None = None
     notes: tuple[str, ...] = field(default=())
+    output_shape: str = "input"
+    token_ids: TokenIds | None = None
+    capacity: BlockCapacity | None = None
+    scale_inputs: bool = False
+    weightless: str = "zero"
+    routed_scale: float = 1.0
+    extras: tuple[RoutingExtra, ...] = ()
 
     def __post_init__(self) -> None:
         if self.returns not in RETURNS:
             raise ValueError(f"MoESpec.returns={self.returns!r}; allowed: {', '.join(RETURNS)}")
+        if self.returns != "tensor" and self.extras:
+            raise ValueError(f"MoESpec.returns={self.returns!r} with extras={self.extras!r}: give the extra "
+                             "outputs once, as extras (returns='tensor')")
+        if self.output_shape not in OUTPUT_SHAPES:
+            raise ValueError(f"MoESpec.output_shape={self.output_shape!r}; allowed: {', '.join(OUTPUT_SHAPES)}")
+        if self.weightless not in WEIGHTLESS:
+            raise ValueError(f"MoESpec.weightless={self.weightless!r}; allowed: {', '.join(WEIGHTLESS)}")
 
     @property
     def top_k(self) -> int:  # type: ignore[override]
@@ -166,7 +233,8 @@ class MoESpec(SwapSpec):
 
     @property
     def num_experts(self) -> int:  # type: ignore[override]
-        return self.experts.num_experts
+        """G, the ids the router chooses from (E, or more when some experts hold no weights)."""
+        return self.router.routing.num_experts
 
     def layer_class(self) -> type[nn.Module]:
         from kernel_moe.layers.moe import FusedMoE  # that module imports this one
@@ -179,15 +247,51 @@ class MoESpec(SwapSpec):
             why = f"module routes top_k={self.top_k}, config expects top_k={config.top_k}"
         return why
 
-    def returning(self, kind: str) -> MoESpec:
-        return dataclasses.replace(self, returns=kind)
+    def probe_args(self, tokens: int, draw: Draw) -> list[tuple]:
+        """With a capacity: two sequences long enough to overflow it ([2, S, H]); with a token-ids
+        argument: the tokens and ids in [0, vocab) (drawn from the probe's seeded values); else as
+        every spec."""
+        if self.token_ids is None and self.capacity is None:
+            return super().probe_args(tokens, draw)
+        shape = (1, tokens)
+        if self.capacity is not None:
+            shape = (2, max(tokens, self.capacity.probe_tokens(self.num_experts, self.top_k)))
+        x = draw((*shape, self.experts.hidden), 0)
+        if self.token_ids is None:
+            return [(x,)]
+        return [(x, (draw(shape, 9).double().abs() * 1e6).long() % self.token_ids.vocab)]
+
+    def returning(self, kind: str) -> MoESpec | None:
+        returns, _, shape = kind.partition("@")
+        if returns not in RETURNS or (shape or "input") not in OUTPUT_SHAPES:
+            return None
+        return dataclasses.replace(self, returns=returns, output_shape=shape or "input")
+
+    def returned_extras(self) -> tuple[RoutingExtra, ...]:
+        """The outputs the forward returns after the output (``returns`` spelled as ``extras``)."""
+        shorthand = {"tensor_logits": (RoutingExtra("logits"),), "tensor_weights": (RoutingExtra("weights"),)}
+        return shorthand.get(self.returns, self.extras)
 
     def describe(self) -> str:
         parts = [self.router.routing.describe(), self.experts.describe()]
+        if self.router.id_table is not None:
+            parts[0] = f"experts by token id ({self.router.id_table}) weighted {parts[0]}"
+        if self.scale_inputs:
+            parts.insert(1, "weights scale the inputs")
+        if self.routed_scale != 1.0:
+            parts.insert(1, f"routed output x{self.routed_scale:g}")
+        if self.capacity is not None:
+            scope = "per sequence" if self.capacity.per_sequence else "per call"
+            parts.insert(1, f"capacity {self.capacity.slots} {scope} (position order)")
+        extra = self.num_experts - self.experts.num_experts
+        if extra > 0:
+            parts.insert(1, f"+{extra} {self.weightless} experts")
         if self.shared_expert:
             parts.append("shared" + ("(gated)" if self.shared_gate else ""))
         if self.output_bias:
             parts.append("+output bias")
+        if self.extras:
+            parts.append("returns (output, " + ", ".join(e.describe() for e in self.extras) + ")")
         return ", ".join(parts)
 
 

@@ -36,7 +36,8 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from kernel_moe.errors import KernelMoEError
 
 MODES = ("exact", "padded")
-# experts_fn(rows [R, H], local expert ids [R, 1]; -1 = padding) -> unweighted outputs [R, H]
+# experts_fn(rows [R, H], expert ids [R, 1]: global ids of experts this rank holds, -1 = padding)
+# -> unweighted outputs [R, H]; the op maps them to local experts by the contract's expert_map
 ExpertsFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -127,10 +128,9 @@ def exact_exchange(x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor, experts_fn:
     send, recv = send_W.tolist(), recv_W.tolist()
     kept_S = order_S[: sum(send)]  # the routed slots, by destination rank
     tok_S = kept_S.div(K, rounding_mode="floor")
-    local_S = ids_S.index_select(0, kept_S) - dest_S.index_select(0, kept_S) * shard.local
     rows_RH = _exchange_rows(x_TH.index_select(0, tok_S), recv, send, shard, group)
-    local_R = _exchange_ids(local_S, recv, send, shard, group)
-    y_RH = experts_fn(rows_RH, local_R.unsqueeze(1))
+    ids_R = _exchange_ids(ids_S.index_select(0, kept_S), recv, send, shard, group)
+    y_RH = experts_fn(rows_RH, ids_R.unsqueeze(1))
     back_SH = _exchange_rows(y_RH, send, recv, shard, group)
     acc = torch.promote_types(x_TH.dtype, torch.float32)
     w_S = weights_TK.reshape(-1).index_select(0, kept_S).to(acc)
@@ -165,12 +165,12 @@ def padded_exchange(x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor, experts_fn
     buf_S = torch.where(kept, dest_S * C + pos_S, torch.full_like(pos_S, W * C))  # W*C: a discard row
     tok_S = torch.arange(ids_S.shape[0], device=x_TH.device).div(K, rounding_mode="floor")
     send_rows = x_TH.new_zeros(W * C + 1, H).index_copy(0, buf_S, x_TH.index_select(0, tok_S))[: W * C]
-    local_S = torch.where(kept, ids_S - dest_S.clamp(max=W - 1) * shard.local, torch.full_like(ids_S, -1))
+    kept_ids_S = torch.where(kept, ids_S, torch.full_like(ids_S, -1))
     send_ids = torch.full((W * C + 1,), -1, dtype=torch.int64, device=x_TH.device).index_copy(0, buf_S,
-                                                                                              local_S)[: W * C]
+                                                                                              kept_ids_S)[: W * C]
     rows = _exchange_rows(send_rows, None, None, shard, group)
-    local = _exchange_ids(send_ids, None, None, shard, group)
-    y = experts_fn(rows, local.unsqueeze(1))
+    ids = _exchange_ids(send_ids, None, None, shard, group)
+    y = experts_fn(rows, ids.unsqueeze(1))
     back = _exchange_rows(y, None, None, shard, group)
     back = torch.cat([back, back.new_zeros(1, H)])  # the discard row reads zeros
     acc = torch.promote_types(x_TH.dtype, torch.float32)
@@ -180,9 +180,10 @@ def padded_exchange(x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor, experts_fn
     return out_TH.to(x_TH.dtype), dropped
 
 
-def check_equal_tokens(num_tokens: int, shard: ExpertShard, group=None) -> None:
-    """Eager guard of the padded mode: every rank must hold the same number of tokens."""
-    counts = torch.tensor([num_tokens], dtype=torch.int64)
+def check_equal_tokens(num_tokens: int, shard: ExpertShard, group=None, device: torch.device | str = "cpu") -> None:
+    """Eager guard of the padded mode: every rank must hold the same number of tokens (``device``:
+    where the group's backend takes tensors, CUDA for NCCL)."""
+    counts = torch.tensor([num_tokens], dtype=torch.int64, device=device)
     gathered = [torch.zeros_like(counts) for _ in range(shard.world)]
     _collective("token-count check", shard, lambda: dist.all_gather(gathered, counts, group=group))
     values = [int(c) for c in gathered]

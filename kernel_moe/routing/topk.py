@@ -11,8 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 SCORINGS = ("softmax", "sigmoid")
+ROUTER_SCORINGS = SCORINGS + ("sqrtsoftplus",)
+"""Scorings a recognised router may use: SCORINGS (which the fused gating kernel and the public
+gating modules take) and ``sqrt(softplus(logit))`` per expert (DeepSeek-V4)."""
 ORDERS = ("score_then_topk", "topk_then_score")
 GROUP_SCORES = ("top2_sum", "max")
 SELECTION_ON = ("scores", "logits")
@@ -22,7 +26,8 @@ SELECTION_ON = ("scores", "logits")
 class TopKRouting:
     """How router logits [T, E] become routing weights [T, K] and expert ids [T, K].
 
-    - ``scoring``: "softmax" over the experts, or "sigmoid" per expert.
+    - ``scoring``: "softmax" over the experts, "sigmoid" per expert, or "sqrtsoftplus" per expert
+      (``sqrt(softplus(logit))``).
     - ``order``: "score_then_topk" scores all E experts then takes the k best (Mixtral,
       Qwen, DeepSeek); "topk_then_score" takes the k largest logits then scores only them
       (GPT-OSS: softmax over the k selected logits).
@@ -60,8 +65,8 @@ class TopKRouting:
             raise ValueError(
                 f"TopKRouting.top_k={self.top_k!r} must be an int in [1, num_experts={self.num_experts}]"
             )
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"TopKRouting.scoring={self.scoring!r}; allowed: {', '.join(SCORINGS)}")
+        if self.scoring not in ROUTER_SCORINGS:
+            raise ValueError(f"TopKRouting.scoring={self.scoring!r}; allowed: {', '.join(ROUTER_SCORINGS)}")
         if self.order not in ORDERS:
             raise ValueError(f"TopKRouting.order={self.order!r}; allowed: {', '.join(ORDERS)}")
         if self.order == "topk_then_score" and self.scoring != "softmax":
@@ -154,14 +159,18 @@ def route(
 
 
 def _scores(logits_TE: torch.Tensor, spec: TopKRouting) -> torch.Tensor:
-    return torch.softmax(logits_TE, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits_TE)
+    if spec.scoring == "softmax":
+        return torch.softmax(logits_TE, dim=-1)
+    if spec.scoring == "sqrtsoftplus":
+        return F.softplus(logits_TE).sqrt()
+    return torch.sigmoid(logits_TE)
 
 
 def _renormalized(weights_TK: torch.Tensor, spec: TopKRouting) -> torch.Tensor:
     if not spec.renormalize:
         return weights_TK
     denom = weights_TK.sum(dim=-1, keepdim=True)
-    if spec.scoring == "sigmoid":
+    if spec.scoring != "softmax":  # per-expert scores need not sum to anything: keep the division finite
         denom = denom + 1e-20
     return weights_TK / denom
 

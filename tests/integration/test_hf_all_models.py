@@ -10,6 +10,7 @@ the document was generated with, the document must list what this run finds.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from torch import nn
 import kernel_moe
 from kernel_moe import FusedMoE
 from kernel_moe.layers import FusedExperts
+from kernel_moe.layers.moa_attention import FusedMoAAttention
 
 pytest.importorskip("transformers")
 
@@ -49,7 +51,7 @@ class Row:
     """One line of the coverage table: what happened to one kind of module of a model type."""
 
     model_type: str
-    outcome: str  # "FusedMoE", "FusedExperts" or "skipped"
+    outcome: str  # "FusedMoE", "FusedExperts", "FusedMoAAttention" or "skipped"
     module_class: str
     routing: str = ""
     experts: str = ""
@@ -87,7 +89,10 @@ def _experts_layout(ex) -> str:
     layout = "transposed " if getattr(up, "transposed", False) else ""
     a = ex.activation
     gated = "gated" if a.gated else "no gate"
-    act = a.kind + (f"(alpha={a.alpha:g}, limit={a.limit:g})" if a.kind == "gpt_oss" else "")
+    params = [f"alpha={a.alpha:g}"] if a.kind == "gpt_oss" else []
+    params += [f"limit={a.limit:g}"] if a.limit != math.inf else []
+    params += [f"softcaps={a.gate_softcap:g}/{a.up_softcap:g}"] if a.softcapped else []
+    act = a.kind + (f"({', '.join(params)})" if params else "")
     return f"{layout}{gated} {a.glu if a.gated else ''} {act}".replace("  ", " ") + (
         " +bias" if ex.up_bias is not None else "")
 
@@ -95,14 +100,26 @@ def _experts_layout(ex) -> str:
 def _routing(spec) -> str:
     r = spec.router
     text = r.routing.describe()
+    if r.id_table:
+        text = f"experts by token id (table), weighted {text}"
     if r.selection_bias:
         text += ", selection bias"
     if r.bias:
         text += ", logit bias"
     if spec.shared_expert:
         text += ", shared expert" + (" (sigmoid-gated)" if spec.shared_gate else "")
-    if spec.returns != "tensor":
-        text += f", returns {spec.returns}"
+    if spec.scale_inputs:
+        text += ", weights scale the inputs"
+    if spec.capacity is not None:
+        text += f", capacity {spec.capacity.slots} per {'sequence' if spec.capacity.per_sequence else 'call'}"
+    if spec.routed_scale != 1.0:
+        text += f", routed output x{spec.routed_scale:g}"
+    if spec.num_experts > spec.experts.num_experts:
+        text += f", +{spec.num_experts - spec.experts.num_experts} {spec.weightless} experts"
+    extras = [e.describe() for e in spec.returned_extras()]
+    if extras or spec.output_shape != "input":
+        text += ", returns (output" + "".join(f", {e}" for e in extras) + ")" + (
+            f" ({spec.output_shape})" if spec.output_shape != "input" else "")
     return text
 
 
@@ -141,6 +158,9 @@ def survey(model_type: str) -> Survey:
         layer = model.get_submodule(rec.name)
         if isinstance(layer, FusedMoE):
             row = Row(model_type, "FusedMoE", rec.original_class, _routing(layer.spec), _experts_layout(layer.spec.experts))
+        elif isinstance(layer, FusedMoAAttention):
+            row = Row(model_type, "FusedMoAAttention", rec.original_class, f"top{layer.top_k}>softmax",
+                      "attention experts: query + output projections, shared kv")
         else:
             parent = rec.name.rpartition(".")[0]
             why = skipped_by_name.get(parent)
@@ -184,7 +204,7 @@ def outcome_of(s: Survey) -> str:
         return "not built"
     if not kinds:
         return "skipped"
-    return " + ".join(k for k in ("FusedMoE", "FusedExperts") if k in kinds)
+    return " + ".join(k for k in ("FusedMoE", "FusedExperts", "FusedMoAAttention") if k in kinds)
 
 
 _CACHE: dict[str, Survey] = {}

@@ -155,3 +155,112 @@ def test_tiny_transformers_models_keep_their_greedy_tokens(model_type, inter):
         agreement[fmt] = (same.float().mean().item(), same[clear].float().mean().item())
     assert agreement["int8"][0] >= 0.98 and agreement["int8"][1] >= 0.995, agreement
     assert agreement["fp8"][0] >= 0.9 and agreement["int4"][0] >= 0.75, agreement
+
+
+# --- hot experts kept in full precision (004: "quantize inactive experts") -------------------
+
+
+def _calibration(n: int = 3, T: int = 12) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randn(T, H, generator=g) for _ in range(n)]
+
+
+def _routing_counts(model, batches) -> list[torch.Tensor]:
+    """Slots per expert of each block over the batches, counted on the unquantized fused model."""
+    fused = kernel_moe.optimize(copy.deepcopy(model), KernelConfig.for_moe())
+    for block in fused.blocks:
+        block.track_routing(True)
+    with torch.no_grad():
+        for x in batches:
+            fused(x)
+    return [block.routing_counts.clone() for block in fused.blocks]
+
+
+@pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 64)], ids=["int8", "int4"])
+def test_hot_experts_stay_full_precision_and_the_rest_are_quantized(fmt, group):
+    from kernel_moe.kernels.quantization import dequantize, quantize
+
+    torch.manual_seed(0)
+    model = TwoBlockModel(hidden=H, inter=I, num_experts=E, top_k=K, bias=True).eval()
+    reference = copy.deepcopy(model)
+    batches = _calibration()
+    counts = _routing_counts(model, batches)
+    hot = [set(c.topk(3).indices.tolist()) for c in counts]
+    for block, hot_ids in zip(reference.blocks, hot):
+        for e, expert in enumerate(block.experts):
+            if e not in hot_ids:
+                with torch.no_grad():
+                    for lin in (expert.w1, expert.w3, expert.w2):
+                        q = quantize(lin.weight, fmt, group)
+                        lin.weight.copy_(dequantize(q.data, q.scale, fmt))
+    model, report = kernel_moe.optimize(
+        model, KernelConfig.for_moe(quantize_experts=fmt, quantize_group_size=group, quantize_hot_experts=3),
+        return_report=True, calibration=batches)
+    for block, hot_ids, record in zip(model.blocks, hot, report.swapped):
+        q = block.quantized_experts
+        assert set(q.hot_ids.tolist()) == hot_ids and q.up_weight.shape[0] == E - 3
+        assert f"experts {sorted(hot_ids)} kept in full precision" in record.details
+        assert "of the calibration slots" in record.details
+    x = torch.randn(9, H)
+    with torch.no_grad():
+        assert_fp32_close(model(x), reference(x))
+    buffer = io.BytesIO()  # the hot experts' weights and maps round-trip with the rest
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = kernel_moe.optimize(
+        TwoBlockModel(hidden=H, inter=I, num_experts=E, top_k=K, bias=True).eval(),
+        KernelConfig.for_moe(quantize_experts=fmt, quantize_group_size=group, quantize_hot_experts=3),
+        calibration=batches)
+    fresh.load_state_dict(torch.load(buffer))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_hot_experts_train_inputs_and_biases_and_compile_whole():
+    torch.manual_seed(1)
+    model = TwoBlockModel(hidden=H, inter=I, num_experts=E, top_k=K, bias=True)
+    model = kernel_moe.optimize(model, KernelConfig.for_moe(quantize_experts="int8", quantize_hot_experts=2),
+                                calibration=_calibration(2))
+    model.train()
+    x = torch.randn(6, H, requires_grad=True)
+    model(x).square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(b.gate.weight.grad is not None for b in model.blocks)
+    model.eval()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(torch.randn(5, H))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_hot_experts_need_calibration_and_a_format():
+    with pytest.raises(ValueError, match=r"quantize_hot_experts=2 .*calibration=\[inputs, \.\.\.\]"):
+        kernel_moe.optimize(_model(), KernelConfig.for_moe(quantize_experts="int8", quantize_hot_experts=2))
+    with pytest.raises(ValueError, match="quantize_hot_experts.*0 when quantize_experts is None"):
+        KernelConfig.for_moe(quantize_hot_experts=1)
+    with pytest.raises(ValueError, match="quantize_hot_experts.*an int >= 0"):
+        KernelConfig.for_moe(quantize_experts="int8", quantize_hot_experts=-1)
+    with pytest.raises(ValueError, match="calibration gave no inputs"):
+        kernel_moe.optimize(_model(), KernelConfig.for_moe(quantize_experts="int8", quantize_hot_experts=2),
+                            calibration=[])
+
+
+def test_experts_transformers_loaded_quantized_are_skipped_with_the_reason():
+    """transformers' fine-grained FP8 experts (activations quantized too) and MXFP4 experts (e2m1
+    blocks) are not weight-only on our grid: skipped, naming the stored dtype, never crashing."""
+    pytest.importorskip("transformers")
+    from torch import nn
+    from transformers import GptOssConfig, Qwen3MoeConfig
+    from transformers.integrations.finegrained_fp8 import FP8Experts
+    from transformers.integrations.mxfp4 import Mxfp4GptOssExperts
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    cfg = Qwen3MoeConfig(hidden_size=256, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2)
+    block = Qwen3MoeSparseMoeBlock(cfg)
+    block.experts = FP8Experts(cfg, block_size=(128, 128))
+    gpt = GptOssConfig(hidden_size=128, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)
+    model = nn.ModuleDict({"block": block, "mxfp4": Mxfp4GptOssExperts(gpt)})
+    _, report = kernel_moe.optimize(model, KernelConfig.for_moe(), return_report=True)
+    reasons = {r.name: r.reason for r in report.skipped}
+    assert report.num_swapped == 0
+    assert "float8_e4m3fn" in reasons["block"] and "weights quantized by transformers" in reasons["block"]
+    assert "torch.uint8" in reasons["mxfp4"] and "Mxfp4GptOssExperts" in reasons["mxfp4"]

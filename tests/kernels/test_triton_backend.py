@@ -125,15 +125,6 @@ def test_float64_is_rejected(kt, name):
         BACKEND.backward(g, x, weights, ids, experts)
 
 
-def test_weight_format_other_than_full_is_rejected(kt):
-    inputs = kt.make_moe(4, H, I, 4, 2, seed=45)
-    x, weights, ids, experts = kt.call_args(inputs, weight_format="int8")
-    with pytest.raises(UnsupportedInputError, match="weight_format='int8'.*allowed: full"):
-        BACKEND.forward(x, weights, ids, experts, True)
-    with pytest.raises(UnsupportedInputError, match="weight_format='int8'.*allowed: full"):
-        BACKEND.backward(_grad_out(4), x, weights, ids, experts)
-
-
 def test_importing_the_package_does_not_import_triton():
     code = ("import sys, kernel_moe, kernel_moe.kernels, kernel_moe.kernels.triton, "
             "kernel_moe.kernels.triton.tile_configs; assert 'triton' not in sys.modules, 'triton imported'")

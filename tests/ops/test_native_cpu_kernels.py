@@ -237,3 +237,44 @@ def test_fused_forward_leaves_dropped_slots_out(ext, monkeypatch):
     kept["topk_weights"][(inputs["topk_ids"] < 0) | (inputs["topk_ids"] > 3)] = 0.0
     assert_fp32_close(run_op(inputs, backend="cpu"), run_reference(kept))
     assert calls == [1]
+
+
+def test_grouped_matvec_from_many_threads_and_a_forked_child(ext):
+    """The matrix-vector kernels' own thread pool (kernels/cpu/pool.h): calls from several Python
+    threads at once take turns and stay exact, and a forked child (a data-loader worker) starts a
+    pool of its own instead of waiting for its parent's threads."""
+    import multiprocessing
+    import threading
+
+    g = torch.Generator().manual_seed(11)
+    counts = [3, 0, 4, 2]
+    w_ENK = torch.randn(4, 256, 96, generator=g)
+    xs = [torch.randn(9, 96, generator=g) for _ in range(6)]
+    want = [_reference(x, w_ENK, counts) for x in xs]
+    got = [None] * len(xs)
+
+    def call(i):
+        for _ in range(20):
+            got[i] = ext.grouped_matvec(xs[i], w_ENK, counts)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for y, ref in zip(got, want):
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_matvec, args=(queue, xs[0], w_ENK, counts))
+    child.start()
+    result = queue.get(timeout=120)
+    child.join(timeout=30)
+    assert child.exitcode == 0, "the forked child did not finish its call"
+    torch.testing.assert_close(torch.tensor(result, dtype=torch.float64), want[0], rtol=1e-5, atol=1e-4)
+
+
+def _child_matvec(queue, x_SK, w_ENK, counts):
+    torch.set_num_threads(2)
+    queue.put(cpu_kernels.cpu_extension().grouped_matvec(x_SK, w_ENK, counts).tolist())

@@ -64,7 +64,8 @@ def _exact_worker(rank, world, E, K, tokens, seed, mode):
     local_down = w_down[held].clone().requires_grad_(True)
 
     def experts_fn(rows, ids):
-        return run_experts(rows, torch.ones(rows.shape[0], 1), ids, StackedExperts(local_up, local_down), "cpu")
+        experts = StackedExperts(local_up, local_down, expert_map=shard.expert_map())
+        return run_experts(rows, torch.ones(rows.shape[0], 1), ids, experts, "cpu")
 
     x, weights, ids = per_rank[rank]
     x, weights = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)

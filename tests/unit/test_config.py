@@ -43,9 +43,12 @@ BAD_VALUES = [
     ("router_jitter", 1.0),
     ("router_jitter", math.nan),
     ("router_jitter", "0.1"),
-    ("expert_parallel", True),
     ("expert_parallel", 1),
     ("expert_parallel", "no"),
+    ("expert_parallel_mode", "dropless"),
+    ("expert_parallel_mode", "padded"),  # needs expert_parallel=True
+    ("expert_parallel_capacity_factor", 0.0),
+    ("expert_parallel_capacity_factor", math.inf),
     ("backend", "cuda"),
     ("backend", "Triton"),
     ("backend", None),
@@ -88,10 +91,14 @@ def test_top_k_above_num_experts_raises(num_experts, top_k):
     assert str(num_experts) in str(exc.value)
 
 
-def test_expert_parallel_message_says_it_is_not_available():
-    with pytest.raises(ValueError, match="expert_parallel") as exc:
-        KernelConfig.for_moe(expert_parallel=True)
-    assert "not available" in str(exc.value)
+def test_expert_parallel_is_accepted_with_its_dispatch_mode():
+    cfg = KernelConfig.for_moe(expert_parallel=True)
+    assert (cfg.expert_parallel_mode, cfg.expert_parallel_capacity_factor) == ("exact", 2.0)
+    cfg = KernelConfig.for_moe(expert_parallel=True, expert_parallel_mode="padded", expert_parallel_capacity_factor=1.5)
+    assert (cfg.expert_parallel_mode, cfg.expert_parallel_capacity_factor) == ("padded", 1.5)
+    with pytest.raises(ValueError) as exc:
+        KernelConfig.for_moe(expert_parallel=True, quantize_experts="int8")
+    _assert_names(exc, "quantize_experts", "int8")
 
 
 def test_disabling_both_swap_kinds_raises():

@@ -286,3 +286,19 @@ def test_deepcopy_of_an_optimized_model_is_independent():
         assert_fp32_close(layer(x), ref)
         assert_fp32_close(twin(x), twin.original(x))
         assert not torch.allclose(twin(x), ref)
+
+
+def test_deepcopy_and_pickle_after_a_training_forward_with_aux_loss():
+    """The aux loss of the last training forward holds an autograd graph; copying or pickling the
+    layer (MoEBenchmark deep-copies the model it measures) must not try to copy it."""
+    import pickle
+
+    layer = _convert(_block(), load_balancing="auxiliary_loss").train()
+    layer(_x(10, H)).sum().backward()
+    assert layer.aux_loss is not None and layer.aux_loss.grad_fn is not None
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert twin.aux_loss is None
+        assert layer.aux_loss is not None  # the original keeps its loss
+        with torch.no_grad():
+            assert_fp32_close(twin.eval()(_x(6, H)), layer.eval()(_x(6, H)))
+        layer.train()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kernel_moe.kernels.annotate import COMBINE, DISPATCH, stage
 from kernel_moe.kernels.contract import ExpertsGrads, StackedExperts
 from kernel_moe.kernels.cpu.forward import expert_groups
 from kernel_moe.kernels.cpu.mlp import expert_of, mlp_backward
@@ -29,19 +30,22 @@ def experts_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_TK:
     grad_b_up = torch.zeros_like(b_up) if b_up is not None else None
     grad_b_down = torch.zeros_like(b_down) if b_down is not None else None
     weights_S = topk_weights_TK.reshape(-1)
-    for e, tok_M, slot_M in expert_groups(topk_ids_TK, experts.num_experts):
-        g = mlp_backward(grad_TH.index_select(0, tok_M), weights_S.index_select(0, slot_M),
-                         x_TH.index_select(0, tok_M), expert_of(experts, e, x_TH.dtype), experts.activation,
-                         weight_grads=not frozen)
-        grad_w_S[slot_M] = g.scale
-        if not frozen:
-            grad_w_up[e] = g.w_up
-            grad_w_down[e] = g.w_down
-        if grad_b_up is not None:
-            grad_b_up[e] = g.b_up
-        if grad_b_down is not None:
-            grad_b_down[e] = g.b_down
-        grad_x_TH.index_add_(0, tok_M, g.x)
+    with stage(DISPATCH):
+        groups = list(expert_groups(topk_ids_TK, experts.num_experts))
+    for e, tok_M, slot_M in groups:
+        with stage(DISPATCH):
+            rows = grad_TH.index_select(0, tok_M), weights_S.index_select(0, slot_M), x_TH.index_select(0, tok_M)
+        g = mlp_backward(*rows, expert_of(experts, e, x_TH.dtype), experts.activation, weight_grads=not frozen)
+        with stage(COMBINE):  # gradients written in place: the routing weights', the expert's, x's
+            grad_w_S[slot_M] = g.scale
+            if not frozen:
+                grad_w_up[e] = g.w_up
+                grad_w_down[e] = g.w_down
+            if grad_b_up is not None:
+                grad_b_up[e] = g.b_up
+            if grad_b_down is not None:
+                grad_b_down[e] = g.b_down
+            grad_x_TH.index_add_(0, tok_M, g.x)
     return ExpertsGrads(grad_x_TH.to(x_TH.dtype), grad_w_S.view(T, K).to(topk_weights_TK.dtype), grad_w_up,
                         grad_w_down, grad_b_up, grad_b_down)
 

@@ -9,8 +9,8 @@
 ``kernels.h`` declares them and ``bindings.cpp`` makes the Python module. The build needs a C++
 compiler and ninja and takes about a minute on two cores; the result is cached by torch
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) under a name that includes a
-hash of the sources, the compiler flags, the torch version and the CPU's feature flags, since it is compiled for
-this CPU (``-march=native``). ``python -m kernel_moe build`` compiles it ahead of time.
+hash of the sources (and their folder), the compiler flags, the torch version and the CPU's
+feature flags, since it is compiled for this CPU (``-march=native``). ``python -m kernel_moe build`` compiles it ahead of time.
 
 ``KERNEL_MOE_CPU_EXTENSION``: ``auto`` (default) builds or loads it on first use and falls
 back to the PyTorch path, with one warning, when that fails; ``off`` never uses it;
@@ -35,7 +35,7 @@ ENV = "KERNEL_MOE_CPU_EXTENSION"
 SETTINGS = ("auto", "off", "require")
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("bindings.cpp", "grouped_matvec.cpp", "quant_matvec.cpp", "fused_experts.cpp"))
-HEADERS = (Path(__file__).with_name("kernels.h"),)
+HEADERS = (Path(__file__).with_name("kernels.h"), Path(__file__).with_name("pool.h"))
 # hot loops aligned to 64 bytes: where a streaming loop lands relative to the instruction fetch
 # blocks moved the same matrix-vector code by 10-15% from one build to the next (measured)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-falign-functions=64", "-falign-loops=64")
@@ -104,8 +104,10 @@ def _build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     text = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    # the sources' folder too: the build files name the source paths, so two checkouts sharing one
+    # build folder would rebuild it for each other on every load
     key = hashlib.sha1(text + " ".join(CFLAGS).encode() + torch.__version__.encode()
-                       + _cpu_flags().encode()).hexdigest()[:12]
+                       + _cpu_flags().encode() + str(SOURCES[0].parent).encode()).hexdigest()[:12]
     logger.info("kernel_moe: loading the native CPU kernels (compiled once per machine, about a minute)")
     return load(
         name=f"kernel_moe_cpu_{key}",

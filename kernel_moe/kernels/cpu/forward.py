@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from kernel_moe.kernels.activations import apply_activation
+from kernel_moe.kernels.annotate import COMBINE, DISPATCH, DOWN, FUSED, UP, stage
 from kernel_moe.kernels.contract import StackedExperts
 from kernel_moe.kernels.cpu.extension import cpu_extension
 from kernel_moe.kernels.cpu.mlp import expert_of, mlp_forward
@@ -177,8 +178,10 @@ def _run_mlp(x_BMH: torch.Tensor, first: int, step: int, experts: StackedExperts
     one batched GEMM per projection over strided views of the stacked weights."""
     B = x_BMH.shape[0]
     w_up, w_down, b_up, b_down = (_expert_view(w, first, step, B) for w in experts[:4])
-    h_BMN = _batched_linear(x_BMH, w_up, b_up)
-    return _batched_linear(apply_activation(h_BMN, experts.activation), w_down, b_down)
+    with stage(UP):
+        a_BMI = apply_activation(_batched_linear(x_BMH, w_up, b_up), experts.activation)
+    with stage(DOWN):
+        return _batched_linear(a_BMI, w_down, b_down)
 
 
 def _batched_linear(x_BMY: torch.Tensor, w_BXY: torch.Tensor, b_BX: torch.Tensor | None) -> torch.Tensor:
@@ -198,7 +201,8 @@ def _small_batch_rows(x_TH: torch.Tensor, slots: SortedSlots, experts: StackedEx
     (with one thread: that needs any padding) runs expert by expert instead.
     """
     H = x_TH.shape[1]
-    x_SH = x_TH.index_select(0, slots.tok_S)
+    with stage(DISPATCH):
+        x_SH = x_TH.index_select(0, slots.tok_S)
     # padding buys thread parallelism; with one thread it is only wasted work
     max_padded = 2 if torch.get_num_threads() > 1 else 1
     runs = []  # (first expert, step, rows of each of its experts)
@@ -221,11 +225,15 @@ def _small_batch_rows(x_TH: torch.Tensor, slots: SortedSlots, experts: StackedEx
         if min(rows) == m:
             x_BMH = x_MH.view(count, m, H)
         else:  # row r of the run's i-th expert sits at i * m + r
-            pos = torch.tensor([i * m + r for i, n in enumerate(rows) for r in range(n)], device=x_TH.device)
-            x_BMH = x_TH.new_zeros(count * m, H).index_copy_(0, pos, x_MH).view(count, m, H)
+            with stage(DISPATCH):
+                pos = torch.tensor([i * m + r for i, n in enumerate(rows) for r in range(n)], device=x_TH.device)
+                x_BMH = x_TH.new_zeros(count * m, H).index_copy_(0, pos, x_MH).view(count, m, H)
         y = _run_mlp(x_BMH, first, step, experts).view(-1, H)
         outs.append(y if pos is None else y.index_select(0, pos))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    if len(outs) == 1:
+        return outs[0]
+    with stage(COMBINE):
+        return torch.cat(outs)
 
 
 def _single_token_forward(x_1H: torch.Tensor, topk_weights_1K: torch.Tensor, topk_ids_1K: torch.Tensor,
@@ -253,7 +261,8 @@ def _single_token_forward(x_1H: torch.Tensor, topk_weights_1K: torch.Tensor, top
         weights_1K = weights_1K[:, order]
     else:
         y_KH = torch.cat([mlp_forward(x_1H, expert_of(experts, e, x_1H.dtype), experts.activation) for e in ids])
-    return torch.mm(weights_1K, y_KH.to(acc_dtype)).to(x_1H.dtype)
+    with stage(COMBINE):
+        return torch.mm(weights_1K, y_KH.to(acc_dtype)).to(x_1H.dtype)
 
 
 def _matvec_fits(x_TH: torch.Tensor, experts: StackedExperts, S: int) -> bool:
@@ -285,22 +294,23 @@ def _matvec(ext, x_SK: torch.Tensor, experts: StackedExperts, which: int, counts
                                         _FORMAT_CODES[experts.weight_format])
 
 
-def _native_rows(ext, x_TH: torch.Tensor, slots: SortedSlots, experts: StackedExperts) -> torch.Tensor:
-    """Expert outputs [S', H] in fp32, sorted-slot order, from the native grouped
-    matrix-vector kernel: one pass over each active expert's weights per projection, fp32
-    accumulation and fp32 activation."""
+def _native_rows(ext, x_SH: torch.Tensor, slots: SortedSlots, experts: StackedExperts) -> torch.Tensor:
+    """Expert outputs [S', H] in fp32, sorted-slot order, of the gathered fp32 rows ``x_SH``, from
+    the native grouped matrix-vector kernel: one pass over each active expert's weights per
+    projection, fp32 accumulation and fp32 activation."""
     b_up, b_down = experts.b_up, experts.b_down
-    x_SH = x_TH.index_select(0, slots.tok_S).float()
-    expert_S = None
-    if b_up is not None or b_down is not None:
-        expert_S = torch.repeat_interleave(torch.arange(len(slots.counts)), torch.tensor(slots.counts))
-    h_SN = _matvec(ext, x_SH, experts, 0, slots.counts)
-    if b_up is not None:
-        h_SN += b_up.index_select(0, expert_S)
-    a_SI = apply_activation(h_SN, experts.activation).contiguous()
-    y_SH = _matvec(ext, a_SI, experts, 1, slots.counts)
-    if b_down is not None:
-        y_SH += b_down.index_select(0, expert_S)
+    with stage(UP):
+        expert_S = None
+        if b_up is not None or b_down is not None:
+            expert_S = torch.repeat_interleave(torch.arange(len(slots.counts)), torch.tensor(slots.counts))
+        h_SN = _matvec(ext, x_SH, experts, 0, slots.counts)
+        if b_up is not None:
+            h_SN += b_up.index_select(0, expert_S)
+        a_SI = apply_activation(h_SN, experts.activation).contiguous()
+    with stage(DOWN):
+        y_SH = _matvec(ext, a_SI, experts, 1, slots.counts)
+        if b_down is not None:
+            y_SH += b_down.index_select(0, expert_S)
     return y_SH
 
 
@@ -310,29 +320,34 @@ def _chunked_forward(x_TH: torch.Tensor, weights_S: torch.Tensor, slots: SortedS
     written into shared buffers; activation, scale and combine once per chunk. [T, H] acc dtype."""
     T, H = x_TH.shape
     N = experts.w_up.shape[1]
-    out_TH = torch.zeros(T, H, dtype=weights_S.dtype, device=x_TH.device)
+    with stage(COMBINE):
+        out_TH = torch.zeros(T, H, dtype=weights_S.dtype, device=x_TH.device)
     S = slots.order_S.shape[0]
     dequantized: dict[int, object] = {}  # quantized experts: each dequantized once per call, when first needed
     ends = list(accumulate(slots.counts))
     for c0, c1 in _chunk_bounds(slots.counts, max(MIN_CHUNK_ROWS, -(-S // CHUNKS_PER_CALL))):
-        # (expert, first row, end row) of each expert's slots inside this chunk, chunk-relative
-        segments = [(e, max(end - n, c0) - c0, min(end, c1) - c0)
-                    for e, (n, end) in enumerate(zip(slots.counts, ends)) if n and end > c0 and end - n < c1]
-        tok_C = slots.tok_S[c0:c1]
-        x_CH = x_TH.index_select(0, tok_C)
-        h_CN = x_TH.new_empty(c1 - c0, N)
-        for e, lo, hi in segments:
-            ex = _expert(experts, e, x_TH.dtype, dequantized)
-            _linear_into(h_CN[lo:hi], x_CH[lo:hi], ex.w_up, ex.b_up)
-        del x_CH
-        a_CI = apply_activation(h_CN, experts.activation)
-        del h_CN
-        y_CH = x_TH.new_empty(c1 - c0, H)
-        for e, lo, hi in segments:
-            ex = _expert(experts, e, x_TH.dtype, dequantized)
-            _linear_into(y_CH[lo:hi], a_CI[lo:hi], ex.w_down, ex.b_down)
-        del a_CI
-        out_TH.index_add_(0, tok_C, y_CH.to(weights_S.dtype).mul_(weights_S[c0:c1].unsqueeze(-1)))
+        with stage(DISPATCH):
+            # (expert, first row, end row) of each expert's slots inside this chunk, chunk-relative
+            segments = [(e, max(end - n, c0) - c0, min(end, c1) - c0)
+                        for e, (n, end) in enumerate(zip(slots.counts, ends)) if n and end > c0 and end - n < c1]
+            tok_C = slots.tok_S[c0:c1]
+            x_CH = x_TH.index_select(0, tok_C)
+        with stage(UP):
+            h_CN = x_TH.new_empty(c1 - c0, N)
+            for e, lo, hi in segments:
+                ex = _expert(experts, e, x_TH.dtype, dequantized)
+                _linear_into(h_CN[lo:hi], x_CH[lo:hi], ex.w_up, ex.b_up)
+            del x_CH
+            a_CI = apply_activation(h_CN, experts.activation)
+            del h_CN
+        with stage(DOWN):
+            y_CH = x_TH.new_empty(c1 - c0, H)
+            for e, lo, hi in segments:
+                ex = _expert(experts, e, x_TH.dtype, dequantized)
+                _linear_into(y_CH[lo:hi], a_CI[lo:hi], ex.w_down, ex.b_down)
+            del a_CI
+        with stage(COMBINE):
+            out_TH.index_add_(0, tok_C, y_CH.to(weights_S.dtype).mul_(weights_S[c0:c1].unsqueeze(-1)))
     return out_TH
 
 
@@ -366,26 +381,36 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
     matvec = ext is not None and _matvec_fits(x_TH, experts, S)
     if T == 1 and not matvec and x_TH.device.type == "cpu":
         return _single_token_forward(x_TH, topk_weights_TK, topk_ids_TK, experts)
-    slots = sort_slots(topk_ids_TK, experts.num_experts)
-    active = sum(1 for n in slots.counts if n)
+    # one dispatch range (a decode call opens one range per stage): sort, choose the path, gather
+    with stage(DISPATCH):
+        slots = sort_slots(topk_ids_TK, experts.num_experts)
+        active = sum(1 for n in slots.counts if n)
+        matvec = matvec and S <= (QUANTIZED_MAX_MEAN_ROWS if experts.quantized
+                                  else NATIVE_MAX_MEAN_ROWS[x_TH.dtype]) * active
+        fused = ext is not None and not matvec and not experts.quantized and _fused_fits(x_TH, experts)
+        if active and not fused:
+            weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
+        if active and matvec:
+            x_SH = x_TH.index_select(0, slots.tok_S).float()
     if not active:  # every slot dropped
         return x_TH.new_zeros(T, H)
-    matvec = matvec and S <= (QUANTIZED_MAX_MEAN_ROWS if experts.quantized else NATIVE_MAX_MEAN_ROWS[x_TH.dtype]) * active
-    if ext is not None and not matvec and not experts.quantized and _fused_fits(x_TH, experts):
+    if fused:
         act = experts.activation
-        return ext.fused_experts(x_TH, topk_weights_TK, slots.order_S, slots.counts, *experts[:4], act.kind,
-                                 act.glu, act.alpha, act.limit, act.gate_softcap, act.up_softcap)
-    weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
+        with stage(FUSED):  # gather, up-projection, activation, down-projection and combine in one call
+            return ext.fused_experts(x_TH, topk_weights_TK, slots.order_S, slots.counts, *experts[:4], act.kind,
+                                     act.glu, act.alpha, act.limit, act.gate_softcap, act.up_softcap)
     if matvec:
-        y_SH = _native_rows(ext, x_TH, slots, experts)
+        y_SH = _native_rows(ext, x_SH, slots, experts)
         if T == 1:  # one token: combine its rows by a [1, S'] x [S', H] GEMM
-            return torch.mm(weights_S.unsqueeze(0), y_SH).to(x_TH.dtype)
+            with stage(COMBINE):
+                return torch.mm(weights_S.unsqueeze(0), y_SH).to(x_TH.dtype)
     elif S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active and not experts.quantized:
         y_SH = _small_batch_rows(x_TH, slots, experts).to(acc_dtype)
     else:
         return _chunked_forward(x_TH, weights_S, slots, experts).to(x_TH.dtype)
-    out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
-    return out_TH.index_add_(0, slots.tok_S, y_SH.mul_(weights_S.unsqueeze(-1))).to(x_TH.dtype)
+    with stage(COMBINE):
+        out_TH = torch.zeros(T, H, dtype=acc_dtype, device=x_TH.device)
+        return out_TH.index_add_(0, slots.tok_S, y_SH.mul_(weights_S.unsqueeze(-1))).to(x_TH.dtype)
 
 
 def dense_forward(x_TH: torch.Tensor, experts: StackedExperts) -> torch.Tensor:

@@ -10,6 +10,7 @@
 // Legend: E experts, N output features, K input features, S rows (sum of counts).
 
 #include "kernels.h"
+#include "pool.h"
 
 #include <ATen/Parallel.h>
 
@@ -60,7 +61,7 @@ void grouped_matvec_impl(const W* w_ENK, int64_t stride_e, int64_t stride_n, con
                          int64_t N, int64_t K, const std::vector<Group>& groups) {
   const int64_t G = static_cast<int64_t>(groups.size());
   // one task = one weight row of one group, at least 16 of them per thread chunk
-  at::parallel_for(0, G * N, 16, [&](int64_t begin, int64_t end) {
+  kernel_moe::parallel_chunks(G * N, 16, [&](int64_t begin, int64_t end) {
     float acc[4];
     for (int64_t i = begin; i < end; ++i) {
       const Group& g = groups[i / N];

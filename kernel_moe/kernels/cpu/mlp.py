@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernel_moe.kernels.activations import activation_backward, apply_activation
+from kernel_moe.kernels.annotate import DOWN, UP, stage
 from kernel_moe.kernels.contract import Activation, StackedExperts
 from kernel_moe.kernels.quantization import dequantize
 
@@ -39,8 +40,10 @@ def expert_of(experts: StackedExperts, e: int, dtype: torch.dtype | None = None)
 
 def mlp_forward(x_MH: torch.Tensor, ex: Expert, act: Activation) -> torch.Tensor:
     """[M, H] -> [M, H] in the GEMMs' dtype: up-projection, activation, down-projection."""
-    h_MN = F.linear(x_MH, ex.w_up, ex.b_up)
-    return F.linear(apply_activation(h_MN, act), ex.w_down, ex.b_down)
+    with stage(UP):
+        a_MI = apply_activation(F.linear(x_MH, ex.w_up, ex.b_up), act)
+    with stage(DOWN):
+        return F.linear(a_MI, ex.w_down, ex.b_down)
 
 
 class MLPGrads(NamedTuple):
@@ -60,22 +63,25 @@ def mlp_backward(g_MH: torch.Tensor, scale_M: torch.Tensor | None, x_MH: torch.T
     the forward (nothing was saved); without ``weight_grads`` (frozen, quantized weights) the
     weight gradients are None."""
     acc = torch.promote_types(x_MH.dtype, torch.float32)
-    h_MN = F.linear(x_MH, ex.w_up, ex.b_up)
-    a_MI = apply_activation(h_MN, act)
-    d_scale = None
-    dy_MH = g_MH.to(acc)
-    if scale_M is not None:
-        y_MH = F.linear(a_MI, ex.w_down, ex.b_down)
-        d_scale = (dy_MH * y_MH.to(acc)).sum(dim=-1)
-        dy_MH = dy_MH * scale_M.to(acc).unsqueeze(-1)
-    dy_MH = dy_MH.to(ex.w_down.dtype)
-    dw_down = dy_MH.t() @ a_MI.to(dy_MH.dtype) if weight_grads else None
-    db_down = dy_MH.to(acc).sum(dim=0).to(ex.b_down.dtype) if ex.b_down is not None else None
-    da_MI = (dy_MH @ ex.w_down).to(a_MI.dtype)
-    dh_MN = activation_backward(h_MN, da_MI, act).to(ex.w_up.dtype)
-    dw_up = dh_MN.t() @ x_MH.to(dh_MN.dtype) if weight_grads else None
-    db_up = dh_MN.to(acc).sum(dim=0).to(ex.b_up.dtype) if ex.b_up is not None else None
-    return MLPGrads((dh_MN @ ex.w_up).to(acc), dw_up, dw_down, db_up, db_down, d_scale)
+    with stage(UP):  # the up-projection recomputed
+        h_MN = F.linear(x_MH, ex.w_up, ex.b_up)
+        a_MI = apply_activation(h_MN, act)
+    with stage(DOWN):  # the routing-weight gradient and the down-projection's gradients
+        d_scale = None
+        dy_MH = g_MH.to(acc)
+        if scale_M is not None:
+            y_MH = F.linear(a_MI, ex.w_down, ex.b_down)
+            d_scale = (dy_MH * y_MH.to(acc)).sum(dim=-1)
+            dy_MH = dy_MH * scale_M.to(acc).unsqueeze(-1)
+        dy_MH = dy_MH.to(ex.w_down.dtype)
+        dw_down = dy_MH.t() @ a_MI.to(dy_MH.dtype) if weight_grads else None
+        db_down = dy_MH.to(acc).sum(dim=0).to(ex.b_down.dtype) if ex.b_down is not None else None
+        da_MI = (dy_MH @ ex.w_down).to(a_MI.dtype)
+    with stage(UP):  # the activation's and the up-projection's gradients
+        dh_MN = activation_backward(h_MN, da_MI, act).to(ex.w_up.dtype)
+        dw_up = dh_MN.t() @ x_MH.to(dh_MN.dtype) if weight_grads else None
+        db_up = dh_MN.to(acc).sum(dim=0).to(ex.b_up.dtype) if ex.b_up is not None else None
+        return MLPGrads((dh_MN @ ex.w_up).to(acc), dw_up, dw_down, db_up, db_down, d_scale)
 
 
 __all__ = ["Expert", "MLPGrads", "expert_of", "mlp_backward", "mlp_forward"]

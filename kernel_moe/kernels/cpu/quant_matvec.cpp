@@ -14,6 +14,7 @@
 // Legend: E experts, N output features, K input features, S rows (sum of counts), G groups per row.
 
 #include "kernels.h"
+#include "pool.h"
 
 #include <ATen/Parallel.h>
 
@@ -176,7 +177,7 @@ template <int F>
 void quant_matvec_impl(const uint8_t* w, const float* scale, const float* x_SK, const float* xsum_SG, float* y_SN,
                        const Layout& L, const std::vector<Rows>& groups) {
   const int64_t R = static_cast<int64_t>(groups.size());
-  at::parallel_for(0, R * L.N, 16, [&](int64_t begin, int64_t end) {
+  kernel_moe::parallel_chunks(R * L.N, 16, [&](int64_t begin, int64_t end) {
     float acc[4];
     for (int64_t i = begin; i < end; ++i) {
       const Rows& g = groups[i / L.N];

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from kernel_moe.errors import UnsupportedInputError
+from kernel_moe.kernels.annotate import DISPATCH, DOWN, UP, stage
 from kernel_moe.kernels.contract import ExpertsGrads, StackedExperts, local_ids, validate_call
 from kernel_moe.kernels.triton import common
 from kernel_moe.kernels.triton.common import (  # device helpers, called by the kernels
@@ -45,6 +46,7 @@ from kernel_moe.kernels.triton.common import (  # device helpers, called by the 
     slot_weight, softcap, tanh,
 )
 from kernel_moe.kernels.triton.forward import moe_down_projection
+from kernel_moe.kernels.triton.quantized import down_operand, up_operand, weight_tile
 from kernel_moe.kernels.triton.routing import AlignedRouting, align_by_expert
 from kernel_moe.kernels.triton.tile_configs import default_backward_config, validate_backward_config
 
@@ -126,13 +128,16 @@ def _moe_bwd_act_kernel(
     dot_ptr,  # [cdiv(I, BLOCK_N), S] fp32 out: partial <g[tok(s)], y_s> per I tile
     padded_slots_ptr,  # [P] int32 slot id of each padded row (S = padding)
     block_expert_ptr,  # [B] int32 expert of each block of BLOCK_M rows (-1 = unused)
+    us_ptr,  # quantized formats: w_up's scale, strides (stride_use, stride_usr, stride_usg), groups of up_group
+    ds_ptr,  # quantized formats: w_down's scale, strides (stride_dse, stride_dsr, stride_dsg), groups of down_group
     H, I, S, TOP_K, num_blocks, up_offset,
     stride_xt, stride_xh, stride_gt, stride_gh, stride_ue, stride_un, stride_uh, stride_ube, stride_ubn, stride_de,
     stride_dh, stride_di, stride_dbe, stride_dbh, stride_rt, stride_rk, stride_am, stride_dm,
+    stride_use, stride_usr, stride_usg, up_group, stride_dse, stride_dsr, stride_dsg, down_group,
     alpha, limit, gate_softcap, up_softcap,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, GATE_STEP: tl.constexpr, CLAMPED: tl.constexpr,
     SOFTCAPPED: tl.constexpr, HAS_BIAS_UP: tl.constexpr, HAS_BIAS_DOWN: tl.constexpr, UP_DTYPE: tl.constexpr,
-    DOWN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr, EVEN_K: tl.constexpr,
+    DOWN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr, EVEN_K: tl.constexpr, W_FORMAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Recomputed up-projection, gradient through the down-projection and the activation.
@@ -144,7 +149,8 @@ def _moe_bwd_act_kernel(
     a = act(clamp(h)), gw = g[t] @ w_down[e][:, i], da = w_s * gw, dh = d a / dh * da (the
     activation's scalars and flags as in the forward's ``_moe_up_kernel``);
     dot[tile, s] = sum_i gw * a (+ <g[t], b_down[e]> in tile 0), so that the tiles sum to
-    <g[t], a_s @ w_down[e]^T + b_down[e]>.
+    <g[t], a_s @ w_down[e]^T + b_down[e]>. Quantized weights (W_FORMAT > 0) are dequantized
+    in the K-loop as in the forward.
     """
     pid_m, pid_n, expert, cols, col_ok = block_tile(block_expert_ptr, num_blocks, I, BLOCK_N, GROUP_M)  # cols of I
     if expert < 0:
@@ -157,9 +163,12 @@ def _moe_bwd_act_kernel(
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xh  # [BLOCK_M, BLOCK_K]
     g_ptrs = g_ptr + tokens[:, None] * stride_gt + ks[None, :] * stride_gh  # [BLOCK_M, BLOCK_K]
     w_up_base = w_up_ptr + e64 * stride_ue
+    w_down_base = w_down_ptr + e64 * stride_de
+    us_base = us_ptr + e64 * stride_use
+    ds_base = ds_ptr + e64 * stride_dse
     wg_ptrs = w_up_base + gate_rows[None, :] * stride_un + ks[:, None] * stride_uh  # [BLOCK_K, BLOCK_N]
     wu_ptrs = wg_ptrs + up_offset * stride_un
-    wd_ptrs = w_down_ptr + e64 * stride_de + ks[:, None] * stride_dh + cols[None, :] * stride_di  # [BLOCK_K, BLOCK_N]
+    wd_ptrs = w_down_base + ks[:, None] * stride_dh + cols[None, :] * stride_di  # [BLOCK_K, BLOCK_N]
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -171,13 +180,20 @@ def _moe_bwd_act_kernel(
             k_ok = ks < H - k0 * BLOCK_K
             a_mask = row_ok[:, None] & k_ok[None, :]
             w_mask = k_ok[:, None] & col_ok[None, :]
+        kk = (k0 * BLOCK_K + ks)[:, None]  # [BLOCK_K, 1] hidden features of this step
         xt = tl.load(x_ptrs, mask=a_mask, other=0.0)
         gt = tl.load(g_ptrs, mask=a_mask, other=0.0)
-        acc_g = mma(xt, tl.load(wg_ptrs, mask=w_mask, other=0.0), acc_g, UP_DTYPE, UPCAST, TF32)
+        wg = weight_tile(wg_ptrs, w_up_base, us_base, gate_rows[None, :], kk, w_mask, stride_un, stride_usr, stride_usg,
+                         up_group, W_FORMAT)
+        acc_g = mma(xt, wg, acc_g, UP_DTYPE, UPCAST, TF32)
         if GATED:
-            acc_u = mma(xt, tl.load(wu_ptrs, mask=w_mask, other=0.0), acc_u, UP_DTYPE, UPCAST, TF32)
+            wu = weight_tile(wu_ptrs, w_up_base, us_base, gate_rows[None, :] + up_offset, kk, w_mask, stride_un,
+                             stride_usr, stride_usg, up_group, W_FORMAT)
+            acc_u = mma(xt, wu, acc_u, UP_DTYPE, UPCAST, TF32)
             wu_ptrs += BLOCK_K * stride_uh
-        acc_d = mma(gt, tl.load(wd_ptrs, mask=w_mask, other=0.0), acc_d, DOWN_DTYPE, UPCAST, TF32)
+        wd = weight_tile(wd_ptrs, w_down_base, ds_base, kk, cols[None, :], w_mask, stride_dh, stride_dsr, stride_dsg,
+                         down_group, W_FORMAT)
+        acc_d = mma(gt, wd, acc_d, DOWN_DTYPE, UPCAST, TF32)
         x_ptrs += BLOCK_K * stride_xh
         g_ptrs += BLOCK_K * stride_gh
         wg_ptrs += BLOCK_K * stride_uh
@@ -309,8 +325,9 @@ def _launch_act(
     and the partial routing-weight gradients [cdiv(I, act.BLOCK_N), S] fp32 (zero for dropped
     slots)."""
     w_up, w_down, b_up, b_down, activation = experts[:5]
-    E, N, H = w_up.shape
-    I = w_down.shape[2]
+    up_w, down_w = up_operand(experts), down_operand(experts)
+    E, N, H = up_w.shape
+    I = down_w.shape[2]
     S = routing.num_slots
     act = config["act"]
     block_m = config["BLOCK_M"]
@@ -318,7 +335,7 @@ def _launch_act(
     itemsize = max(t.element_size() for t in (x_TH, grad_TH, w_up, w_down))
     stage_bytes = (2 * block_m + (3 if activation.gated else 2) * act["BLOCK_N"]) * act["BLOCK_K"] * itemsize
     num_tiles = triton.cdiv(I, act["BLOCK_N"])
-    inter = common.dot_dtype(x_TH.dtype, w_up.dtype)
+    inter = common.dot_dtype(x_TH.dtype, up_w.data.dtype)
     P = routing.padded_slots_P.shape[0]
     a_PI = torch.empty(P, I, dtype=inter, device=dev)
     dh_PN = torch.empty(P, N, dtype=inter, device=dev)
@@ -326,20 +343,22 @@ def _launch_act(
     b_up_t, stride_ube, stride_ubn = common.operand(b_up, w_up)
     b_down_t, stride_dbe, stride_dbh = common.operand(b_down, w_down)
     _moe_bwd_act_kernel[(routing.num_blocks * num_tiles,)](
-        x_TH, grad_TH, w_up, b_up_t, w_down, b_down_t, weights_TK, a_PI, dh_PN, dot_partial,
-        routing.padded_slots_P, routing.block_expert_B,
+        x_TH, grad_TH, up_w.data, b_up_t, down_w.data, b_down_t, weights_TK, a_PI, dh_PN, dot_partial,
+        routing.padded_slots_P, routing.block_expert_B, up_w.scale, down_w.scale,
         H, I, S, routing.top_k, routing.num_blocks, common.up_offset(activation, I),
         x_TH.stride(0), x_TH.stride(1), grad_TH.stride(0), grad_TH.stride(1),
         w_up.stride(0), w_up.stride(1), w_up.stride(2), stride_ube, stride_ubn,
         w_down.stride(0), w_down.stride(1), w_down.stride(2), stride_dbe, stride_dbh,
         weights_TK.stride(0), weights_TK.stride(1), a_PI.stride(0), dh_PN.stride(0),
+        *up_w.scale_args()[1:], *down_w.scale_args()[1:],
         *common.activation_scalars(activation),
         **common.activation_constexprs(activation),
         HAS_BIAS_UP=b_up is not None,
         HAS_BIAS_DOWN=b_down is not None,
         UP_DTYPE=common.TL_DTYPES[inter],
-        DOWN_DTYPE=common.TL_DTYPES[common.dot_dtype(grad_TH.dtype, w_down.dtype)],
+        DOWN_DTYPE=common.TL_DTYPES[common.dot_dtype(grad_TH.dtype, down_w.data.dtype)],
         EVEN_K=H % act["BLOCK_K"] == 0,
+        W_FORMAT=up_w.code,
         BLOCK_M=block_m,
         **common.gemm_launch_args(dict(act, num_stages=_fit_stages(act["num_stages"], stage_bytes))),
     )  # fmt: skip
@@ -376,6 +395,28 @@ def _launch_dw(l_t, r_t, rw_TK, out_ERC, bias_ER, routing, gather_left, dw):
 # --------------------------------------------------------------------------------------
 
 
+def _bias_grads(grad_TH: torch.Tensor, weights_TK: torch.Tensor, dh_PN: torch.Tensor, routing: AlignedRouting,
+                grad_b_up: torch.Tensor | None, grad_b_down: torch.Tensor | None) -> None:
+    """The biases' gradients when the weights are frozen (no weight-gradient kernel runs):
+    grad_b_down[e] = sum over e's slots of w_s g[tok(s)], grad_b_up[e] = sum over e's padded rows
+    of dh; dropped slots and padding rows add nothing. Written in place, no host synchronisation."""
+    T, K = routing.ids_TK.shape
+    ids_S = routing.ids_TK.reshape(-1).long()  # [S]
+    if grad_b_down is not None:
+        E = grad_b_down.shape[0]
+        kept_S = (ids_S >= 0) & (ids_S < E)
+        rows_SH = grad_TH.float().repeat_interleave(K, dim=0) * (weights_TK.reshape(-1, 1).float() * kept_S[:, None])
+        grad_b_down.copy_(torch.zeros(E, grad_TH.shape[1], dtype=torch.float32, device=grad_TH.device)
+                          .index_add_(0, ids_S.clamp(0, E - 1), rows_SH))
+    if grad_b_up is not None:
+        E = grad_b_up.shape[0]
+        expert_P = routing.block_expert_B.long().repeat_interleave(routing.block_m)  # [P]
+        real_P = routing.padded_slots_P.long() < routing.num_slots
+        rows_PN = torch.where(real_P[:, None], dh_PN.float(), 0.0)  # padding rows were never written
+        grad_b_up.copy_(torch.zeros(E, dh_PN.shape[1], dtype=torch.float32, device=dh_PN.device)
+                        .index_add_(0, expert_P.clamp(0, E - 1), rows_PN))
+
+
 def _zero_grads(x_TH, weights_TK, grads_w, dense) -> ExpertsGrads:
     """The gradients of a call without slots (T == 0 or K == 0): zeros, nothing launched."""
     for t in grads_w:
@@ -399,27 +440,37 @@ def experts_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, weights_TK: torc
         weights_TK, ids_TK = common.dense_routing(x_TH)
     w_up, w_down, b_up, b_down, activation = experts[:5]
     T, H = x_TH.shape
-    E, N, _ = w_up.shape
+    E, N = w_up.shape[:2]
     K = ids_TK.shape[1]
     dev = x_TH.device
-    grad_w_up = torch.empty(w_up.shape, dtype=w_up.dtype, device=dev)
-    grad_w_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=dev)
+    frozen = experts.quantized  # quantized weights take no gradient
+    grad_w_up = None if frozen else torch.empty(w_up.shape, dtype=w_up.dtype, device=dev)
+    grad_w_down = None if frozen else torch.empty(w_down.shape, dtype=w_down.dtype, device=dev)
     grad_b_up = torch.empty_like(b_up, memory_format=torch.contiguous_format) if b_up is not None else None
     grad_b_down = torch.empty_like(b_down, memory_format=torch.contiguous_format) if b_down is not None else None
     if T == 0 or K == 0:
         return _zero_grads(x_TH, weights_TK, (grad_w_up, grad_w_down, grad_b_up, grad_b_down), dense)
     if config is None:
-        config = default_backward_config(E, N, H, x_TH.dtype, common.device_name_of(x_TH), T, top_k=K, gated=activation.gated)
+        config = default_backward_config(E, N, H, x_TH.dtype, common.device_name_of(x_TH), T, top_k=K,
+                                         gated=activation.gated)
     else:
         config = validate_backward_config(copy.deepcopy(config))
-    routing = align_by_expert(ids_TK, E, config["BLOCK_M"])
+    with stage(DISPATCH):
+        routing = align_by_expert(ids_TK, E, config["BLOCK_M"])
     with common.launch_device(x_TH):
-        a_PI, dh_PN, dot_partial = _launch_act(x_TH, grad_TH, weights_TK, routing, experts, config)
-        _launch_dw(grad_TH, a_PI, weights_TK, grad_w_down, grad_b_down, routing, True, config["dw"])
-        _launch_dw(dh_PN, x_TH, None, grad_w_up, grad_b_up, routing, False, config["dw"])
-    grad_x = moe_down_projection(
-        dh_PN, routing, w_up.transpose(1, 2), None, common.unit_weights(T, K, dev), x_TH.dtype, True, config
-    )
+        with stage(UP):  # the up-projection recomputed, the activation's and routing weights' gradients
+            a_PI, dh_PN, dot_partial = _launch_act(x_TH, grad_TH, weights_TK, routing, experts, config)
+        if frozen:
+            _bias_grads(grad_TH, weights_TK, dh_PN, routing, grad_b_up, grad_b_down)
+        else:
+            with stage(DOWN):
+                _launch_dw(grad_TH, a_PI, weights_TK, grad_w_down, grad_b_down, routing, True, config["dw"])
+            with stage(UP):
+                _launch_dw(dh_PN, x_TH, None, grad_w_up, grad_b_up, routing, False, config["dw"])
+    with stage(UP):  # grad x: a grouped GEMM through w_up (the forward's down-projection kernel)
+        grad_x = moe_down_projection(
+            dh_PN, routing, up_operand(experts).t(), None, common.unit_weights(T, K, dev), x_TH.dtype, True, config
+        )
     grad_w = None if dense else dot_partial.sum(dim=0).view(T, K).to(weights_TK.dtype)
     return ExpertsGrads(grad_x, grad_w, grad_w_up, grad_w_down, grad_b_up, grad_b_down)
 

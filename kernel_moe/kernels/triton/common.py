@@ -36,7 +36,7 @@ from kernel_moe.kernels.triton.tile_configs import INTERPRETER_DEVICE
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gpt_oss": 4, "relu2": 5}
 _INF = tl.constexpr(float("inf"))  # a softcap of inf is no cap (see softcap)
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-SUPPORTED_WEIGHT_FORMATS = ("full",)
+SUPPORTED_WEIGHT_FORMATS = ("full", "int8", "fp8", "int4")
 _GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 # --------------------------------------------------------------------------------------
@@ -310,16 +310,18 @@ def dense_routing(x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def check_supported(experts: StackedExperts, **tensors: torch.Tensor | None) -> None:
     """What the Triton kernels take beyond the contract: an activation kind with a kernel code
-    (every kind of the contract has one), weight_format "full", and float32, bfloat16 or float16
-    for the weights, the biases and every floating tensor in ``tensors`` (by name: x,
-    topk_weights, grad_out). Raises UnsupportedInputError naming the value."""
+    (every kind of the contract has one), a weight format they read (all of the contract's), and
+    float32, bfloat16 or float16 for full-precision weights, the biases and every floating tensor
+    in ``tensors`` (by name: x, topk_weights, grad_out). Raises UnsupportedInputError naming the
+    value."""
     if experts.activation.kind not in ACTIVATION_CODES:
         raise UnsupportedInputError(f"the triton backend does not support activation={experts.activation.kind!r}; "
                                     f"allowed: {', '.join(ACTIVATION_CODES)}")
     if experts.weight_format not in SUPPORTED_WEIGHT_FORMATS:
         raise UnsupportedInputError(f"the triton backend does not support weight_format={experts.weight_format!r}; "
                                     f"allowed: {', '.join(SUPPORTED_WEIGHT_FORMATS)}")
-    named = dict(w_up=experts.w_up, w_down=experts.w_down, b_up=experts.b_up, b_down=experts.b_down, **tensors)
+    weights = {} if experts.quantized else dict(w_up=experts.w_up, w_down=experts.w_down)
+    named = dict(weights, b_up=experts.b_up, b_down=experts.b_down, **tensors)
     for name, t in named.items():
         if t is not None and t.is_floating_point() and t.dtype not in TL_DTYPES:
             raise UnsupportedInputError(f"the triton backend does not support {name} dtype {t.dtype}; allowed: "
