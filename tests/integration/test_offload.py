@@ -160,6 +160,8 @@ def test_config_validation_names_the_field_and_what_is_allowed():
         KernelConfig.for_moe(offload_experts="host", expert_slots=2, offload_upload_cap=0)
     with pytest.raises(ValueError, match="quantize_experts='int8'.*offload_experts"):
         KernelConfig.for_moe(offload_experts="host", expert_slots=2, quantize_experts="int8")
+    with pytest.raises(ValueError, match="expert_parallel=True.*False when offload_experts is set"):
+        KernelConfig.for_moe(offload_experts="host", expert_slots=2, expert_parallel=True)
 
 
 def _tiny_hf(model_type: str):
