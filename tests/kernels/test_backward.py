@@ -489,11 +489,11 @@ _COMPILE_SCRIPT = textwrap.dedent(
         types = {"x_ptr": "*" + dt, "g_ptr": "*" + dt, "w_up_ptr": "*" + dt, "b_up_ptr": "*" + dt,
                  "w_down_ptr": "*" + dt, "b_down_ptr": "*" + dt, "rw_ptr": "*fp32", "a_ptr": "*" + dt,
                  "dh_ptr": "*" + dt, "dot_ptr": "*fp32", "padded_slots_ptr": "*i32", "block_expert_ptr": "*i32",
-                 **SCALARS}
+                 "us_ptr": "*" + dt, "ds_ptr": "*" + dt, **SCALARS}
         dot = tl.bfloat16 if dt == "bf16" else tl.float32
         consts = dict(ACTIVATION=0, GATED=True, GATE_STEP=1, CLAMPED=False, SOFTCAPPED=False, HAS_BIAS_UP=False,
                       HAS_BIAS_DOWN=False, UP_DTYPE=dot, DOWN_DTYPE=dot, UPCAST=False, TF32=False, EVEN_K=True,
-                      BLOCK_M=bm, BLOCK_N=act["BLOCK_N"], BLOCK_K=act["BLOCK_K"], GROUP_M=act["GROUP_M"])
+                      BLOCK_M=bm, BLOCK_N=act["BLOCK_N"], BLOCK_K=act["BLOCK_K"], GROUP_M=act["GROUP_M"], W_FORMAT=0)
         stages = B._fit_stages(act["num_stages"], (2 * bm + 3 * act["BLOCK_N"]) * act["BLOCK_K"] * size)
         build(B._moe_bwd_act_kernel, types, consts, ACT_UNIT, num_warps=act["num_warps"], num_stages=stages)
         types = {"l_ptr": "*" + dt, "r_ptr": "*" + dt, "rw_ptr": "*fp32", "out_ptr": "*" + dt, "bias_ptr": "*" + dt,
@@ -515,11 +515,20 @@ _COMPILE_SCRIPT = textwrap.dedent(
         types = {"x_ptr": "*" + dt, "g_ptr": "*" + dt, "w_up_ptr": "*" + wt, "b_up_ptr": "*" + wt,
                  "w_down_ptr": "*" + wt, "b_down_ptr": "*" + wt, "rw_ptr": "*fp32", "a_ptr": "*" + dt,
                  "dh_ptr": "*" + dt, "dot_ptr": "*fp32", "padded_slots_ptr": "*i32", "block_expert_ptr": "*i32",
-                 "stride_ue": "i64", "stride_de": "i64", **SCALARS}
+                 "stride_ue": "i64", "stride_de": "i64", "us_ptr": "*fp32", "ds_ptr": "*fp32", **SCALARS}
         consts = dict(ACTIVATION=act, GATED=gated, GATE_STEP=step, CLAMPED=clamped, SOFTCAPPED=capped,
                       HAS_BIAS_UP=gated, HAS_BIAS_DOWN=act != 0, UP_DTYPE=dot, DOWN_DTYPE=dot, UPCAST=False, TF32=tf32,
-                      EVEN_K=act == 0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
+                      EVEN_K=act == 0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, W_FORMAT=0)
         build(B._moe_bwd_act_kernel, types, consts, ACT_UNIT if unit else (), num_warps=4, num_stages=3)
+    for fmt, wt in ((1, "i8"), (2, "u8"), (3, "u8")):  # quantized weights dequantized in the K-loop
+        types = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_up_ptr": "*" + wt, "b_up_ptr": "*bf16",
+                 "w_down_ptr": "*" + wt, "b_down_ptr": "*bf16", "rw_ptr": "*fp32", "a_ptr": "*bf16",
+                 "dh_ptr": "*bf16", "dot_ptr": "*fp32", "padded_slots_ptr": "*i32", "block_expert_ptr": "*i32",
+                 "stride_ue": "i64", "stride_de": "i64", "us_ptr": "*fp32", "ds_ptr": "*fp32", **SCALARS}
+        consts = dict(ACTIVATION=0, GATED=True, GATE_STEP=1, CLAMPED=False, SOFTCAPPED=False, HAS_BIAS_UP=True,
+                      HAS_BIAS_DOWN=True, UP_DTYPE=tl.bfloat16, DOWN_DTYPE=tl.bfloat16, UPCAST=False, TF32=False,
+                      EVEN_K=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, W_FORMAT=fmt)
+        build(B._moe_bwd_act_kernel, types, consts, ACT_UNIT, num_warps=4, num_stages=3)
     for l_gather, dt, out, bias, unit in ((True, "bf16", "bf16", True, True), (False, "bf16", "fp32", False, True),
                                           (False, "fp32", "fp32", True, False)):
         types = {"l_ptr": "*" + dt, "r_ptr": "*" + dt, "rw_ptr": "*fp32", "out_ptr": "*" + out, "bias_ptr": "*" + out,

@@ -69,20 +69,33 @@ SCRIPT = textwrap.dedent(
     SCALARS = {"alpha": "fp32", "limit": "fp32", "gate_softcap": "fp32", "up_softcap": "fp32"}
     for act, gated, step, clamped, capped, x, w, dot, tf32, contiguous in UP_CASES:
         types = {"x_ptr": "*" + x, "w_ptr": "*" + w, "bias_ptr": "*" + w, "out_ptr": "*" + x,
-                 "padded_slots_ptr": I32, "block_expert_ptr": I32, "stride_we": "i64", **SCALARS}
+                 "padded_slots_ptr": I32, "block_expert_ptr": I32, "ws_ptr": "*fp32", "stride_we": "i64", **SCALARS}
         consts = dict(ACTIVATION=act, GATED=gated, GATE_STEP=step, CLAMPED=clamped, SOFTCAPPED=capped, HAS_BIAS=gated,
                       DOT_DTYPE=dot, UPCAST=False, TF32=tf32, EVEN_K=act == 0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
-                      GROUP_M=8)
+                      GROUP_M=8, W_FORMAT=0)
         spec = dict(ones=UP_ONES, div16=UP_DIV) if contiguous else {}
         build(F._moe_up_kernel, types, consts, num_warps=4, num_stages=3, **spec)
+    for fmt, w in ((1, "*i8"), (2, "*u8"), (3, "*u8")):  # int8, fp8 (as its bytes), int4 dequantized in the K-loop
+        types = {"x_ptr": "*bf16", "w_ptr": w, "bias_ptr": "*bf16", "out_ptr": "*bf16", "padded_slots_ptr": I32,
+                 "block_expert_ptr": I32, "ws_ptr": "*fp32", "stride_we": "i64", **SCALARS}
+        consts = dict(ACTIVATION=0, GATED=True, GATE_STEP=1, CLAMPED=False, SOFTCAPPED=False, HAS_BIAS=False,
+                      DOT_DTYPE=tl.bfloat16, UPCAST=False, TF32=False, EVEN_K=True, BLOCK_M=16, BLOCK_N=64,
+                      BLOCK_K=128, GROUP_M=8, W_FORMAT=fmt)
+        build(F._moe_up_kernel, types, consts, num_warps=4, num_stages=3, ones=UP_ONES, div16=UP_DIV)
+        types = {"a_ptr": "*bf16", "w_ptr": w, "bias_ptr": "*bf16", "rw_ptr": "*fp32", "out_ptr": "*fp32",
+                 "padded_slots_ptr": I32, "block_expert_ptr": I32, "ws_ptr": "*fp32"}
+        consts = dict(OUT_MODE=0, HAS_BIAS=False, DOT_DTYPE=tl.bfloat16, UPCAST=False, TF32=False, SPLIT_K=4,
+                      BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, W_FORMAT=fmt, W_T=fmt == 3)
+        build(F._moe_down_kernel, types, consts, num_warps=8, num_stages=3)
     DOWN_ONES = ("stride_wi", "stride_bh", "stride_rk", "stride_oh")
     DOWN_DIV = ("H", "I", "stride_am", "stride_we", "stride_wh", "stride_be", "k_per_split", "stride_ot")
     for mode in (0, 1, 2):
         types = {"a_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "rw_ptr": "*fp32",
-                 "out_ptr": "*fp32" if mode < 2 else "*bf16", "padded_slots_ptr": I32, "block_expert_ptr": I32}
+                 "out_ptr": "*fp32" if mode < 2 else "*bf16", "padded_slots_ptr": I32, "block_expert_ptr": I32,
+                 "ws_ptr": "*bf16"}
         consts = dict(OUT_MODE=mode, HAS_BIAS=mode == 0, DOT_DTYPE=tl.bfloat16, UPCAST=False, TF32=False,
                       SPLIT_K=4 if mode == 0 else 1, BLOCK_M=16 if mode == 0 else 128, BLOCK_N=128, BLOCK_K=64,
-                      GROUP_M=8)
+                      GROUP_M=8, W_FORMAT=0, W_T=False)
         spec = dict(ones=DOWN_ONES, div16=DOWN_DIV) if mode != 1 else {}
         build(F._moe_down_kernel, types, consts, num_warps=8, num_stages=3, **spec)
     build(F._moe_reduce_kernel, {"part_ptr": "*fp32", "ids_ptr": "*i64", "out_ptr": "*bf16", "split_stride": "i64"},
