@@ -34,6 +34,7 @@ from kernel_moe.kernels.cpu.extension import cpu_extension
 from kernel_moe.kernels.cpu.mlp import expert_of, mlp_forward
 
 MIN_CHUNK_ROWS = 512
+QUANTIZED_BLOCK_ROWS = 4096  # rows of one quantized expert per pair of GEMMs (bounds the intermediates)
 CHUNKS_PER_CALL = 8
 SMALL_BATCH_MEAN_ROWS = 32
 HOST_SORT_MAX_SLOTS = 64
@@ -323,7 +324,6 @@ def _chunked_forward(x_TH: torch.Tensor, weights_S: torch.Tensor, slots: SortedS
     with stage(COMBINE):
         out_TH = torch.zeros(T, H, dtype=weights_S.dtype, device=x_TH.device)
     S = slots.order_S.shape[0]
-    dequantized: dict[int, object] = {}  # quantized experts: each dequantized once per call, when first needed
     ends = list(accumulate(slots.counts))
     for c0, c1 in _chunk_bounds(slots.counts, max(MIN_CHUNK_ROWS, -(-S // CHUNKS_PER_CALL))):
         with stage(DISPATCH):
@@ -335,7 +335,7 @@ def _chunked_forward(x_TH: torch.Tensor, weights_S: torch.Tensor, slots: SortedS
         with stage(UP):
             h_CN = x_TH.new_empty(c1 - c0, N)
             for e, lo, hi in segments:
-                ex = _expert(experts, e, x_TH.dtype, dequantized)
+                ex = expert_of(experts, e)
                 _linear_into(h_CN[lo:hi], x_CH[lo:hi], ex.w_up, ex.b_up)
             del x_CH
             a_CI = apply_activation(h_CN, experts.activation)
@@ -343,7 +343,7 @@ def _chunked_forward(x_TH: torch.Tensor, weights_S: torch.Tensor, slots: SortedS
         with stage(DOWN):
             y_CH = x_TH.new_empty(c1 - c0, H)
             for e, lo, hi in segments:
-                ex = _expert(experts, e, x_TH.dtype, dequantized)
+                ex = expert_of(experts, e)
                 _linear_into(y_CH[lo:hi], a_CI[lo:hi], ex.w_down, ex.b_down)
             del a_CI
         with stage(COMBINE):
@@ -351,14 +351,29 @@ def _chunked_forward(x_TH: torch.Tensor, weights_S: torch.Tensor, slots: SortedS
     return out_TH
 
 
-def _expert(experts: StackedExperts, e: int, dtype: torch.dtype, cache: dict):
-    """Expert ``e`` (views; a quantized one dequantized once into ``cache``, dropped when the call ends)."""
-    if not experts.quantized:
-        return expert_of(experts, e)
-    if e not in cache:
-        cache.clear()  # one dequantized expert alive at a time: experts come in sorted order
-        cache[e] = expert_of(experts, e, dtype)
-    return cache[e]
+def _per_expert_forward(x_TH: torch.Tensor, weights_S: torch.Tensor, slots: SortedSlots,
+                        experts: StackedExperts) -> torch.Tensor:
+    """Large batches of quantized experts: each active expert dequantized once per call (one alive
+    at a time, never the whole stack), then its rows' two GEMMs in blocks of QUANTIZED_BLOCK_ROWS,
+    weighted and combined. [T, H] in the accumulation dtype (weights_S's)."""
+    T, H = x_TH.shape
+    out_TH = torch.zeros(T, H, dtype=weights_S.dtype, device=x_TH.device)
+    start = 0
+    for e, n in enumerate(slots.counts):
+        if n == 0:
+            continue
+        ex = expert_of(experts, e, x_TH.dtype)  # the dequantized transient of this expert
+        for lo in range(start, start + n, QUANTIZED_BLOCK_ROWS):
+            hi = min(lo + QUANTIZED_BLOCK_ROWS, start + n)
+            with stage(DISPATCH):
+                tok_M = slots.tok_S[lo:hi]
+                x_MH = x_TH.index_select(0, tok_M)
+            y_MH = mlp_forward(x_MH, ex, experts.activation)
+            with stage(COMBINE):
+                out_TH.index_add_(0, tok_M, y_MH.to(weights_S.dtype).mul_(weights_S[lo:hi].unsqueeze(-1)))
+        start += n
+        del ex
+    return out_TH
 
 
 def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
@@ -404,7 +419,9 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
         if T == 1:  # one token: combine its rows by a [1, S'] x [S', H] GEMM
             with stage(COMBINE):
                 return torch.mm(weights_S.unsqueeze(0), y_SH).to(x_TH.dtype)
-    elif S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active and not experts.quantized:
+    elif experts.quantized:
+        return _per_expert_forward(x_TH, weights_S, slots, experts).to(x_TH.dtype)
+    elif S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active:
         y_SH = _small_batch_rows(x_TH, slots, experts).to(acc_dtype)
     else:
         return _chunked_forward(x_TH, weights_S, slots, experts).to(x_TH.dtype)
