@@ -10,6 +10,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("grouped_matvec_quantized", &grouped_matvec_quantized,
         "grouped_matvec over int8 / fp8 / int4 weights converted in registers", py::call_guard<py::gil_scoped_release>());
+  m.def("dequantize_rows", &dequantize_rows, "one quantized weight matrix in full precision",
+        py::call_guard<py::gil_scoped_release>());
   m.def("fused_experts", &fused_experts, "the routed-experts forward of a batch, experts run concurrently",
         py::arg("x"), py::arg("topk_weights"), py::arg("order"), py::arg("counts"), py::arg("w_up"), py::arg("w_down"),
         py::arg("b_up"), py::arg("b_down"), py::arg("activation"), py::arg("glu"), py::arg("alpha"), py::arg("limit"),

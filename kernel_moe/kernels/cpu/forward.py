@@ -31,7 +31,7 @@ from kernel_moe.kernels.activations import apply_activation
 from kernel_moe.kernels.annotate import COMBINE, DISPATCH, DOWN, FUSED, UP, stage
 from kernel_moe.kernels.contract import StackedExperts
 from kernel_moe.kernels.cpu.extension import cpu_extension
-from kernel_moe.kernels.cpu.mlp import expert_of, mlp_forward
+from kernel_moe.kernels.cpu.mlp import FORMAT_CODES, expert_of, mlp_forward
 
 MIN_CHUNK_ROWS = 512
 QUANTIZED_BLOCK_ROWS = 4096  # rows of one quantized expert per pair of GEMMs (bounds the intermediates)
@@ -282,7 +282,6 @@ def _fused_fits(x_TH: torch.Tensor, experts: StackedExperts) -> bool:
     return x_TH.dtype in FUSED_DTYPES and all(w is None or w.dtype == x_TH.dtype for w in experts[:4])
 
 
-_FORMAT_CODES = {"int8": 1, "fp8": 2, "int4": 3}
 
 
 def _matvec(ext, x_SK: torch.Tensor, experts: StackedExperts, which: int, counts: list[int]) -> torch.Tensor:
@@ -292,7 +291,7 @@ def _matvec(ext, x_SK: torch.Tensor, experts: StackedExperts, which: int, counts
         return ext.grouped_matvec(x_SK, w, counts)
     scale = experts.w_up_scale if which == 0 else experts.w_down_scale
     return ext.grouped_matvec_quantized(x_SK, w.view(torch.uint8), scale, counts,
-                                        _FORMAT_CODES[experts.weight_format])
+                                        FORMAT_CODES[experts.weight_format])
 
 
 def _native_rows(ext, x_SH: torch.Tensor, slots: SortedSlots, experts: StackedExperts) -> torch.Tensor:

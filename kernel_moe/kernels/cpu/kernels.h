@@ -35,6 +35,11 @@ at::Tensor grouped_matvec(const at::Tensor& x_SK, const at::Tensor& w_ENK, const
 at::Tensor grouped_matvec_quantized(const at::Tensor& x_SK, const at::Tensor& w_ENK, const at::Tensor& scale,
                                     const std::vector<int64_t>& counts, int64_t format);
 
+// One quantized weight matrix (quant_matvec.cpp) in full precision: w_NK one byte per weight (int8,
+// fp8) or two per byte (int4); scale float32 [N] or [N, G]; format as above. Returns [N, K] in
+// dtype (float32, bfloat16, float16): the PyTorch paths' one-expert transient for large batches.
+at::Tensor dequantize_rows(const at::Tensor& w_NK, const at::Tensor& scale, int64_t format, at::ScalarType dtype);
+
 // The routed-experts forward for batches: out[t] = sum_j weight[t, j] * expert_{e}(x[t]) over
 // the K slots of token t, with the experts' work run concurrently (fused_experts.cpp).
 // order_S: [S'] int64, the slot t * K + j of each kept row (S' <= T*K; dropped slots are left

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from kernel_moe.kernels.activations import activation_backward, apply_activation
 from kernel_moe.kernels.annotate import DOWN, UP, stage
 from kernel_moe.kernels.contract import Activation, StackedExperts
+from kernel_moe.kernels.cpu.extension import cpu_extension
 from kernel_moe.kernels.quantization import dequantize
 
 
@@ -31,11 +32,24 @@ def expert_of(experts: StackedExperts, e: int, dtype: torch.dtype | None = None)
     ``dtype`` (one expert at a time: the PyTorch paths' transient, never the whole stack)."""
     w_up, w_down = experts.w_up[e], experts.w_down[e]
     if experts.quantized:
-        fmt = experts.weight_format
-        w_up = dequantize(w_up, experts.w_up_scale[e], fmt).to(dtype or torch.float32)
-        w_down = dequantize(w_down, experts.w_down_scale[e], fmt).to(dtype or torch.float32)
+        w_up = _dequantized(w_up, experts.w_up_scale[e], experts.weight_format, dtype or torch.float32)
+        w_down = _dequantized(w_down, experts.w_down_scale[e], experts.weight_format, dtype or torch.float32)
     return Expert(w_up, w_down, None if experts.b_up is None else experts.b_up[e],
                   None if experts.b_down is None else experts.b_down[e])
+
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FORMAT_CODES = {"int8": 1, "fp8": 2, "int4": 3}  # the native kernels' format argument
+
+
+def _dequantized(data: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """One quantized matrix [N, K] in ``dtype``: converted by the native kernel (threaded, straight
+    into ``dtype``) on CPU where it is built, else by :func:`~kernel_moe.kernels.quantization.dequantize`."""
+    ext = cpu_extension() if data.device.type == "cpu" and dtype in _NATIVE_DTYPES else None
+    if ext is None:
+        return dequantize(data, scale, fmt).to(dtype)
+    raw = data.view(torch.uint8) if fmt == "fp8" else data
+    return ext.dequantize_rows(raw.contiguous(), scale.contiguous(), FORMAT_CODES[fmt], dtype)
 
 
 def mlp_forward(x_MH: torch.Tensor, ex: Expert, act: Activation) -> torch.Tensor:

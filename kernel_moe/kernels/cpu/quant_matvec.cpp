@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -248,4 +249,80 @@ at::Tensor grouped_matvec_quantized(const at::Tensor& x_SK, const at::Tensor& w_
   if (format == kFp8) quant_matvec_impl<kFp8>(w, s, x.data_ptr<float>(), xs, y_SN.data_ptr<float>(), L, rows);
   if (format == kInt4) quant_matvec_impl<kInt4>(w, s, x.data_ptr<float>(), xs, y_SN.data_ptr<float>(), L, rows);
   return y_SN;
+}
+
+namespace {
+
+// float -> T; bfloat16 by round-to-nearest-even on the bits (finite values only, as every
+// dequantized weight is), which vectorizes where the checked conversion does not
+template <typename T>
+inline T to_out(float v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    bits += 0x7FFF + ((bits >> 16) & 1);
+    return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+// out[n, k] = q[n, k] * scale[n, k / group_len] for rows [n0, n1), converted to T
+template <int F, typename T>
+void dequantize_rows_impl(const uint8_t* w, const float* scale, T* out, const Layout& L, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w_row = w + n * L.bytes_per_row;
+    T* o = out + n * L.K;
+    for (int64_t g = 0; g < L.groups; ++g) {
+      const float s = scale[n * L.groups + g];
+      const uint8_t* wg = w_row + g * L.bytes_per_group;
+      T* og = o + g * L.group_len;
+      if constexpr (F == kInt4) {
+#pragma omp simd
+        for (int64_t j = 0; j < L.group_len / 2; ++j) {
+          og[2 * j] = to_out<T>(s * static_cast<float>(static_cast<int>(wg[j] & 0xF) - 8));
+          og[2 * j + 1] = to_out<T>(s * static_cast<float>(static_cast<int>(wg[j] >> 4) - 8));
+        }
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < L.group_len; ++k) og[k] = to_out<T>(s * weight<F>(wg, k));
+      }
+    }
+  }
+}
+
+template <int F>
+void dequantize_dispatch(const uint8_t* w, const float* scale, at::Tensor& out, const Layout& L) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "dequantize_rows", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    kernel_moe::parallel_chunks(L.N, 16, [&](int64_t n0, int64_t n1) {
+      dequantize_rows_impl<F, scalar_t>(w, scale, o, L, n0, n1);
+    });
+  });
+}
+
+}  // namespace
+
+at::Tensor dequantize_rows(const at::Tensor& w_NK, const at::Tensor& scale, int64_t format, at::ScalarType dtype) {
+  TORCH_CHECK(format == kInt8 || format == kFp8 || format == kInt4,
+              "dequantize_rows: format ", format, " is not one of 1 (int8), 2 (fp8), 3 (int4)");
+  TORCH_CHECK(w_NK.dim() == 2 && w_NK.is_contiguous() && w_NK.element_size() == 1 && w_NK.device().is_cpu(),
+              "dequantize_rows: w must be a contiguous one-byte [N, K (int4: K/2)] CPU tensor");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && (scale.dim() == 1 || scale.dim() == 2) &&
+                  scale.size(0) == w_NK.size(0) && scale.device().is_cpu(),
+              "dequantize_rows: scale must be a contiguous float32 [N] or [N, G] CPU tensor for w ", w_NK.sizes());
+  const int64_t N = w_NK.size(0), K = w_NK.size(1) * (format == kInt4 ? 2 : 1);
+  const int64_t groups = scale.dim() == 2 ? scale.size(1) : 1;
+  TORCH_CHECK(groups > 0 && K % groups == 0 && (format != kInt4 || (K / groups) % 2 == 0),
+              "dequantize_rows: ", groups, " groups do not divide ", K, " features evenly");
+  const int64_t group_len = K / groups;
+  const int64_t bytes_per_group = format == kInt4 ? group_len / 2 : group_len;
+  const Layout L{N, K, groups, group_len, bytes_per_group * groups, bytes_per_group};
+  at::Tensor out = at::empty({N, K}, w_NK.options().dtype(dtype));
+  const auto* w = static_cast<const uint8_t*>(w_NK.data_ptr());
+  const float* s = scale.data_ptr<float>();
+  if (format == kInt8) dequantize_dispatch<kInt8>(w, s, out, L);
+  if (format == kFp8) dequantize_dispatch<kFp8>(w, s, out, L);
+  if (format == kInt4) dequantize_dispatch<kInt4>(w, s, out, L);
+  return out;
 }
