@@ -152,3 +152,15 @@ def test_decode_runs_the_native_quantized_kernel(fmt, group, monkeypatch, cpu_ex
     q, deq = _quantized(op_inputs(3, H, I, 8, 2, bias=True, seed=8), fmt, group)
     assert_fp32_close(run_op(q), run_reference(deq))
     assert len(calls) == 2  # the up and the down projection
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS, ids=IDS)
+def test_one_expert_dequantized_natively_equals_the_reference(fmt, group, cpu_extension_setting):
+    """The large-batch path's transient: one expert's weights in fp32 / bf16 / fp16, converted by the
+    native kernel (extension on) or PyTorch (off), bit-identical to dequantize(...).to(dtype)."""
+    from kernel_moe.kernels.cpu.mlp import _dequantized
+
+    q = quantize(torch.randn(2, 48, H, generator=torch.Generator().manual_seed(8)) * 3, fmt, group)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = _dequantized(q.data[1], q.scale[1], fmt, dtype)
+        assert got.dtype == dtype and torch.equal(got, dequantize(q.data[1], q.scale[1], fmt).to(dtype)), dtype
