@@ -28,10 +28,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
-from torch import nn
 
 import kernel_moe
+from kernel_moe.bench.models import NaiveMoE
 from kernel_moe.layers.expert_parallel import local_experts
 from kernel_moe.ops.experts import run_experts
 from kernel_moe.parallel.expert_parallel import exact_exchange
@@ -41,38 +40,10 @@ COLLECTIVES_PER_FORWARD = 4  # counts, rows, expert ids, results back
 RANKS_PREDICTED = (2, 8, 16, 32, 64)
 
 
-class Expert(nn.Module):
-    def __init__(self, hidden: int, inter: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
+def _block(args) -> NaiveMoE:
     """A fine-grained MoE block: softmax top-k router, many small SwiGLU experts."""
-
-    def __init__(self, hidden: int, inter: int, experts: int, top_k: int) -> None:
-        super().__init__()
-        self.top_k = top_k
-        self.gate = nn.Linear(hidden, experts, bias=False)
-        self.experts = nn.ModuleList(Expert(hidden, inter) for _ in range(experts))
-
-    def forward(self, x):
-        weights, ids = self.gate(x).softmax(dim=-1).topk(self.top_k, dim=-1)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            tok, slot = torch.where(ids == e)
-            out.index_add_(0, tok, expert(x[tok]) * weights[tok, slot, None])
-        return out
-
-
-def _block(args) -> Block:
     torch.manual_seed(0)
-    return Block(args.hidden, args.inter, args.experts, args.top_k).eval()
+    return NaiveMoE(args.hidden, args.inter, args.experts, args.top_k).eval()
 
 
 def _tokens(args, rank: int, step: int, count: int) -> torch.Tensor:

@@ -4,6 +4,8 @@
   pytest import mode.
 - Every test starts from the same global RNG state, so results never depend on test order.
 - Every test runs with torch's default matmul precision and leaves it as it found it.
+- ``fresh_dynamo``: compile tests start and end with an empty dynamo cache (use it with
+  ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``).
 """
 
 from __future__ import annotations
@@ -26,3 +28,11 @@ def _seeded():
     torch.manual_seed(0)
     yield
     torch.set_float32_matmul_precision(precision)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Reset torch.compile's caches before and after a test, so that graph counts are its own."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

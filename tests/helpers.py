@@ -202,6 +202,17 @@ class TopKMoE(nn.Module):
         return out_TH.reshape(shape)
 
 
+class MoEHolder(nn.Module):
+    """A model whose only child ``moe`` is the block under test, so that it can be swapped in place."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.moe = block
+
+    def forward(self, x):
+        return self.moe(x)
+
+
 class TwoBlockModel(nn.Module):
     """in_proj -> [LayerNorm -> MoE + residual] x 2 -> out_proj: two swappable blocks."""
 

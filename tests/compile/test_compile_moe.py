@@ -15,11 +15,7 @@ from helpers import GRAD_TOL, TwoBlockModel, assert_fp32_close
 H = 16
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _models(bias: bool = False):

@@ -12,11 +12,7 @@ from kernel_moe import SparseExpertAttention
 D = 32
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _layer(variant: str) -> SparseExpertAttention:

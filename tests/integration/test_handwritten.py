@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernel_moe
-from helpers import GRAD_TOL, assert_fp32_close
+from helpers import GRAD_TOL, MoEHolder, assert_fp32_close
 from kernel_moe import FusedMoE
 
 H, I = 16, 24
@@ -259,20 +259,11 @@ ZOO = {
 }
 
 
-class Holder(nn.Module):
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.moe = block
-
-    def forward(self, x):
-        return self.moe(x)
-
-
-def _build(name: str) -> tuple[Holder, nn.Module, Variant]:
+def _build(name: str) -> tuple[MoEHolder, nn.Module, Variant]:
     v = ZOO[name]
     torch.manual_seed(sum(map(ord, name)))
     block = ZooMoE(v.E, v.k, v.expert, **v.kwargs).eval()
-    model = Holder(block)
+    model = MoEHolder(block)
     original = copy.deepcopy(block)
     return model, original, v
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernel_moe
-from helpers import GRAD_TOL, SwiGLUExpert, assert_fp32_close, assert_one_graph
+from helpers import GRAD_TOL, MoEHolder, SwiGLUExpert, assert_fp32_close, assert_one_graph
 from kernel_moe import FusedMoE
 
 H, I, E, K = 16, 24, 5, 2
@@ -125,19 +125,10 @@ DECOYS = {
 }
 
 
-class Holder(nn.Module):
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x):
-        return self.block(x)
-
-
 def _build(kwargs, seed=4):
     torch.manual_seed(seed)
     block = DiscoveryMoE(**kwargs).eval()
-    return Holder(block), copy.deepcopy(block)
+    return MoEHolder(block), copy.deepcopy(block)
 
 
 @pytest.mark.parametrize("name", list(SWAPPED))
@@ -145,9 +136,9 @@ def test_block_is_found_swapped_and_equal(name):
     model, original = _build(SWAPPED[name])
     keys = list(model.state_dict())
     report = kernel_moe.optimize(model, return_report=True)[1]
-    assert report.skipped == [] and [r.name for r in report.swapped] == ["block"], report.skipped
-    assert isinstance(model.block, FusedMoE) and model.block.top_k == K and model.block.num_experts == E
-    assert model.block.spec.gradient_fallback is None and model.block.spec.training_fallback is None
+    assert report.skipped == [] and [r.name for r in report.swapped] == ["moe"], report.skipped
+    assert isinstance(model.moe, FusedMoE) and model.moe.top_k == K and model.moe.num_experts == E
+    assert model.moe.spec.gradient_fallback is None and model.moe.spec.training_fallback is None
     assert list(model.state_dict()) == keys
     g = torch.Generator().manual_seed(6)
     with torch.no_grad():
@@ -169,7 +160,7 @@ def test_block_trains_with_equal_gradients(name):
     (out * g).sum().backward()
     (ref * g).sum().backward()
     torch.testing.assert_close(x_ours.grad, x_ref.grad, **GRAD_TOL)
-    ours = dict(model.block.named_parameters())
+    ours = dict(model.moe.named_parameters())
     for pname, p in original.named_parameters():
         if p.grad is None:
             assert ours[pname].grad is None or torch.count_nonzero(ours[pname].grad) == 0, pname
@@ -183,8 +174,8 @@ def test_block_compiles_whole(name):
     kernel_moe.optimize(model)
     x = torch.randn(2, 5, H, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        assert_one_graph(model.block, x)
-        out = torch.compile(model.block, fullgraph=True, backend="aot_eager")(x)
+        assert_one_graph(model.moe, x)
+        out = torch.compile(model.moe, fullgraph=True, backend="aot_eager")(x)
         assert_fp32_close(out, original(x))
 
 
@@ -194,23 +185,23 @@ def test_decoy_is_skipped(name):
     report = kernel_moe.optimize(model, return_report=True)[1]
     assert report.swapped == [], [r.details for r in report.swapped]
     # a nested experts holder is then visited on its own: it holds no router, and says so
-    assert [r.name for r in report.skipped] in (["block"], ["block", "block.moe"])
+    assert [r.name for r in report.skipped] in (["moe"], ["moe", "moe.moe"])
     assert "not proven equivalent" in report.skipped[0].reason, report.skipped[0].reason
-    assert not isinstance(model.block, FusedMoE)
+    assert not isinstance(model.moe, FusedMoE)
 
 
 def test_a_wrapper_of_a_whole_block_is_not_taken_for_the_block():
     """The router and the nested experts in the same child: that child is the block."""
     torch.manual_seed(5)
-    model = Holder(Holder(DiscoveryMoE(router="raw_he"))).eval()
+    model = MoEHolder(MoEHolder(DiscoveryMoE(router="raw_he"))).eval()
     report = kernel_moe.optimize(model, return_report=True)[1]
-    assert [r.name for r in report.swapped] == ["block.block"] and report.skipped == []
+    assert [r.name for r in report.swapped] == ["moe.moe"] and report.skipped == []
 
 
 def test_a_block_declaring_an_expert_capacity_is_not_proposed():
     """A capacity drops tokens only on inputs longer than the probe: such a block is skipped."""
     model, _ = _build(dict(router="gating", layout="dict"))
-    model.block.gating.expert_capacity = 4
+    model.moe.gating.expert_capacity = 4
     report = kernel_moe.optimize(model, return_report=True)[1]
-    assert report.swapped == [] and [r.name for r in report.skipped] == ["block"]
+    assert report.swapped == [] and [r.name for r in report.skipped] == ["moe"]
     assert "gating.expert_capacity=4" in report.skipped[0].reason, report.skipped[0].reason

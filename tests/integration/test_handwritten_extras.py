@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernel_moe
-from helpers import GRAD_TOL, SwiGLUExpert, assert_fp32_close, assert_one_graph
+from helpers import GRAD_TOL, MoEHolder, SwiGLUExpert, assert_fp32_close, assert_one_graph
 from kernel_moe import FusedMoE
 
 H, I, E, K = 16, 24, 6, 2
@@ -106,19 +106,10 @@ DECOYS = {
 }
 
 
-class Holder(nn.Module):
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.moe = block
-
-    def forward(self, x):
-        return self.moe(x)
-
-
 def _build(returns, seed=3):
     torch.manual_seed(seed)
     block = TupleMoE(returns).eval()
-    return Holder(block), copy.deepcopy(block)
+    return MoEHolder(block), copy.deepcopy(block)
 
 
 def _inputs():

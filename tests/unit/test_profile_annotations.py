@@ -20,11 +20,7 @@ from kernel_moe.kernels.annotate import COMBINE, DISPATCH, DOWN, FUSED, GATING, 
 H = 32
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _layers(top_k: int = 2):
