@@ -235,3 +235,14 @@ def test_decoy_is_skipped(name):
     assert [r.name for r in report.skipped] == ["moe"], report.skipped
     assert reason in report.skipped[0].reason, report.skipped[0].reason
     assert not isinstance(model.moe, FusedMoE)
+
+
+def test_a_shared_mlp_is_never_taken_for_the_router():
+    """Packed experts with no router beside them but a shared MLP whose first Linear has a row count
+    dividing theirs: reported with the true blocker, the shared MLP named as such."""
+    model, _ = _build(SWAPPED["softmax_shared"])
+    model.moe.router = None
+    report = kernel_moe.optimize(model, return_report=True)[1]
+    assert report.swapped == [] and [r.name for r in report.skipped] == ["moe"], report
+    reason = report.skipped[0].reason
+    assert "the only weight that could route them, shared_mlp.w1, belongs to a dense FFN" in reason, reason
