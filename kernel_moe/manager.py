@@ -21,6 +21,7 @@ from kernel_moe.adapters.probe import (
     returns_kind,
     run_reference,
 )
+from kernel_moe.adapters.state import restore_state, saved_state, training_state_changes
 from kernel_moe.config import KernelConfig
 from kernel_moe.errors import KernelMoEError, UnsupportedModuleError
 from kernel_moe.layers import SwappedLayer
@@ -311,9 +312,26 @@ class UnifiedManager:
         why = spec.unexpected(self.config)
         if why is not None:
             return Skip(why)
-        training = self._training_check(module, layer, args)
-        gradient = self._gradient_check(module, layer, args, train=training is None)
+        saved = saved_state(module)
+        try:
+            training = self._state_check(module, args, saved) or self._training_check(module, layer, args)
+            gradient = self._gradient_check(module, layer, args, train=training is None)
+        finally:
+            restore_state(module, saved)  # the probes' training forwards leave the module as it was
         return spec.with_fallbacks(training, gradient)
+
+    @staticmethod
+    def _state_check(module: nn.Module, args: tuple, saved: dict) -> str | None:
+        """The reason training must run the original when its training forward updates the module's
+        own state (routing counts, accumulated losses), which the fused layer does not; else None."""
+        try:
+            changed = training_state_changes(module, args, saved)
+        except Exception as exc:
+            return f"its training forward could not be checked for state updates ({type(exc).__name__})"
+        if not changed:
+            return None
+        return (f"its training forward updates the module's own state ({', '.join(changed[:4])}), which the fused "
+                "layer does not")
 
     def _more_probes(self, spec: SwapSpec, index: int, like: torch.Tensor) -> list[tuple]:
         """Probe arguments of the form ``spec.probe_args(...)[index]`` beside the first, with other

@@ -33,12 +33,14 @@ class RouterPlace:
     - ``owner``: the block's child that holds it (called alone to observe the routing).
     - ``logits_bias``: an [E] bias of that module (added to the logits), if any.
     - ``selection_biases``: the block's other [E] tensors outside the experts and shared expert
-      (candidate selection biases)."""
+      (candidate selection biases).
+    - ``flat``: the weight is stored flat, [E * H], and read as its [E, H] view."""
 
     path: str
     owner: str
     logits_bias: str | None
     selection_biases: tuple[str, ...]
+    flat: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,10 +111,17 @@ def _split_experts(module: nn.Module) -> tuple[str, str] | None:
     return threed[0][0], threed[1][0]
 
 
+def _packed_shapes_fit(shapes: set[tuple[int, ...]], E: int, H: int) -> bool:
+    """Whether 2-D weights of these shapes pack E experts' rows over H: each [E * N, H], or [E * H, N]
+    (an expert's [H, N] block of rows: gate and up stored input-major)."""
+    return all((C == H and R % E == 0 and R > E) or (R == E * H and C != H) for R, C in shapes)
+
+
 def _packed_experts(module: nn.Module) -> tuple[tuple[str, ...], int] | None:
-    """(paths, E) of two or three same-shaped 2-D Parameters [R, H] that are all the parameters of a
-    child (held by one of its modules, not a Linear or Embedding), with a router [E, H] elsewhere in
-    the block for which E divides R (R > E): every expert's rows packed in one matrix (DBRX)."""
+    """(paths, E) of two or three 2-D Parameters that are all the parameters of a child (held by one
+    of its modules, not a Linear or Embedding), each packing every expert's rows ([E * N, H], or
+    [E * H, N]), with a router elsewhere in the block, not in a dense FFN (a shared MLP): an [E, H]
+    weight (DBRX) or a flat [E * H] one (OLMo-core)."""
     for name, child in module.named_children():
         owners = [(sub, m) for sub, m in child.named_modules() if any(True for _ in m.parameters(recurse=False))]
         if len(owners) != 1 or isinstance(owners[0][1], (nn.Linear, nn.Embedding)):
@@ -120,13 +129,18 @@ def _packed_experts(module: nn.Module) -> tuple[tuple[str, ...], int] | None:
         sub, owner = owners[0]
         params = list(owner.named_parameters(recurse=False))
         shapes = {tuple(p.shape) for _, p in params}
-        if not 2 <= len(params) <= 3 or len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        if not 2 <= len(params) <= 3 or any(len(shape) != 2 for shape in shapes):
             continue
-        R, H = next(iter(shapes))
-        for _, router in _routers(module, (name,), lambda rows, R=R: 2 <= rows < R and R % rows == 0):
-            if router.weight.shape[1] == H:
-                prefix = ".".join(p for p in (name, sub) if p)
-                return tuple(f"{prefix}.{p}" for p, _ in params), router.weight.shape[0]
+        prefix = ".".join(p for p in (name, sub) if p)
+        paths = tuple(f"{prefix}.{p}" for p, _ in params)
+        for _, router in _routers(module, (name,), lambda rows: rows >= 2):
+            E, H = router.weight.shape
+            if _packed_shapes_fit(shapes, E, H):
+                return paths, E
+        for H in sorted({C for _, C in shapes}):
+            for _, _, E in _flat_routers(module, (name,), H):
+                if _packed_shapes_fit(shapes, E, H):
+                    return paths, E
     return None
 
 
@@ -184,11 +198,30 @@ def _lone_matrix(child: nn.Module) -> bool:
     return sum(1 for p in child.parameters() if p.dim() == 2) == 1
 
 
+def _in_dense_ffn(module: nn.Module, path: str, hidden: int) -> bool:
+    """Whether the block's child holding ``path`` is a dense FFN H -> H (a shared MLP, not a router)."""
+    return _is_dense_ffn(module.get_submodule(path.split(".")[0]), hidden)
+
+
 def _routers(module: nn.Module, children: tuple[str, ...], rows) -> list[tuple[str, nn.Module]]:
-    """Submodules outside the experts ``children`` holding a 2-D weight whose row count ``rows`` accepts."""
+    """Submodules outside the experts ``children`` and outside dense FFNs holding a 2-D weight whose
+    row count ``rows`` accepts."""
     return [(p, m) for p, m in module.named_modules()
             if p and p.split(".")[0] not in children and isinstance(getattr(m, "weight", None), torch.Tensor)
-            and m.weight.dim() == 2 and rows(m.weight.shape[0])]
+            and m.weight.dim() == 2 and rows(m.weight.shape[0]) and not _in_dense_ffn(module, p, m.weight.shape[1])]
+
+
+def _flat_routers(module: nn.Module, children: tuple[str, ...], hidden: int) -> list[tuple[str, nn.Module, int]]:
+    """(path, module, E) of submodules outside the experts ``children`` holding a flat floating
+    ``weight`` [E * H] (H = ``hidden``, E >= 2): a router stored 1-D so that it shards evenly."""
+    found = []
+    for p, m in module.named_modules():
+        w = getattr(m, "weight", None)
+        if (not p or p.split(".")[0] in children or not isinstance(w, torch.Tensor) or w.dim() != 1
+                or not w.is_floating_point() or w.numel() % hidden or w.numel() < 2 * hidden):
+            continue
+        found.append((p, m, w.numel() // hidden))
+    return found
 
 
 def block_parts(module: nn.Module) -> BlockParts | Skip | None:
@@ -201,6 +234,11 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     split = layout == "split"
     children = tuple(dict.fromkeys(p.split(".")[0] for p in paths))
     routers = _routers(module, children, lambda rows: rows == E)
+    flat = False
+    if not routers and layout == "packed":  # a flat [E * H] router
+        columns = {int(get_attr_path(module, p).shape[1]) for p in paths}
+        routers = [(p, m) for H in sorted(columns) for p, m, n in _flat_routers(module, children, H) if n == E]
+        flat = bool(routers)
     if not routers and layout == "stacked":  # a router over more ids than experts with weights
         hiddens = get_attr_path(module, paths[0] + ".down_proj").shape[1:]
         routers = [(p, m) for p, m in _routers(module, children, lambda rows: rows > E)
@@ -209,8 +247,8 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
         return None if layout in ("split", "list") else Skip(
             f"{paths[0]}: no router with a [{E}, H] weight found in the block")
     router_path, router = routers[0]
-    H = router.weight.shape[1]
-    G = router.weight.shape[0]
+    G = E if flat else router.weight.shape[0]
+    H = router.weight.numel() // E if flat else router.weight.shape[1]
     if split:
         a, b = (get_attr_path(module, p).shape for p in paths)
         if not (chain_layouts(a, b, H) or chain_layouts(b, a, H)):
@@ -235,7 +273,7 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     sel = _selection_biases(module, G, skip, router_path, logits_bias)
     out_bias = tuple(n for n, t in module.named_parameters(recurse=False)
                      if t.dim() == 1 and t.numel() == H and n not in sel)
-    place = RouterPlace(router_path, owner, logits_bias, sel)
+    place = RouterPlace(router_path, owner, logits_bias, sel, flat)
     return BlockParts(paths, E, H, place, shared, shared_gate, out_bias, tuple(extra), G if G != E else None,
                       layout)
 

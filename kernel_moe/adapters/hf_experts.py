@@ -221,7 +221,12 @@ def packed_experts_specs(block: nn.Module, paths: tuple[str, ...], num_experts: 
     view of a transposed [E, H, I]), two are up and down; every order, declared order first, with the
     activations the experts' module computes."""
     E = num_experts
-    rows = get_attr_path(block, paths[0]).shape[0]
+    shapes = {p: tuple(get_attr_path(block, p).shape) for p in paths}
+    if any(shape[1] != hidden for shape in shapes.values()):
+        listed = ", ".join(f"{p} {list(shape)}" for p, shape in shapes.items())
+        return Skip(f"packed expert weights ({listed}) store gate and up as [E*H, I] blocks, which the fused "
+                    "op does not read")
+    rows = shapes[paths[0]][0]
     owner = block.get_submodule(paths[0].rpartition(".")[0])
     acts = list(dict.fromkeys(leaf_activations(owner))) or list(POINTWISE)
     specs = []

@@ -231,6 +231,8 @@ def _reading_route(block: nn.Module, parts: BlockParts, reading: RouterReading,
                    x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, K], ids [T, K]) the reading computes from the router weight on ``x_TH``."""
     w_EH = get_attr_path(block, parts.router.path + ".weight").float()
+    if parts.router.flat:  # [E * H] -> its [E, H] view
+        w_EH = w_EH.view(-1, parts.hidden)
     b_E = get_attr_path(block, reading.logits_bias).float() if reading.logits_bias else None
     sel_E = get_attr_path(block, reading.selection_bias).float().reshape(-1) if reading.selection_bias else None
     with torch.no_grad():

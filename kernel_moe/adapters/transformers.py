@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from kernel_moe.adapters.base import Skip
+from kernel_moe.adapters.handwritten_parts import declared_capacity
 from kernel_moe.adapters.hf_blocks import BlockParts, RouterPlace, block_parts
 from kernel_moe.adapters.hf_experts import (
     declared_hidden,
@@ -77,12 +78,15 @@ def _block_specs(parts: BlockParts, ex_specs: list[ExpertsSpec], readings: list[
             [*parts.output_biases, None], ex_specs, readings, placements, weightless, precisions):
         router = LinearRouter(weight=parts.router.path + ".weight", bias=reading.logits_bias,
                               routing=dataclasses.replace(reading.routing, score_dtype=score_dtype),
-                              selection_bias=reading.selection_bias, fp32_logits=fp32)
+                              selection_bias=reading.selection_bias, fp32_logits=fp32, flat=parts.router.flat)
         spec = MoESpec(router=router, experts=experts, shared_expert=parts.shared, shared_gate=parts.shared_gate,
                        output_bias=out_bias, input_jitter=jitter, scale_inputs=scale_inputs, weightless=extra)
         specs.append(spec)
         if reading.routing.scaling != 1.0:  # a block that undoes its router's scaling on the routed output
             undone.append(dataclasses.replace(spec, routed_scale=1.0 / reading.routing.scaling))
+        if parts.shared is not None:  # the shared MLP averaged with the k routed experts (OLMo-core)
+            k = reading.routing.top_k
+            undone.append(dataclasses.replace(spec, routed_scale=k / (k + 1), shared_scale=1.0 / (k + 1)))
     return specs + undone
 
 
@@ -103,6 +107,11 @@ class TransformersMoEAdapter:
         if parts.extra:
             return Skip(f"block also computes {', '.join(parts.extra)} (besides router, experts and shared expert), "
                         "which the fused layer does not")
+        if parts.layout == "packed":
+            capacity = declared_capacity(module.get_submodule(parts.experts_children[0]))
+            if capacity is not None:
+                return Skip(f"experts drop the tokens beyond a capacity ({capacity}) that grows with the call's "
+                            "token count, which the fused layer does not reproduce")
         ex_specs = _block_experts(module, parts)
         if isinstance(ex_specs, Skip):
             return ex_specs
@@ -150,13 +159,18 @@ def _with_token_ids(module: nn.Module, parts: BlockParts, k: int, specs: list[Mo
     """The specs of a block whose forward also takes token ids (an optional parameter named like
     ``*ids``): when the router holds an int [V, k] table, it routes by ``table[ids]`` (hash
     routing: the table's experts, weighed by each reading's scores) and the probe draws ids in
-    [0, V); otherwise the ids are passed through and the proof shows they change nothing. A block
-    taking any other argument besides its hidden states is a Skip: the fused layer takes none."""
+    [0, V); otherwise the ids are passed through and the proof shows they change nothing. Keyword-only
+    parameters with defaults (a loss scale) are proven at their defaults: a call that gives one runs
+    the original block (``MoESpec.passthrough``). A block taking any other argument besides its
+    hidden states is a Skip: the fused layer takes none."""
     try:
         params = [p for p in list(inspect.signature(module.forward).parameters.values())[1:]
                   if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     except (TypeError, ValueError):
         params = []
+    optional = tuple(p.name for p in params if p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty)
+    params = [p for p in params if p.name not in optional]
+    specs = [dataclasses.replace(s, passthrough=optional) for s in specs] if optional else specs
     if not params:
         return specs
     if len(params) > 1 or not params[0].name.endswith("ids") or params[0].default is inspect.Parameter.empty:

@@ -110,8 +110,8 @@ def describe_unsupported(module: nn.Module) -> str | None:
             if (len(packed) >= 2 and len(packed) == len(list(child.parameters()))
                     and all(t.shape[0] % E == 0 and t.shape[0] > E and t.shape[1] == H for _, t in packed)):
                 shapes = ", ".join(f"{name}.{p} {_shape(t)}" for p, t in packed)
-                return (f"expert weights are packed 2-D tensors [E*I, H] ({shapes}; router {rpath}); the fused op "
-                        "takes stacked [E, N, H] weights, which these cannot be viewed as without a copy")
+                return (f"expert weights are packed 2-D tensors [E*I, H] ({shapes}), but the only weight that could "
+                        f"route them, {rpath}, belongs to a dense FFN (a shared MLP, not a router)")
     declared = [getattr(module, a) for a in _EXPERT_COUNT_ATTRS if isinstance(getattr(module, a, None), int)]
     if declared and declared[0] >= 2:
         E = declared[0]

@@ -160,6 +160,8 @@ class FusedMoE(SwappedLayer):
         """[T, H] -> [T, E], in the router weight's dtype (fp32 when ``fp32_logits``)."""
         r = self.spec.router
         w_EH = get_attr_path(self, r.weight)
+        if r.flat:  # [E * H] -> its [E, H] view
+            w_EH = w_EH.view(-1, self.hidden_size)
         w_EH = w_EH.t() if r.transposed else w_EH
         b_E = get_attr_path(self, r.bias) if r.bias is not None else None
         if r.fp32_logits:
@@ -264,6 +266,8 @@ class FusedMoE(SwappedLayer):
         return out_TH, weights_TK, ids_TK
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.spec.passthrough and set(kwargs) & set(self.spec.passthrough):  # not what was proven
+            return self.original(hidden_states, *args, **kwargs)
         token_ids = self._token_ids(args, kwargs)
         if self.runs_original(hidden_states):
             return self.original(hidden_states, *args, **kwargs)
@@ -293,6 +297,8 @@ class FusedMoE(SwappedLayer):
             shared_TH = get_attr_path(self, spec.shared_expert)(x_TH)
             if spec.shared_gate is not None:
                 shared_TH = torch.sigmoid(get_attr_path(self, spec.shared_gate)(x_TH)) * shared_TH
+            if spec.shared_scale != 1.0:
+                shared_TH = shared_TH * spec.shared_scale
             out_TH = out_TH + shared_TH
         if spec.output_bias is not None:
             out_TH = out_TH + get_attr_path(self, spec.output_bias)

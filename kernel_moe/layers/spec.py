@@ -73,6 +73,8 @@ class LinearRouter:
     ``id_table`` is the path of an int [V, K] tensor giving the experts of each token id (hash
     routing, DeepSeek-V4): it replaces the top-k choice, and ``routing`` weighs the table's experts.
     ``transposed``: the weight is stored [H, E] (a raw Parameter used as ``x @ weight``).
+    ``flat``: the weight is stored flat, [E * H] (so that it shards over many ranks), and read as
+    its [E, H] view (no copy).
     """
 
     weight: str
@@ -82,6 +84,7 @@ class LinearRouter:
     fp32_logits: bool = False
     id_table: str | None = None
     transposed: bool = False
+    flat: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,9 +191,15 @@ class MoESpec(SwapSpec):
       (Llama 4: ``sum_j expert_j(w_j * x)``), passed to the op as ``StackedExperts.scale_inputs``.
     - ``routed_scale``: a factor the block multiplies the routed experts' output by, after the
       op (the OpenAI privacy filter multiplies by k what its router divided by k).
+    - ``shared_scale``: a factor the block multiplies the shared expert's output by before adding
+      it (a block averaging its shared MLP with the k routed ones: 1 / (k + 1), the routed output
+      then scaled by k / (k + 1)).
     - ``weightless``: what a routed id in [E, G) computes when the router scores G ids but only E
       experts hold weights: "zero" (nothing: a dropped slot of the op) or "identity" (the token
       times its routing weight, added outside the op; LongCat-Flash's zero-computation experts).
+    - ``passthrough``: keyword-only arguments (with defaults) of the original's forward that the
+      fused layer does not compute with: it was proven without them, and a call that gives one
+      runs the original module.
     - ``training_fallback``: a reason to run the original module in training mode (dropout or
       noise the fused layer does not reproduce); None when the fused path is exact in training too.
     - ``gradient_fallback``: a reason to run the original module whenever autograd records the
@@ -214,6 +223,8 @@ class MoESpec(SwapSpec):
     scale_inputs: bool = False
     weightless: str = "zero"
     routed_scale: float = 1.0
+    shared_scale: float = 1.0
+    passthrough: tuple[str, ...] = ()
     extras: tuple[RoutingExtra, ...] = ()
 
     def __post_init__(self) -> None:
@@ -287,7 +298,8 @@ class MoESpec(SwapSpec):
         if extra > 0:
             parts.insert(1, f"+{extra} {self.weightless} experts")
         if self.shared_expert:
-            parts.append("shared" + ("(gated)" if self.shared_gate else ""))
+            scaled = f" x{self.shared_scale:g}" if self.shared_scale != 1.0 else ""
+            parts.append("shared" + ("(gated)" if self.shared_gate else "") + scaled)
         if self.output_bias:
             parts.append("+output bias")
         if self.extras:
