@@ -118,5 +118,5 @@ def fused_mask(spec, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[bool, 
     return True, attention_bias(mask, kind, reading, spec.causal, x.dtype)
 
 
-__all__ = ["DTYPE_CLASSES", "READINGS", "SHAPES", "SHAPE_TEXT", "attention_bias", "call_mask", "describe_masks", "fused_mask",
-           "mask_kind", "mask_parameter"]
+__all__ = ["DTYPE_CLASSES", "READINGS", "SHAPES", "SHAPE_TEXT", "attention_bias", "call_mask", "describe_masks",
+           "fused_mask", "mask_kind", "mask_parameter"]

@@ -88,7 +88,7 @@ class FusedMoAAttention(SwappedLayer):
         x_ND = hidden_states.reshape(B * T, D)
         logits_NE = F.linear(x_ND, self.get_parameter(ROUTER)).float()
         weights_NK, ids_NK = route(logits_NE, self.routing)
-        q_NKF = run_projection(x_ND, None, ids_NK, self.get_parameter(W_Q))
+        q_NKF = run_projection(x_ND, None, ids_NK, self.get_parameter(W_Q), backend=self.backend)
         k_BTF, v_BTF = self.get_submodule(KV)(hidden_states).chunk(2, dim=-1)
         # heads ordered (slot k, kv head j): query head k*h + j reads kv head j (the original's repeat)
         q = q_NKF.view(B, T, -1, d).transpose(1, 2)
@@ -103,7 +103,8 @@ class FusedMoAAttention(SwappedLayer):
             self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling, **kwargs)
         o_NKF = o.reshape(B * T, K, -1)
-        out_ND = run_projection(o_NKF, weights_NK.to(hidden_states.dtype), ids_NK, self.get_parameter(W_O))
+        out_ND = run_projection(o_NKF, weights_NK.to(hidden_states.dtype), ids_NK, self.get_parameter(W_O),
+                                backend=self.backend)
         out_ND = out_ND + self.get_parameter(BIAS)
         return out_ND.view(B, T, D), attn_weights, logits_NE
 
@@ -175,11 +176,11 @@ class FusedHandwrittenMoA(SwappedLayer):
         B, T, D = x.shape
         x_ND = x.reshape(B * T, D)
         weights_NK, ids_NK = route(F.linear(x_ND, get_attr_path(self, spec.router)), self.routing)
-        q_NKF = run_projection(x_ND, None, ids_NK, spec.w_q.get(self))
+        q_NKF = run_projection(x_ND, None, ids_NK, spec.w_q.get(self), backend=self.backend)
         k_BTF = F.linear(x, _rows(get_attr_path(self, spec.key[0]), spec.key[1]))
         v_BTF = F.linear(x, _rows(get_attr_path(self, spec.value[0]), spec.value[1]))
         o_NKF = moa_attend(q_NKF, k_BTF, v_BTF, spec.num_heads, (spec.causal, mask, None))
-        out_ND = run_projection(o_NKF, weights_NK.to(x.dtype), ids_NK, spec.w_o.get(self))
+        out_ND = run_projection(o_NKF, weights_NK.to(x.dtype), ids_NK, spec.w_o.get(self), backend=self.backend)
         if spec.bias is not None:
             out_ND = out_ND + get_attr_path(self, spec.bias)
         return out_ND.view(B, T, D)

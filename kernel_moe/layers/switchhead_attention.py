@@ -105,7 +105,7 @@ class FusedHandwrittenSwitchHead(SwappedLayer):
         N, h, K = B * T, spec.num_heads, spec.top_k
         x_ND = x.reshape(N, D)
         ws_NS, ids_s_NS = self._route(x_ND, spec.source)
-        v_NSd = run_projection(x_ND, None, ids_s_NS, spec.w_v.get(self))  # [N, h*K, d]
+        v_NSd = run_projection(x_ND, None, ids_s_NS, spec.w_v.get(self), backend=self.backend)  # [N, h*K, d]
         d = v_NSd.shape[-1]
         v_Nhd = (v_NSd.view(N, h, K, d) * ws_NS.view(N, h, K, 1).to(x.dtype)).sum(2)
         q_BHTd = F.linear(x, _rows(get_attr_path(self, spec.query[0]), spec.query[1])).view(B, T, h, d).transpose(1, 2)
@@ -113,7 +113,7 @@ class FusedHandwrittenSwitchHead(SwappedLayer):
         o_BHTd = attend(q_BHTd, k_BHTd, v_Nhd.view(B, T, h, d).transpose(1, 2), (spec.causal, mask, None))
         wd_NS, ids_d_NS = self._route(x_ND, spec.destination)
         o_NSd = o_BHTd.transpose(1, 2).reshape(N, h, 1, d).expand(N, h, K, d).reshape(N, h * K, d)
-        out_ND = run_projection(o_NSd, wd_NS.to(x.dtype), ids_d_NS, spec.w_o.get(self))
+        out_ND = run_projection(o_NSd, wd_NS.to(x.dtype), ids_d_NS, spec.w_o.get(self), backend=self.backend)
         if spec.bias is not None:
             out_ND = out_ND + get_attr_path(self, spec.bias)
         return out_ND.view(B, T, D)
