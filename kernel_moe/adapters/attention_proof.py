@@ -112,7 +112,10 @@ def prove_masks(module: nn.Module, spec, x: torch.Tensor, config: KernelConfig):
                     continue
                 accepted = True
                 layer = dataclasses.replace(spec, masks=((kind, reading),)).build(module, config)
-                why = _differs(module, layer, args, spec.training_fallback)
+                try:
+                    why = _differs(module, layer, args, spec.training_fallback)
+                except Exception as exc:  # e.g. a backward the original cannot run with this mask
+                    why = f"{type(exc).__name__}: {str(exc)[:120]}"
                 if why is None:
                     proven.append((kind, reading))
                     break

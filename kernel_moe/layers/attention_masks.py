@@ -31,7 +31,8 @@ SHAPE_TEXT = {"keys": "[B, T]", "square": "[T, T]", "batched": "[B, T, T]", "hea
 
 
 def mask_kind(mask: torch.Tensor, B: int, T: int) -> str | None:
-    """'<dtype class> <shape form>' of a mask for a call on x [B, T, D], or None when its shape fits no form."""
+    """'<dtype class> <shape form>' of a mask for a call on x [B, T, D], or None when its shape fits no
+    form, or fits two (a 2-D mask when B == T: such calls run the original module)."""
     if mask.dtype == torch.bool:
         dtype = "bool"
     elif mask.is_floating_point():
@@ -40,6 +41,8 @@ def mask_kind(mask: torch.Tensor, B: int, T: int) -> str | None:
         dtype = "int"
     else:
         return None
+    if B == T and mask.dim() == 2:
+        return None  # [B, T] or [T, T]: the shape cannot tell a key mask from a query x key one
     forms = {(B, T): "keys", (T, T): "square", (B, T, T): "batched", (B, 1, T, T): "heads"}
     shape = forms.get(tuple(mask.shape))
     return None if shape is None else f"{dtype} {shape}"

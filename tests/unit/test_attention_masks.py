@@ -27,6 +27,11 @@ def test_kind_from_dtype_and_shape(mask, kind):
     assert mask_kind(mask, B, T) == kind
 
 
+def test_a_2d_mask_is_ambiguous_when_batch_equals_sequence():
+    assert mask_kind(torch.ones(T, T, dtype=torch.bool), T, T) is None
+    assert mask_kind(torch.ones(T, 1, T, T, dtype=torch.bool), T, T) == "bool heads"
+
+
 def _explicit(allowed_BTT: torch.Tensor, q, k, v) -> torch.Tensor:
     s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     return s.masked_fill(~allowed_BTT[:, None], float("-inf")).softmax(-1) @ v
