@@ -20,8 +20,8 @@ between its two projections, so no single call can hold it. The op's two halves 
 as ``kernel_moe::expert_projection`` (:mod:`kernel_moe.kernels.projection`): the gather half
 (sorted slots, token rows gathered by expert, one GEMM per expert; a Triton grouped GEMM on the
 "triton" backend) computes the query (MoA) or value (SwitchHead) projection of every slot,
-``scaled_dot_product_attention`` runs all active heads at once, and the combine half (routing weight and sum over slots in one scatter-add)
-computes the output projection. In MoA the query and output projections are exactly an
+``scaled_dot_product_attention`` runs all active heads at once, and the combine half (routing
+weight and sum over slots in one scatter-add) computes the output projection. In MoA the query and output projections are exactly an
 expert's up and down pair with attention in place of the activation.
 
 Masks: ``causal`` and a padding mask ``attention_mask`` [B, T] (1 keep, 0 pad). A padded
