@@ -25,10 +25,11 @@ class StackedSwitchHead(nn.Module):
     Takes a boolean padding mask [B, T] (True: a real token). The keyword arguments make decoys."""
 
     def __init__(self, causal: bool = True, gate: str = "sigmoid", used_k: int = K, scale: float = 1.0,
-                 unused_expert: bool = False) -> None:
+                 unused_expert: bool = False, mask_as_bias: bool = False) -> None:
         super().__init__()
         self.n_heads, self.n_experts, self.moe_k = H, E, K
         self.causal, self.gate, self.used_k, self.scale, self.unused_expert = causal, gate, used_k, scale, unused_expert
+        self.mask_as_bias = mask_as_bias
         self.q = nn.Linear(D, H * DH, bias=False)
         self.k = nn.Linear(D, H * DH, bias=False)
         self.v = nn.Parameter(torch.randn(H * E, D, DH) / math.sqrt(D))
@@ -53,7 +54,9 @@ class StackedSwitchHead(nn.Module):
         s = q @ k.transpose(-1, -2) / math.sqrt(DH) * self.scale
         if self.causal:
             s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-        if mask is not None:
+        if mask is not None and self.mask_as_bias:  # a mask decoy: the flags are added to the scores
+            s = s + mask[:, None, None, :].to(s.dtype)
+        elif mask is not None:
             s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
         a = (s.softmax(-1) @ v).transpose(1, 2)  # [B, T, H, DH]
         go, io = self._select(self.sel_o, x)
@@ -217,3 +220,20 @@ def test_sparse_expert_attention_switchhead_is_left_alone():
     model = nn.Sequential(kernel_moe.SparseExpertAttention(D, E, H, top_k=K, variant="switchhead"), nn.Linear(D, D))
     report = kernel_moe.optimize(model, return_report=True)[1]
     assert not report.swapped and not report.skipped
+
+
+def test_a_mask_the_module_reads_some_other_way_runs_the_original():
+    torch.manual_seed(0)
+    model = Model(StackedSwitchHead(mask_as_bias=True))
+    original = copy.deepcopy(model)
+    report = kernel_moe.optimize(model, return_report=True)[1]
+    assert [r.name for r in report.swapped] == ["attn"]
+    assert "bool keys" not in dict(model.attn.spec.masks)
+    assert "not proven bool [B, T]" in str(report), str(report)
+    calls = []
+    model.attn.original.register_forward_pre_hook(lambda m, a: calls.append(1))
+    x, keep = torch.randn(2, 6, D), padding(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, keep), original(x, keep), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x), original(x), atol=1e-5, rtol=1e-5)
+    assert calls == [1]
