@@ -10,6 +10,7 @@ from kernel_moe.adapters.base import Adapter, Skip
 from kernel_moe.adapters.ffn import DenseFFNAdapter
 from kernel_moe.adapters.handwritten import HandwrittenMoEAdapter
 from kernel_moe.adapters.handwritten_attention import HandwrittenMoAAdapter
+from kernel_moe.adapters.handwritten_switchhead import HandwrittenSwitchHeadAdapter
 from kernel_moe.adapters.hf_attention import MoAAttentionAdapter
 from kernel_moe.adapters.transformers import TransformersExpertsAdapter, TransformersMoEAdapter
 from kernel_moe.adapters.unsupported import UnsupportedMoEAdapter
@@ -21,6 +22,7 @@ _REGISTRY: list[Adapter] = [
     TransformersExpertsAdapter(),
     DenseFFNAdapter(),
     HandwrittenMoAAdapter(),
+    HandwrittenSwitchHeadAdapter(),
     UnsupportedMoEAdapter(),
 ]
 

@@ -7,9 +7,10 @@ ModuleLists of such Linears), all bias-free; one bias-free router Linear(D -> E)
 values as two bias-free Linear(D -> F) or one Linear(D -> 2F); optionally an output bias [D]; no
 other parameter. What structure cannot tell (heads per expert, causal or not, the key/value
 order, whether the top-k softmax weights are renormalized) becomes candidates, the module's own
-head-count attribute first. The original and each candidate run on a seeded probe ``x [2, T, D]``;
-the first that agrees is checked in train mode and for gradients, which decide the fallbacks.
-Not recognized: SwitchHead-style modules (value/output experts per head).
+head-count attribute first. The proof (adapters/attention_proof.py) runs the original and each
+candidate on a seeded probe ``x [2, T, D]``; the first that agrees is checked in train mode and for
+gradients, which decide the fallbacks, then with every kind of mask the forward accepts.
+SwitchHead-style modules (value/output experts per head) are adapters/handwritten_switchhead.py's.
 """
 
 from __future__ import annotations
@@ -20,16 +21,14 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from kernel_moe.adapters.attention_proof import prove_attention_candidates
 from kernel_moe.adapters.base import Skip
-from kernel_moe.adapters.hf_attention import gradients_differ, outputs_differ, run_probe
-from kernel_moe.adapters.probe import probe_input
 from kernel_moe.config import KernelConfig
 from kernel_moe.layers.attention import SparseExpertAttention
 from kernel_moe.layers.moa_attention import HandwrittenMoASpec
 from kernel_moe.layers.weights import ExpertListWeight, StackedWeight
 
 HEAD_ATTRS = ("num_heads_per_expert", "num_heads", "n_heads", "heads")
-PROBE_BATCH = 2
 
 
 def _linears(module: nn.Module, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
@@ -148,38 +147,9 @@ class HandwrittenMoAAdapter:
 
 
 def prove_handwritten_moa(module: nn.Module, found: MoACandidates, config: KernelConfig) -> HandwrittenMoASpec | Skip:
-    """The first candidate whose layer computes what ``module`` computes on the probe (eval
-    mode), with the fallbacks its training-mode forward and gradients call for; else why none."""
-    if not config.verify:
-        return Skip("a hand-written MoA has readings only computation can choose between (verify=False)")
-    like = next(module.parameters())
-    if like.device.type == "meta":
-        return Skip("parameters are on the meta device, so equivalence cannot be verified")
-    x = probe_input((PROBE_BATCH, max(config.verify_tokens, 4), found.hidden), like)
-    try:
-        ref = run_probe(module, x, False)
-    except Exception as exc:
-        return Skip(f"the original forward failed on a probe input ({type(exc).__name__}: {str(exc)[:160]})")
-    plain = KernelConfig(backend=config.backend, deterministic=config.deterministic)
-    failures = []
-    for spec in found.specs:
-        layer = spec.build(module, plain)
-        why = outputs_differ(run_probe(layer, x, False), ref)
-        if why is None:
-            break
-        failures.append(why)
-    else:
-        return Skip("not proven equivalent: " + "; ".join(dict.fromkeys(failures))[:400])
-    first, second = run_probe(module, x, True), run_probe(module, x, True)
-    training = None if outputs_differ(first, second) is None else "its training-mode forward is stochastic"
-    if training is None:
-        why = outputs_differ(run_probe(layer, x, True), first)
-        training = None if why is None else f"training-mode forward differs: {why}"
-    gradient = None
-    for mode in (False, True) if training is None else (False,):
-        gradient = gradient or gradients_differ(module, layer, x, mode)
-    layer.training = module.training
-    return dataclasses.replace(spec, training_fallback=training, gradient_fallback=gradient)
+    """The first candidate whose layer computes what ``module`` computes on the probe, with its
+    fallbacks and proven masks (adapters/attention_proof.py); else why none."""
+    return prove_attention_candidates(module, found.specs, found.hidden, config, "MoA")
 
 
 __all__ = ["HandwrittenMoAAdapter", "handwritten_moa_candidates", "prove_handwritten_moa"]

@@ -17,18 +17,25 @@ out), rows gathered with one ``index_select``, one GEMM per expert into a shared
 scatter at the end. They run inside a custom op, so reading token counts on the host is free.
 Dropped slots (ids outside [0, E)) give zero output rows and zero gradients, as in the contract.
 
+Backends: ``backend`` resolves like the experts op's (:func:`kernel_moe.kernels.resolve_backend`):
+"triton" runs :mod:`kernel_moe.kernels.triton.projection` (gather in the A-load on the
+expert-aligned layout, no host synchronisation; CPU tensors through the interpreter), "cpu" the
+PyTorch code of this module (any device).
+
 Legend: T tokens, K slots per token, E experts, D input features, O output features,
 S' kept slots.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from kernel_moe.errors import UnsupportedInputError
+from kernel_moe.kernels import resolve_backend
 from kernel_moe.kernels.contract import FLOAT_DTYPES, ID_DTYPES
 from kernel_moe.kernels.cpu.forward import SortedSlots, sort_slots
 
@@ -71,6 +78,20 @@ def validate_projection(x: Tensor, weights_TK: Optional[Tensor], ids_TK: Tensor,
                                         "device")
 
 
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton(backend: str, x: Tensor):
+    """The Triton projection module when ``backend`` resolves to "triton" for x's device (checking
+    the dtype it takes), else None."""
+    if resolve_backend(backend, x.device) != "triton":
+        return None
+    if x.dtype not in TRITON_DTYPES:
+        raise UnsupportedInputError(f"the triton backend does not support x dtype {x.dtype}; allowed: float32, "
+                                    "bfloat16, float16")
+    return importlib.import_module("kernel_moe.kernels.triton.projection")
+
+
 def projection_shape(x: Tensor, weights_TK: Optional[Tensor], ids_TK: Tensor, w_EOD: Tensor) -> tuple[int, ...]:
     """The output shape: [T, O] with routing weights (combined), else [T, K, O]."""
     T, K = ids_TK.shape
@@ -107,9 +128,12 @@ def _expert_outputs(x_SD: Tensor, slots: SortedSlots, w_EOD: Tensor, b_EO: Optio
 
 
 def projection_forward(x: Tensor, weights_TK: Optional[Tensor], ids_TK: Tensor, w_EOD: Tensor,
-                       b_EO: Optional[Tensor]) -> Tensor:
+                       b_EO: Optional[Tensor], backend: str = "cpu") -> Tensor:
     """x [T, D] or [T, K, D] -> [T, O] (weights given: weighted sum over the slots, accumulated in
     fp32) or [T, K, O] (per slot); see the module docstring."""
+    triton_impl = _triton(backend, x)
+    if triton_impl is not None:
+        return triton_impl.projection_forward_triton(x, weights_TK, ids_TK, w_EOD, b_EO)
     T, K = ids_TK.shape
     E, O, _ = w_EOD.shape
     slots = sort_slots(ids_TK, E)
@@ -123,9 +147,12 @@ def projection_forward(x: Tensor, weights_TK: Optional[Tensor], ids_TK: Tensor, 
 
 
 def projection_backward(grad: Tensor, x: Tensor, weights_TK: Optional[Tensor], ids_TK: Tensor, w_EOD: Tensor,
-                        b_EO: Optional[Tensor]) -> ProjectionGrads:
+                        b_EO: Optional[Tensor], backend: str = "cpu") -> ProjectionGrads:
     """Gradients of :func:`projection_forward` for the output gradient ``grad`` (its output's
     shape): x, routing weights (the slot's output dotted with the token's gradient), w, b."""
+    triton_impl = _triton(backend, x)
+    if triton_impl is not None:
+        return ProjectionGrads(*triton_impl.projection_backward_triton(grad, x, weights_TK, ids_TK, w_EOD, b_EO))
     T, K = ids_TK.shape
     E, O, D = w_EOD.shape
     slots = sort_slots(ids_TK, E)
@@ -164,4 +191,4 @@ def projection_backward(grad: Tensor, x: Tensor, weights_TK: Optional[Tensor], i
     return ProjectionGrads(g_x, g_topk, g_w, g_b)
 
 
-__all__ = ["ProjectionGrads", "projection_backward", "projection_forward", "projection_shape", "validate_projection"]
+__all__ = ["TRITON_DTYPES", "ProjectionGrads", "projection_backward", "projection_forward", "projection_shape", "validate_projection"]

@@ -18,10 +18,10 @@ How the expert projections run. The experts op fuses ``up -> activation -> down`
 the contract's activations are pointwise, and an attention expert has attention across tokens
 between its two projections, so no single call can hold it. The op's two halves run instead,
 as ``kernel_moe::expert_projection`` (:mod:`kernel_moe.kernels.projection`): the gather half
-(sorted slots, token rows gathered by expert, one GEMM per expert) computes the query (MoA) or
-value (SwitchHead) projection of every slot, ``scaled_dot_product_attention`` runs all active
-heads at once, and the combine half (routing weight and sum over slots in one scatter-add)
-computes the output projection. In MoA the query and output projections are exactly an
+(sorted slots, token rows gathered by expert, one GEMM per expert; a Triton grouped GEMM on the
+"triton" backend) computes the query (MoA) or value (SwitchHead) projection of every slot,
+``scaled_dot_product_attention`` runs all active heads at once, and the combine half (routing
+weight and sum over slots in one scatter-add) computes the output projection. In MoA the query and output projections are exactly an
 expert's up and down pair with attention in place of the activation.
 
 Masks: ``causal`` and a padding mask ``attention_mask`` [B, T] (1 keep, 0 pad). A padded
@@ -242,10 +242,10 @@ class SparseExpertAttention(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         weights_NK, ids_NK = self._route(self.router(self._router_input(x_ND)), B * T)
-        q_NKF = run_projection(x_ND, None, ids_NK, self.w_q)
+        q_NKF = run_projection(x_ND, None, ids_NK, self.w_q, backend=self.kernel_config.backend)
         k_BTF, v_BTF = self.kv_proj(x_BTD).chunk(2, dim=-1)
         o_NKF = moa_attend(q_NKF, k_BTF, v_BTF, self.num_heads, (self.causal, mask, position_embeddings))
-        return run_projection(o_NKF, weights_NK, ids_NK, self.w_o)
+        return run_projection(o_NKF, weights_NK, ids_NK, self.w_o, backend=self.kernel_config.backend)
 
     def _switchhead(self, x_BTD: torch.Tensor, mask, position_embeddings) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -254,7 +254,7 @@ class SparseExpertAttention(nn.Module):
         x_ND = x_BTD.reshape(N, D)
         router_in = self._router_input(x_ND)
         ws_NS, ids_s_NS = self._route(self.source_router(router_in).view(N * h, E), N)
-        v_NSd = run_projection(x_ND, None, ids_s_NS, self.w_v)
+        v_NSd = run_projection(x_ND, None, ids_s_NS, self.w_v, backend=self.kernel_config.backend)
         v_Nhd = (v_NSd.view(N, h, K, d) * ws_NS.view(N, h, K, 1).to(v_NSd.dtype)).sum(2)
         q_BHTd = self.q_proj(x_BTD).view(B, T, h, d).transpose(1, 2)
         k_BHTd = self.k_proj(x_BTD).view(B, T, h, d).transpose(1, 2)
@@ -262,7 +262,7 @@ class SparseExpertAttention(nn.Module):
         o_BHTd = attend(q_BHTd, k_BHTd, v_BHTd, (self.causal, mask, position_embeddings))
         wd_NS, ids_d_NS = self._route(self.destination_router(router_in).view(N * h, E), N)
         o_NSd = o_BHTd.transpose(1, 2).reshape(N, h, 1, d).expand(N, h, K, d).reshape(N, h * K, d)
-        return run_projection(o_NSd, wd_NS, ids_d_NS, self.w_o)
+        return run_projection(o_NSd, wd_NS, ids_d_NS, self.w_o, backend=self.kernel_config.backend)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 
 from kernel_moe.config import KernelConfig
 from kernel_moe.layers.attention import apply_rotary, moa_attend
+from kernel_moe.layers.attention_masks import describe_masks, fused_mask
 from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.spec import SwapSpec
 from kernel_moe.layers.weights import WeightSource, get_attr_path
@@ -87,7 +88,7 @@ class FusedMoAAttention(SwappedLayer):
         x_ND = hidden_states.reshape(B * T, D)
         logits_NE = F.linear(x_ND, self.get_parameter(ROUTER)).float()
         weights_NK, ids_NK = route(logits_NE, self.routing)
-        q_NKF = run_projection(x_ND, None, ids_NK, self.get_parameter(W_Q))
+        q_NKF = run_projection(x_ND, None, ids_NK, self.get_parameter(W_Q), backend=self.backend)
         k_BTF, v_BTF = self.get_submodule(KV)(hidden_states).chunk(2, dim=-1)
         # heads ordered (slot k, kv head j): query head k*h + j reads kv head j (the original's repeat)
         q = q_NKF.view(B, T, -1, d).transpose(1, 2)
@@ -102,7 +103,8 @@ class FusedMoAAttention(SwappedLayer):
             self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling, **kwargs)
         o_NKF = o.reshape(B * T, K, -1)
-        out_ND = run_projection(o_NKF, weights_NK.to(hidden_states.dtype), ids_NK, self.get_parameter(W_O))
+        out_ND = run_projection(o_NKF, weights_NK.to(hidden_states.dtype), ids_NK, self.get_parameter(W_O),
+                                backend=self.backend)
         out_ND = out_ND + self.get_parameter(BIAS)
         return out_ND.view(B, T, D), attn_weights, logits_NE
 
@@ -130,6 +132,9 @@ class HandwrittenMoASpec(SwapSpec):
     top_k: int = 1
     training_fallback: str | None = None
     gradient_fallback: str | None = None
+    mask_arg: str | None = None  # the forward's argument after x (a mask), if it has one
+    masks: tuple[tuple[str, str], ...] = ()  # proven (mask kind, reading), see layers/attention_masks.py
+    mask_note: str = ""  # what the report says about masks that were not proven
     quantizable = False
 
     def layer_class(self) -> type[nn.Module]:
@@ -137,8 +142,9 @@ class HandwrittenMoASpec(SwapSpec):
 
     def describe(self) -> str:
         order = "top-k softmax" if self.renormalize else "softmax, top-k"
-        return (f"mixture of attention heads: {order} {self.top_k} of {self.num_experts} experts of "
+        text = (f"mixture of attention heads: {order} {self.top_k} of {self.num_experts} experts of "
                 f"{self.num_heads} heads, {'causal' if self.causal else 'bidirectional'}, shared kv")
+        return "; ".join(t for t in (text, describe_masks(self.masks), self.mask_note) if t)
 
 
 def _rows(t: torch.Tensor, part: int | None) -> torch.Tensor:
@@ -148,8 +154,9 @@ def _rows(t: torch.Tensor, part: int | None) -> torch.Tensor:
 class FusedHandwrittenMoA(SwappedLayer):
     """The swapped-in layer for a hand-written MoA module: routing, the query projection (gather
     half of the experts op), ``scaled_dot_product_attention`` over the shared keys and values, the
-    output projection and weighted sum (combine half). Proven for ``forward(x)`` alone: any other
-    argument runs the original module."""
+    output projection and weighted sum (combine half). Proven for ``forward(x)`` and for
+    ``forward(x, mask)`` with a mask of a proven kind (see layers/attention_masks.py): any other
+    call runs the original module."""
 
     def __init__(self, original: nn.Module, spec: HandwrittenMoASpec, config: KernelConfig | None = None) -> None:
         super().__init__(original, spec, config)
@@ -162,17 +169,18 @@ class FusedHandwrittenMoA(SwappedLayer):
         return [self.spec.w_q, self.spec.w_o]
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if args or kwargs or x.dim() != 3 or self.runs_original(x):
+        fused, mask = fused_mask(self.spec, x, args, kwargs)
+        if not fused or self.runs_original(x):
             return self.original(x, *args, **kwargs)
         spec = self.spec
         B, T, D = x.shape
         x_ND = x.reshape(B * T, D)
         weights_NK, ids_NK = route(F.linear(x_ND, get_attr_path(self, spec.router)), self.routing)
-        q_NKF = run_projection(x_ND, None, ids_NK, spec.w_q.get(self))
+        q_NKF = run_projection(x_ND, None, ids_NK, spec.w_q.get(self), backend=self.backend)
         k_BTF = F.linear(x, _rows(get_attr_path(self, spec.key[0]), spec.key[1]))
         v_BTF = F.linear(x, _rows(get_attr_path(self, spec.value[0]), spec.value[1]))
-        o_NKF = moa_attend(q_NKF, k_BTF, v_BTF, spec.num_heads, (spec.causal, None, None))
-        out_ND = run_projection(o_NKF, weights_NK.to(x.dtype), ids_NK, spec.w_o.get(self))
+        o_NKF = moa_attend(q_NKF, k_BTF, v_BTF, spec.num_heads, (spec.causal, mask, None))
+        out_ND = run_projection(o_NKF, weights_NK.to(x.dtype), ids_NK, spec.w_o.get(self), backend=self.backend)
         if spec.bias is not None:
             out_ND = out_ND + get_attr_path(self, spec.bias)
         return out_ND.view(B, T, D)

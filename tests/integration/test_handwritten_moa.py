@@ -53,7 +53,8 @@ class TutorialMoA(nn.Module):
     def _o(self, e, x):
         return x @ self.w_o[e].t() if hasattr(self, "w_o") else self.experts[e].out(x)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
+        """mask: boolean padding mask [B, T] (True: a real token), optional."""
         B, T, _ = x.shape
         probs = torch.softmax(self.gate(x), dim=-1)
         w, ids = probs.topk(self.top_k, dim=-1)
@@ -69,6 +70,8 @@ class TutorialMoA(nn.Module):
             scores = torch.einsum("mhd,mhsd->mhs", q, k[b]) / math.sqrt(HEAD_DIM)
             if self.causal:
                 scores = scores.masked_fill(torch.arange(T)[None, None, :] > t[:, None, None], float("-inf"))
+            if mask is not None:
+                scores = scores.masked_fill(~mask[b][:, None, :], float("-inf"))
             o = torch.einsum("mhs,mhsd->mhd", scores.softmax(-1), v[b]).reshape(len(b), -1)
             out = out.index_put((b, t), self._o(e, o) * w[b, t, slot, None], accumulate=True)
         return out + self.bias
@@ -80,8 +83,8 @@ class Model(nn.Module):
         self.attn = TutorialMoA(**kw)
         self.head = nn.Linear(D, D)
 
-    def forward(self, x):
-        return self.head(self.attn(x))
+    def forward(self, x, mask=None):
+        return self.head(self.attn(x) if mask is None else self.attn(x, mask))
 
 
 CASES = {
@@ -104,17 +107,38 @@ def test_handwritten_moa_is_swapped_and_equal(case):
     assert layer.spec.renormalize == CASES[case].get("renormalize", False)
     assert layer.spec.num_heads == HEADS
     assert list(model.state_dict()) == list(original.state_dict())
-    x = torch.randn(3, 9, D)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), original(x), atol=1e-5, rtol=1e-5)
-    grads = []
-    for m in (model, original):
-        xi = x.clone().requires_grad_()
-        m(xi).square().sum().backward()
-        grads.append([xi.grad] + [p.grad for p in m.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert ("bool keys", "keep") in layer.spec.masks, layer.spec
+    calls = []
+    layer.original.register_forward_pre_hook(lambda m, a: calls.append(1))
+    x, keep = torch.randn(3, 9, D), torch.ones(3, 9, dtype=torch.bool)
+    keep[0, 6:], keep[2, 3] = False, False  # right padding, and a hole
+    for mask in (None, keep):
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, mask), original(x, mask), atol=1e-5, rtol=1e-5)
+        grads = []
+        for m in (model, original):
+            m.zero_grad()
+            xi = x.clone().requires_grad_()
+            m(xi, mask).square().sum().backward()
+            grads.append([xi.grad] + [p.grad for p in m.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not calls, "the proven calls ran the original module"
     assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+    assert torch._dynamo.explain(layer)(x, keep).graph_break_count == 0
+
+
+def test_a_mask_kind_the_module_does_not_take_runs_the_original():
+    torch.manual_seed(0)
+    model = Model()
+    kernel_moe.optimize(model)
+    calls = []
+    model.attn.original.register_forward_pre_hook(lambda m, a: calls.append(1))
+    additive = torch.zeros(2, 1, 5, 5)  # the module takes boolean padding masks only
+    assert not any(kind.startswith("float") for kind, _ in model.attn.spec.masks)
+    with pytest.raises(TypeError):
+        model(torch.randn(2, 5, D), additive)
+    assert calls == [1]
 
 
 def test_a_moa_the_candidates_cannot_reproduce_stays():

@@ -1,4 +1,5 @@
-"""examples/sparse_attention_lm.py --smoke and benchmarks/bench_sparse_attention.py run end to end
+"""examples/sparse_attention_lm.py --smoke, benchmarks/bench_sparse_attention.py and
+benchmarks/bench_handwritten_switchhead.py run end to end
 (in a subprocess, as a user runs them) and report every model / variant."""
 
 from __future__ import annotations
@@ -38,3 +39,11 @@ def test_benchmark_small_shape(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert set(row["median_ms"]) == {"ours", "dense MHA", "naive loop"}
     assert row["active_heads"] == row["top_k"] * row["heads_per_expert"]
+
+
+def test_handwritten_switchhead_benchmark(tmp_path):
+    out = tmp_path / "switchhead.json"
+    _run(["benchmarks/bench_handwritten_switchhead.py", "--shapes", "small", "--min-time", "0", "--json", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert set(row["median_ms"]) == {f"{v}, {m}" for v in ("original", "swapped") for m in ("no mask", "padding mask")}
+    assert row["optimize_s"] > 0 and all(r > 0 for r in row["speedup"].values())

@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
 
     from kernel_moe.kernels.triton import forward as F
+    from kernel_moe.kernels.triton import projection as PJ
     from kernel_moe.kernels.triton import routing as R
 
     TARGET = GPUTarget("cuda", 90, 32)
@@ -100,6 +101,23 @@ SCRIPT = textwrap.dedent(
         build(F._moe_down_kernel, types, consts, num_warps=8, num_stages=3, **spec)
     build(F._moe_reduce_kernel, {"part_ptr": "*fp32", "ids_ptr": "*i64", "out_ptr": "*bf16", "split_stride": "i64"},
           dict(SPLIT_K=2, BLOCK_T=16, BLOCK_H=256))
+    # expert projection (attention experts): gather half (x dtype out), combine half (fp32 partials),
+    # the backward's transposed weight read, and the weight-gradient kernel
+    for x, w, out, dot, weighted, bias, even in (("bf16", "bf16", "bf16", tl.bfloat16, False, False, True),
+                                                 ("bf16", "bf16", "fp32", tl.bfloat16, True, True, False),
+                                                 ("fp32", "fp32", "fp32", tl.float32, False, False, False),
+                                                 ("fp16", "fp16", "fp32", tl.float16, True, False, True)):
+        types = {"x_ptr": "*" + x, "w_ptr": "*" + w, "bias_ptr": "*" + w, "rw_ptr": "*fp32", "out_ptr": "*" + out,
+                 "padded_slots_ptr": I32, "block_expert_ptr": I32}
+        consts = dict(HAS_BIAS=bias, WEIGHTED=weighted, DOT_DTYPE=dot, UPCAST=False, TF32=False, EVEN_K=even,
+                      BLOCK_M=64 if even else 16, BLOCK_N=64, BLOCK_K=32 if even else 64, GROUP_M=8)
+        build(PJ._projection_kernel, types, consts, num_warps=4, num_stages=3)
+    for g, dot, weighted, bias in (("bf16", tl.bfloat16, True, True), ("fp32", tl.float32, False, False)):
+        types = {"g_ptr": "*" + g, "x_ptr": "*" + g, "rw_ptr": "*fp32", "out_ptr": "*" + g, "bias_ptr": "*" + g,
+                 "padded_slots_ptr": I32, "padded_offsets_ptr": I32}
+        consts = dict(WEIGHTED=weighted, HAS_BIAS=bias, DOT_DTYPE=dot, UPCAST=False, TF32=False, BLOCK_M=64,
+                      BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
+        build(PJ._projection_dw_kernel, types, consts, num_warps=4, num_stages=3)
     print("compiled")
     """
 )

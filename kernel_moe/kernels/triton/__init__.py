@@ -11,6 +11,8 @@ Modules (each imports triton, except ``tile_configs``; this package itself impor
 - ``forward``: grouped up- and down-projection kernels and the reduction over K;
   :func:`~.forward.fused_experts_triton`.
 - ``backward``: the gradient kernels; :func:`~.backward.fused_experts_backward_triton`.
+- ``projection``: one expert projection (the gather or combine half of the experts op) and its
+  gradients, for attention experts (``kernel_moe::expert_projection``).
 - ``tile_configs``: block sizes of every kernel (tuned JSON tables in ``configs/`` and a
   heuristic default).
 - ``backend``: ``BACKEND``, the object ``kernels.select_backend`` returns for "triton".
