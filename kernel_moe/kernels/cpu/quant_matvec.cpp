@@ -21,7 +21,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define KERNEL_MOE_AVX512 1
 #endif
@@ -115,6 +115,51 @@ inline void row_dot_one_scale(const uint8_t* __restrict w, float scale, const fl
 }
 
 #ifdef KERNEL_MOE_AVX512
+// 16 int8 / fp8 weights (16 bytes) as floats; fp8 comes out 2^-120 times its value (the magnitude
+// bits placed at float's exponent/mantissa boundary, the sign moved to bit 31).
+template <int F>
+inline __m512 bytes_to_floats(__m128i b) {
+  if constexpr (F == kInt8) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  } else {
+    const __m512i v = _mm512_cvtepu8_epi32(b);
+    const __m512i magnitude = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x7F)), 20);
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24);
+    return _mm512_castsi512_ps(_mm512_or_si512(magnitude, sign));
+  }
+}
+
+// One int8 / fp8 row with one scale: several accumulators per x row (one FMA chain per row would
+// cap a row below what a core reads), the tail masked. fp8 weights are rescaled by 2^120 before
+// the multiply, so that no product of a small weight and a small x falls into the subnormals.
+template <int F, int ROWS>
+inline void row_dot_bytes_avx512(const uint8_t* __restrict w, float scale, const float* __restrict x, int64_t K,
+                                 float* out) {
+  constexpr int U = ROWS == 1 ? 4 : (ROWS == 2 ? 2 : 1);
+  const __m512 fp8_rescale = _mm512_set1_ps(0x1p120f);
+  __m512 acc[ROWS][U];
+  for (int j = 0; j < ROWS; ++j)
+    for (int u = 0; u < U; ++u) acc[j][u] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U) {
+    for (int u = 0; u < U; ++u) {
+      __m512 wv = bytes_to_floats<F>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * u)));
+      if constexpr (F == kFp8) wv = _mm512_mul_ps(wv, fp8_rescale);
+      for (int j = 0; j < ROWS; ++j) acc[j][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + j * K + k + 16 * u), acc[j][u]);
+    }
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    __m512 wv = bytes_to_floats<F>(_mm_maskz_loadu_epi8(m, w + k));
+    if constexpr (F == kFp8) wv = _mm512_mul_ps(wv, fp8_rescale);
+    for (int j = 0; j < ROWS; ++j) acc[j][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + j * K + k), acc[j][0]);
+  }
+  for (int j = 0; j < ROWS; ++j) {
+    for (int u = 1; u < U; ++u) acc[j][0] = _mm512_add_ps(acc[j][0], acc[j][u]);
+    out[j] = _mm512_reduce_add_ps(acc[j][0]) * scale;
+  }
+}
+
 // An int4 row with AVX-512: 16 bytes (32 features) per step, nibbles widened to int32 and
 // converted to float, one FMA per half into a group accumulator that is scaled once per group.
 // The "- 8" of the stored value is folded out: sum (q - 8) x = sum q x - 8 sum x, with each
@@ -156,6 +201,9 @@ template <int F, int ROWS>
 inline void row_dot(const uint8_t* w_row, const float* scale_row, const float* x, const float* xsum, const Layout& L,
                     float* out) {
   if constexpr (F != kInt4) {
+#ifdef KERNEL_MOE_AVX512
+    if (L.groups == 1) return row_dot_bytes_avx512<F, ROWS>(w_row, scale_row[0], x, L.K, out);
+#endif
     if (L.groups == 1) return row_dot_one_scale<F, ROWS>(w_row, scale_row[0], x, L.K, out);
   }
 #ifdef KERNEL_MOE_AVX512
