@@ -93,15 +93,22 @@ def _transformers_experts(shape: LayerShape, dtype: torch.dtype) -> nn.Module:
     return materialize(lambda: cls(cfg), dtype, seed=0)
 
 
-def _memory_plan(shape: LayerShape, dtype: torch.dtype, limit: float) -> tuple[bool, str | None]:
-    """(whether the layer fits, why dense_total is skipped or None). One copy of the experts,
-    plus one more of the same size for dense_total, plus 1 GiB for activations."""
+def _memory_plan(shape: LayerShape, dtype: torch.dtype, args, limit: float) -> tuple[bool, str | None]:
+    """(whether the layer fits, why dense_total is skipped or None). Counted: one copy of the
+    experts, the dense FFN of the active parameters, and the largest T's intermediate activations
+    plus 256 MiB; dense_total adds a second copy of the experts and its own activations."""
+    elt = torch.empty((), dtype=dtype).element_size()
     copy = shape.experts * shape.expert_bytes(dtype)
-    if copy + 2**30 > limit:
+    T = max(args.tokens)
+    need = copy + 2**28 + T * 4 * shape.top_k * shape.intermediate * 4
+    if "dense_active" not in args.skip:
+        need += shape.top_k * shape.expert_bytes(dtype)
+    if need > limit:
         return False, None
-    if 2 * copy + 2**30 > limit:
-        return True, (f"dense_total skipped: a second {copy / 1e9:.1f} GB copy does not fit in "
-                      f"{limit / 1e9:.1f} GB (--memory-gb)")
+    need_total = need + copy + T * 4 * shape.experts * shape.intermediate * elt
+    if "dense_total" not in args.skip and need_total > limit:
+        return True, (f"dense_total skipped: a second {copy / 1e9:.2f} GB copy of the experts and its activations "
+                      f"need {need_total / 1e9:.1f} GB of the {limit / 1e9:.1f} GB allowed (--memory-gb)")
     return True, None
 
 
@@ -190,25 +197,26 @@ def _print_row(row: dict) -> None:
 def run_layer(shape: LayerShape, dtype_name: str, args, limit: float) -> list[dict]:
     """Every T of one (layer, dtype); the layer's memory is freed before returning."""
     dtype = getattr(torch, dtype_name)
-    fits, why = _memory_plan(shape, dtype, limit)
+    fits, why = _memory_plan(shape, dtype, args, limit)
     copy_gb = shape.experts * shape.expert_bytes(dtype) / 1e9
     if not fits:
-        print(f"{shape.name} {dtype_name}: skipped, one {copy_gb:.1f} GB copy of the experts does not fit in "
-              f"{limit / 1e9:.1f} GB (--memory-gb; --experts holds fewer)")
+        print(f"{shape.name} {dtype_name}: skipped, one {copy_gb:.2f} GB copy of the experts, the dense FFN and "
+              f"the activations do not fit in {limit / 1e9:.1f} GB (--memory-gb; --experts holds fewer)")
         return []
-    bw = read_rates()
+    bw = read_rates(2**24 if args.smoke else 2**30)
     print(f"{shape.name} {dtype_name} ({shape.note}; H {shape.hidden}, I {shape.intermediate}, E {shape.experts}, "
           f"top-{shape.top_k}; experts {copy_gb:.2f} GB): read GB/s fp32 sum {bw['fp32_sum'] / 1e9:.1f}, "
           f"bf16 sum {bw['bf16_sum'] / 1e9:.1f}, bf16 GEMV {bw['bf16_gemv'] / 1e9:.1f}")
     if why:
         print(f"  {why}")
     layer = _build(shape, dtype, why is None, set(args.skip))
-    print(f"  max |ours - eager| at T={min(args.tokens)}: {_check(layer, min(args.tokens), dtype, shape):.3g}")
+    check = _check(layer, min(args.tokens), dtype, shape)
+    print(f"  max |ours - eager| at T={min(args.tokens)}: {check:.3g}")
     rows = []
     for T in args.tokens:
         made = _calls(layer, T, dtype, shape)
         times = time_cycled(made["calls"], args.min_time, args.min_reps)
-        extra = {"distinct_experts": mean_distinct_experts(made["routings"]), "bw": bw}
+        extra = {"distinct_experts": mean_distinct_experts(made["routings"]), "bw": bw, "max_abs_diff_vs_eager": check}
         if why:
             extra["dense_total_skipped"] = why
         rows.append(_row(shape, dtype_name, T, times, extra))

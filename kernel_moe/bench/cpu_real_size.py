@@ -72,21 +72,24 @@ def _best_rate(fn: Callable[[], object], nbytes: int) -> float:
     return nbytes / best
 
 
-def read_rates() -> dict[str, float]:
+def read_rates(nbytes: int = READ_BYTES) -> dict[str, float]:
     """The machine's read bandwidth now, in bytes per second, by three kernels that each read
-    1 GiB once (best of 5 each): ``fp32_sum`` (``sum()`` of fp32), ``bf16_sum`` (``sum()`` of
-    bf16, fp32 accumulation) and ``bf16_gemv`` (a [R, 4096] bf16 matrix times a vector: the
-    read pattern of a dense layer at decode). Each is a lower bound of what the memory can
-    deliver, so ``best`` (their maximum) is the bound a layer's rate is judged against."""
+    ``nbytes`` (1 GiB: far beyond the caches) once, best of 5 each: ``fp32_sum`` (``sum()`` of
+    fp32), ``bf16_sum`` (``sum()`` of bf16, fp32 accumulation) and ``bf16_gemv`` (a [R, 4096]
+    bf16 matrix times a vector: the read pattern of a dense layer at decode). Each is a lower
+    bound of what the memory can deliver, so ``best`` (their maximum) is the bound a layer's
+    rate is judged against."""
+    if nbytes < 2**15 or nbytes % 2**13:
+        raise ValueError(f"nbytes={nbytes}; allowed: a multiple of 8192, at least 32768")
     rates = {}
-    x = torch.ones(READ_BYTES // 4)
-    rates["fp32_sum"] = _best_rate(x.sum, READ_BYTES)
+    x = torch.ones(nbytes // 4)
+    rates["fp32_sum"] = _best_rate(x.sum, nbytes)
     del x
-    x = torch.ones(READ_BYTES // 2, dtype=torch.bfloat16)
-    rates["bf16_sum"] = _best_rate(x.sum, READ_BYTES)
+    x = torch.ones(nbytes // 2, dtype=torch.bfloat16)
+    rates["bf16_sum"] = _best_rate(x.sum, nbytes)
     w_RC = x.view(-1, 4096)
     v_C = torch.ones(4096, dtype=torch.bfloat16)
-    rates["bf16_gemv"] = _best_rate(lambda: torch.mv(w_RC, v_C), READ_BYTES)
+    rates["bf16_gemv"] = _best_rate(lambda: torch.mv(w_RC, v_C), nbytes)
     del x, w_RC
     rates["best"] = max(rates.values())
     return rates
