@@ -51,7 +51,9 @@ def build_model(vocab: int, smoke: bool):
                             max_position_embeddings=4096, **sizes)
     torch.manual_seed(0)
     model = Qwen3MoeForCausalLM._from_config(config, dtype=torch.bfloat16, experts_implementation="eager")
-    return model.eval()
+    # inference: without grad, optimize() proves outputs only (the gradient proof would allocate
+    # several gradient-sized copies of every expert weight)
+    return model.eval().requires_grad_(False)
 
 
 def ours_model(model, compile_forward: bool):

@@ -4,7 +4,7 @@ process, with the machine's read bandwidth measured in the same run.
 
     python benchmarks/bench_cpu_real_size.py [--layers mixtral qwen3 deepseek] [--dtypes bfloat16 float32]
         [--tokens 1 2 4 8 32 128 1024] [--min-time 2.0] [--min-reps 5] [--skip eager dense_total]
-        [--experts E] [--memory-gb GB] [--json OUT] [--smoke]
+        [--experts E] [--memory-gb GB] [--no-verify] [--json OUT] [--smoke]
 
 Layers (``kernel_moe.bench.cpu_real_size.REAL_SIZE_LAYERS``):
 - ``mixtral``: Mixtral-8x7B size, H 4096, I 14336, E 8, top-2 (transformers ``MixtralExperts``);
@@ -95,17 +95,19 @@ def _transformers_experts(shape: LayerShape, dtype: torch.dtype) -> nn.Module:
 
 def _memory_plan(shape: LayerShape, dtype: torch.dtype, args, limit: float) -> tuple[bool, str | None]:
     """(whether the layer fits, why dense_total is skipped or None). Counted: one copy of the
-    experts, the dense FFN of the active parameters, and the largest T's intermediate activations
-    plus 256 MiB; dense_total adds a second copy of the experts and its own activations."""
+    experts (two while optimize() proves the swap: its gradient probe's backward allocates
+    gradients the size of the expert weights; one with --no-verify), the dense FFN of the
+    active parameters, and the largest T's intermediate activations plus 256 MiB; dense_total
+    (built after the proof) adds a second copy of the experts and its own activations."""
     elt = torch.empty((), dtype=dtype).element_size()
     copy = shape.experts * shape.expert_bytes(dtype)
     T = max(args.tokens)
-    need = copy + 2**28 + T * 4 * shape.top_k * shape.intermediate * 4
+    need = (copy if args.no_verify else 2 * copy) + 2**28 + T * 4 * shape.top_k * shape.intermediate * 4
     if "dense_active" not in args.skip:
         need += shape.top_k * shape.expert_bytes(dtype)
     if need > limit:
         return False, None
-    need_total = need + copy + T * 4 * shape.experts * shape.intermediate * elt
+    need_total = need + (2 * copy if args.no_verify else copy) + T * 4 * shape.experts * shape.intermediate * elt
     if "dense_total" not in args.skip and need_total > limit:
         return True, (f"dense_total skipped: a second {copy / 1e9:.2f} GB copy of the experts and its activations "
                       f"need {need_total / 1e9:.1f} GB of the {limit / 1e9:.1f} GB allowed (--memory-gb)")
@@ -148,11 +150,12 @@ def _check(layer: dict, T: int, dtype: torch.dtype, shape: LayerShape) -> float:
         return (layer["ours"](x_TH, ids_TK, w_TK) - layer["hf"](x_TH, ids_TK, w_TK)).abs().max().item()
 
 
-def _build(shape: LayerShape, dtype: torch.dtype, dense_total: bool, skip: set) -> dict:
+def _build(shape: LayerShape, dtype: torch.dtype, dense_total: bool, args) -> dict:
     """The experts module (transformers), ours swapped over the same Parameters, and the dense FFNs."""
     hf = _transformers_experts(shape, dtype)
     holder = _Holder(hf)
-    kernel_moe.optimize(holder, kernel_moe.KernelConfig.for_moe(top_k=shape.top_k))
+    kernel_moe.optimize(holder, kernel_moe.KernelConfig.for_moe(top_k=shape.top_k, verify=not args.no_verify))
+    skip = set(args.skip)
     if not isinstance(holder.experts, kernel_moe.FusedExperts):
         raise RuntimeError(f"optimize() did not swap the {type(hf).__name__} of layer {shape.name!r}")
     layer = {"hf": hf, "ours": holder.experts, "skip": skip}
@@ -209,7 +212,7 @@ def run_layer(shape: LayerShape, dtype_name: str, args, limit: float) -> list[di
           f"bf16 sum {bw['bf16_sum'] / 1e9:.1f}, bf16 GEMV {bw['bf16_gemv'] / 1e9:.1f}")
     if why:
         print(f"  {why}")
-    layer = _build(shape, dtype, why is None, set(args.skip))
+    layer = _build(shape, dtype, why is None, args)
     check = _check(layer, min(args.tokens), dtype, shape)
     print(f"  max |ours - eager| at T={min(args.tokens)}: {check:.3g}")
     rows = []
@@ -234,6 +237,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per (layer, dtype, T)")
     ap.add_argument("--min-reps", type=int, default=5, help="timed calls per implementation at least")
     ap.add_argument("--skip", nargs="*", default=[], choices=REFERENCES, help="references not to run")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="optimize() without its proof by computation (which briefly holds a second copy of the experts)")
     ap.add_argument("--experts", type=int, help="hold this many experts instead of the layer's own E")
     ap.add_argument("--memory-gb", type=float, help="memory the weights may take (default: MemAvailable - 2 GB)")
     ap.add_argument("--smoke", action="store_true", help="tiny layers of the same families (tests)")

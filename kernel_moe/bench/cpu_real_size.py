@@ -124,11 +124,13 @@ def fill_random_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
 
 def materialize(build: Callable[[], nn.Module], dtype: torch.dtype, seed: int) -> nn.Module:
     """``build()`` run on the meta device, then given uninitialised CPU storage in ``dtype``
-    and random weights: a large module is allocated once, in its final dtype."""
+    and random weights: a large module is allocated once, in its final dtype. Its parameters do
+    not require grad (inference; optimize() would otherwise also prove the gradients, which
+    allocates several gradient-sized copies of every expert weight)."""
     with torch.device("meta"):
         module = build()
     module = module.to(dtype).to_empty(device="cpu")
-    return fill_random_(module, seed).eval()
+    return fill_random_(module, seed).eval().requires_grad_(False)
 
 
 def available_memory_bytes() -> int | None:
