@@ -3,7 +3,7 @@ real-size two-layer Qwen3-MoE-shaped model (random weights), ours against transf
 and grouped_mm experts implementations, in one process.
 
     python benchmarks/bench_cpu_generate.py [--new-tokens 32] [--prompt 16] [--rounds 3] [--vocab 32768]
-        [--compile] [--json OUT] [--smoke]
+        [--compile] [--no-verify] [--json OUT] [--smoke]
 
 Model (``transformers.Qwen3MoeConfig``, bf16): hidden 2048, 128 experts of intermediate 768,
 top-8 (normalised), 2 decoder layers, 32 query / 4 key-value heads of 128, vocabulary reduced
@@ -56,11 +56,12 @@ def build_model(vocab: int, smoke: bool):
     return model.eval().requires_grad_(False)
 
 
-def ours_model(model, compile_forward: bool):
+def ours_model(model, compile_forward: bool, verify: bool = True):
     """A copy of ``model`` sharing every Parameter and buffer, its MoE blocks swapped by optimize()."""
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     ours = copy.deepcopy(model, memo=shared)
-    manager = kernel_moe.UnifiedManager(kernel_moe.KernelConfig.for_moe(top_k=model.config.num_experts_per_tok))
+    manager = kernel_moe.UnifiedManager(kernel_moe.KernelConfig.for_moe(top_k=model.config.num_experts_per_tok,
+                                                                          verify=verify))
     ours = manager.optimize(ours)
     swapped = sum(isinstance(m, (kernel_moe.FusedMoE, kernel_moe.FusedExperts)) for m in ours.modules())
     if swapped != model.config.num_hidden_layers:
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--vocab", type=int, help="vocabulary size (default 32768; 512 with --smoke)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model's forward")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="optimize() without its proof by computation (which briefly holds a copy of one layer's experts)")
     ap.add_argument("--smoke", action="store_true", help="a tiny model of the same shape family (tests)")
     ap.add_argument("--json", help="write the figures to this path")
     args = ap.parse_args(argv)
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--{field.replace('_', '-')} {getattr(args, field)}: allowed: an int >= "
                              f"{2 if field == 'new_tokens' else 1}")
     model = build_model(args.vocab, args.smoke)
-    ours = ours_model(model, args.compile)
+    ours = ours_model(model, args.compile, verify=not args.no_verify)
     cfg = model.config
     print(f"Qwen3-MoE-shaped model, 2 layers, hidden {cfg.hidden_size}, {cfg.num_experts} experts of "
           f"{cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}, bf16, "

@@ -46,7 +46,8 @@ def test_real_size_layers_skip_and_memory_limit(tmp_path):
     base = ["benchmarks/bench_cpu_real_size.py", "--smoke", "--layers", "qwen3", "--dtypes", "float32",
             "--tokens", "2", "--min-time", "0", "--min-reps", "1"]
     out = tmp_path / "one_copy.json"
-    stdout = _run([*base, "--skip", "eager", "--memory-gb", str((2**28 + 2.5 * copy_bytes) / 1e9), "--json", str(out)])
+    limit = (2**28 + 1.5 * copy_bytes) / 1e9  # one copy (no proof by computation), not two
+    stdout = _run([*base, "--skip", "eager", "--no-verify", "--memory-gb", str(limit), "--json", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert "ours_over_eager" not in row and "ours_over_dense_total" not in row
     assert row["ours_over_grouped_mm"] > 0 and row["ours_over_dense_active"] > 0
