@@ -112,13 +112,13 @@ def mean_distinct_experts(routings: list) -> float:
 
 
 def fill_random_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
-    """Fill every parameter of ``module`` in place with N(0, std) (in its own dtype, one
-    expert / row block at a time, so no fp32 copy of a large weight is ever made)."""
+    """Fill every parameter of ``module`` in place with N(0, std) (in its own dtype, 4M values
+    at a time, so no fp32 copy of a large weight is ever made)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            for block in p.view(-1, p.shape[-1]).split(4096):
-                block.copy_(torch.randn(block.shape, generator=g) * std)
+            for block in p.view(-1).split(2**22):
+                block.copy_(torch.randn(block.numel(), generator=g).mul_(std))
     return module
 
 
