@@ -8,7 +8,8 @@ Layers (random weights): Mixtral-8x7B size (H 4096, I 14336, E 8, top-2) and Qwe
 (H 2048, I 768, E 128, top-8). Each call routes a fresh random top-k (cycled from 16 prepared
 routings, so that successive calls do not find their experts in the cache). Prints per (layer, T)
 each format's median time, time / bf16 time, and the distinct active expert bytes read per second
-as a fraction of the read bandwidth (a 1 GiB fp32 ``sum()``, best of 5, measured in the run).
+as a fraction of the read bandwidth (a 1 GiB fp32 ``sum()``, best of 5, measured in the run:
+``kernel_moe.bench.cpu_real_size.read_rates``).
 """
 
 from __future__ import annotations
@@ -21,23 +22,14 @@ import time
 
 import torch
 
+from kernel_moe.bench.cpu_real_size import REAL_SIZE_LAYERS, read_rates
 from kernel_moe.kernels.contract import StackedExperts
 from kernel_moe.kernels.quantization import quantize
 from kernel_moe.ops.experts import run_experts
 
-LAYERS = {"mixtral": (4096, 14336, 8, 2), "qwen3": (2048, 768, 128, 8)}
+LAYERS = {name: (s.hidden, s.intermediate, s.experts, s.top_k) for name, s in REAL_SIZE_LAYERS.items()
+          if name in ("mixtral", "qwen3")}
 GROUPS = {"int8": None, "fp8": None, "int4": 128}
-
-
-def read_bandwidth() -> float:
-    """Bytes per second of a 1 GiB fp32 sum (best of 5): the machine's read bandwidth now."""
-    t = torch.ones(2**28)
-    best = math.inf
-    for _ in range(5):
-        t0 = time.perf_counter()
-        t.sum()
-        best = min(best, time.perf_counter() - t0)
-    return t.numel() * 4 / best
 
 
 def _experts(H: int, I: int, E: int, fmt: str) -> StackedExperts:
@@ -85,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=2.0)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    bw = read_bandwidth()
+    bw = read_rates()["fp32_sum"]
     print(f"read bandwidth {bw / 1e9:.1f} GB/s; {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'layer':8} {'T':>5} {'format':6} | {'ms':>9} {'/bf16':>6} {'GB/s':>7} {'of bw':>6}")
     rows = []

@@ -1,0 +1,71 @@
+"""benchmarks/bench_cpu_real_size.py and benchmarks/bench_cpu_generate.py run end to end on tiny
+shapes (``--smoke``, in a subprocess, as a user runs them) and report every case they promise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str]) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_real_size_layers_smoke(tmp_path):
+    out = tmp_path / "layers.json"
+    _run(["benchmarks/bench_cpu_real_size.py", "--smoke", "--tokens", "1", "4", "--min-time", "0", "--min-reps", "1",
+          "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    cases = {(r["layer"], r["dtype"], r["T"]) for r in rows}
+    assert cases == {(layer, dtype, T) for layer in ("mixtral", "qwen3", "deepseek")
+                     for dtype in ("bfloat16", "float32") for T in (1, 4)}
+    for r in rows:
+        for ref in ("eager", "grouped_mm", "dense_active", "dense_total"):
+            assert r[f"ours_over_{ref}"] > 0, (r["layer"], ref)
+        assert 0 < r["fraction_of_bandwidth"] and r["bw"]["best"] >= r["bw"]["fp32_sum"] > 0
+        assert 1 <= r["distinct_experts"] <= min(r["E"], r["T"] * r["K"])
+        assert r["max_abs_diff_vs_eager"] <= (1e-5 if r["dtype"] == "float32" else 2e-2), r
+
+
+def test_real_size_layers_skip_and_memory_limit(tmp_path):
+    """--skip drops a reference; --memory-gb drops dense_total (a second copy of the experts)
+    where only one copy fits, and the whole layer where not even one does, saying why."""
+    copy_bytes = 16 * 3 * 64 * 32 * 4  # the smoke qwen3 layer's experts in fp32; 256 MiB is the allowance
+    base = ["benchmarks/bench_cpu_real_size.py", "--smoke", "--layers", "qwen3", "--dtypes", "float32",
+            "--tokens", "2", "--min-time", "0", "--min-reps", "1"]
+    out = tmp_path / "one_copy.json"
+    limit = (2**28 + 1.5 * copy_bytes) / 1e9  # one copy (no proof by computation), not two
+    stdout = _run([*base, "--skip", "eager", "--no-verify", "--memory-gb", str(limit), "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "ours_over_eager" not in row and "ours_over_dense_total" not in row
+    assert row["ours_over_grouped_mm"] > 0 and row["ours_over_dense_active"] > 0
+    assert "dense_total skipped" in row["dense_total_skipped"] and "dense_total skipped" in stdout
+    out = tmp_path / "none.json"
+    stdout = _run([*base, "--memory-gb", "0.2", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == [] and "qwen3 float32: skipped" in stdout
+
+
+def test_generate_smoke(tmp_path):
+    out = tmp_path / "generate.json"
+    stdout = _run(["benchmarks/bench_cpu_generate.py", "--smoke", "--new-tokens", "4", "--rounds", "1",
+                   "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"eager", "grouped_mm", "ours"}
+    assert result["vocab"] == 512 and result["new_tokens"] == 4
+    for name, r in result["rows"].items():
+        assert r["tokens_per_s"] > 0 and r["seconds_n"] > 0, name
+        assert r["tokens_equal_eager"] == (r["first_difference"] is None), name
+    assert result["rows"]["ours"]["decode_speedup_over_grouped_mm"] > 0
+    assert "tokens = eager" in stdout
