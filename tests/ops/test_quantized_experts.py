@@ -164,3 +164,25 @@ def test_one_expert_dequantized_natively_equals_the_reference(fmt, group, cpu_ex
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         got = _dequantized(q.data[1], q.scale[1], fmt, dtype)
         assert got.dtype == dtype and torch.equal(got, dequantize(q.data[1], q.scale[1], fmt).to(dtype)), dtype
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS, ids=IDS)
+def test_large_batches_run_the_native_fused_forward_tile_by_tile(fmt, group, monkeypatch, cpu_extension_setting):
+    """Prefill of quantized experts: the native fused forward, dequantizing 256 weight rows at a time
+    (I = 320: the up projection's 640 rows in three tiles, the last one partial), with biases, a
+    dropped slot and bf16 activations; the dequantized weights' result in the same dtype."""
+    module = cpu_extension.cpu_extension()
+    if module is None:
+        pytest.skip("the native kernels are switched off in this parametrization")
+    calls = []
+    real = module.fused_experts
+    monkeypatch.setattr(module, "fused_experts", lambda *a: calls.append(a[-1]) or real(*a))
+    inputs = op_inputs(150, 256, 320, 8, 2, bias=True, seed=11)
+    inputs["topk_ids"][3, 1] = -1
+    q, deq = _quantized(inputs, fmt, group)
+    assert_fp32_close(run_op(q), run_reference(deq))
+    assert calls == [{"int8": 1, "fp8": 2, "int4": 3}[fmt]]
+    q16 = dict(q, x=q["x"].bfloat16(), b_up=q["b_up"].bfloat16(), b_down=q["b_down"].bfloat16())
+    deq16 = dict(deq, x=deq["x"].bfloat16(), w_up=deq["w_up"].bfloat16(), w_down=deq["w_down"].bfloat16(),
+                 b_up=deq["b_up"].bfloat16(), b_down=deq["b_down"].bfloat16())
+    assert torch.equal(run_op(q16), run_op(deq16))

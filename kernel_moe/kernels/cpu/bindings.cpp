@@ -15,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_experts", &fused_experts, "the routed-experts forward of a batch, experts run concurrently",
         py::arg("x"), py::arg("topk_weights"), py::arg("order"), py::arg("counts"), py::arg("w_up"), py::arg("w_down"),
         py::arg("b_up"), py::arg("b_down"), py::arg("activation"), py::arg("glu"), py::arg("alpha"), py::arg("limit"),
-        py::arg("gate_softcap"), py::arg("up_softcap"),
+        py::arg("gate_softcap"), py::arg("up_softcap"), py::arg("w_up_scale") = py::none(),
+        py::arg("w_down_scale") = py::none(), py::arg("format") = 0,
         py::call_guard<py::gil_scoped_release>());
 }

@@ -277,9 +277,26 @@ def _matvec_fits(x_TH: torch.Tensor, experts: StackedExperts, S: int) -> bool:
 
 
 def _fused_fits(x_TH: torch.Tensor, experts: StackedExperts) -> bool:
-    """Whether the native fused forward takes these tensors: fp32, bf16 or fp16, weights and
-    biases of x's dtype."""
-    return x_TH.dtype in FUSED_DTYPES and all(w is None or w.dtype == x_TH.dtype for w in experts[:4])
+    """Whether the native fused forward takes these tensors: fp32, bf16 or fp16, weights (unless
+    quantized, which it dequantizes tile by tile) and biases of x's dtype."""
+    weights = () if experts.quantized else experts[:2]
+    return x_TH.dtype in FUSED_DTYPES and all(w is None or w.dtype == x_TH.dtype for w in (*weights, *experts[2:4]))
+
+
+def _fused_weights(experts: StackedExperts) -> tuple:
+    """(w_up, w_down, b_up, b_down) as the native fused forward takes them: quantized weights as bytes."""
+    w_up, w_down, b_up, b_down = experts[:4]
+    if experts.quantized:
+        w_up, w_down = w_up.view(torch.uint8), w_down.view(torch.uint8)
+    return w_up, w_down, b_up, b_down
+
+
+def _fused_scales(experts: StackedExperts) -> tuple:
+    """(w_up_scale, w_down_scale, format code) for the native fused forward; no scales and 0 when
+    the weights are full precision."""
+    if not experts.quantized:
+        return None, None, 0
+    return experts.w_up_scale, experts.w_down_scale, FORMAT_CODES[experts.weight_format]
 
 
 
@@ -401,7 +418,7 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
         active = sum(1 for n in slots.counts if n)
         matvec = matvec and S <= (QUANTIZED_MAX_MEAN_ROWS if experts.quantized
                                   else NATIVE_MAX_MEAN_ROWS[x_TH.dtype]) * active
-        fused = ext is not None and not matvec and not experts.quantized and _fused_fits(x_TH, experts)
+        fused = ext is not None and not matvec and _fused_fits(x_TH, experts)
         if active and not fused:
             weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
         if active and matvec:
@@ -411,8 +428,9 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
     if fused:
         act = experts.activation
         with stage(FUSED):  # gather, up-projection, activation, down-projection and combine in one call
-            return ext.fused_experts(x_TH, topk_weights_TK, slots.order_S, slots.counts, *experts[:4], act.kind,
-                                     act.glu, act.alpha, act.limit, act.gate_softcap, act.up_softcap)
+            return ext.fused_experts(x_TH, topk_weights_TK, slots.order_S, slots.counts, *_fused_weights(experts),
+                                     act.kind, act.glu, act.alpha, act.limit, act.gate_softcap, act.up_softcap,
+                                     *_fused_scales(experts))
     if matvec:
         y_SH = _native_rows(ext, x_SH, slots, experts)
         if T == 1:  # one token: combine its rows by a [1, S'] x [S', H] GEMM

@@ -11,6 +11,11 @@
 // layer-wide pass are never materialised. Threads take tasks largest first from a shared
 // counter, so they finish together.
 //
+// Quantized experts (int8, fp8, int4 with their scales): a task dequantizes its expert's weights
+// a tile of kDequantRows weight rows at a time into the activations' dtype, just before the GEMM
+// that reads the tile, so no full-precision copy of an expert (let alone the stack) exists; an
+// expert's rows are never split over tasks, so each expert is dequantized once per call.
+//
 // Legend: T tokens, K top-k, S = T*K slots (the kept ones sorted; dropped slots are left out),
 // H hidden, E experts, N up features, I intermediate, M rows of one task.
 
@@ -30,6 +35,8 @@ namespace {
 constexpr int64_t kMinTaskRows = 16;
 // ... and about this many at most (the task's intermediates stay a few MB)
 constexpr int64_t kMaxTaskRows = 256;
+// weight rows of one dequantized tile of a quantized expert (Mixtral size: 256 x 14336 bf16, 7 MiB)
+constexpr int64_t kDequantRows = 256;
 
 struct Task {
   int64_t expert, first_row, rows;
@@ -38,8 +45,10 @@ struct Task {
 // Each active expert's rows cut into blocks of about S / (2 * threads) rows (within the
 // bounds above, and under 1.5 times that), so about two tasks per thread when there are rows
 // enough; largest first.
-std::vector<Task> plan_tasks(const std::vector<int64_t>& counts, int64_t S, int64_t threads) {
-  const int64_t target = std::clamp<int64_t>((S + 2 * threads - 1) / (2 * threads), kMinTaskRows, kMaxTaskRows);
+// Quantized experts (``whole``) are never split: each task dequantizes its expert's weights.
+std::vector<Task> plan_tasks(const std::vector<int64_t>& counts, int64_t S, int64_t threads, bool whole) {
+  const int64_t target = whole ? std::max<int64_t>(S, 1)
+                               : std::clamp<int64_t>((S + 2 * threads - 1) / (2 * threads), kMinTaskRows, kMaxTaskRows);
   std::vector<Task> tasks;
   int64_t row = 0;
   for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
@@ -114,7 +123,32 @@ struct Inputs {
   const std::optional<at::Tensor>& b_up_EN;
   const std::optional<at::Tensor>& b_down_EH;
   const Activation& activation;
+  const std::optional<at::Tensor>& w_up_scale;  // quantized weights: [E, N] or [E, N, G] float32
+  const std::optional<at::Tensor>& w_down_scale;  // [E, H] or [E, H, G]
+  int64_t format;  // 0 full precision, else the weight format code of dequantize_rows
 };
+
+// x_MK @ w_NK^T (+ bias_N) for expert weights w_NK, full precision or quantized with scale_N[G]:
+// quantized weights are dequantized kDequantRows rows at a time, each tile into x's dtype just
+// before its GEMM.
+at::Tensor expert_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const at::Tensor* scale_N,
+                       const at::Tensor* bias_N, int64_t format) {
+  if (format == 0) return bias_N != nullptr ? at::addmm(*bias_N, x_MK, w_NK.t()) : at::mm(x_MK, w_NK.t());
+  const int64_t N = w_NK.size(0);
+  at::Tensor y_MN = at::empty({x_MK.size(0), N}, x_MK.options());
+  for (int64_t n0 = 0; n0 < N; n0 += kDequantRows) {
+    const int64_t len = std::min(kDequantRows, N - n0);
+    const at::Tensor tile = dequantize_rows(w_NK.narrow(0, n0, len), scale_N->narrow(0, n0, len), format,
+                                            x_MK.scalar_type());
+    at::Tensor out = y_MN.narrow(1, n0, len);
+    if (bias_N != nullptr) {
+      at::addmm_out(out, bias_N->narrow(0, n0, len), x_MK, tile.t());
+    } else {
+      at::mm_out(out, x_MK, tile.t());
+    }
+  }
+  return y_MN;
+}
 
 // y_SH[task rows] = expert(x[tokens of the task rows]) in fp32
 void run_task(const Task& t, const Inputs& in, const at::Tensor& y_SH) {
@@ -125,12 +159,16 @@ void run_task(const Task& t, const Inputs& in, const at::Tensor& y_SH) {
   const at::Tensor x_MH = in.x_TH.index_select(0, in.tok_S.narrow(0, t.first_row, t.rows));
   const at::Tensor w_up_NH = in.w_up_ENH.select(0, t.expert);
   const at::Tensor w_down_HI = in.w_down_EHI.select(0, t.expert);
-  const at::Tensor h_MN = in.b_up_EN.has_value() ? at::addmm(in.b_up_EN->select(0, t.expert), x_MH, w_up_NH.t())
-                                                 : at::mm(x_MH, w_up_NH.t());
+  at::Tensor up_scale, down_scale, b_up, b_down;
+  if (in.format != 0) {
+    up_scale = in.w_up_scale->select(0, t.expert);
+    down_scale = in.w_down_scale->select(0, t.expert);
+  }
+  if (in.b_up_EN.has_value()) b_up = in.b_up_EN->select(0, t.expert);
+  if (in.b_down_EH.has_value()) b_down = in.b_down_EH->select(0, t.expert);
+  const at::Tensor h_MN = expert_gemm(x_MH, w_up_NH, &up_scale, b_up.defined() ? &b_up : nullptr, in.format);
   const at::Tensor a_MI = in.activation(h_MN);
-  const at::Tensor y_MH = in.b_down_EH.has_value()
-                              ? at::addmm(in.b_down_EH->select(0, t.expert), a_MI, w_down_HI.t())
-                              : at::mm(a_MI, w_down_HI.t());
+  const at::Tensor y_MH = expert_gemm(a_MI, w_down_HI, &down_scale, b_down.defined() ? &b_down : nullptr, in.format);
   y_SH.narrow(0, t.first_row, t.rows).copy_(y_MH);
 }
 
@@ -161,20 +199,37 @@ at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_
                          const std::vector<int64_t>& counts, const at::Tensor& w_up_ENH, const at::Tensor& w_down_EHI,
                          const std::optional<at::Tensor>& b_up_EN, const std::optional<at::Tensor>& b_down_EH,
                          const std::string& activation, const std::string& glu, double alpha, double limit,
-                         double gate_softcap, double up_softcap) {
+                         double gate_softcap, double up_softcap, const std::optional<at::Tensor>& w_up_scale,
+                         const std::optional<at::Tensor>& w_down_scale, int64_t format) {
   TORCH_CHECK(x_TH.dim() == 2 && topk_weights_TK.dim() == 2 && order_S.dim() == 1 && w_up_ENH.dim() == 3 &&
                   w_down_EHI.dim() == 3,
               "fused_experts: x must be [T, H], topk_weights [T, K], order [S], w_up [E, N, H], w_down [E, H, I]");
   const int64_t T = x_TH.size(0), H = x_TH.size(1), K = topk_weights_TK.size(1), S = T * K;
-  const int64_t E = w_up_ENH.size(0), N = w_up_ENH.size(1), I = w_down_EHI.size(2);
+  TORCH_CHECK(format >= 0 && format <= 3, "fused_experts: format ", format,
+              " is not one of 0 (full precision), 1 (int8), 2 (fp8), 3 (int4)");
+  const bool quantized = format != 0;
+  TORCH_CHECK(quantized == (w_up_scale.has_value() && w_down_scale.has_value()),
+              "fused_experts: quantized weights (format ", format, ") need both scales, full-precision ones none");
+  const int64_t packing = format == 3 ? 2 : 1;  // int4: two weights per byte along the input features
+  const int64_t E = w_up_ENH.size(0), N = w_up_ENH.size(1), I = w_down_EHI.size(2) * packing;
   const int64_t kept = order_S.size(0);  // slots not dropped, in sorted order
   TORCH_CHECK(topk_weights_TK.size(0) == T && kept <= S, "fused_experts: topk_weights is ", topk_weights_TK.sizes(),
               " and order has ", kept, " entries for ", T, " tokens");
-  TORCH_CHECK(w_up_ENH.size(2) == H && w_down_EHI.size(0) == E && w_down_EHI.size(1) == H,
+  TORCH_CHECK(w_up_ENH.size(2) * packing == H && w_down_EHI.size(0) == E && w_down_EHI.size(1) == H,
               "fused_experts: w_up is ", w_up_ENH.sizes(), " and w_down ", w_down_EHI.sizes(), " for hidden size ", H);
   TORCH_CHECK(N == I || N == 2 * I, "fused_experts: w_up has ", N, " features for intermediate ", I);
-  TORCH_CHECK(w_up_ENH.scalar_type() == x_TH.scalar_type() && w_down_EHI.scalar_type() == x_TH.scalar_type(),
-              "fused_experts: x, w_up and w_down must share one dtype");
+  if (quantized) {
+    TORCH_CHECK(w_up_ENH.element_size() == 1 && w_down_EHI.element_size() == 1 && w_up_ENH.is_contiguous() &&
+                    w_down_EHI.is_contiguous(),
+                "fused_experts: quantized w_up and w_down must be contiguous one-byte tensors");
+    TORCH_CHECK(w_up_scale->size(0) == E && w_up_scale->size(1) == N && w_down_scale->size(0) == E &&
+                    w_down_scale->size(1) == H,
+                "fused_experts: scales ", w_up_scale->sizes(), " and ", w_down_scale->sizes(), " for w_up ",
+                w_up_ENH.sizes(), " and w_down ", w_down_EHI.sizes());
+  } else {
+    TORCH_CHECK(w_up_ENH.scalar_type() == x_TH.scalar_type() && w_down_EHI.scalar_type() == x_TH.scalar_type(),
+                "fused_experts: x, w_up and w_down must share one dtype");
+  }
   TORCH_CHECK(order_S.scalar_type() == at::kLong, "fused_experts: order must be int64");
   TORCH_CHECK(x_TH.scalar_type() == at::kFloat || x_TH.scalar_type() == at::kBFloat16 ||
                   x_TH.scalar_type() == at::kHalf,
@@ -204,11 +259,11 @@ at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_
     pos_S[slot] = i;
   }
   const at::Tensor tok_S = at::div(order, K, "floor");
-  const Inputs in{x_TH, tok_S, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, act};
+  const Inputs in{x_TH, tok_S, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, act, w_up_scale, w_down_scale, format};
   const at::Tensor y_SH = at::empty({kept, H}, x_TH.options().dtype(at::kFloat));
 
   const int64_t threads = at::get_num_threads();
-  const std::vector<Task> tasks = plan_tasks(counts, kept, threads);
+  const std::vector<Task> tasks = plan_tasks(counts, kept, threads, quantized);
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   if (threads == 1 || num_tasks < threads || at::in_parallel_region()) {
     // too few tasks to share (or already inside a parallel region): one after the other,

@@ -46,9 +46,12 @@ at::Tensor dequantize_rows(const at::Tensor& w_NK, const at::Tensor& scale, int6
 // out and add nothing) sorted by expert; counts: rows per expert, summing to S'. x, w_up [E, N, H], w_down [E, H, I] and the optional biases [E, N], [E, H] share one
 // dtype (float32, bfloat16 or float16); the sum is taken in float32. Returns [T, H] in x's dtype.
 // activation, glu, alpha, limit, gate_softcap, up_softcap: as kernel_moe.kernels.contract.Activation
-// defines them.
+// defines them. Quantized experts: w_up / w_down hold the quantized bytes (as dequantize_rows takes
+// them), w_up_scale [E, N (, G)] and w_down_scale [E, H (, G)] their scales, format their code (0:
+// full precision, no scales); tiles are dequantized into x's dtype inside the tasks.
 at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_TK, const at::Tensor& order_S,
                          const std::vector<int64_t>& counts, const at::Tensor& w_up_ENH, const at::Tensor& w_down_EHI,
                          const std::optional<at::Tensor>& b_up_EN, const std::optional<at::Tensor>& b_down_EH,
                          const std::string& activation, const std::string& glu, double alpha, double limit,
-                         double gate_softcap, double up_softcap);
+                         double gate_softcap, double up_softcap, const std::optional<at::Tensor>& w_up_scale,
+                         const std::optional<at::Tensor>& w_down_scale, int64_t format);
