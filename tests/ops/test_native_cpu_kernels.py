@@ -38,12 +38,14 @@ def _reference(x_SK, w_ENK, counts):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("counts", [[1], [0, 1, 0], [2, 0, 3], [5, 6, 7, 0], [9, 1, 4, 8], [0, 0, 0]],
                          ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("K", [1, 16, 37, 512])
-def test_grouped_matvec_matches_fp64(ext, dtype, counts, K):
+@pytest.mark.parametrize("K", [1, 16, 37, 64, 512])
+@pytest.mark.parametrize("N", [24, 23])
+def test_grouped_matvec_matches_fp64(ext, dtype, counts, K, N):
     """Rows in blocks of four plus every remainder, experts without rows, K not a multiple
-    of the vector width."""
+    of the vector width (and a multiple of the bf16 kernel's 32), weight rows in pairs and one
+    left alone (odd N)."""
     g = torch.Generator().manual_seed(K + len(counts))
-    E, N, S = len(counts), 24, sum(counts)
+    E, S = len(counts), sum(counts)
     w_ENK = torch.randn(E, N, K, generator=g).to(dtype)
     x_SK = torch.randn(S, K, generator=g)
     y_SN = ext.grouped_matvec(x_SK, w_ENK, counts)
@@ -278,3 +280,38 @@ def test_grouped_matvec_from_many_threads_and_a_forked_child(ext):
 def _child_matvec(queue, x_SK, w_ENK, counts):
     torch.set_num_threads(2)
     queue.put(cpu_kernels.cpu_extension().grouped_matvec(x_SK, w_ENK, counts).tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_combine_sorted_sums_each_tokens_slots_in_fp32(ext, dtype, T):
+    """out[t] = sum_j w[t, j] y[row of slot t*K + j], rows in any order, dropped slots (left out
+    of order) adding nothing even with a NaN weight; more than 8 tokens run on the pool."""
+    g = torch.Generator().manual_seed(T)
+    K, H = 3, 40
+    w_TK = torch.rand(T, K, generator=g)
+    kept = [s for s in range(T * K) if s % 5 != 2]
+    for s in range(T * K):
+        if s % 5 == 2:
+            w_TK.view(-1)[s] = float("nan")
+    order = torch.tensor(kept)[torch.randperm(len(kept), generator=g)]
+    y = torch.randn(len(kept), H, generator=g)
+    out = ext.combine_sorted(y, w_TK, order, dtype)
+    expected = torch.zeros(T, H, dtype=torch.float64)
+    for row, s in enumerate(order.tolist()):
+        expected[s // K] += w_TK.view(-1)[s].double() * y[row].double()
+    assert out.dtype == dtype and out.shape == (T, H)
+    tol = {torch.bfloat16: 1e-2, torch.float16: 1e-3}.get(dtype, 1e-5)
+    torch.testing.assert_close(out.double(), expected.to(dtype).double(), rtol=tol, atol=tol)
+
+
+def test_combine_sorted_rejects_bad_inputs(ext):
+    y, w, order = torch.randn(2, 4), torch.rand(1, 2), torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.combine_sorted(y.double(), w, order, torch.float32)
+    with pytest.raises(RuntimeError, match="one entry per row"):
+        ext.combine_sorted(y, w, order[:1], torch.float32)
+    with pytest.raises(RuntimeError, match="or twice"):
+        ext.combine_sorted(y, w, torch.tensor([1, 1]), torch.float32)
+    with pytest.raises(RuntimeError, match="outside"):
+        ext.combine_sorted(y, w, torch.tensor([0, 2]), torch.float32)

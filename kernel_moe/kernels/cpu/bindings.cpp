@@ -12,6 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grouped_matvec over int8 / fp8 / int4 weights converted in registers", py::call_guard<py::gil_scoped_release>());
   m.def("dequantize_rows", &dequantize_rows, "one quantized weight matrix in full precision",
         py::call_guard<py::gil_scoped_release>());
+  m.def("combine_sorted", &combine_sorted, "the weighted combine of sorted expert outputs",
+        py::call_guard<py::gil_scoped_release>());
   m.def("fused_experts", &fused_experts, "the routed-experts forward of a batch, experts run concurrently",
         py::arg("x"), py::arg("topk_weights"), py::arg("order"), py::arg("counts"), py::arg("w_up"), py::arg("w_down"),
         py::arg("b_up"), py::arg("b_down"), py::arg("activation"), py::arg("glu"), py::arg("alpha"), py::arg("limit"),

@@ -419,7 +419,7 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
         matvec = matvec and S <= (QUANTIZED_MAX_MEAN_ROWS if experts.quantized
                                   else NATIVE_MAX_MEAN_ROWS[x_TH.dtype]) * active
         fused = ext is not None and not matvec and _fused_fits(x_TH, experts)
-        if active and not fused:
+        if active and not fused and not matvec:
             weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
         if active and matvec:
             x_SH = x_TH.index_select(0, slots.tok_S).float()
@@ -433,9 +433,8 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
                                      *_fused_scales(experts))
     if matvec:
         y_SH = _native_rows(ext, x_SH, slots, experts)
-        if T == 1:  # one token: combine its rows by a [1, S'] x [S', H] GEMM
-            with stage(COMBINE):
-                return torch.mm(weights_S.unsqueeze(0), y_SH).to(x_TH.dtype)
+        with stage(COMBINE):  # natively: index_add_ opens a parallel region that stalls beside a busy core
+            return ext.combine_sorted(y_SH, topk_weights_TK, slots.order_S, x_TH.dtype)
     elif experts.quantized:
         return _per_expert_forward(x_TH, weights_S, slots, experts).to(x_TH.dtype)
     elif S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active:

@@ -20,6 +20,7 @@
 // H hidden, E experts, N up features, I intermediate, M rows of one task.
 
 #include "kernels.h"
+#include "pool.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -177,7 +178,7 @@ void run_task(const Task& t, const Inputs& in, const at::Tensor& y_SH) {
 template <typename scalar_t>
 void combine(const float* y_SH, const float* weights_TK, const int64_t* pos_S, scalar_t* out_TH, int64_t T, int64_t K,
              int64_t H) {
-  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+  kernel_moe::parallel_chunks(T, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(H);
     for (int64_t t = begin; t < end; ++t) {
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -191,6 +192,33 @@ void combine(const float* y_SH, const float* weights_TK, const int64_t* pos_S, s
       for (int64_t h = 0; h < H; ++h) out_TH[t * H + h] = static_cast<scalar_t>(acc[h]);
     }
   });
+}
+
+// The sorted row of each slot t * K + j of S slots (-1 for a dropped slot), from order (the slot
+// of each sorted row); ``kernel`` names the caller in errors.
+std::vector<int64_t> sorted_positions(const char* kernel, const at::Tensor& order, int64_t S) {
+  std::vector<int64_t> pos_S(S, -1);
+  const int64_t* order_ptr = order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < order.size(0); ++i) {
+    const int64_t slot = order_ptr[i];
+    TORCH_CHECK(slot >= 0 && slot < S && pos_S[slot] < 0, kernel, ": order holds slot ", slot, " at ", i,
+                ", outside [0, ", S, ") or twice");
+    pos_S[slot] = i;
+  }
+  return pos_S;
+}
+
+// out[t] = sum_j weight[t, j] * y[pos[t * K + j]] in dtype (combine's slot-order fp32 sum)
+at::Tensor combine_dispatch(const at::Tensor& y_SH, const at::Tensor& topk_weights_TK, const std::vector<int64_t>& pos_S,
+                            at::ScalarType dtype) {
+  const int64_t T = topk_weights_TK.size(0), K = topk_weights_TK.size(1), H = y_SH.size(1);
+  const at::Tensor weights_TK = topk_weights_TK.to(at::kFloat).contiguous();
+  at::Tensor out_TH = at::empty({T, H}, y_SH.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_experts_combine", [&] {
+    combine<scalar_t>(y_SH.data_ptr<float>(), weights_TK.data_ptr<float>(), pos_S.data(), out_TH.data_ptr<scalar_t>(),
+                      T, K, H);
+  });
+  return out_TH;
 }
 
 }  // namespace
@@ -250,14 +278,7 @@ at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::NoGradGuard no_grad;
   const at::Tensor order = order_S.contiguous();
-  std::vector<int64_t> pos_S(S, -1);  // sorted row of each slot t * K + j, -1 for a dropped slot
-  const int64_t* order_ptr = order.data_ptr<int64_t>();
-  for (int64_t i = 0; i < kept; ++i) {
-    const int64_t slot = order_ptr[i];
-    TORCH_CHECK(slot >= 0 && slot < S && pos_S[slot] < 0, "fused_experts: order holds slot ", slot, " at ", i,
-                ", outside [0, ", S, ") or twice");
-    pos_S[slot] = i;
-  }
+  const std::vector<int64_t> pos_S = sorted_positions("fused_experts", order, S);
   const at::Tensor tok_S = at::div(order, K, "floor");
   const Inputs in{x_TH, tok_S, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, act, w_up_scale, w_down_scale, format};
   const at::Tensor y_SH = at::empty({kept, H}, x_TH.options().dtype(at::kFloat));
@@ -278,11 +299,21 @@ at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_
     });
   }
 
-  const at::Tensor weights_TK = topk_weights_TK.to(at::kFloat).contiguous();
-  at::Tensor out_TH = at::empty({T, H}, x_TH.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_TH.scalar_type(), "fused_experts_combine", [&] {
-    combine<scalar_t>(y_SH.data_ptr<float>(), weights_TK.data_ptr<float>(), pos_S.data(), out_TH.data_ptr<scalar_t>(),
-                      T, K, H);
-  });
-  return out_TH;
+  return combine_dispatch(y_SH, topk_weights_TK, pos_S, x_TH.scalar_type());
+}
+
+at::Tensor combine_sorted(const at::Tensor& y_SH, const at::Tensor& topk_weights_TK, const at::Tensor& order_S,
+                          at::ScalarType dtype) {
+  TORCH_CHECK(y_SH.dim() == 2 && y_SH.scalar_type() == at::kFloat && y_SH.is_contiguous() && y_SH.device().is_cpu(),
+              "combine_sorted: y must be a contiguous float32 [S', H] CPU tensor");
+  TORCH_CHECK(topk_weights_TK.dim() == 2 && topk_weights_TK.device().is_cpu(),
+              "combine_sorted: topk_weights must be a [T, K] CPU tensor");
+  TORCH_CHECK(order_S.dim() == 1 && order_S.scalar_type() == at::kLong && order_S.size(0) == y_SH.size(0),
+              "combine_sorted: order must be int64 with one entry per row of y (", y_SH.size(0), "), not ",
+              order_S.sizes());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
+              "combine_sorted: dtype must be float32, bfloat16, float16 or float64");
+  const std::vector<int64_t> pos_S =
+      sorted_positions("combine_sorted", order_S.contiguous(), topk_weights_TK.numel());
+  return combine_dispatch(y_SH, topk_weights_TK, pos_S, dtype);
 }
