@@ -60,6 +60,18 @@ inline void dot_rows(const W* __restrict w, const float* __restrict x, int64_t K
 }
 
 #ifdef KERNEL_MOE_AVX512
+// Software prefetch of the weights this many bytes ahead of the load: the hardware prefetchers
+// stop at 4 KiB page boundaries, and an expert's weights are rows of 1.5 to 28 KiB read one after
+// the other, so each page would start with a stall. 4 KiB ahead (into the next row when this one
+// ends) measured 5-30% faster than none on bf16 experts of Qwen3-30B-A3B and Mixtral size, 1 and
+// 2 KiB in between (real-size stacks, fresh routings each call, variants side by side in one process).
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <typename T>
+inline void prefetch_ahead(const T* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
+
 // Independent accumulators per x row: one accumulator's FMA chain (4 cycles a link) would cap
 // one row at 16 floats per 4 cycles, below what one core can read; fewer x rows need more.
 template <int ROWS>
@@ -75,6 +87,7 @@ inline void dot_rows_f32(const float* __restrict w, const float* __restrict x, i
   int64_t k = 0;
   for (; k + 16 * U <= K; k += 16 * U) {
     for (int u = 0; u < U; ++u) {
+      prefetch_ahead(w + k + 16 * u);
       const __m512 wv = _mm512_loadu_ps(w + k + 16 * u);
       for (int j = 0; j < ROWS; ++j) acc[j][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + j * K + k + 16 * u), acc[j][u]);
     }
@@ -104,6 +117,7 @@ inline void dot_rows_bf16(const uint16_t* __restrict w, const float* __restrict 
   int64_t k = 0;
   for (; k + 32 * U <= K; k += 32 * U) {
     for (int u = 0; u < U; ++u) {
+      prefetch_ahead(w + k + 32 * u);
       const __m512i v = _mm512_loadu_si512(w + k + 32 * u);
       const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
       const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, high_half));
@@ -139,6 +153,8 @@ inline void dot_pair_f32(const float* __restrict w0, const float* __restrict w1,
   for (int j = 0; j < ROWS; ++j) a0[j] = a1[j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    prefetch_ahead(w0 + k);
+    prefetch_ahead(w1 + k);
     const __m512 v0 = _mm512_maskz_loadu_ps(m, w0 + k), v1 = _mm512_maskz_loadu_ps(m, w1 + k);
     for (int j = 0; j < ROWS; ++j) {
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + j * K + k);
@@ -159,6 +175,8 @@ inline void dot_pair_bf16(const uint16_t* __restrict w0, const uint16_t* __restr
   __m512 a0[ROWS][2], a1[ROWS][2];
   for (int j = 0; j < ROWS; ++j) a0[j][0] = a0[j][1] = a1[j][0] = a1[j][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
+    prefetch_ahead(w0 + k);
+    prefetch_ahead(w1 + k);
     const __m512i v0 = _mm512_loadu_si512(w0 + k), v1 = _mm512_loadu_si512(w1 + k);
     const __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16));
     const __m512 o0 = _mm512_castsi512_ps(_mm512_and_si512(v0, high_half));

@@ -142,6 +142,7 @@ inline void row_dot_bytes_avx512(const uint8_t* __restrict w, float scale, const
     for (int u = 0; u < U; ++u) acc[j][u] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 * U <= K; k += 16 * U) {
+    if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + k) + 4096, _MM_HINT_T0);  // see grouped_matvec.cpp
     for (int u = 0; u < U; ++u) {
       __m512 wv = bytes_to_floats<F>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * u)));
       if constexpr (F == kFp8) wv = _mm512_mul_ps(wv, fp8_rescale);
