@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kernel_moe.kernels.contract import Activation
-from kernel_moe.layers.weights import WeightSource
+from kernel_moe.layers.weights import WeightSource, get_attr_path
 from kernel_moe.routing.extras import RoutingExtra
 from kernel_moe.routing.topk import TopKRouting
 
@@ -43,8 +43,28 @@ Draw = Callable[[tuple[int, ...], int], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class PostNorm:
+    """A norm of each expert output before its routing weight (MuseSpark's post-expert norm): the
+    output is scaled by ``offset + weight`` [H] (``weight`` a path; offset 1.0 for a weight stored
+    as the deviation from 1), then RMS-normalised with ``eps`` (the op's ``post_norm``)."""
+
+    weight: str
+    offset: float = 0.0
+    eps: float = 1e-6
+
+    def scale(self, layer: nn.Module) -> torch.Tensor:
+        """The scale [H] the op takes (differentiable: the weight's gradient flows through it)."""
+        w_H = get_attr_path(layer, self.weight)
+        return w_H + self.offset if self.offset != 0.0 else w_H
+
+    def describe(self) -> str:
+        return "post-norm" + (f"(1+w, eps={self.eps:g})" if self.offset == 1.0 else f"(eps={self.eps:g})")
+
+
+@dataclass(frozen=True)
 class ExpertsSpec:
-    """Routed experts: up [E, N, H], down [E, H, I], optional biases, and the activation."""
+    """Routed experts: up [E, N, H], down [E, H, I], optional biases, the activation, and an
+    optional norm of each expert's output (:class:`PostNorm`)."""
 
     num_experts: int
     hidden: int
@@ -54,6 +74,7 @@ class ExpertsSpec:
     up_bias: WeightSource | None = None
     down_bias: WeightSource | None = None
     activation: Activation = Activation()
+    post_norm: PostNorm | None = None
 
     def sources(self) -> list[WeightSource]:
         """The weight sources a layer binds (biases only where present)."""
@@ -61,7 +82,7 @@ class ExpertsSpec:
 
     def describe(self) -> str:
         return (f"{self.num_experts}x[{self.hidden}->{self.intermediate}] {self.activation.describe()}"
-                + (" +bias" if self.up_bias else ""))
+                + (" +bias" if self.up_bias else "") + (f" {self.post_norm.describe()}" if self.post_norm else ""))
 
 
 @dataclass(frozen=True)
