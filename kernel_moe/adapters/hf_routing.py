@@ -11,6 +11,7 @@ Legend: T tokens, H hidden, E experts, K top-k.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import re
@@ -29,6 +30,7 @@ from kernel_moe.routing.topk import ROUTER_SCORINGS, TopKRouting, route
 GROUP_ATTRS = ("n_group", "num_expert_group", "num_group")
 TOPK_GROUP_ATTRS = ("topk_group", "num_topk_group")
 _SCALE_NAME = re.compile(r"(rout|moe|expert).*scal|scal.*(rout|moe|expert)", re.IGNORECASE)
+_LOGIT_SCALE_NAME = re.compile(r"^(output_multiplier|logits?_(scale|multiplier))$")
 ROUTER_PROBE_TOKENS = 32
 
 
@@ -53,12 +55,14 @@ def _scales(objs: list[object]) -> list[float]:
 
 @dataclass(frozen=True)
 class RouterReading:
-    """One reading of a block's router: the top-k routing of its logits, and the paths of the
-    selection bias and logits bias it uses (None: not used)."""
+    """One reading of a block's router: the top-k routing of its logits, the paths of the
+    selection bias and logits bias it uses (None: not used), and the factor it multiplies its
+    logits by."""
 
     routing: TopKRouting
     selection_bias: str | None
     logits_bias: str | None
+    logit_scale: float = 1.0
 
 
 def _score_function(module: nn.Module) -> str | None:
@@ -119,6 +123,8 @@ def router_readings(block: nn.Module, parts: BlockParts, top_k: int) -> list[Rou
             return
         out.append(RouterReading(spec, selection_bias, logits_bias))
 
+    router_obj = block.get_submodule(parts.router.path)
+    logit_scales = [v for v in numeric_attrs(router_obj, _LOGIT_SCALE_NAME.search) if v > 0 and v != 1.0]
     for lb in logit_biases:
         if lb is not None:  # a bias on the logits: GPT-OSS style top-k of the logits, then softmax
             for scale in scales:
@@ -132,7 +138,8 @@ def router_readings(block: nn.Module, parts: BlockParts, top_k: int) -> list[Rou
         if lb is None:
             for sel, scale in itertools.product(biases, scales):
                 add(sel, lb, scoring="softmax", order="topk_then_score", scaling=scale)
-    return list(dict.fromkeys(out))
+    scaled = [dataclasses.replace(r, logit_scale=m) for m in logit_scales for r in out]
+    return list(dict.fromkeys(scaled + out))
 
 
 @dataclass
@@ -234,7 +241,7 @@ def _reading_route(block: nn.Module, parts: BlockParts, reading: RouterReading,
     b_E = get_attr_path(block, reading.logits_bias).float() if reading.logits_bias else None
     sel_E = get_attr_path(block, reading.selection_bias).float().reshape(-1) if reading.selection_bias else None
     with torch.no_grad():
-        return route(F.linear(x_TH.float(), w_EH, b_E), reading.routing, sel_E)
+        return route(F.linear(x_TH.float(), w_EH, b_E) * reading.logit_scale, reading.routing, sel_E)
 
 
 def _agrees(ours: tuple[torch.Tensor, torch.Tensor], seen: ObservedRouting, scaling: float,

@@ -77,7 +77,8 @@ def _block_specs(parts: BlockParts, ex_specs: list[ExpertsSpec], readings: list[
             [*parts.output_biases, None], ex_specs, readings, placements, weightless, precisions):
         router = LinearRouter(weight=parts.router.path + ".weight", bias=reading.logits_bias,
                               routing=dataclasses.replace(reading.routing, score_dtype=score_dtype),
-                              selection_bias=reading.selection_bias, fp32_logits=fp32)
+                              selection_bias=reading.selection_bias, fp32_logits=fp32,
+                              logit_scale=reading.logit_scale)
         spec = MoESpec(router=router, experts=experts, shared_expert=parts.shared, shared_gate=parts.shared_gate,
                        output_bias=out_bias, input_jitter=jitter, scale_inputs=scale_inputs, weightless=extra)
         specs.append(spec)
@@ -100,10 +101,11 @@ class TransformersMoEAdapter:
         quantized = quantized_storage(module)
         if quantized is not None:
             return quantized
-        if parts.extra:
+        chains = expert_chains(module, parts) if parts.extra else ((), (), parts.hidden)
+        if chains is None:
             return Skip(f"block also computes {', '.join(parts.extra)} (besides router, experts and shared expert), "
                         "which the fused layer does not")
-        ex_specs = _block_experts(module, parts)
+        ex_specs = _block_experts(module, dataclasses.replace(parts, hidden=chains[2]))
         if isinstance(ex_specs, Skip):
             return ex_specs
         like = ex_specs[0].down.get(module)
@@ -121,9 +123,44 @@ class TransformersMoEAdapter:
                         "renormalisation, scaling)")
         jitter = getattr(module, "jitter_noise", 0.0)
         jitter = float(jitter) if isinstance(jitter, (int, float)) else 0.0
-        specs = _with_token_ids(module, parts, k, _block_specs(parts, ex_specs, readings, like, jitter,
-                                                                _weights_placements(module, parts)))
+        specs = _block_specs(parts, ex_specs, readings, like, jitter, _weights_placements(module, parts))
+        if parts.extra:
+            specs = [dataclasses.replace(s, expert_input=chains[0], expert_output=chains[1], block_hidden=parts.hidden)
+                     for s in specs]
+        specs = _with_token_ids(module, parts, k, specs)
         return specs if isinstance(specs, Skip) else _with_capacity(module, parts, k, specs)
+
+
+def _width_after(child: nn.Module, width: int) -> int | None:
+    """The feature width after ``child`` on inputs of ``width`` features: a Linear reading ``width``,
+    or a module whose parameters are all [width] vectors (a norm); None for anything else."""
+    if isinstance(child, nn.Linear):
+        return child.out_features if child.in_features == width else None
+    params = list(child.parameters())
+    return width if params and all(p.dim() == 1 and p.numel() == width for p in params) else None
+
+
+def expert_chains(module: nn.Module, parts: BlockParts) -> tuple[tuple[str, ...], tuple[str, ...], int] | None:
+    """(modules before the experts, modules after them, the experts' width) of a block whose extra
+    children are Linear layers and norms around its experts: those registered before the experts
+    child take the tokens from H to the experts' width, those after take the experts' output back
+    to H (MuseSpark: a projection and a norm before, a projection after). The order is a reading of
+    the registration order, proven like every candidate; None when the extras do not chain so."""
+    if parts.layout != "stacked" or parts.shared is not None or parts.shared_gate is not None:
+        return None
+    names = [n for n, _ in module.named_children()]
+    at = names.index(parts.experts[0])
+    before = tuple(n for n in names[:at] if n in parts.extra)
+    after = tuple(n for n in names[at + 1:] if n in parts.extra)
+    width: int | None = parts.hidden
+    for name in before:
+        width = _width_after(module.get_submodule(name), width) if width is not None else None
+    inner = width
+    for name in after:
+        width = _width_after(module.get_submodule(name), width) if width is not None else None
+    if inner is None or width != parts.hidden:
+        return None
+    return before, after, inner
 
 
 MAX_CAPACITY_PROBE = 4096

@@ -81,7 +81,7 @@ class FusedMoE(SwappedLayer):
         self._check_features()
         self.num_experts = spec.num_experts
         self.top_k = spec.top_k
-        self.hidden_size = spec.experts.hidden
+        self.hidden_size = spec.input_hidden()
         self._track_routing = False
         self.aux_loss: torch.Tensor | None = None
         self.dropped_tokens: torch.Tensor | None = None
@@ -163,15 +163,22 @@ class FusedMoE(SwappedLayer):
         w_EH = w_EH.t() if r.transposed else w_EH
         b_E = get_attr_path(self, r.bias) if r.bias is not None else None
         if r.fp32_logits:
-            return F.linear(x_TH.float(), w_EH.float(), None if b_E is None else b_E.float())
-        # a router kept in another dtype than the block (fp32 under bf16) computes in its own
-        return F.linear(x_TH.to(w_EH.dtype), w_EH, None if b_E is None else b_E.to(w_EH.dtype))
+            logits_TE = F.linear(x_TH.float(), w_EH.float(), None if b_E is None else b_E.float())
+        else:  # a router kept in another dtype than the block (fp32 under bf16) computes in its own
+            logits_TE = F.linear(x_TH.to(w_EH.dtype), w_EH, None if b_E is None else b_E.to(w_EH.dtype))
+        return logits_TE * r.logit_scale if r.logit_scale != 1.0 else logits_TE
 
     def _experts(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         if self.expert_parallel is not None:
             return parallel_experts(self, x_TH, weights_TK, ids_TK)
         return run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic,
                            self.spec.scale_inputs)
+
+    def _chain(self, paths: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+        """``x`` through the block's modules at ``paths``, in order (``spec.expert_input`` / ``expert_output``)."""
+        for path in paths:
+            x = self.get_submodule(path)(x)
+        return x
 
     def _identity_experts(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         """What the routed ids in [E, G) add as identity experts: each token times the sum of its
@@ -274,13 +281,16 @@ class FusedMoE(SwappedLayer):
         router_in = jitter_input(x_TH, cfg.router_jitter, self.training) if cfg.router_jitter > 0 else x_TH
         with stage(ROUTER):
             logits_TE = self.router_logits(router_in)
+        experts_in = self._chain(spec.expert_input, x_TH) if spec.expert_input else x_TH
         if cfg.routing == "expert_choice":
-            (out_TH, ids_TK), weights_TK = self._expert_choice(x_TH, logits_TE), None
+            (out_TH, ids_TK), weights_TK = self._expert_choice(experts_in, logits_TE), None
         else:
             sequences = hidden_states.shape[0] if hidden_states.dim() == 3 else 1
-            out_TH, weights_TK, ids_TK = self._token_choice(x_TH, logits_TE, token_ids, sequences)
+            out_TH, weights_TK, ids_TK = self._token_choice(experts_in, logits_TE, token_ids, sequences)
         if spec.routed_scale != 1.0:
             out_TH = out_TH * spec.routed_scale
+        if spec.expert_output:
+            out_TH = self._chain(spec.expert_output, out_TH)
         if self._track_routing:
             self.routing_counts += expert_counts(ids_TK, self.num_experts)
         if self.training and cfg.load_balancing == "auxiliary_loss":

@@ -94,6 +94,8 @@ class LinearRouter:
     ``id_table`` is the path of an int [V, K] tensor giving the experts of each token id (hash
     routing, DeepSeek-V4): it replaces the top-k choice, and ``routing`` weighs the table's experts.
     ``transposed``: the weight is stored [H, E] (a raw Parameter used as ``x @ weight``).
+    ``logit_scale``: a factor the router multiplies its logits by before routing (MuseSpark's
+    ``output_multiplier``).
     """
 
     weight: str
@@ -103,6 +105,7 @@ class LinearRouter:
     fp32_logits: bool = False
     id_table: str | None = None
     transposed: bool = False
+    logit_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -149,9 +152,13 @@ class SwapSpec:
         needs from ``config`` (backend, determinism, routing features)."""
         return self.layer_class()(original, self, config)
 
+    def input_hidden(self) -> int:
+        """H of the module's input (the experts' unless the spec says otherwise)."""
+        return self.experts.hidden
+
     def probe_args(self, tokens: int, draw: Draw) -> list[tuple]:
         """Argument tuples for the module's forward, the likeliest first: [1, T, H] tokens, then [T, H]."""
-        H = self.experts.hidden
+        H = self.input_hidden()
         return [(draw((1, tokens, H), 0),), (draw((tokens, H), 0),)]
 
     def unexpected(self, config: KernelConfig) -> str | None:
@@ -212,6 +219,10 @@ class MoESpec(SwapSpec):
     - ``weightless``: what a routed id in [E, G) computes when the router scores G ids but only E
       experts hold weights: "zero" (nothing: a dropped slot of the op) or "identity" (the token
       times its routing weight, added outside the op; LongCat-Flash's zero-computation experts).
+    - ``expert_input`` / ``expert_output``: paths of the block's modules applied in order to the
+      tokens before the routed experts and to their output after them (MuseSpark's projection to
+      and from a narrower expert width, and its norm); the router and the shared expert see the
+      block's own input. ``block_hidden``: H of the block's input when it differs from the experts'.
     - ``training_fallback``: a reason to run the original module in training mode (dropout or
       noise the fused layer does not reproduce); None when the fused path is exact in training too.
     - ``gradient_fallback``: a reason to run the original module whenever autograd records the
@@ -236,6 +247,9 @@ class MoESpec(SwapSpec):
     weightless: str = "zero"
     routed_scale: float = 1.0
     extras: tuple[RoutingExtra, ...] = ()
+    expert_input: tuple[str, ...] = ()
+    expert_output: tuple[str, ...] = ()
+    block_hidden: int | None = None
 
     def __post_init__(self) -> None:
         if self.returns not in RETURNS:
@@ -251,6 +265,9 @@ class MoESpec(SwapSpec):
     @property
     def top_k(self) -> int:  # type: ignore[override]
         return self.router.routing.top_k
+
+    def input_hidden(self) -> int:
+        return self.block_hidden or self.experts.hidden
 
     @property
     def num_experts(self) -> int:  # type: ignore[override]
@@ -277,7 +294,7 @@ class MoESpec(SwapSpec):
         shape = (1, tokens)
         if self.capacity is not None:
             shape = (2, max(tokens, self.capacity.probe_tokens(self.num_experts, self.top_k)))
-        x = draw((*shape, self.experts.hidden), 0)
+        x = draw((*shape, self.input_hidden()), 0)
         if self.token_ids is None:
             return [(x,)]
         return [(x, (draw(shape, 9).double().abs() * 1e6).long() % self.token_ids.vocab)]
@@ -297,6 +314,8 @@ class MoESpec(SwapSpec):
         parts = [self.router.routing.describe(), self.experts.describe()]
         if self.router.id_table is not None:
             parts[0] = f"experts by token id ({self.router.id_table}) weighted {parts[0]}"
+        if self.router.logit_scale != 1.0:
+            parts[0] = f"logits x{self.router.logit_scale:.4g}>{parts[0]}"
         if self.scale_inputs:
             parts.insert(1, "weights scale the inputs")
         if self.routed_scale != 1.0:
@@ -307,6 +326,9 @@ class MoESpec(SwapSpec):
         extra = self.num_experts - self.experts.num_experts
         if extra > 0:
             parts.insert(1, f"+{extra} {self.weightless} experts")
+        if self.expert_input or self.expert_output:
+            parts.insert(1, f"experts between {'>'.join(self.expert_input) or '-'} and "
+                            f"{'>'.join(self.expert_output) or '-'}")
         if self.shared_expert:
             parts.append("shared" + ("(gated)" if self.shared_gate else ""))
         if self.output_bias:
