@@ -67,7 +67,8 @@ def forward(backend: ExpertsBackend, x_TH: Tensor, weights_TK: Optional[Tensor],
     w_TK = _slot_weights(weights_TK, ids_TK, experts, x_TH)
     # a dropped slot's row is zero, but its weight may not be finite: select, never multiply by 0
     kept_TK1 = (w_TK != 0).unsqueeze(-1)
-    terms_TKH = torch.where(kept_TK1, n_SH.view(T, -1, H) * w_TK.unsqueeze(-1), torch.zeros((), device=x_TH.device))
+    weighted_TKH = n_SH.view(T, w_TK.shape[1], H) * w_TK.unsqueeze(-1)
+    terms_TKH = torch.where(kept_TK1, weighted_TKH, torch.zeros((), device=x_TH.device))
     return terms_TKH.sum(dim=1).to(x_TH.dtype)
 
 
@@ -96,10 +97,11 @@ def backward(backend: ExpertsBackend, grad_TH: Tensor, x_TH: Tensor, weights_TK:
         return g._replace(post_norm=grad_scale_H)
     ones_S1 = torch.ones(T * ids_TK.shape[1], 1, dtype=acc, device=x_TH.device)
     g = backend.backward(g_y_SH, x_SH, ones_S1, ids_S1, plain)
-    kept_TK = kept_S1.view(T, -1)
-    dots_TK = (g_T1H * n_SH.view(T, -1, H)).sum(dim=-1)
+    K = w_TK.shape[1]
+    kept_TK = kept_S1.view(T, K)
+    dots_TK = (g_T1H * n_SH.view(T, K, H)).sum(dim=-1)
     grad_w_TK = torch.where(kept_TK, dots_TK, torch.zeros((), device=x_TH.device)).to(weights_TK.dtype)
-    grad_x_TH = g.x.view(T, -1, H).to(acc).sum(dim=1).to(x_TH.dtype)
+    grad_x_TH = g.x.view(T, K, H).to(acc).sum(dim=1).to(x_TH.dtype)
     return ExpertsGrads(grad_x_TH, grad_w_TK, g.w_up, g.w_down, g.b_up, g.b_down, grad_scale_H)
 
 
