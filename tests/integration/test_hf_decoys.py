@@ -201,3 +201,65 @@ def test_input_scaling_by_the_root_of_the_score_is_skipped():
 
         router.forward = types.MethodType(root_forward, router)
     assert_decoys_left_alone(model, names)
+
+
+class _NormThenScale(nn.Module):
+    """MuseSpark's post-expert norm with its order swapped: RMS-normalise, then scale by 1 + w (the
+    same weight and eps; the real one scales first)."""
+
+    def __init__(self, weight: nn.Parameter, eps: float) -> None:
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)).type_as(x)
+
+
+def test_post_expert_norm_that_scales_after_normalising_is_skipped():
+    """Neither the block nor its experts module alone is fused: the op's norm scales first."""
+    model = _build("muse_spark_text")
+    blocks = _blocks(model, "SparkMoE")
+    for name in blocks:
+        experts = model.get_submodule(name).experts
+        norm = experts.post_expert_norm
+        experts.post_expert_norm = _NormThenScale(norm.weight, norm.eps)
+    assert_decoys_left_alone(model, blocks + [f"{n}.experts" for n in blocks])
+
+
+def test_block_normalising_the_experts_output_instead_of_their_input_is_skipped():
+    """The same children in the same order, but pre_expert_norm applied after the experts."""
+    model = _build("muse_spark_text")
+    blocks = _blocks(model, "SparkMoE")
+    for name in blocks:
+        block = model.get_submodule(name)
+
+        def norm_after(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            shape = hidden_states.shape
+            _, weights, ids = self.gate(hidden_states)
+            x = self.pre_expert_proj(hidden_states.view(-1, shape[-1]))
+            x = self.pre_expert_norm(self.experts(x, ids, weights))
+            return self.post_expert_proj(x).view(*shape)
+
+        block.forward = types.MethodType(norm_after, block)
+    assert_decoys_left_alone(model, blocks)
+
+
+def test_router_scaling_its_logits_by_another_factor_is_skipped():
+    """A router declaring output_multiplier m but scaling its logits by m squared."""
+    model = _build("muse_spark_text")
+    blocks = _blocks(model, "SparkMoE")
+    for name in blocks:
+        gate = model.get_submodule(name).gate
+        plain = type(gate).forward
+
+        def squared(self, hidden_states: torch.Tensor, plain=plain):
+            m = self.output_multiplier
+            self.output_multiplier = m * m
+            try:
+                return plain(self, hidden_states)
+            finally:
+                self.output_multiplier = m
+
+        gate.forward = types.MethodType(squared, gate)
+    assert_decoys_left_alone(model, blocks)

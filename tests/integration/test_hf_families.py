@@ -178,6 +178,51 @@ def test_relu_squared_experts_are_fused():
     assert (act.kind, act.glu) == ("relu2", "none")
 
 
+def test_muse_spark_post_expert_norm_between_its_projections():
+    """MuseSpark: the router scales its logits (output_multiplier) and has a selection bias; the
+    experts run at their own width between the block's projection + norm and its output
+    projection, and normalise each expert output (scale 1 + w, then RMS) before its weight."""
+    layers = _check_family("muse_spark_text", 2)
+    spec, original = layers[0].spec, layers[0].original
+    assert spec.router.logit_scale == original.gate.output_multiplier
+    assert spec.router.selection_bias == "gate.e_score_correction_bias"
+    assert (spec.expert_input, spec.expert_output) == (("pre_expert_proj", "pre_expert_norm"), ("post_expert_proj",))
+    assert (spec.block_hidden, spec.experts.hidden) == (HIDDEN, original.experts.hidden_dim)
+    norm = spec.experts.post_norm
+    assert (norm.weight, norm.offset, norm.eps) == ("experts.post_expert_norm.weight", 1.0,
+                                                     original.experts.post_expert_norm.eps)
+
+
+def test_muse_spark_experts_alone_with_their_post_expert_norm():
+    """The experts module swapped alone (its block left to transformers) keeps the norm: outputs
+    and gradients of the inputs, routing weights, expert weights and the norm weight."""
+    model = _build("muse_spark_text")
+    experts = next(m for m in model.modules() if type(m).__name__ == "MuseSparkExperts")
+    original = copy.deepcopy(experts)
+    _eager(original)
+    fused = kernel_moe.optimize(experts)
+    assert type(fused).__name__ == "FusedExperts" and fused.spec.experts.post_norm is not None
+    g = torch.Generator().manual_seed(4)
+    H, E = fused.spec.experts.hidden, fused.spec.num_experts
+    x = torch.randn(11, H, generator=g)
+    weights, ids = torch.randn(11, E, generator=g).softmax(-1).topk(2, dim=-1)
+    outs = []
+    for module in (fused, original):
+        xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        for p in module.parameters():
+            p.grad = None
+        out = module(xi, ids, wi)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(5))).sum().backward()
+        outs.append((out.detach(), xi.grad, wi.grad, {n: p.grad for n, p in module.named_parameters()}))
+    (out, gx, gw, gp), (ref, rgx, rgw, rgp) = outs
+    torch.testing.assert_close(out, ref, **FP32)
+    torch.testing.assert_close(gx, rgx, **GRAD)
+    torch.testing.assert_close(gw, rgw, **GRAD)
+    assert set(gp) == set(rgp)
+    for name in gp:
+        torch.testing.assert_close(gp[name], rgp[name], **GRAD, msg=name)
+
+
 def test_llama4_routing_weights_scale_the_experts_inputs():
     layers = _check_family("llama4_text", 2)
     spec = layers[0].spec
@@ -256,11 +301,13 @@ def test_privacy_filter_scales_back_its_routed_output():
 FAMILIES = {  # model type: MoE blocks of the tiny model (2 layers; Switch has 2 in the encoder and 2 in the decoder)
     "glm5_next_text": 2, "hy_v4": 2, "deepseek_v4": 2, "inkling2_text": 2, "nemotron_h": 1, "llama4_text": 2,
     "longcat_flash": 2, "dbrx": 2, "switch_transformers": 4, "ernie4_5_vl_moe_text": 4, "openai_privacy_filter": 2,
+    "muse_spark_text": 2,
 }
 GENERATIVE = {  # a family whose tiny model cannot generate: the class that does, and the type of its config
     "glm5_next_text": ("Glm5NextForConditionalGeneration", "glm5_next"),
     "switch_transformers": ("SwitchTransformersForConditionalGeneration", "switch_transformers"),
     "ernie4_5_vl_moe_text": ("Ernie4_5_VLMoeForConditionalGeneration", "ernie4_5_vl_moe"),
+    "muse_spark_text": ("MuseSparkForConditionalGeneration", "muse_spark"),
 }
 NOT_GENERATIVE = {"openai_privacy_filter"}  # a token classifier
 
