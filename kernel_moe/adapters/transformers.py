@@ -125,8 +125,8 @@ class TransformersMoEAdapter:
         jitter = float(jitter) if isinstance(jitter, (int, float)) else 0.0
         specs = _block_specs(parts, ex_specs, readings, like, jitter, _weights_placements(module, parts))
         if parts.extra:
-            specs = [dataclasses.replace(s, expert_input=chains[0], expert_output=chains[1], block_hidden=parts.hidden)
-                     for s in specs]
+            specs = [dataclasses.replace(s, block_hidden=parts.hidden, **where) for where in _chain_placements(
+                chains, parts) for s in specs]
         specs = _with_token_ids(module, parts, k, specs)
         return specs if isinstance(specs, Skip) else _with_capacity(module, parts, k, specs)
 
@@ -146,7 +146,7 @@ def expert_chains(module: nn.Module, parts: BlockParts) -> tuple[tuple[str, ...]
     child take the tokens from H to the experts' width, those after take the experts' output back
     to H (MuseSpark: a projection and a norm before, a projection after). The order is a reading of
     the registration order, proven like every candidate; None when the extras do not chain so."""
-    if parts.layout != "stacked" or parts.shared is not None or parts.shared_gate is not None:
+    if parts.layout != "stacked":
         return None
     names = [n for n, _ in module.named_children()]
     at = names.index(parts.experts[0])
@@ -161,6 +161,19 @@ def expert_chains(module: nn.Module, parts: BlockParts) -> tuple[tuple[str, ...]
     if inner is None or width != parts.hidden:
         return None
     return before, after, inner
+
+
+def _chain_placements(chains: tuple[tuple[str, ...], tuple[str, ...], int], parts: BlockParts) -> list[dict]:
+    """Where the modules after the experts may apply, most likely first: to the routed experts'
+    output (``MoESpec.expert_output``), or, when they keep the width H and nothing comes before the
+    experts, to the block's whole output after the shared expert (``block_output``: A.X-K1's norm
+    of the block output); the probe decides."""
+    before, after, inner = chains
+    routed = dict(expert_input=before, expert_output=after)
+    if before or inner != parts.hidden:
+        return [routed]
+    whole = dict(block_output=after)
+    return [whole, routed] if parts.shared is not None else [routed, whole]
 
 
 MAX_CAPACITY_PROBE = 4096

@@ -306,6 +306,8 @@ class FusedMoE(SwappedLayer):
             out_TH = out_TH + shared_TH
         if spec.output_bias is not None:
             out_TH = out_TH + get_attr_path(self, spec.output_bias)
+        if spec.block_output:
+            out_TH = self._chain(spec.block_output, out_TH)
         return self._returned(out_TH, hidden_states, (logits_TE, weights_TK, ids_TK))
 
     def _returned(self, out_TH: torch.Tensor, hidden_states: torch.Tensor, routing: tuple):

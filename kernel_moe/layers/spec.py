@@ -223,6 +223,8 @@ class MoESpec(SwapSpec):
       tokens before the routed experts and to their output after them (MuseSpark's projection to
       and from a narrower expert width, and its norm); the router and the shared expert see the
       block's own input. ``block_hidden``: H of the block's input when it differs from the experts'.
+      ``block_output``: paths of modules applied in order to the block's whole output, after the
+      shared expert and the output bias (A.X-K1's norm of the block output).
     - ``training_fallback``: a reason to run the original module in training mode (dropout or
       noise the fused layer does not reproduce); None when the fused path is exact in training too.
     - ``gradient_fallback``: a reason to run the original module whenever autograd records the
@@ -250,6 +252,7 @@ class MoESpec(SwapSpec):
     expert_input: tuple[str, ...] = ()
     expert_output: tuple[str, ...] = ()
     block_hidden: int | None = None
+    block_output: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.returns not in RETURNS:
@@ -333,6 +336,8 @@ class MoESpec(SwapSpec):
             parts.append("shared" + ("(gated)" if self.shared_gate else ""))
         if self.output_bias:
             parts.append("+output bias")
+        if self.block_output:
+            parts.append(f"then {'>'.join(self.block_output)}")
         if self.extras:
             parts.append("returns (output, " + ", ".join(e.describe() for e in self.extras) + ")")
         return ", ".join(parts)

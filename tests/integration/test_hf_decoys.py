@@ -263,3 +263,21 @@ def test_router_scaling_its_logits_by_another_factor_is_skipped():
 
         gate.forward = types.MethodType(squared, gate)
     assert_decoys_left_alone(model, blocks)
+
+
+def test_block_normalising_only_its_shared_expert_is_skipped():
+    """A.X-K1's block with its post_mlp_layernorm applied to the shared expert's output alone
+    (neither the block output nor the routed output)."""
+    model = _build("axk1")
+    blocks = _blocks(model, "AXK1MoE")
+    for name in blocks:
+        block = model.get_submodule(name)
+
+        def norm_shared(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            shape = hidden_states.shape
+            _, weights, ids = self.gate(hidden_states)
+            routed = self.experts(hidden_states.view(-1, shape[-1]), ids, weights).view(*shape)
+            return routed + self.post_mlp_layernorm(self.shared_experts(hidden_states))
+
+        block.forward = types.MethodType(norm_shared, block)
+    assert_decoys_left_alone(model, blocks)

@@ -193,6 +193,13 @@ def test_muse_spark_post_expert_norm_between_its_projections():
                                                      original.experts.post_expert_norm.eps)
 
 
+def test_axk1_norm_of_the_block_output_after_the_shared_expert():
+    layers = _check_family("axk1", 2)
+    spec = layers[0].spec
+    assert (spec.block_output, spec.expert_input, spec.expert_output) == (("post_mlp_layernorm",), (), ())
+    assert spec.shared_expert == "shared_experts" and spec.block_hidden == HIDDEN
+
+
 def test_muse_spark_experts_alone_with_their_post_expert_norm():
     """The experts module swapped alone (its block left to transformers) keeps the norm: outputs
     and gradients of the inputs, routing weights, expert weights and the norm weight."""
@@ -301,7 +308,7 @@ def test_privacy_filter_scales_back_its_routed_output():
 FAMILIES = {  # model type: MoE blocks of the tiny model (2 layers; Switch has 2 in the encoder and 2 in the decoder)
     "glm5_next_text": 2, "hy_v4": 2, "deepseek_v4": 2, "inkling2_text": 2, "nemotron_h": 1, "llama4_text": 2,
     "longcat_flash": 2, "dbrx": 2, "switch_transformers": 4, "ernie4_5_vl_moe_text": 4, "openai_privacy_filter": 2,
-    "muse_spark_text": 2,
+    "muse_spark_text": 2, "axk1": 2,
 }
 GENERATIVE = {  # a family whose tiny model cannot generate: the class that does, and the type of its config
     "glm5_next_text": ("Glm5NextForConditionalGeneration", "glm5_next"),
