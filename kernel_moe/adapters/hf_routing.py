@@ -30,6 +30,7 @@ from kernel_moe.routing.topk import ROUTER_SCORINGS, TopKRouting, route
 GROUP_ATTRS = ("n_group", "num_expert_group", "num_group")
 TOPK_GROUP_ATTRS = ("topk_group", "num_topk_group")
 _SCALE_NAME = re.compile(r"(rout|moe|expert).*scal|scal.*(rout|moe|expert)", re.IGNORECASE)
+_JITTER_NAME = re.compile(r"jitter", re.IGNORECASE)
 _LOGIT_SCALE_NAME = re.compile(r"^(output_multiplier|logits?_(scale|multiplier))$")
 ROUTER_PROBE_TOKENS = 32
 
@@ -138,6 +139,11 @@ def router_readings(block: nn.Module, parts: BlockParts, top_k: int) -> list[Rou
         if lb is None:
             for sel, scale in itertools.product(biases, scales):
                 add(sel, lb, scoring="softmax", order="topk_then_score", scaling=scale)
+    # SparseMixer (Phi-3.5-MoE): rounds of masked softmaxes at the threshold the router declares
+    # as its jitter epsilon; the router's own outputs decide whether it routes this way
+    for eps, scale in itertools.product(dict.fromkeys(numeric_attrs(router_obj, _JITTER_NAME.search)), scales):
+        if eps >= 0:
+            add(None, None, scoring="sparsemixer", mixer_eps=eps, scaling=scale)
     scaled = [dataclasses.replace(r, logit_scale=m) for m in logit_scales for r in out]
     return list(dict.fromkeys(scaled + out))
 

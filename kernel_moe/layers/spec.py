@@ -308,6 +308,14 @@ class MoESpec(SwapSpec):
             return None
         return dataclasses.replace(self, returns=returns, output_shape=shape or "input")
 
+    def with_fallbacks(self, training: str | None, gradient: str | None) -> MoESpec:
+        """As every spec; SparseMixer routing always runs the original in training, whatever one
+        probe showed: there it samples its experts and has its own backward (the probe may draw no
+        token whose sample can differ)."""
+        if training is None and self.router.routing.scoring == "sparsemixer":
+            training = "SparseMixer samples its experts in training (Gumbel) and has its own backward"
+        return dataclasses.replace(self, training_fallback=training, gradient_fallback=gradient)
+
     def returned_extras(self) -> tuple[RoutingExtra, ...]:
         """The outputs the forward returns after the output (``returns`` spelled as ``extras``)."""
         shorthand = {"tensor_logits": (RoutingExtra("logits"),), "tensor_weights": (RoutingExtra("weights"),)}

@@ -33,12 +33,12 @@ from tests.integration.hf_tiny import (  # noqa: E402
 FP32 = dict(atol=1e-5, rtol=1e-5)
 
 
-def _build(model_type: str):
+def _build(model_type: str, **overrides):
     if model_type not in moe_model_types():
         pytest.skip(f"{model_type} is not in this transformers")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_tiny_model(model_type, seed=23)
+        model = build_tiny_model(model_type, seed=23, **overrides)
     try:
         model.set_experts_implementation("eager")  # the decoys change what the eager loop calls
     except Exception:  # noqa: BLE001 - models without the experts interface loop in eager anyway
@@ -280,4 +280,24 @@ def test_block_normalising_only_its_shared_expert_is_skipped():
             return routed + self.post_mlp_layernorm(self.shared_experts(hidden_states))
 
         block.forward = types.MethodType(norm_shared, block)
+    assert_decoys_left_alone(model, blocks)
+
+
+def test_sparsemixer_at_another_threshold_than_the_declared_one_is_skipped():
+    """A Phi-3.5-MoE router declaring router_jitter_noise eps but masking at 3 * eps (wide enough
+    for the probe's tokens to show it)."""
+    from transformers.models.phimoe import modeling_phimoe
+
+    model = _build("phimoe", router_jitter_noise=0.1)
+    blocks = _blocks(model, "SparseMoeBlock")
+    for name in blocks:
+        router = model.get_submodule(name).router
+
+        def wider(self, hidden_states: torch.Tensor):
+            logits = F.linear(hidden_states, self.weight)
+            weights, ids = modeling_phimoe.sparsemixer(logits, jitter_eps=3 * self.router_jitter_noise,
+                                                       training=self.training, top_k=self.top_k)
+            return logits, weights, ids
+
+        router.forward = types.MethodType(wider, router)
     assert_decoys_left_alone(model, blocks)

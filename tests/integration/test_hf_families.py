@@ -200,6 +200,17 @@ def test_axk1_norm_of_the_block_output_after_the_shared_expert():
     assert spec.shared_expert == "shared_experts" and spec.block_hidden == HIDDEN
 
 
+@pytest.mark.parametrize("eps", [None, 0.2])
+def test_phimoe_sparsemixer_router(eps):
+    """Phi-3.5-MoE's SparseMixer at its declared threshold (the default, and a wide one at which
+    many probe tokens have several experts in each round's softmax); training runs the original."""
+    layers = _check_family("phimoe", 2, **({} if eps is None else dict(router_jitter_noise=eps)))
+    for layer in layers:
+        routing = layer.spec.router.routing
+        assert (routing.scoring, routing.mixer_eps) == ("sparsemixer", layer.original.router.router_jitter_noise)
+        assert layer.spec.training_fallback  # sampled experts in training: the original runs there
+
+
 def test_muse_spark_experts_alone_with_their_post_expert_norm():
     """The experts module swapped alone (its block left to transformers) keeps the norm: outputs
     and gradients of the inputs, routing weights, expert weights and the norm weight."""
@@ -308,7 +319,7 @@ def test_privacy_filter_scales_back_its_routed_output():
 FAMILIES = {  # model type: MoE blocks of the tiny model (2 layers; Switch has 2 in the encoder and 2 in the decoder)
     "glm5_next_text": 2, "hy_v4": 2, "deepseek_v4": 2, "inkling2_text": 2, "nemotron_h": 1, "llama4_text": 2,
     "longcat_flash": 2, "dbrx": 2, "switch_transformers": 4, "ernie4_5_vl_moe_text": 4, "openai_privacy_filter": 2,
-    "muse_spark_text": 2, "axk1": 2,
+    "muse_spark_text": 2, "axk1": 2, "phimoe": 2,
 }
 GENERATIVE = {  # a family whose tiny model cannot generate: the class that does, and the type of its config
     "glm5_next_text": ("Glm5NextForConditionalGeneration", "glm5_next"),
