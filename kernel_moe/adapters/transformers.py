@@ -27,6 +27,7 @@ from kernel_moe.adapters.hf_experts import (
     packed_experts_specs,
     split_experts_specs,
 )
+from kernel_moe.adapters.probe import eval_mode, probe_input
 from kernel_moe.adapters.hf_routing import (
     ObservedRouting,
     RouterReading,
@@ -110,6 +111,9 @@ class TransformersMoEAdapter:
             return ex_specs
         like = ex_specs[0].down.get(module)
         on_meta = like.device.type == "meta"  # nothing can run: candidates from the attributes alone
+        unfollowed = None if on_meta or parts.layout != "list" else experts_not_following(module, parts, like)
+        if unfollowed is not None:
+            return unfollowed
         k = find_top_k(module, parts, like, observe=not on_meta)
         if k is None:
             return Skip("top-k not found on the router, block or config, nor in the router's outputs")
@@ -129,6 +133,37 @@ class TransformersMoEAdapter:
                 chains, parts) for s in specs]
         specs = _with_token_ids(module, parts, k, specs)
         return specs if isinstance(specs, Skip) else _with_capacity(module, parts, k, specs)
+
+
+def experts_not_following(module: nn.Module, parts: BlockParts, like: torch.Tensor) -> Skip | None:
+    """Why a block's container of expert modules does not run the experts its router chooses (an
+    expert given more rows than slots chose it on a probe), or None. Found by running the router
+    and the block on the same tokens and counting each expert module's rows."""
+    x_TH = probe_input((PROBE_TOKENS, parts.hidden), like, seed=13)
+    seen = observe_router(module, parts, x_TH)
+    if not seen:
+        return None
+    chosen_E = torch.bincount(seen[0].ids_TK.reshape(-1).long().clamp(min=0), minlength=parts.num_ids)
+    container = module.get_submodule(parts.experts[0])
+    items = [(n, c) for n, c in container.named_children() if any(True for _ in c.parameters())]
+    rows = dict.fromkeys(range(len(items)), 0)
+    hooks = [c.register_forward_hook(lambda m, args, out, e=e: rows.__setitem__(e, rows[e] + args[0].shape[0]))
+             for e, (_, c) in enumerate(items)]
+    try:
+        with torch.no_grad(), eval_mode(module), torch.random.fork_rng(devices=[]):
+            module(x_TH.unsqueeze(0))
+    except Exception:
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    extra = [(items[e][0], n, int(chosen_E[e])) for e, n in rows.items() if e < len(chosen_E) and n > chosen_E[e]]
+    if not extra:
+        return None
+    name, n, chosen = extra[0]
+    return Skip(f"its experts container {parts.experts[0]} does not run the experts its router chooses: on a probe "
+                f"of {PROBE_TOKENS} tokens {name} ran on {n} rows, where the router's reported choice gives it {chosen} "
+                "(the container picks experts by the values of the router's mask, not by their index)")
 
 
 def _width_after(child: nn.Module, width: int) -> int | None:
@@ -176,6 +211,7 @@ def _chain_placements(chains: tuple[tuple[str, ...], tuple[str, ...], int], part
     return [whole, routed] if parts.shared is not None else [routed, whole]
 
 
+PROBE_TOKENS = 16
 MAX_CAPACITY_PROBE = 4096
 """The most tokens per sequence a probe may take to overflow a block's own expert capacity."""
 

@@ -301,3 +301,15 @@ def test_sparsemixer_at_another_threshold_than_the_declared_one_is_skipped():
 
         router.forward = types.MethodType(wider, router)
     assert_decoys_left_alone(model, blocks)
+
+
+def test_nllb_moe_experts_that_ignore_their_router_are_skipped_with_that_reason():
+    """transformers' NLLB-MoE container runs expert_0 and expert_1 by the values of the top-1 mask,
+    whatever expert the router chose: the report says so (not the padding_mask argument)."""
+    model = _build("nllb-moe")
+    blocks = _blocks(model, "SparseMLP")
+    report = kernel_moe.optimize(copy.deepcopy(model), return_report=True)[1]
+    reasons = {r.name: r.reason for r in report.skipped}
+    for name in blocks:
+        assert "does not run the experts its router chooses" in reasons[name], reasons.get(name)
+    assert_decoys_left_alone(model, blocks)
