@@ -382,10 +382,10 @@ def test_whole_model_logits_and_greedy_generation_are_unchanged(model_type):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("model_type", ["dbrx", "longcat_flash", "llama4_text"])
+@pytest.mark.parametrize("model_type", ["dbrx", "longcat_flash", "llama4_text", "muse_spark_text"])
 def test_quantized_experts_of_the_new_layouts(model_type):
     """quantize_experts on packed paired rows (DBRX), an up weight with rows of weightless experts
-    (LongCat) and input-scaled routing (Llama 4): the blocks stay whole and compute what the
+    (LongCat), input-scaled routing (Llama 4) and the post-expert norm (MuseSpark): the blocks stay whole and compute what the
     original computes with the dequantized weights (fp32 tolerance), and a full-precision
     checkpoint quantizes on load into exactly the buffers optimize() made."""
     config = kernel_moe.KernelConfig.for_moe(quantize_experts="int8", quantize_keep_original=True)
