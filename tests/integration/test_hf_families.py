@@ -241,6 +241,23 @@ def test_muse_spark_experts_alone_with_their_post_expert_norm():
         torch.testing.assert_close(gp[name], rgp[name], **GRAD, msg=name)
 
 
+def test_muse_spark_through_the_transformers_experts_interface():
+    """set_experts_implementation("kernel_moe") on MuseSpark: the interface function applies the
+    post-expert norm itself (transformers applies it inside its own implementations only)."""
+    from kernel_moe.adapters import transformers_interface
+
+    assert transformers_interface.register()
+    model = _build("muse_spark_text")
+    original = copy.deepcopy(model)
+    _eager(original)
+    model.set_experts_implementation("kernel_moe")
+    assert transformers_interface.prepare(model) == 2
+    inputs = tiny_inputs(model, batch=2, seq=7, seed=17)
+    with torch.no_grad():
+        out, ref = first_tensor(model(**inputs)), first_tensor(original(**inputs))
+    torch.testing.assert_close(out, ref, **FP32)
+
+
 def test_llama4_routing_weights_scale_the_experts_inputs():
     layers = _check_family("llama4_text", 2)
     spec = layers[0].spec
