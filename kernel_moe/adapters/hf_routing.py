@@ -64,6 +64,7 @@ class RouterReading:
     selection_bias: str | None
     logits_bias: str | None
     logit_scale: float = 1.0
+    weight_scale: str | None = None
 
 
 def _score_function(module: nn.Module) -> str | None:
@@ -99,8 +100,31 @@ def _first_bool(objs: list[object], name: str) -> bool | None:
     return next((v for o in objs for v in [getattr(o, name, None)] if isinstance(v, bool)), None)
 
 
+def _shared_readings(block: nn.Module, parts: BlockParts, top_k: int, scales: list[float]) -> list[RouterReading]:
+    """Readings of a router whose ids after the E routed ones weigh the block's shared experts
+    (``parts.shared_weighted``): per-expert scores renormalised over the chosen and the shared ones,
+    with each selection bias (or none), each scaling, and each one-element parameter of the router
+    as a learnable weight scale (or none)."""
+    S = parts.num_ids - parts.num_experts
+    shared = block.get_submodule(parts.shared)
+    if S < 1 or get_attr_path(shared, "down_proj").shape[0] != S:
+        return []
+    router = block.get_submodule(parts.router.path)
+    weight_scales = [f"{parts.router.path}.{n}" for n, p in router.named_parameters(recurse=False)
+                     if p.numel() == 1 and p.is_floating_point()] + [None]
+    out = []
+    for sel, scoring, scale, ws in itertools.product([*parts.router.selection_biases, None],
+                                                      ["sigmoid", "sqrtsoftplus"], scales, weight_scales):
+        routing = TopKRouting(parts.num_experts, top_k, scoring=scoring, renormalize=True, scaling=scale,
+                              shared_ids=S)
+        out.append(RouterReading(routing, sel, None, weight_scale=ws))
+    return out
+
+
 def router_readings(block: nn.Module, parts: BlockParts, top_k: int) -> list[RouterReading]:
     """Readings of the block's router, most likely first (from the attributes' hints)."""
+    if parts.shared_weighted:
+        return _shared_readings(block, parts, top_k, _scales(hint_objects(block, parts)))
     objs = hint_objects(block, parts)
     E = parts.num_ids
     norm_hint = _first_bool(objs, "norm_topk_prob")
@@ -247,7 +271,10 @@ def _reading_route(block: nn.Module, parts: BlockParts, reading: RouterReading,
     b_E = get_attr_path(block, reading.logits_bias).float() if reading.logits_bias else None
     sel_E = get_attr_path(block, reading.selection_bias).float().reshape(-1) if reading.selection_bias else None
     with torch.no_grad():
-        return route(F.linear(x_TH.float(), w_EH, b_E) * reading.logit_scale, reading.routing, sel_E)
+        weights_TK, ids_TK = route(F.linear(x_TH.float(), w_EH, b_E) * reading.logit_scale, reading.routing, sel_E)
+        if reading.weight_scale is not None:
+            weights_TK = weights_TK * get_attr_path(block, reading.weight_scale).float()
+        return weights_TK, ids_TK
 
 
 def _agrees(ours: tuple[torch.Tensor, torch.Tensor], seen: ObservedRouting, scaling: float,

@@ -72,16 +72,17 @@ def _block_specs(parts: BlockParts, ex_specs: list[ExpertsSpec], readings: list[
     low_precision = like.dtype not in (torch.float32, torch.float64)
     precisions = [(False, "float32"), (False, "input"), (True, "float32")] if low_precision else [(False, "float32")]
     specs = []
-    weightless = ["identity", "zero"] if parts.routed_ids else ["zero"]
+    weightless = ["identity", "zero"] if parts.routed_ids and not parts.shared_weighted else ["zero"]
     undone: list[MoESpec] = []
     for out_bias, experts, reading, scale_inputs, extra, (fp32, score_dtype) in itertools.product(
             [*parts.output_biases, None], ex_specs, readings, placements, weightless, precisions):
         router = LinearRouter(weight=parts.router.path + ".weight", bias=reading.logits_bias,
                               routing=dataclasses.replace(reading.routing, score_dtype=score_dtype),
                               selection_bias=reading.selection_bias, fp32_logits=fp32,
-                              logit_scale=reading.logit_scale)
+                              logit_scale=reading.logit_scale, weight_scale=reading.weight_scale)
         spec = MoESpec(router=router, experts=experts, shared_expert=parts.shared, shared_gate=parts.shared_gate,
-                       output_bias=out_bias, input_jitter=jitter, scale_inputs=scale_inputs, weightless=extra)
+                       output_bias=out_bias, input_jitter=jitter, scale_inputs=scale_inputs, weightless=extra,
+                       shared_weighted=parts.shared_weighted)
         specs.append(spec)
         if reading.routing.scaling != 1.0:  # a block that undoes its router's scaling on the routed output
             undone.append(dataclasses.replace(spec, routed_scale=1.0 / reading.routing.scaling))

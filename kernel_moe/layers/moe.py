@@ -45,7 +45,7 @@ from kernel_moe.routing.jitter import jitter_input
 from kernel_moe.routing.extras import routing_extra
 from kernel_moe.routing.random_routing import random_routing
 from kernel_moe.routing.losses import load_balancing_loss, router_z_loss
-from kernel_moe.routing.topk import SCORINGS, route, routing_weights
+from kernel_moe.routing.topk import SCORINGS, route, routing_weights, shared_weights
 
 
 def routing_features(config: KernelConfig) -> str:
@@ -105,9 +105,9 @@ class FusedMoE(SwappedLayer):
                              "every expert already gets its tokens")
         if self.spec.router.routing.order != "score_then_topk":
             raise ValueError("routing='expert_choice' needs a router that scores all experts (score_then_topk)")
-        if self.spec.router.id_table is not None or self.spec.capacity is not None:
-            raise ValueError("routing='expert_choice' cannot apply to a block that routes by a table of token ids "
-                             "or has its own expert capacity")
+        if self.spec.router.id_table is not None or self.spec.capacity is not None or self.spec.shared_weighted:
+            raise ValueError("routing='expert_choice' cannot apply to a block that routes by a table of token ids, "
+                             "has its own expert capacity or weighs its shared experts by the router")
         if self.spec.num_experts != self.spec.experts.num_experts:
             raise ValueError("routing='expert_choice' cannot route to experts without weights (identity or zero "
                              "experts)")
@@ -133,6 +133,8 @@ class FusedMoE(SwappedLayer):
         r = self.spec.router
         routing = r.routing
         if r.selection_bias is not None or r.id_table is not None or self.kernel_config.load_balancing == "dynamic":
+            return False
+        if routing.shared_ids or r.weight_scale is not None:
             return False
         if routing.num_groups != 1 or routing.score_dtype != "float32" or routing.scoring not in SCORINGS:
             return False
@@ -179,6 +181,14 @@ class FusedMoE(SwappedLayer):
         for path in paths:
             x = self.get_submodule(path)(x)
         return x
+
+    def _shared_weights(self, logits_TG: torch.Tensor, ids_TK: torch.Tensor, x_TH: torch.Tensor) -> torch.Tensor:
+        """The weights [T, S] of the shared experts the router weighs (``spec.shared_weighted``), in x's dtype."""
+        r = self.spec.router
+        weights_TS = shared_weights(logits_TG, ids_TK, r.routing)
+        if r.weight_scale is not None:
+            weights_TS = weights_TS * get_attr_path(self, r.weight_scale)
+        return weights_TS.to(x_TH.dtype)
 
     def _identity_experts(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         """What the routed ids in [E, G) add as identity experts: each token times the sum of its
@@ -243,6 +253,8 @@ class FusedMoE(SwappedLayer):
                 weights_TK, ids_TK = gate(logits_TE, spec.router.routing, self.backend)
             else:
                 weights_TK, ids_TK = route(logits_TE, spec.router.routing, sel_bias)
+        if spec.router.weight_scale is not None:
+            weights_TK = weights_TK * get_attr_path(self, spec.router.weight_scale)
         if self.training and cfg.random_routing > 0:
             weights_TK, ids_TK, self.randomly_routed = random_routing(
                 logits_TE, weights_TK, ids_TK, spec.router.routing, cfg.random_routing)
@@ -294,12 +306,15 @@ class FusedMoE(SwappedLayer):
         if self._track_routing:
             self.routing_counts += expert_counts(ids_TK, self.num_experts)
         if self.training and cfg.load_balancing == "auxiliary_loss":
-            probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+            probs_TE = torch.softmax(logits_TE[..., : self.num_experts].float(), dim=-1)
             self.aux_loss = cfg.aux_loss_weight * load_balancing_loss(probs_TE, ids_TK, self.num_experts) + (
                 cfg.z_loss_weight * router_z_loss(logits_TE))
         if self.training and cfg.load_balancing == "dynamic":
             self.load_counts += expert_counts(ids_TK, self.num_experts)
-        if spec.shared_expert is not None:
+        if spec.shared_weighted:
+            shared_TH = get_attr_path(self, spec.shared_expert)(x_TH, self._shared_weights(logits_TE, ids_TK, x_TH))
+            out_TH = out_TH + shared_TH
+        elif spec.shared_expert is not None:
             shared_TH = get_attr_path(self, spec.shared_expert)(x_TH)
             if spec.shared_gate is not None:
                 shared_TH = torch.sigmoid(get_attr_path(self, spec.shared_gate)(x_TH)) * shared_TH

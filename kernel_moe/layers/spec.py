@@ -95,7 +95,8 @@ class LinearRouter:
     routing, DeepSeek-V4): it replaces the top-k choice, and ``routing`` weighs the table's experts.
     ``transposed``: the weight is stored [H, E] (a raw Parameter used as ``x @ weight``).
     ``logit_scale``: a factor the router multiplies its logits by before routing (MuseSpark's
-    ``output_multiplier``).
+    ``output_multiplier``). ``weight_scale``: the path of a tensor (a learnable scalar, Inkling's
+    ``global_scale``) the routing weights are multiplied by.
     """
 
     weight: str
@@ -106,6 +107,7 @@ class LinearRouter:
     id_table: str | None = None
     transposed: bool = False
     logit_scale: float = 1.0
+    weight_scale: str | None = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,8 @@ class MoESpec(SwapSpec):
 
     - ``shared_expert``: path of a module applied to every token and added to the output.
     - ``shared_gate``: path of a Linear(H, 1) whose sigmoid scales the shared expert.
+    - ``shared_weighted``: the shared expert module takes per-token weights too,
+      ``shared_expert(x, weights [T, S])``: those of the router's shared ids (``routing.shared_ids``).
     - ``output_bias``: path of a bias [H] the block adds to its output.
     - ``input_jitter``: Mixtral-style multiplicative input noise in training.
     - ``returns``: what the block's forward returns, one of :data:`RETURNS`: "tensor" (the
@@ -253,6 +257,7 @@ class MoESpec(SwapSpec):
     expert_output: tuple[str, ...] = ()
     block_hidden: int | None = None
     block_output: tuple[str, ...] = ()
+    shared_weighted: bool = False
 
     def __post_init__(self) -> None:
         if self.returns not in RETURNS:
@@ -340,8 +345,11 @@ class MoESpec(SwapSpec):
         if self.expert_input or self.expert_output:
             parts.insert(1, f"experts between {'>'.join(self.expert_input) or '-'} and "
                             f"{'>'.join(self.expert_output) or '-'}")
+        if self.router.weight_scale:
+            parts[0] += f">x{self.router.weight_scale}"
         if self.shared_expert:
-            parts.append("shared" + ("(gated)" if self.shared_gate else ""))
+            parts.append("shared" + ("(gated)" if self.shared_gate else "") + ("(weighted)" if self.shared_weighted
+                                                                               else ""))
         if self.output_bias:
             parts.append("+output bias")
         if self.block_output:

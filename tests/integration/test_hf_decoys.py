@@ -313,3 +313,25 @@ def test_nllb_moe_experts_that_ignore_their_router_are_skipped_with_that_reason(
     for name in blocks:
         assert "does not run the experts its router chooses" in reasons[name], reasons.get(name)
     assert_decoys_left_alone(model, blocks)
+
+
+def test_shared_experts_weighted_apart_from_the_routed_ones_are_skipped():
+    """An Inkling router renormalising its shared ids' scores among themselves (the real one
+    divides the chosen and the shared scores by one sum)."""
+    model = _build("inkling_text", n_shared_experts=2)
+    blocks = _blocks(model, "InklingMoE")
+    for name in blocks:
+        gate = model.get_submodule(name).gate
+
+        def apart(self, hidden_states: torch.Tensor):
+            logits = F.linear(hidden_states.reshape(-1, self.hidden_dim).float(), self.weight.float())
+            scores = logits.sigmoid()
+            routed, shared = scores[:, : self.num_experts], scores[:, self.num_experts:]
+            ids = torch.topk(routed + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False)[1]
+            chosen = routed.gather(-1, ids)
+            scale = self.route_scale * self.global_scale
+            return (logits[:, : self.num_experts], chosen / chosen.sum(-1, keepdim=True) * scale, ids,
+                    shared / shared.sum(-1, keepdim=True) * scale)
+
+        gate.forward = types.MethodType(apart, gate)
+    assert_decoys_left_alone(model, blocks)

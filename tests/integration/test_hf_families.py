@@ -54,9 +54,15 @@ def _eager(model) -> None:
         pass
 
 
-def _fused(model_type: str, **overrides):
-    """(optimized model, original model with eager experts, report, names of the FusedMoE blocks)."""
+def _fused(model_type: str, scale_before: float | None = None, **overrides):
+    """(optimized model, original model with eager experts, report, names of the FusedMoE blocks);
+    ``scale_before``: the value every router's ``global_scale`` gets first (1 after randomize_weights)."""
     model = _build(model_type, **overrides)
+    if scale_before is not None:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(getattr(module, "global_scale", None), torch.nn.Parameter):
+                    module.global_scale.fill_(scale_before)
     original = copy.deepcopy(model)
     _eager(original)
     report = kernel_moe.optimize(model, return_report=True)[1]
@@ -211,6 +217,25 @@ def test_phimoe_sparsemixer_router(eps):
         assert layer.spec.training_fallback  # sampled experts in training: the original runs there
 
 
+@pytest.mark.parametrize("shared", [1, 2])
+def test_inkling_shared_experts_weighted_by_the_router(shared):
+    """Inkling: the router scores E routed and S shared ids, renormalises the k chosen and the S
+    shared scores together and scales them by route_scale and a learnable global_scale (set away from
+    1 here, so that the probe sees it); the shared experts module takes its S weights per token."""
+    model, original, report, names = _fused("inkling_text", n_shared_experts=shared, scale_before=1.7)
+    _assert_swapped_whole(report, 2)
+    for name in names:
+        layer, block = model.get_submodule(name), original.get_submodule(name)
+        spec = layer.spec
+        assert (spec.shared_expert, spec.shared_weighted) == ("shared_experts", True)
+        routing = spec.router.routing
+        assert (routing.num_experts, routing.shared_ids, routing.scaling) == (8, shared, block.gate.route_scale)
+        assert (spec.router.weight_scale, spec.router.selection_bias) == ("gate.global_scale",
+                                                                          "gate.e_score_correction_bias")
+        assert layer.spec.gradient_fallback is None and layer.spec.training_fallback is None
+        assert_block_equivalent(layer, block, _block_args(layer))
+
+
 def test_muse_spark_experts_alone_with_their_post_expert_norm():
     """The experts module swapped alone (its block left to transformers) keeps the norm: outputs
     and gradients of the inputs, routing weights, expert weights and the norm weight."""
@@ -336,7 +361,7 @@ def test_privacy_filter_scales_back_its_routed_output():
 FAMILIES = {  # model type: MoE blocks of the tiny model (2 layers; Switch has 2 in the encoder and 2 in the decoder)
     "glm5_next_text": 2, "hy_v4": 2, "deepseek_v4": 2, "inkling2_text": 2, "nemotron_h": 1, "llama4_text": 2,
     "longcat_flash": 2, "dbrx": 2, "switch_transformers": 4, "ernie4_5_vl_moe_text": 4, "openai_privacy_filter": 2,
-    "muse_spark_text": 2, "axk1": 2, "phimoe": 2,
+    "muse_spark_text": 2, "axk1": 2, "phimoe": 2, "inkling_text": 2,
 }
 GENERATIVE = {  # a family whose tiny model cannot generate: the class that does, and the type of its config
     "glm5_next_text": ("Glm5NextForConditionalGeneration", "glm5_next"),
