@@ -161,10 +161,10 @@ def experts_not_following(module: nn.Module, parts: BlockParts, like: torch.Tens
     extra = [(items[e][0], n, int(chosen_E[e])) for e, n in rows.items() if e < len(chosen_E) and n > chosen_E[e]]
     if not extra:
         return None
-    name, n, chosen = extra[0]
+    name, n, _ = extra[0]
     return Skip(f"its experts container {parts.experts[0]} does not run the experts its router chooses: on a probe "
-                f"of {PROBE_TOKENS} tokens {name} ran on {n} rows, where the router's reported choice gives it {chosen} "
-                "(the container picks experts by the values of the router's mask, not by their index)")
+                f"of {PROBE_TOKENS} tokens {name} ran on {n} rows, more than the router gave it (the container picks "
+                "experts by the values of the router's mask, not by their index)")
 
 
 def _width_after(child: nn.Module, width: int) -> int | None:
