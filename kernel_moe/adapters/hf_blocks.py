@@ -221,6 +221,22 @@ def _routers(module: nn.Module, children: tuple[str, ...], rows) -> list[tuple[s
             and m.weight.dim() == 2 and rows(m.weight.shape[0])]
 
 
+def _no_router(module: nn.Module, children: tuple[str, ...], experts: str, num_experts: int) -> str:
+    """Why no router was found: a child whose Linear scores E ids (or E + 1: a skip class) among
+    several matrices is an MLP router, else there is no [E, H] weight at all."""
+    for name, child in module.named_children():
+        if name in children:
+            continue
+        scorers = [p for p, m in child.named_modules()
+                   if isinstance(m, nn.Linear) and m.out_features in (num_experts, num_experts + 1)]
+        matrices = sum(1 for p in child.parameters() if p.dim() == 2)
+        if scorers and matrices > 1:
+            return (f"its router {name} ({type(child).__name__}) computes the logits with an MLP of {matrices} "
+                    f"matrices (scores from {name}.{scorers[-1]}), not one linear map [{num_experts}, H]; the fused "
+                    "layer's router is linear")
+    return f"{experts}: no router with a [{num_experts}, H] weight found in the block"
+
+
 def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     """The parts of a block with a stacked experts child (or two split 3-D expert weights), or
     None when it has none."""
@@ -236,8 +252,7 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
         routers = [(p, m) for p, m in _routers(module, children, lambda rows: rows > E)
                    if m.weight.shape[1] in hiddens and _lone_matrix(module.get_submodule(p.split(".")[0]))]
     if not routers:
-        return None if layout in ("split", "list") else Skip(
-            f"{paths[0]}: no router with a [{E}, H] weight found in the block")
+        return None if layout in ("split", "list") else Skip(_no_router(module, children, paths[0], E))
     router_path, router = routers[0]
     H = router.weight.shape[1]
     G = router.weight.shape[0]

@@ -335,3 +335,15 @@ def test_shared_experts_weighted_apart_from_the_routed_ones_are_skipped():
 
         gate.forward = types.MethodType(apart, gate)
     assert_decoys_left_alone(model, blocks)
+
+
+def test_zaya_mlp_router_is_named_as_the_blocker():
+    """Zaya scores its experts with an MLP (over a state carried between layers): the block is
+    skipped saying so, and its experts module alone is swapped."""
+    model = _build("zaya")
+    blocks = _blocks(model, "SparseMoeBlock")
+    report = kernel_moe.optimize(copy.deepcopy(model), return_report=True)[1]
+    reasons = {r.name: r.reason for r in report.skipped}
+    for name in blocks:
+        assert "computes the logits with an MLP" in reasons[name], reasons.get(name)
+    assert {r.name for r in report.swapped} == {f"{n}.experts" for n in blocks}
