@@ -68,7 +68,11 @@ def render(surveys: list) -> str:
         "and renormalises their weights; `top2>softmax` takes the two largest logits and softmaxes them; "
         "`groupsG/N` is group-limited top-k (G of N groups, group score = sum of its top two, or its max "
         "with `(max)`); `xS` scales the routed output by S; `bias-on-logits` adds the selection bias to the "
-        "logits instead of the scores.",
+        "logits instead of the scores; `logits xS>` multiplies the logits by S first; `sparsemixer(eps=e)` is "
+        "Phi-3.5-MoE's SparseMixer at inference (k rounds of a softmax over the experts within 2e of the round's "
+        "best; training runs the original); `renorm(+S shared)` renormalises the chosen weights together with "
+        "the scores of S shared ids, which weigh the shared expert. In the experts column, `post-norm(1+w, eps=e)` "
+        "RMS-normalises each expert output, scaled by 1 + w, before its routing weight.",
         "",
         "| model type | outcome | module | routing | experts | reason / note |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -11,6 +11,7 @@ Legend: H hidden, E experts.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import dataclass
 
@@ -57,7 +58,9 @@ class BlockParts:
     - ``layout``: how ``experts`` hold the weights: "stacked" (a transformers experts child with
       3-D weights), "split" (two 3-D weights of separate children), "packed" (two or three 2-D
       Parameters [E * I, H] of one module, each packing every expert's rows: DBRX) or "list" (a
-      container child of E identical expert MLPs made of Linear layers: Switch Transformers)."""
+      container child of E identical expert MLPs made of Linear layers: Switch Transformers).
+    - ``shared_weighted``: ``shared`` is a stacked experts child the block calls with per-token
+      weights, those of the router's ids after the E routed ones (G - E shared experts)."""
 
     experts: tuple[str, ...]
     num_experts: int
@@ -69,6 +72,7 @@ class BlockParts:
     extra: tuple[str, ...] = ()
     routed_ids: int | None = None
     layout: str = "stacked"
+    shared_weighted: bool = False
 
     @property
     def num_ids(self) -> int:
@@ -161,10 +165,36 @@ def _expert_list(module: nn.Module) -> tuple[tuple[str, ...], int] | None:
     return None
 
 
+def _positional_params(module: nn.Module) -> int | None:
+    """How many positional parameters ``module.forward`` takes (None: any number, or unknown)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
+
+
+def weighted_shared_experts(module: nn.Module) -> tuple[str, str] | None:
+    """(routed experts child, shared experts child) of a block with two stacked experts children:
+    one called with the routing (hidden states, ids, weights), the other with the hidden states and
+    per-token weights of its own (Inkling's shared experts, weighted by the router); else None."""
+    found = [(n, _positional_params(c)) for n, c in module.named_children() if is_stacked_experts(c)]
+    routed = [n for n, count in found if count is None or count >= 3]
+    weighted = [n for n, count in found if count == 2]
+    return (routed[0], weighted[0]) if len(found) == 2 and len(routed) == 1 and len(weighted) == 1 else None
+
+
 def _find_experts(module: nn.Module) -> tuple[tuple[str, ...], int, str] | Skip | None:
     """(experts paths, E, layout): one stacked experts child, else two split 3-D weights, else
-    packed 2-D weights, else a container of expert MLPs; None when the block has none of them."""
+    packed 2-D weights, else a container of expert MLPs; None when the block has none of them. A
+    second stacked child weighted per token by the router (see :func:`weighted_shared_experts`) is
+    the block's shared expert."""
     found = [n for n, c in module.named_children() if is_stacked_experts(c)]
+    pair = weighted_shared_experts(module) if len(found) > 1 else None
+    if pair is not None:
+        found = [pair[0]]
     if len(found) > 1:
         return Skip(f"block holds {len(found)} experts modules ({', '.join(found)}); the fused layer routes to one")
     if found:
@@ -224,6 +254,22 @@ def _flat_routers(module: nn.Module, children: tuple[str, ...], hidden: int) -> 
     return found
 
 
+def _no_router(module: nn.Module, children: tuple[str, ...], experts: str, num_experts: int) -> str:
+    """Why no router was found: a child whose Linear scores E ids (or E + 1: a skip class) among
+    several matrices is an MLP router, else there is no [E, H] weight at all."""
+    for name, child in module.named_children():
+        if name in children:
+            continue
+        scorers = [p for p, m in child.named_modules()
+                   if isinstance(m, nn.Linear) and m.out_features in (num_experts, num_experts + 1)]
+        matrices = sum(1 for p in child.parameters() if p.dim() == 2)
+        if scorers and matrices > 1:
+            return (f"its router {name} ({type(child).__name__}) computes the logits with an MLP of {matrices} "
+                    f"matrices (scores from {name}.{scorers[-1]}), not one linear map [{num_experts}, H]; the fused "
+                    "layer's router is linear")
+    return f"{experts}: no router with a [{num_experts}, H] weight found in the block"
+
+
 def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     """The parts of a block with a stacked experts child (or two split 3-D expert weights), or
     None when it has none."""
@@ -244,8 +290,7 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
         routers = [(p, m) for p, m in _routers(module, children, lambda rows: rows > E)
                    if m.weight.shape[1] in hiddens and _lone_matrix(module.get_submodule(p.split(".")[0]))]
     if not routers:
-        return None if layout in ("split", "list") else Skip(
-            f"{paths[0]}: no router with a [{E}, H] weight found in the block")
+        return None if layout in ("split", "list") else Skip(_no_router(module, children, paths[0], E))
     router_path, router = routers[0]
     G = E if flat else router.weight.shape[0]
     H = router.weight.numel() // E if flat else router.weight.shape[1]
@@ -256,10 +301,12 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     owner = router_path.split(".")[0]
     rbias = getattr(router, "bias", None)
     logits_bias = router_path + ".bias" if isinstance(rbias, torch.Tensor) and rbias.numel() == G else None
-    shared = shared_gate = None
+    pair = weighted_shared_experts(module) if layout == "stacked" else None
+    shared = pair[1] if pair is not None and G > E else None
+    shared_gate = None
     extra = []
     for name, child in module.named_children():
-        if name in children or name == owner or not any(True for _ in child.parameters()):
+        if name in children or name == owner or name == shared or not any(True for _ in child.parameters()):
             continue
         if isinstance(child, nn.Linear) and child.in_features == H and child.out_features == 1 and shared_gate is None:
             shared_gate = name
@@ -270,12 +317,12 @@ def block_parts(module: nn.Module) -> BlockParts | Skip | None:
     if split and extra:
         return None  # two 3-D weights inside a larger module: not recognised as an MoE block
     skip = tuple(p for p in (*children, shared, shared_gate) if p)
-    sel = _selection_biases(module, G, skip, router_path, logits_bias)
+    sel = _selection_biases(module, E if pair is not None and shared else G, skip, router_path, logits_bias)
     out_bias = tuple(n for n, t in module.named_parameters(recurse=False)
                      if t.dim() == 1 and t.numel() == H and n not in sel)
     place = RouterPlace(router_path, owner, logits_bias, sel, flat)
     return BlockParts(paths, E, H, place, shared, shared_gate, out_bias, tuple(extra), G if G != E else None,
-                      layout)
+                      layout, shared_weighted=pair is not None and shared is not None)
 
 
 __all__ = ["BlockParts", "RouterPlace", "block_parts"]

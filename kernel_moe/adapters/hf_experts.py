@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from kernel_moe.adapters.structure import (
 )
 from kernel_moe.kernels.activations import POINTWISE_KINDS, apply_activation
 from kernel_moe.kernels.contract import Activation
-from kernel_moe.layers.spec import ExpertsSpec
+from kernel_moe.layers.spec import ExpertsSpec, PostNorm
 from kernel_moe.layers.weights import PairedRowsWeight, StackedWeight, get_attr_path
 
 
@@ -124,6 +125,29 @@ def _activation_candidates(experts: nn.Module, has_gate: bool, glu_hint: str,
                 "the softcapped SwiGLU with declared caps, and the GPT-OSS clamped GLU)")
 
 
+def post_expert_norm(experts: nn.Module, prefix: str, sizes: tuple[int, ...]) -> PostNorm | Skip:
+    """The norm an experts module applies to each expert output (transformers' ``has_post_expert_norm``:
+    its ``post_expert_norm`` child), identified by evaluating it on a probe: the output scaled by
+    ``offset + weight`` then RMS-normalised with the module's ``eps`` (the op's post-expert norm).
+    ``sizes``: the dims of the down projection, one of which is H."""
+    norm = getattr(experts, "post_expert_norm", None)
+    weight = tensor_attr(norm, "weight") if isinstance(norm, nn.Module) else None
+    eps = getattr(norm, "eps", None)
+    if weight is None or weight.dim() != 1 or weight.shape[0] not in sizes or not isinstance(eps, float):
+        return Skip("experts declare a post-expert norm without a post_expert_norm module holding a weight [H] and "
+                    "an eps, which the fused op cannot read")
+    y_TH = probe_input((PROBE_TOKENS, weight.shape[0]), weight, seed=11) * 3.0
+    with torch.no_grad():
+        ref_TH = norm(y_TH)
+        for offset in (1.0, 0.0):
+            z_TH = y_TH.double() * (weight.double() + offset)
+            ours_TH = z_TH * torch.rsqrt(z_TH.square().mean(dim=-1, keepdim=True) + eps)
+            if mismatch(ours_TH.to(ref_TH.dtype), ref_TH) is None:
+                return PostNorm(_join(prefix, "post_expert_norm.weight"), offset, eps)
+    return Skip(f"experts apply a post-expert norm ({type(norm).__name__}) that is not the fused op's (each output "
+                "scaled by a weight [H], or 1 + weight, then RMS-normalised)")
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -153,9 +177,11 @@ def experts_specs(experts: nn.Module, prefix: str, hidden: int | None,
     up_name = "gate_up_proj" if has_gate else "up_proj"
     w_up, w_down = getattr(experts, up_name), experts.down_proj
     E = w_down.shape[0]
+    post_norm = None
     if getattr(experts, "has_post_expert_norm", False):
-        return Skip("experts apply a norm to each expert output before the routing weight (post-expert norm), "
-                    "which the fused op does not compute")
+        post_norm = post_expert_norm(experts, prefix, w_down.shape[1:])
+        if isinstance(post_norm, Skip):
+            return post_norm
     if w_up.shape[0] not in (E, routed_ids):
         return Skip(f"{_join(prefix, up_name)} holds {w_up.shape[0]} experts but down_proj holds {E} "
                     "(extra experts without a down projection, e.g. identity experts)")
@@ -171,7 +197,8 @@ def experts_specs(experts: nn.Module, prefix: str, hidden: int | None,
         acts = _activation_candidates(experts, has_gate, glu_hint, layout.intermediate)
         if isinstance(acts, Skip):
             return acts
-        specs += [_spec(E, layout, _join(prefix, up_name), _join(prefix, "down_proj"), act, biases) for act in acts]
+        specs += [replace(_spec(E, layout, _join(prefix, up_name), _join(prefix, "down_proj"), act, biases),
+                          post_norm=post_norm) for act in acts]
     return specs or Skip(f"{_join(prefix, up_name)} shape {tuple(w_up.shape)} and down_proj {tuple(w_down.shape)} "
                          "do not chain")
 
@@ -255,4 +282,4 @@ def list_experts_specs(block: nn.Module, name: str, hidden: int) -> list[Experts
 
 
 __all__ = ["declared_hidden", "experts_specs", "is_stacked_experts", "list_experts_specs", "packed_experts_specs",
-           "split_experts_specs"]
+           "post_expert_norm", "split_experts_specs"]

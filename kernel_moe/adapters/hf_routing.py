@@ -11,6 +11,7 @@ Legend: T tokens, H hidden, E experts, K top-k.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import re
@@ -29,6 +30,8 @@ from kernel_moe.routing.topk import ROUTER_SCORINGS, TopKRouting, route
 GROUP_ATTRS = ("n_group", "num_expert_group", "num_group")
 TOPK_GROUP_ATTRS = ("topk_group", "num_topk_group")
 _SCALE_NAME = re.compile(r"(rout|moe|expert).*scal|scal.*(rout|moe|expert)", re.IGNORECASE)
+_JITTER_NAME = re.compile(r"jitter", re.IGNORECASE)
+_LOGIT_SCALE_NAME = re.compile(r"^(output_multiplier|logits?_(scale|multiplier))$")
 ROUTER_PROBE_TOKENS = 32
 
 
@@ -53,12 +56,15 @@ def _scales(objs: list[object]) -> list[float]:
 
 @dataclass(frozen=True)
 class RouterReading:
-    """One reading of a block's router: the top-k routing of its logits, and the paths of the
-    selection bias and logits bias it uses (None: not used)."""
+    """One reading of a block's router: the top-k routing of its logits, the paths of the
+    selection bias and logits bias it uses (None: not used), and the factor it multiplies its
+    logits by."""
 
     routing: TopKRouting
     selection_bias: str | None
     logits_bias: str | None
+    logit_scale: float = 1.0
+    weight_scale: str | None = None
 
 
 def _score_function(module: nn.Module) -> str | None:
@@ -94,8 +100,31 @@ def _first_bool(objs: list[object], name: str) -> bool | None:
     return next((v for o in objs for v in [getattr(o, name, None)] if isinstance(v, bool)), None)
 
 
+def _shared_readings(block: nn.Module, parts: BlockParts, top_k: int, scales: list[float]) -> list[RouterReading]:
+    """Readings of a router whose ids after the E routed ones weigh the block's shared experts
+    (``parts.shared_weighted``): per-expert scores renormalised over the chosen and the shared ones,
+    with each selection bias (or none), each scaling, and each one-element parameter of the router
+    as a learnable weight scale (or none)."""
+    S = parts.num_ids - parts.num_experts
+    shared = block.get_submodule(parts.shared)
+    if S < 1 or get_attr_path(shared, "down_proj").shape[0] != S:
+        return []
+    router = block.get_submodule(parts.router.path)
+    weight_scales = [f"{parts.router.path}.{n}" for n, p in router.named_parameters(recurse=False)
+                     if p.numel() == 1 and p.is_floating_point()] + [None]
+    out = []
+    for sel, scoring, scale, ws in itertools.product([*parts.router.selection_biases, None],
+                                                      ["sigmoid", "sqrtsoftplus"], scales, weight_scales):
+        routing = TopKRouting(parts.num_experts, top_k, scoring=scoring, renormalize=True, scaling=scale,
+                              shared_ids=S)
+        out.append(RouterReading(routing, sel, None, weight_scale=ws))
+    return out
+
+
 def router_readings(block: nn.Module, parts: BlockParts, top_k: int) -> list[RouterReading]:
     """Readings of the block's router, most likely first (from the attributes' hints)."""
+    if parts.shared_weighted:
+        return _shared_readings(block, parts, top_k, _scales(hint_objects(block, parts)))
     objs = hint_objects(block, parts)
     E = parts.num_ids
     norm_hint = _first_bool(objs, "norm_topk_prob")
@@ -119,6 +148,8 @@ def router_readings(block: nn.Module, parts: BlockParts, top_k: int) -> list[Rou
             return
         out.append(RouterReading(spec, selection_bias, logits_bias))
 
+    router_obj = block.get_submodule(parts.router.path)
+    logit_scales = [v for v in numeric_attrs(router_obj, _LOGIT_SCALE_NAME.search) if v > 0 and v != 1.0]
     for lb in logit_biases:
         if lb is not None:  # a bias on the logits: GPT-OSS style top-k of the logits, then softmax
             for scale in scales:
@@ -132,7 +163,13 @@ def router_readings(block: nn.Module, parts: BlockParts, top_k: int) -> list[Rou
         if lb is None:
             for sel, scale in itertools.product(biases, scales):
                 add(sel, lb, scoring="softmax", order="topk_then_score", scaling=scale)
-    return list(dict.fromkeys(out))
+    # SparseMixer (Phi-3.5-MoE): rounds of masked softmaxes at the threshold the router declares
+    # as its jitter epsilon; the router's own outputs decide whether it routes this way
+    for eps, scale in itertools.product(dict.fromkeys(numeric_attrs(router_obj, _JITTER_NAME.search)), scales):
+        if eps >= 0:
+            add(None, None, scoring="sparsemixer", mixer_eps=eps, scaling=scale)
+    scaled = [dataclasses.replace(r, logit_scale=m) for m in logit_scales for r in out]
+    return list(dict.fromkeys(scaled + out))
 
 
 @dataclass
@@ -236,7 +273,10 @@ def _reading_route(block: nn.Module, parts: BlockParts, reading: RouterReading,
     b_E = get_attr_path(block, reading.logits_bias).float() if reading.logits_bias else None
     sel_E = get_attr_path(block, reading.selection_bias).float().reshape(-1) if reading.selection_bias else None
     with torch.no_grad():
-        return route(F.linear(x_TH.float(), w_EH, b_E), reading.routing, sel_E)
+        weights_TK, ids_TK = route(F.linear(x_TH.float(), w_EH, b_E) * reading.logit_scale, reading.routing, sel_E)
+        if reading.weight_scale is not None:
+            weights_TK = weights_TK * get_attr_path(block, reading.weight_scale).float()
+        return weights_TK, ids_TK
 
 
 def _agrees(ours: tuple[torch.Tensor, torch.Tensor], seen: ObservedRouting, scaling: float,

@@ -28,6 +28,7 @@ from kernel_moe.adapters.hf_experts import (
     packed_experts_specs,
     split_experts_specs,
 )
+from kernel_moe.adapters.probe import eval_mode, probe_input
 from kernel_moe.adapters.hf_routing import (
     ObservedRouting,
     RouterReading,
@@ -72,15 +73,17 @@ def _block_specs(parts: BlockParts, ex_specs: list[ExpertsSpec], readings: list[
     low_precision = like.dtype not in (torch.float32, torch.float64)
     precisions = [(False, "float32"), (False, "input"), (True, "float32")] if low_precision else [(False, "float32")]
     specs = []
-    weightless = ["identity", "zero"] if parts.routed_ids else ["zero"]
+    weightless = ["identity", "zero"] if parts.routed_ids and not parts.shared_weighted else ["zero"]
     undone: list[MoESpec] = []
     for out_bias, experts, reading, scale_inputs, extra, (fp32, score_dtype) in itertools.product(
             [*parts.output_biases, None], ex_specs, readings, placements, weightless, precisions):
         router = LinearRouter(weight=parts.router.path + ".weight", bias=reading.logits_bias,
                               routing=dataclasses.replace(reading.routing, score_dtype=score_dtype),
-                              selection_bias=reading.selection_bias, fp32_logits=fp32, flat=parts.router.flat)
+                              selection_bias=reading.selection_bias, fp32_logits=fp32, flat=parts.router.flat,
+                              logit_scale=reading.logit_scale, weight_scale=reading.weight_scale)
         spec = MoESpec(router=router, experts=experts, shared_expert=parts.shared, shared_gate=parts.shared_gate,
-                       output_bias=out_bias, input_jitter=jitter, scale_inputs=scale_inputs, weightless=extra)
+                       output_bias=out_bias, input_jitter=jitter, scale_inputs=scale_inputs, weightless=extra,
+                       shared_weighted=parts.shared_weighted)
         specs.append(spec)
         if reading.routing.scaling != 1.0:  # a block that undoes its router's scaling on the routed output
             undone.append(dataclasses.replace(spec, routed_scale=1.0 / reading.routing.scaling))
@@ -104,7 +107,8 @@ class TransformersMoEAdapter:
         quantized = quantized_storage(module)
         if quantized is not None:
             return quantized
-        if parts.extra:
+        chains = expert_chains(module, parts) if parts.extra else ((), (), parts.hidden)
+        if chains is None:
             return Skip(f"block also computes {', '.join(parts.extra)} (besides router, experts and shared expert), "
                         "which the fused layer does not")
         if parts.layout == "packed":
@@ -112,11 +116,14 @@ class TransformersMoEAdapter:
             if capacity is not None:
                 return Skip(f"experts drop the tokens beyond a capacity ({capacity}) that grows with the call's "
                             "token count, which the fused layer does not reproduce")
-        ex_specs = _block_experts(module, parts)
+        ex_specs = _block_experts(module, dataclasses.replace(parts, hidden=chains[2]))
         if isinstance(ex_specs, Skip):
             return ex_specs
         like = ex_specs[0].down.get(module)
         on_meta = like.device.type == "meta"  # nothing can run: candidates from the attributes alone
+        unfollowed = None if on_meta or parts.layout != "list" else experts_not_following(module, parts, like)
+        if unfollowed is not None:
+            return unfollowed
         k = find_top_k(module, parts, like, observe=not on_meta)
         if k is None:
             return Skip("top-k not found on the router, block or config, nor in the router's outputs")
@@ -130,11 +137,91 @@ class TransformersMoEAdapter:
                         "renormalisation, scaling)")
         jitter = getattr(module, "jitter_noise", 0.0)
         jitter = float(jitter) if isinstance(jitter, (int, float)) else 0.0
-        specs = _with_token_ids(module, parts, k, _block_specs(parts, ex_specs, readings, like, jitter,
-                                                                _weights_placements(module, parts)))
+        specs = _block_specs(parts, ex_specs, readings, like, jitter, _weights_placements(module, parts))
+        if parts.extra:
+            specs = [dataclasses.replace(s, block_hidden=parts.hidden, **where) for where in _chain_placements(
+                chains, parts) for s in specs]
+        specs = _with_token_ids(module, parts, k, specs)
         return specs if isinstance(specs, Skip) else _with_capacity(module, parts, k, specs)
 
 
+def experts_not_following(module: nn.Module, parts: BlockParts, like: torch.Tensor) -> Skip | None:
+    """Why a block's container of expert modules does not run the experts its router chooses (an
+    expert given more rows than slots chose it on a probe), or None. Found by running the router
+    and the block on the same tokens and counting each expert module's rows."""
+    x_TH = probe_input((PROBE_TOKENS, parts.hidden), like, seed=13)
+    seen = observe_router(module, parts, x_TH)
+    if not seen:
+        return None
+    chosen_E = torch.bincount(seen[0].ids_TK.reshape(-1).long().clamp(min=0), minlength=parts.num_ids)
+    container = module.get_submodule(parts.experts[0])
+    items = [(n, c) for n, c in container.named_children() if any(True for _ in c.parameters())]
+    rows = dict.fromkeys(range(len(items)), 0)
+    hooks = [c.register_forward_hook(lambda m, args, out, e=e: rows.__setitem__(e, rows[e] + args[0].shape[0]))
+             for e, (_, c) in enumerate(items)]
+    try:
+        with torch.no_grad(), eval_mode(module), torch.random.fork_rng(devices=[]):
+            module(x_TH.unsqueeze(0))
+    except Exception:
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    extra = [(items[e][0], n, int(chosen_E[e])) for e, n in rows.items() if e < len(chosen_E) and n > chosen_E[e]]
+    if not extra:
+        return None
+    name, n, _ = extra[0]
+    return Skip(f"its experts container {parts.experts[0]} does not run the experts its router chooses: on a probe "
+                f"of {PROBE_TOKENS} tokens {name} ran on {n} rows, more than the router gave it (the container picks "
+                "experts by the values of the router's mask, not by their index)")
+
+
+def _width_after(child: nn.Module, width: int) -> int | None:
+    """The feature width after ``child`` on inputs of ``width`` features: a Linear reading ``width``,
+    or a module whose parameters are all [width] vectors (a norm); None for anything else."""
+    if isinstance(child, nn.Linear):
+        return child.out_features if child.in_features == width else None
+    params = list(child.parameters())
+    return width if params and all(p.dim() == 1 and p.numel() == width for p in params) else None
+
+
+def expert_chains(module: nn.Module, parts: BlockParts) -> tuple[tuple[str, ...], tuple[str, ...], int] | None:
+    """(modules before the experts, modules after them, the experts' width) of a block whose extra
+    children are Linear layers and norms around its experts: those registered before the experts
+    child take the tokens from H to the experts' width, those after take the experts' output back
+    to H (MuseSpark: a projection and a norm before, a projection after). The order is a reading of
+    the registration order, proven like every candidate; None when the extras do not chain so."""
+    if parts.layout != "stacked":
+        return None
+    names = [n for n, _ in module.named_children()]
+    at = names.index(parts.experts[0])
+    before = tuple(n for n in names[:at] if n in parts.extra)
+    after = tuple(n for n in names[at + 1:] if n in parts.extra)
+    width: int | None = parts.hidden
+    for name in before:
+        width = _width_after(module.get_submodule(name), width) if width is not None else None
+    inner = width
+    for name in after:
+        width = _width_after(module.get_submodule(name), width) if width is not None else None
+    if inner is None or width != parts.hidden:
+        return None
+    return before, after, inner
+
+
+def _chain_placements(chains: tuple[tuple[str, ...], tuple[str, ...], int], parts: BlockParts) -> list[dict]:
+    """Where the modules after the experts may apply, most likely first: to the routed experts'
+    output (``MoESpec.expert_output``), or, when they keep the width H and nothing comes before the
+    experts, to the block's whole output after the shared expert (``block_output``: A.X-K1's norm
+    of the block output); the probe decides."""
+    before, after, inner = chains
+    routed = dict(expert_input=before, expert_output=after)
+    if before or inner != parts.hidden:
+        return [routed]
+    whole = dict(block_output=after)
+    return [whole, routed] if parts.shared is not None else [routed, whole]
+
+
+PROBE_TOKENS = 16
 MAX_CAPACITY_PROBE = 4096
 """The most tokens per sequence a probe may take to overflow a block's own expert capacity."""
 

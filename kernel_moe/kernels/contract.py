@@ -16,6 +16,10 @@ returned in x's dtype. The rules, the same on every backend (``kernels/cpu``, ``
   :func:`local_ids` applies it, so backends only ever see local ids.
 - **Where the weights apply.** ``out[t] = sum_j w[t, j] * expert(x[t])``; with ``scale_inputs``
   (Llama 4) ``out[t] = sum_j expert(w[t, j] * x[t])`` instead.
+- **Post-expert norm.** With ``post_norm`` s [H], each expert output is normalised before its
+  routing weight: ``expert(x)`` becomes ``z * rsqrt(mean(z ** 2) + post_norm_eps)`` with
+  ``z = s * expert(x)`` (scaled, then RMS-normalised, in fp32; MuseSpark). ``kernels/post_norm.py``
+  computes it over any backend; a dropped slot still contributes nothing.
 - **Dense calls.** Routing ``None`` means one expert (E == 1) and weight 1 for every token: the
   dense FFN is this op with E = 1, not a second computation.
 - **Shapes only.** The output shape depends on the input shapes alone, and nothing outside a
@@ -124,6 +128,8 @@ class StackedExperts(NamedTuple):
     scale_inputs: bool = False  # routing weights scale each expert's input instead of its output
     w_up_scale: Optional[Tensor] = None  # quantized formats: [E, N] per row, or [E, N, H / group]
     w_down_scale: Optional[Tensor] = None  # [E, H] or [E, H, I / group]
+    post_norm: Optional[Tensor] = None  # [H]: scale of each expert output before its RMS norm (None: no norm)
+    post_norm_eps: float = 1e-6  # the norm's epsilon (with post_norm only)
 
     @property
     def quantized(self) -> bool:
@@ -142,8 +148,8 @@ class StackedExperts(NamedTuple):
 
 class ExpertsGrads(NamedTuple):
     """Gradients of a call: x [T, H], routing weights [T, K] (None for a dense call), the
-    weights [E, N, H] / [E, H, I] (None for quantized, frozen weights) and the biases (None where
-    there is none)."""
+    weights [E, N, H] / [E, H, I] (None for quantized, frozen weights), the biases (None where
+    there is none) and the post-expert norm's scale [H] (None without one)."""
 
     x: Tensor
     topk_weights: Optional[Tensor]
@@ -151,6 +157,7 @@ class ExpertsGrads(NamedTuple):
     w_down: Optional[Tensor]
     b_up: Optional[Tensor]
     b_down: Optional[Tensor]
+    post_norm: Optional[Tensor] = None
 
 
 class ExpertsBackend(Protocol):
@@ -202,6 +209,7 @@ def validate_call(x_TH: Tensor, weights_TK: Optional[Tensor], ids_TK: Optional[T
         if t is not None and tuple(t.shape) != shape:
             raise UnsupportedInputError(f"{name} must be [{', '.join(map(str, shape))}], got {tuple(t.shape)}")
     _check_routing(x_TH.shape[0], weights_TK, ids_TK, experts)
+    _check_post_norm(H, experts)
     for name, t in (("topk_weights", weights_TK), ("topk_ids", ids_TK), *zip(StackedExperts._fields, experts)):
         if isinstance(t, Tensor) and t.device != x_TH.device:
             raise UnsupportedInputError(f"{name} is on {t.device} but x is on {x_TH.device}; all inputs must share a "
@@ -254,6 +262,20 @@ def _check_scale(name: str, scale: Optional[Tensor], rows: tuple[int, int], K: i
         shapes = f"[{rows[0]}, {rows[1]}, K / group]" + ("" if fmt == "int4" else f" or [{rows[0]}, {rows[1]}]")
         raise UnsupportedInputError(f"{name} of weight_format={fmt!r} must be {shapes} with the group dividing "
                                     f"K={K}, got {tuple(scale.shape)}")
+
+
+def _check_post_norm(H: int, experts: StackedExperts) -> None:
+    """The post-expert norm: a floating [H] scale and an epsilon >= 0; not with input scaling."""
+    s, eps = experts.post_norm, experts.post_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise UnsupportedInputError(f"post_norm_eps={eps!r} must be a finite number >= 0")
+    if s is None:
+        return
+    if s.dtype not in FLOAT_DTYPES or tuple(s.shape) != (H,):
+        raise UnsupportedInputError(f"post_norm must be a floating [H={H}] tensor, got {s.dtype} {tuple(s.shape)}")
+    if experts.scale_inputs:
+        raise UnsupportedInputError("post_norm with scale_inputs is not supported: the norm of an expert output "
+                                    "is defined for routing weights that scale outputs")
 
 
 def _check_routing(T: int, weights_TK: Optional[Tensor], ids_TK: Optional[Tensor], experts: StackedExperts) -> None:

@@ -128,6 +128,8 @@ def local_experts(layer: nn.Module, ep: ExpertParallel) -> StackedExperts:
         ex.up_bias.get(layer) if ex.up_bias is not None else None,
         ex.down_bias.get(layer) if ex.down_bias is not None else None,
         ex.activation, expert_map=layer.expert_parallel_map,
+        post_norm=ex.post_norm.scale(layer) if ex.post_norm is not None else None,
+        post_norm_eps=ex.post_norm.eps if ex.post_norm is not None else 1e-6,
     )
 
 

@@ -25,6 +25,15 @@ def stacked_experts(layer: nn.Module, ex: ExpertsSpec, scale_inputs: bool = Fals
     precision, see layers/quantized.py); ``scale_inputs``: the routing weights scale each
     expert's input (Llama 4). An up weight holding more experts than ``ex`` (rows of weightless
     experts) is viewed as its first E."""
+    calls = _stacked(layer, ex, scale_inputs)
+    if ex.post_norm is None:
+        return calls
+    scale_H = ex.post_norm.scale(layer)
+    return [c._replace(post_norm=scale_H, post_norm_eps=ex.post_norm.eps) for c in calls]
+
+
+def _stacked(layer: nn.Module, ex: ExpertsSpec, scale_inputs: bool) -> list[StackedExperts]:
+    """The calls of :func:`stacked_experts` before the post-expert norm is attached."""
     if getattr(layer, "quantized_experts", None) is not None:
         return stacked_quantized(layer, ex, scale_inputs)
     w_up = ex.up.get(layer)

@@ -45,7 +45,7 @@ from kernel_moe.routing.jitter import jitter_input
 from kernel_moe.routing.extras import routing_extra
 from kernel_moe.routing.random_routing import random_routing
 from kernel_moe.routing.losses import load_balancing_loss, router_z_loss
-from kernel_moe.routing.topk import SCORINGS, route, routing_weights
+from kernel_moe.routing.topk import SCORINGS, route, routing_weights, shared_weights
 
 
 def routing_features(config: KernelConfig) -> str:
@@ -81,7 +81,7 @@ class FusedMoE(SwappedLayer):
         self._check_features()
         self.num_experts = spec.num_experts
         self.top_k = spec.top_k
-        self.hidden_size = spec.experts.hidden
+        self.hidden_size = spec.input_hidden()
         self._track_routing = False
         self.aux_loss: torch.Tensor | None = None
         self.dropped_tokens: torch.Tensor | None = None
@@ -105,9 +105,9 @@ class FusedMoE(SwappedLayer):
                              "every expert already gets its tokens")
         if self.spec.router.routing.order != "score_then_topk":
             raise ValueError("routing='expert_choice' needs a router that scores all experts (score_then_topk)")
-        if self.spec.router.id_table is not None or self.spec.capacity is not None:
-            raise ValueError("routing='expert_choice' cannot apply to a block that routes by a table of token ids "
-                             "or has its own expert capacity")
+        if self.spec.router.id_table is not None or self.spec.capacity is not None or self.spec.shared_weighted:
+            raise ValueError("routing='expert_choice' cannot apply to a block that routes by a table of token ids, "
+                             "has its own expert capacity or weighs its shared experts by the router")
         if self.spec.num_experts != self.spec.experts.num_experts:
             raise ValueError("routing='expert_choice' cannot route to experts without weights (identity or zero "
                              "experts)")
@@ -133,6 +133,8 @@ class FusedMoE(SwappedLayer):
         r = self.spec.router
         routing = r.routing
         if r.selection_bias is not None or r.id_table is not None or self.kernel_config.load_balancing == "dynamic":
+            return False
+        if routing.shared_ids or r.weight_scale is not None:
             return False
         if routing.num_groups != 1 or routing.score_dtype != "float32" or routing.scoring not in SCORINGS:
             return False
@@ -165,15 +167,30 @@ class FusedMoE(SwappedLayer):
         w_EH = w_EH.t() if r.transposed else w_EH
         b_E = get_attr_path(self, r.bias) if r.bias is not None else None
         if r.fp32_logits:
-            return F.linear(x_TH.float(), w_EH.float(), None if b_E is None else b_E.float())
-        # a router kept in another dtype than the block (fp32 under bf16) computes in its own
-        return F.linear(x_TH.to(w_EH.dtype), w_EH, None if b_E is None else b_E.to(w_EH.dtype))
+            logits_TE = F.linear(x_TH.float(), w_EH.float(), None if b_E is None else b_E.float())
+        else:  # a router kept in another dtype than the block (fp32 under bf16) computes in its own
+            logits_TE = F.linear(x_TH.to(w_EH.dtype), w_EH, None if b_E is None else b_E.to(w_EH.dtype))
+        return logits_TE * r.logit_scale if r.logit_scale != 1.0 else logits_TE
 
     def _experts(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         if self.expert_parallel is not None:
             return parallel_experts(self, x_TH, weights_TK, ids_TK)
         return run_experts(self, self.spec.experts, x_TH, weights_TK, ids_TK, self.backend, self.deterministic,
                            self.spec.scale_inputs)
+
+    def _chain(self, paths: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+        """``x`` through the block's modules at ``paths``, in order (``spec.expert_input`` / ``expert_output``)."""
+        for path in paths:
+            x = self.get_submodule(path)(x)
+        return x
+
+    def _shared_weights(self, logits_TG: torch.Tensor, ids_TK: torch.Tensor, x_TH: torch.Tensor) -> torch.Tensor:
+        """The weights [T, S] of the shared experts the router weighs (``spec.shared_weighted``), in x's dtype."""
+        r = self.spec.router
+        weights_TS = shared_weights(logits_TG, ids_TK, r.routing)
+        if r.weight_scale is not None:
+            weights_TS = weights_TS * get_attr_path(self, r.weight_scale)
+        return weights_TS.to(x_TH.dtype)
 
     def _identity_experts(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         """What the routed ids in [E, G) add as identity experts: each token times the sum of its
@@ -238,6 +255,8 @@ class FusedMoE(SwappedLayer):
                 weights_TK, ids_TK = gate(logits_TE, spec.router.routing, self.backend)
             else:
                 weights_TK, ids_TK = route(logits_TE, spec.router.routing, sel_bias)
+        if spec.router.weight_scale is not None:
+            weights_TK = weights_TK * get_attr_path(self, spec.router.weight_scale)
         if self.training and cfg.random_routing > 0:
             weights_TK, ids_TK, self.randomly_routed = random_routing(
                 logits_TE, weights_TK, ids_TK, spec.router.routing, cfg.random_routing)
@@ -278,22 +297,28 @@ class FusedMoE(SwappedLayer):
         router_in = jitter_input(x_TH, cfg.router_jitter, self.training) if cfg.router_jitter > 0 else x_TH
         with stage(ROUTER):
             logits_TE = self.router_logits(router_in)
+        experts_in = self._chain(spec.expert_input, x_TH) if spec.expert_input else x_TH
         if cfg.routing == "expert_choice":
-            (out_TH, ids_TK), weights_TK = self._expert_choice(x_TH, logits_TE), None
+            (out_TH, ids_TK), weights_TK = self._expert_choice(experts_in, logits_TE), None
         else:
             sequences = hidden_states.shape[0] if hidden_states.dim() == 3 else 1
-            out_TH, weights_TK, ids_TK = self._token_choice(x_TH, logits_TE, token_ids, sequences)
+            out_TH, weights_TK, ids_TK = self._token_choice(experts_in, logits_TE, token_ids, sequences)
         if spec.routed_scale != 1.0:
             out_TH = out_TH * spec.routed_scale
+        if spec.expert_output:
+            out_TH = self._chain(spec.expert_output, out_TH)
         if self._track_routing:
             self.routing_counts += expert_counts(ids_TK, self.num_experts)
         if self.training and cfg.load_balancing == "auxiliary_loss":
-            probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+            probs_TE = torch.softmax(logits_TE[..., : self.num_experts].float(), dim=-1)
             self.aux_loss = cfg.aux_loss_weight * load_balancing_loss(probs_TE, ids_TK, self.num_experts) + (
                 cfg.z_loss_weight * router_z_loss(logits_TE))
         if self.training and cfg.load_balancing == "dynamic":
             self.load_counts += expert_counts(ids_TK, self.num_experts)
-        if spec.shared_expert is not None:
+        if spec.shared_weighted:
+            shared_TH = get_attr_path(self, spec.shared_expert)(x_TH, self._shared_weights(logits_TE, ids_TK, x_TH))
+            out_TH = out_TH + shared_TH
+        elif spec.shared_expert is not None:
             shared_TH = get_attr_path(self, spec.shared_expert)(x_TH)
             if spec.shared_gate is not None:
                 shared_TH = torch.sigmoid(get_attr_path(self, spec.shared_gate)(x_TH)) * shared_TH
@@ -302,6 +327,8 @@ class FusedMoE(SwappedLayer):
             out_TH = out_TH + shared_TH
         if spec.output_bias is not None:
             out_TH = out_TH + get_attr_path(self, spec.output_bias)
+        if spec.block_output:
+            out_TH = self._chain(spec.block_output, out_TH)
         return self._returned(out_TH, hidden_states, (logits_TE, weights_TK, ids_TK))
 
     def _returned(self, out_TH: torch.Tensor, hidden_states: torch.Tensor, routing: tuple):

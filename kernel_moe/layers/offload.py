@@ -278,6 +278,8 @@ def offload_layer(layer: nn.Module, config, name: str) -> str:
     if getattr(spec, "scale_inputs", False):
         raise KernelMoEError("its routing weights scale the experts' inputs, which offloaded experts do not run")
     ex = spec.experts
+    if ex.post_norm is not None:
+        raise KernelMoEError("its experts normalise each output (post-expert norm), which offloaded experts do not run")
     with torch.no_grad():
         full = _expert_tensors(layer, ex)
         store = _store(config, full, name)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kernel_moe.kernels.contract import Activation
-from kernel_moe.layers.weights import WeightSource
+from kernel_moe.layers.weights import WeightSource, get_attr_path
 from kernel_moe.routing.extras import RoutingExtra
 from kernel_moe.routing.topk import TopKRouting
 
@@ -43,8 +43,28 @@ Draw = Callable[[tuple[int, ...], int], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class PostNorm:
+    """A norm of each expert output before its routing weight (MuseSpark's post-expert norm): the
+    output is scaled by ``offset + weight`` [H] (``weight`` a path; offset 1.0 for a weight stored
+    as the deviation from 1), then RMS-normalised with ``eps`` (the op's ``post_norm``)."""
+
+    weight: str
+    offset: float = 0.0
+    eps: float = 1e-6
+
+    def scale(self, layer: nn.Module) -> torch.Tensor:
+        """The scale [H] the op takes (differentiable: the weight's gradient flows through it)."""
+        w_H = get_attr_path(layer, self.weight)
+        return w_H + self.offset if self.offset != 0.0 else w_H
+
+    def describe(self) -> str:
+        return "post-norm" + (f"(1+w, eps={self.eps:g})" if self.offset == 1.0 else f"(eps={self.eps:g})")
+
+
+@dataclass(frozen=True)
 class ExpertsSpec:
-    """Routed experts: up [E, N, H], down [E, H, I], optional biases, and the activation."""
+    """Routed experts: up [E, N, H], down [E, H, I], optional biases, the activation, and an
+    optional norm of each expert's output (:class:`PostNorm`)."""
 
     num_experts: int
     hidden: int
@@ -54,6 +74,7 @@ class ExpertsSpec:
     up_bias: WeightSource | None = None
     down_bias: WeightSource | None = None
     activation: Activation = Activation()
+    post_norm: PostNorm | None = None
 
     def sources(self) -> list[WeightSource]:
         """The weight sources a layer binds (biases only where present)."""
@@ -61,7 +82,7 @@ class ExpertsSpec:
 
     def describe(self) -> str:
         return (f"{self.num_experts}x[{self.hidden}->{self.intermediate}] {self.activation.describe()}"
-                + (" +bias" if self.up_bias else ""))
+                + (" +bias" if self.up_bias else "") + (f" {self.post_norm.describe()}" if self.post_norm else ""))
 
 
 @dataclass(frozen=True)
@@ -75,6 +96,9 @@ class LinearRouter:
     ``transposed``: the weight is stored [H, E] (a raw Parameter used as ``x @ weight``).
     ``flat``: the weight is stored flat, [E * H] (so that it shards over many ranks), and read as
     its [E, H] view (no copy).
+    ``logit_scale``: a factor the router multiplies its logits by before routing (MuseSpark's
+    ``output_multiplier``). ``weight_scale``: the path of a tensor (a learnable scalar, Inkling's
+    ``global_scale``) the routing weights are multiplied by.
     """
 
     weight: str
@@ -85,6 +109,8 @@ class LinearRouter:
     id_table: str | None = None
     transposed: bool = False
     flat: bool = False
+    logit_scale: float = 1.0
+    weight_scale: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,9 +157,13 @@ class SwapSpec:
         needs from ``config`` (backend, determinism, routing features)."""
         return self.layer_class()(original, self, config)
 
+    def input_hidden(self) -> int:
+        """H of the module's input (the experts' unless the spec says otherwise)."""
+        return self.experts.hidden
+
     def probe_args(self, tokens: int, draw: Draw) -> list[tuple]:
         """Argument tuples for the module's forward, the likeliest first: [1, T, H] tokens, then [T, H]."""
-        H = self.experts.hidden
+        H = self.input_hidden()
         return [(draw((1, tokens, H), 0),), (draw((tokens, H), 0),)]
 
     def unexpected(self, config: KernelConfig) -> str | None:
@@ -172,6 +202,8 @@ class MoESpec(SwapSpec):
 
     - ``shared_expert``: path of a module applied to every token and added to the output.
     - ``shared_gate``: path of a Linear(H, 1) whose sigmoid scales the shared expert.
+    - ``shared_weighted``: the shared expert module takes per-token weights too,
+      ``shared_expert(x, weights [T, S])``: those of the router's shared ids (``routing.shared_ids``).
     - ``output_bias``: path of a bias [H] the block adds to its output.
     - ``input_jitter``: Mixtral-style multiplicative input noise in training.
     - ``returns``: what the block's forward returns, one of :data:`RETURNS`: "tensor" (the
@@ -200,6 +232,12 @@ class MoESpec(SwapSpec):
     - ``passthrough``: keyword-only arguments (with defaults) of the original's forward that the
       fused layer does not compute with: it was proven without them, and a call that gives one
       runs the original module.
+    - ``expert_input`` / ``expert_output``: paths of the block's modules applied in order to the
+      tokens before the routed experts and to their output after them (MuseSpark's projection to
+      and from a narrower expert width, and its norm); the router and the shared expert see the
+      block's own input. ``block_hidden``: H of the block's input when it differs from the experts'.
+      ``block_output``: paths of modules applied in order to the block's whole output, after the
+      shared expert and the output bias (A.X-K1's norm of the block output).
     - ``training_fallback``: a reason to run the original module in training mode (dropout or
       noise the fused layer does not reproduce); None when the fused path is exact in training too.
     - ``gradient_fallback``: a reason to run the original module whenever autograd records the
@@ -226,6 +264,11 @@ class MoESpec(SwapSpec):
     shared_scale: float = 1.0
     passthrough: tuple[str, ...] = ()
     extras: tuple[RoutingExtra, ...] = ()
+    expert_input: tuple[str, ...] = ()
+    expert_output: tuple[str, ...] = ()
+    block_hidden: int | None = None
+    block_output: tuple[str, ...] = ()
+    shared_weighted: bool = False
 
     def __post_init__(self) -> None:
         if self.returns not in RETURNS:
@@ -241,6 +284,9 @@ class MoESpec(SwapSpec):
     @property
     def top_k(self) -> int:  # type: ignore[override]
         return self.router.routing.top_k
+
+    def input_hidden(self) -> int:
+        return self.block_hidden or self.experts.hidden
 
     @property
     def num_experts(self) -> int:  # type: ignore[override]
@@ -267,7 +313,7 @@ class MoESpec(SwapSpec):
         shape = (1, tokens)
         if self.capacity is not None:
             shape = (2, max(tokens, self.capacity.probe_tokens(self.num_experts, self.top_k)))
-        x = draw((*shape, self.experts.hidden), 0)
+        x = draw((*shape, self.input_hidden()), 0)
         if self.token_ids is None:
             return [(x,)]
         return [(x, (draw(shape, 9).double().abs() * 1e6).long() % self.token_ids.vocab)]
@@ -278,6 +324,14 @@ class MoESpec(SwapSpec):
             return None
         return dataclasses.replace(self, returns=returns, output_shape=shape or "input")
 
+    def with_fallbacks(self, training: str | None, gradient: str | None) -> MoESpec:
+        """As every spec; SparseMixer routing always runs the original in training, whatever one
+        probe showed: there it samples its experts and has its own backward (the probe may draw no
+        token whose sample can differ)."""
+        if training is None and self.router.routing.scoring == "sparsemixer":
+            training = "SparseMixer samples its experts in training (Gumbel) and has its own backward"
+        return dataclasses.replace(self, training_fallback=training, gradient_fallback=gradient)
+
     def returned_extras(self) -> tuple[RoutingExtra, ...]:
         """The outputs the forward returns after the output (``returns`` spelled as ``extras``)."""
         shorthand = {"tensor_logits": (RoutingExtra("logits"),), "tensor_weights": (RoutingExtra("weights"),)}
@@ -287,6 +341,8 @@ class MoESpec(SwapSpec):
         parts = [self.router.routing.describe(), self.experts.describe()]
         if self.router.id_table is not None:
             parts[0] = f"experts by token id ({self.router.id_table}) weighted {parts[0]}"
+        if self.router.logit_scale != 1.0:
+            parts[0] = f"logits x{self.router.logit_scale:.4g}>{parts[0]}"
         if self.scale_inputs:
             parts.insert(1, "weights scale the inputs")
         if self.routed_scale != 1.0:
@@ -297,11 +353,19 @@ class MoESpec(SwapSpec):
         extra = self.num_experts - self.experts.num_experts
         if extra > 0:
             parts.insert(1, f"+{extra} {self.weightless} experts")
+        if self.expert_input or self.expert_output:
+            parts.insert(1, f"experts between {'>'.join(self.expert_input) or '-'} and "
+                            f"{'>'.join(self.expert_output) or '-'}")
+        if self.router.weight_scale:
+            parts[0] += f">x{self.router.weight_scale}"
         if self.shared_expert:
             scaled = f" x{self.shared_scale:g}" if self.shared_scale != 1.0 else ""
-            parts.append("shared" + ("(gated)" if self.shared_gate else "") + scaled)
+            parts.append("shared" + ("(gated)" if self.shared_gate else "") + ("(weighted)" if self.shared_weighted
+                                                                                else "") + scaled)
         if self.output_bias:
             parts.append("+output bias")
+        if self.block_output:
+            parts.append(f"then {'>'.join(self.block_output)}")
         if self.extras:
             parts.append("returns (output, " + ", ".join(e.describe() for e in self.extras) + ")")
         return ", ".join(parts)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from kernel_moe.errors import UnsupportedInputError
+from kernel_moe.kernels import post_norm as post_norm_path
 from kernel_moe.kernels import scaled_inputs, select_backend
 from kernel_moe.kernels.contract import Activation, StackedExperts, local_ids, validate_call
 
@@ -46,11 +47,12 @@ def _flat(experts: StackedExperts) -> tuple:
             experts.scale_inputs, experts.weight_format)
 
 
-def _unflat(args: tuple) -> StackedExperts:
-    """The StackedExperts of the schema's arguments between topk_ids and backend (see :func:`_flat`)."""
+def _unflat(args: tuple, post_norm: Optional[Tensor] = None, post_norm_eps: float = 1e-6) -> StackedExperts:
+    """The StackedExperts of the schema's arguments between topk_ids and backend (see :func:`_flat`)
+    and of the post-expert norm's (the schema's last two: appended, so older calls stay valid)."""
     w_up, w_down, b_up, b_down, expert_map, up_scale, down_scale = args[:7]
     return StackedExperts(w_up, w_down, b_up, b_down, activation_of(tuple(args[7:13])), args[14], expert_map,
-                          bool(args[13]), up_scale, down_scale)
+                          bool(args[13]), up_scale, down_scale, post_norm, float(post_norm_eps))
 
 
 def _forward(x: Tensor, weights: Optional[Tensor], ids: Optional[Tensor], experts: StackedExperts, backend: str,
@@ -58,8 +60,12 @@ def _forward(x: Tensor, weights: Optional[Tensor], ids: Optional[Tensor], expert
     validate_call(x, weights, ids, experts)
     chosen = select_backend(backend, x.device)
     if ids is None:
+        if experts.post_norm is not None:
+            return post_norm_path.forward(chosen, x, None, None, experts, deterministic)
         return chosen.forward(x, None, None, experts, deterministic)
     ids = local_ids(ids, experts)
+    if experts.post_norm is not None:
+        return post_norm_path.forward(chosen, x, weights, ids, experts, deterministic)
     if experts.scale_inputs:
         return scaled_inputs.forward(chosen, x, weights, ids, experts, deterministic)
     return chosen.forward(x, weights, ids, experts, deterministic)
@@ -87,24 +93,27 @@ def fused_experts(
     weight_format: str,
     backend: str,
     deterministic: bool = True,
+    post_norm: Optional[Tensor] = None,
+    post_norm_eps: float = 1e-6,
 ) -> Tensor:
     """Routed experts: x [T, H], topk_weights / topk_ids [T, K] (both None: a dense call with E = 1),
     w_up [E, N, H], w_down [E, H, I], b_up [E, N] | None, b_down [E, H] | None, expert_map [G] | None,
     the weight scales of a quantized format, the activation's fields, whether the weights scale the
-    inputs, the weight format -> [T, H] in x's dtype.
+    inputs, the weight format, the post-expert norm's scale [H] | None and epsilon -> [T, H] in x's
+    dtype.
     ``deterministic`` selects a fixed reduction order on the Triton backend (the CPU backend always
     has one)."""
     experts = _unflat((w_up, w_down, b_up, b_down, expert_map, w_up_scale, w_down_scale, activation, glu, alpha,
-                       limit, gate_softcap, up_softcap, scale_inputs, weight_format))
+                       limit, gate_softcap, up_softcap, scale_inputs, weight_format), post_norm, post_norm_eps)
     return _forward(x, topk_weights, topk_ids, experts, backend, deterministic)
 
 
 @fused_experts.register_fake
 def _fused_experts_fake(x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map, w_up_scale, w_down_scale,
                         activation, glu, alpha, limit, gate_softcap, up_softcap, scale_inputs, weight_format, backend,
-                        deterministic=True):
+                        deterministic=True, post_norm=None, post_norm_eps=1e-6):
     experts = _unflat((w_up, w_down, b_up, b_down, expert_map, w_up_scale, w_down_scale, activation, glu, alpha,
-                       limit, gate_softcap, up_softcap, scale_inputs, weight_format))
+                       limit, gate_softcap, up_softcap, scale_inputs, weight_format), post_norm, post_norm_eps)
     validate_call(x, topk_weights, topk_ids, experts)
     return x.new_empty(x.shape)
 
@@ -134,9 +143,10 @@ def run_experts(x_TH: Tensor, weights_TK: Optional[Tensor], ids_TK: Optional[Ten
     """One call of the expert computation: ``kernel_moe::fused_experts``, or in plain eager
     inference its implementation directly (same checks, same result, without the dispatcher's
     cost; see :func:`direct_call_allowed`)."""
-    if direct_call_allowed(x_TH, weights_TK, *experts[:4]):
+    if direct_call_allowed(x_TH, weights_TK, *experts[:4], experts.post_norm):
         return _forward(x_TH, weights_TK, ids_TK, experts, backend, deterministic)
-    return torch.ops.kernel_moe.fused_experts(x_TH, weights_TK, ids_TK, *_flat(experts), backend, deterministic)
+    return torch.ops.kernel_moe.fused_experts(x_TH, weights_TK, ids_TK, *_flat(experts), backend, deterministic,
+                                              experts.post_norm, experts.post_norm_eps)
 
 
 @torch.library.custom_op("kernel_moe::fused_experts_backward", mutates_args=())
@@ -161,14 +171,19 @@ def fused_experts_backward(
     scale_inputs: bool,
     weight_format: str,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    post_norm: Optional[Tensor] = None,
+    post_norm_eps: float = 1e-6,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of fused_experts: (grad_x, grad_topk_weights or [0] for a dense call, grad_w_up,
-    grad_w_down, grad_b_up or [0], grad_b_down or [0]); quantized weights are frozen: their
-    gradients are [0]."""
+    grad_w_down, grad_b_up or [0], grad_b_down or [0], grad_post_norm or [0]); quantized weights
+    are frozen: their gradients are [0]."""
     experts = _unflat((w_up, w_down, b_up, b_down, expert_map, w_up_scale, w_down_scale, activation, glu, alpha,
-                       limit, gate_softcap, up_softcap, scale_inputs, weight_format))
+                       limit, gate_softcap, up_softcap, scale_inputs, weight_format), post_norm, post_norm_eps)
     chosen = select_backend(backend, x.device)
-    if topk_ids is None:
+    if post_norm is not None:
+        ids = None if topk_ids is None else local_ids(topk_ids, experts)
+        g = post_norm_path.backward(chosen, grad_out, x, topk_weights, ids, experts)
+    elif topk_ids is None:
         g = chosen.backward(grad_out, x, None, None, experts)
     elif experts.scale_inputs:
         g = scaled_inputs.backward(chosen, grad_out, x, topk_weights, local_ids(topk_ids, experts), experts)
@@ -177,35 +192,39 @@ def fused_experts_backward(
     def given(t: Optional[Tensor]) -> Tensor:
         return x.new_empty(0) if t is None else t  # a fresh empty each: outputs may not alias
 
-    return g.x, given(g.topk_weights), given(g.w_up), given(g.w_down), given(g.b_up), given(g.b_down)
+    return (g.x, given(g.topk_weights), given(g.w_up), given(g.w_down), given(g.b_up), given(g.b_down),
+            given(g.post_norm))
 
 
 @fused_experts_backward.register_fake
 def _fused_experts_backward_fake(grad_out, x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map,
                                  w_up_scale, w_down_scale, activation, glu, alpha, limit, gate_softcap, up_softcap,
-                                 scale_inputs, weight_format, backend):
+                                 scale_inputs, weight_format, backend, post_norm=None, post_norm_eps=1e-6):
     def like(t: Optional[Tensor]) -> Tensor:
         return x.new_empty(0) if t is None else t.new_empty(t.shape)
 
     frozen = weight_format != "full"
     return (like(x), like(topk_weights), like(None if frozen else w_up), like(None if frozen else w_down), like(b_up),
-            like(b_down))
+            like(b_down), like(post_norm))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:10])  # x, routing, weights, biases, expert map, scales
+    post_norm = inputs[20] if len(inputs) > 20 else None
+    ctx.save_for_backward(*inputs[:10], post_norm)  # x, routing, weights, biases, expert map, scales, norm
     ctx.args = inputs[10:19]  # activation fields, scale_inputs, weight_format, backend
+    ctx.post_norm_eps = inputs[21] if len(inputs) > 21 else 1e-6
     ctx.frozen = inputs[17] != "full"  # quantized weights take no gradient
 
 
 def _backward(ctx, grad_out):
     x, topk_weights, topk_ids, w_up, w_down, b_up, b_down = ctx.saved_tensors[:7]
-    g_x, g_w, g_up, g_down, g_bup, g_bdown = torch.ops.kernel_moe.fused_experts_backward(
-        grad_out.contiguous(), *ctx.saved_tensors, *ctx.args)
+    post_norm = ctx.saved_tensors[10]
+    g_x, g_w, g_up, g_down, g_bup, g_bdown, g_norm = torch.ops.kernel_moe.fused_experts_backward(
+        grad_out.contiguous(), *ctx.saved_tensors[:10], *ctx.args, post_norm, ctx.post_norm_eps)
     if ctx.frozen:
         g_up = g_down = None
     return (g_x, None if topk_weights is None else g_w, None, g_up, g_down, None if b_up is None else g_bup,
-            None if b_down is None else g_bdown) + (None,) * 13
+            None if b_down is None else g_bdown) + (None,) * 13 + (None if post_norm is None else g_norm, None)
 
 
 fused_experts.register_autograd(_backward, setup_context=_setup_context)

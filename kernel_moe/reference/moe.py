@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernel_moe.kernels.contract import Activation
+from kernel_moe.kernels.contract import Activation, StackedExperts
 from kernel_moe.reference.activations import apply_activation
 
 
@@ -65,4 +65,25 @@ def naive_moe_experts(
             activation,
         )
         out_TH.index_add_(0, tok, y_MH.to(acc) * topk_weights_TK[tok, slot].to(acc).unsqueeze(-1))
+    return out_TH.to(x_TH.dtype)
+
+
+def naive_post_norm_experts(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
+                            experts: StackedExperts) -> torch.Tensor:
+    """Routed experts with a post-expert norm (``experts.post_norm`` s [H]), by a loop over experts:
+    out[t] = sum_j w[t, j] * rmsnorm(s * expert_{id[t, j]}(x[t])), the norm
+    ``z * rsqrt(mean(z^2) + eps)`` of each expert output in fp32, before its routing weight."""
+    T, H = x_TH.shape
+    acc = torch.promote_types(x_TH.dtype, torch.float32)
+    out_TH = torch.zeros(T, H, dtype=acc, device=x_TH.device)
+    b_up, b_down = experts.b_up, experts.b_down
+    for e in range(experts.w_up.shape[0]):
+        tok, slot = torch.where(topk_ids_TK == e)
+        if tok.numel() == 0:
+            continue
+        y_MH = expert_mlp(x_TH[tok], experts.w_up[e], experts.w_down[e], None if b_up is None else b_up[e],
+                          None if b_down is None else b_down[e], experts.activation)
+        z_MH = y_MH.to(acc) * experts.post_norm.to(acc)
+        n_MH = z_MH / torch.sqrt(z_MH.pow(2).mean(dim=-1, keepdim=True) + experts.post_norm_eps)
+        out_TH.index_add_(0, tok, n_MH * topk_weights_TK[tok, slot].to(acc).unsqueeze(-1))
     return out_TH.to(x_TH.dtype)

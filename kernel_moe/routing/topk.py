@@ -13,10 +13,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernel_moe.routing.sparsemixer import sparsemixer_route
+
 SCORINGS = ("softmax", "sigmoid")
-ROUTER_SCORINGS = SCORINGS + ("sqrtsoftplus",)
+ROUTER_SCORINGS = SCORINGS + ("sqrtsoftplus", "sparsemixer")
 """Scorings a recognised router may use: SCORINGS (which the fused gating kernel and the public
-gating modules take) and ``sqrt(softplus(logit))`` per expert (DeepSeek-V4)."""
+gating modules take), ``sqrt(softplus(logit))`` per expert (DeepSeek-V4) and SparseMixer's
+rounds of masked softmaxes (Phi-3.5-MoE, ``routing/sparsemixer.py``)."""
 ORDERS = ("score_then_topk", "topk_then_score")
 GROUP_SCORES = ("top2_sum", "max")
 SELECTION_ON = ("scores", "logits")
@@ -42,6 +45,12 @@ class TopKRouting:
       logits' dtype.
     - ``selection_on``: what the selection bias is added to before the top-k: "scores" (the
       softmax/sigmoid scores, DeepSeek-V3) or "logits" (the raw logits, scores taken after).
+    - ``shared_ids``: S ids after the E routed ones that every token also takes (shared experts
+      weighted per token, Inkling): the logits are [T, E + S]; the top-k is chosen among the first
+      E, and the renormalisation divides by the sum of the k chosen and the S shared scores
+      (:func:`shared_weights` gives the shared experts' weights).
+    - ``mixer_eps``: SparseMixer's threshold (scoring "sparsemixer" only): each round's softmax
+      keeps the experts within ``2 * mixer_eps`` (relative) of that round's best logit.
     A selection bias (aux-loss-free balancing, DeepSeek's ``e_score_correction_bias``) is
     passed to :func:`route` separately: it changes which experts are chosen, not the weights.
     """
@@ -57,6 +66,8 @@ class TopKRouting:
     score_dtype: str = "float32"
     group_score: str = "top2_sum"
     selection_on: str = "scores"
+    mixer_eps: float = 0.0
+    shared_ids: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
@@ -89,18 +100,28 @@ class TopKRouting:
             raise ValueError(f"TopKRouting.group_score={self.group_score!r}; allowed: {', '.join(GROUP_SCORES)}")
         if self.selection_on not in SELECTION_ON:
             raise ValueError(f"TopKRouting.selection_on={self.selection_on!r}; allowed: {', '.join(SELECTION_ON)}")
+        if self.shared_ids and (self.shared_ids < 0 or self.scoring not in ("sigmoid", "sqrtsoftplus")
+                                or not self.renormalize or self.order != "score_then_topk" or self.num_groups != 1
+                                or self.selection_on != "scores"):
+            raise ValueError("TopKRouting.shared_ids needs a per-expert scoring (sigmoid, sqrtsoftplus) with "
+                             f"renormalisation and no groups, got {self!r}")
+        if self.scoring == "sparsemixer" and (self.order != "score_then_topk" or self.num_groups != 1
+                                              or self.renormalize or not self.mixer_eps >= 0):
+            raise ValueError("TopKRouting.scoring='sparsemixer' takes no groups, renormalisation or top-k order "
+                             f"and a mixer_eps >= 0, got {self!r}")
 
     def describe(self) -> str:
         """A short human-readable form for reports, e.g. 'softmax>top2>renorm'."""
         topk = f"top{self.top_k}"
-        parts = [self.scoring, topk] if self.order == "score_then_topk" else [topk, self.scoring]
+        scoring = f"sparsemixer(eps={self.mixer_eps:g})" if self.scoring == "sparsemixer" else self.scoring
+        parts = [scoring, topk] if self.order == "score_then_topk" else [topk, scoring]
         if self.num_groups > 1:
             group_score = "(max)" if self.group_score == "max" else ""
             parts.insert(1, f"groups{self.topk_groups}/{self.num_groups}{group_score}")
         if self.selection_on == "logits":
             parts.insert(1, "bias-on-logits")
         if self.renormalize:
-            parts.append("renorm")
+            parts.append(f"renorm(+{self.shared_ids} shared)" if self.shared_ids else "renorm")
         if self.scaling != 1.0:
             parts.append(f"x{self.scaling:g}")
         return ">".join(parts)
@@ -134,7 +155,17 @@ def route(
     Weights are in fp32 when ``spec.score_dtype == "float32"``, else in the logits' dtype.
     """
     logits = logits_TE.float() if spec.score_dtype == "float32" else logits_TE
-    if spec.order == "topk_then_score":
+    if spec.scoring == "sparsemixer":
+        if selection_bias_E is not None:
+            raise ValueError("sparsemixer routing takes no selection bias")
+        weights_TK, ids_TK = sparsemixer_route(logits, spec.top_k, spec.mixer_eps)
+    elif spec.shared_ids:
+        scores_TG = _scores(logits, spec)
+        choice_TE = scores_TG[:, : spec.num_experts]
+        choice_TE = choice_TE if selection_bias_E is None else choice_TE + selection_bias_E
+        ids_TK = choice_TE.topk(spec.top_k, dim=-1).indices
+        weights_TK = scores_TG.gather(1, ids_TK) / _shared_denominator(scores_TG, ids_TK, spec)
+    elif spec.order == "topk_then_score":
         choice_TE = logits if selection_bias_E is None else logits + selection_bias_E
         if spec.num_groups > 1:
             choice_TE = _group_limited_mask(choice_TE, spec)
@@ -166,6 +197,21 @@ def _scores(logits_TE: torch.Tensor, spec: TopKRouting) -> torch.Tensor:
     return torch.sigmoid(logits_TE)
 
 
+def _shared_denominator(scores_TG: torch.Tensor, ids_TK: torch.Tensor, spec: TopKRouting) -> torch.Tensor:
+    """[T, 1]: the chosen experts' scores plus the shared ones' (``spec.shared_ids``)."""
+    return scores_TG.gather(1, ids_TK).sum(dim=-1, keepdim=True) + scores_TG[:, spec.num_experts:].sum(
+        dim=-1, keepdim=True)
+
+
+def shared_weights(logits_TG: torch.Tensor, ids_TK: torch.Tensor, spec: TopKRouting) -> torch.Tensor:
+    """The weights [T, S] of the shared ids (``spec.shared_ids``) for routed ids ``ids_TK``: their
+    scores over the same denominator as the routed weights, scaled alike."""
+    logits = logits_TG.float() if spec.score_dtype == "float32" else logits_TG
+    scores_TG = _scores(logits, spec)
+    weights_TS = scores_TG[:, spec.num_experts:] / _shared_denominator(scores_TG, ids_TK, spec)
+    return weights_TS * spec.scaling if spec.scaling != 1.0 else weights_TS
+
+
 def _renormalized(weights_TK: torch.Tensor, spec: TopKRouting) -> torch.Tensor:
     if not spec.renormalize:
         return weights_TK
@@ -178,9 +224,14 @@ def _renormalized(weights_TK: torch.Tensor, spec: TopKRouting) -> torch.Tensor:
 def routing_weights(logits_TE: torch.Tensor, ids_TK: torch.Tensor, spec: TopKRouting) -> torch.Tensor:
     """The weights ``spec`` gives to the experts ``ids_TK`` [T, K] (chosen by any rule): what
     :func:`route` returns for its own choice, for another one (random routing)."""
+    if spec.scoring == "sparsemixer":
+        raise ValueError("sparsemixer routing weighs only the experts of its own rounds, not a given choice")
     logits = logits_TE.float() if spec.score_dtype == "float32" else logits_TE
     if spec.order == "topk_then_score":
         weights_TK = torch.softmax(logits.gather(1, ids_TK), dim=-1)
+    elif spec.shared_ids:
+        scores_TG = _scores(logits, spec)
+        weights_TK = scores_TG.gather(1, ids_TK) / _shared_denominator(scores_TG, ids_TK, spec)
     else:
         weights_TK = _renormalized(_scores(logits, spec).gather(1, ids_TK), spec)
     return weights_TK * spec.scaling if spec.scaling != 1.0 else weights_TK

@@ -94,12 +94,16 @@ def _experts_layout(ex) -> str:
     params += [f"softcaps={a.gate_softcap:g}/{a.up_softcap:g}"] if a.softcapped else []
     act = a.kind + (f"({', '.join(params)})" if params else "")
     return f"{layout}{gated} {a.glu if a.gated else ''} {act}".replace("  ", " ") + (
-        " +bias" if ex.up_bias is not None else "")
+        " +bias" if ex.up_bias is not None else "") + (f", {ex.post_norm.describe()}" if ex.post_norm else "")
 
 
 def _routing(spec) -> str:
     r = spec.router
     text = r.routing.describe()
+    if r.logit_scale != 1.0:
+        text = f"logits x{r.logit_scale:.4g}>{text}"
+    if r.weight_scale:
+        text += f", weights x {r.weight_scale}"
     if r.id_table:
         text = f"experts by token id (table), weighted {text}"
     if r.selection_bias:
@@ -107,7 +111,13 @@ def _routing(spec) -> str:
     if r.bias:
         text += ", logit bias"
     if spec.shared_expert:
-        text += ", shared expert" + (" (sigmoid-gated)" if spec.shared_gate else "")
+        text += ", shared expert" + (" (sigmoid-gated)" if spec.shared_gate else "") + (
+            " (weighted by the shared ids)" if spec.shared_weighted else "")
+    if spec.expert_input or spec.expert_output:
+        text += (f", experts between {' > '.join(spec.expert_input) or '-'} and "
+                 f"{' > '.join(spec.expert_output) or '-'}")
+    if spec.block_output:
+        text += f", then {' > '.join(spec.block_output)} on the block output"
     if spec.scale_inputs:
         text += ", weights scale the inputs"
     if spec.capacity is not None:

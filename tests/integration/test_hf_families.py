@@ -54,9 +54,15 @@ def _eager(model) -> None:
         pass
 
 
-def _fused(model_type: str, **overrides):
-    """(optimized model, original model with eager experts, report, names of the FusedMoE blocks)."""
+def _fused(model_type: str, scale_before: float | None = None, **overrides):
+    """(optimized model, original model with eager experts, report, names of the FusedMoE blocks);
+    ``scale_before``: the value every router's ``global_scale`` gets first (1 after randomize_weights)."""
     model = _build(model_type, **overrides)
+    if scale_before is not None:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(getattr(module, "global_scale", None), torch.nn.Parameter):
+                    module.global_scale.fill_(scale_before)
     original = copy.deepcopy(model)
     _eager(original)
     report = kernel_moe.optimize(model, return_report=True)[1]
@@ -178,6 +184,105 @@ def test_relu_squared_experts_are_fused():
     assert (act.kind, act.glu) == ("relu2", "none")
 
 
+def test_muse_spark_post_expert_norm_between_its_projections():
+    """MuseSpark: the router scales its logits (output_multiplier) and has a selection bias; the
+    experts run at their own width between the block's projection + norm and its output
+    projection, and normalise each expert output (scale 1 + w, then RMS) before its weight."""
+    layers = _check_family("muse_spark_text", 2)
+    spec, original = layers[0].spec, layers[0].original
+    assert spec.router.logit_scale == original.gate.output_multiplier
+    assert spec.router.selection_bias == "gate.e_score_correction_bias"
+    assert (spec.expert_input, spec.expert_output) == (("pre_expert_proj", "pre_expert_norm"), ("post_expert_proj",))
+    assert (spec.block_hidden, spec.experts.hidden) == (HIDDEN, original.experts.hidden_dim)
+    norm = spec.experts.post_norm
+    assert (norm.weight, norm.offset, norm.eps) == ("experts.post_expert_norm.weight", 1.0,
+                                                     original.experts.post_expert_norm.eps)
+
+
+def test_axk1_norm_of_the_block_output_after_the_shared_expert():
+    layers = _check_family("axk1", 2)
+    spec = layers[0].spec
+    assert (spec.block_output, spec.expert_input, spec.expert_output) == (("post_mlp_layernorm",), (), ())
+    assert spec.shared_expert == "shared_experts" and spec.block_hidden == HIDDEN
+
+
+@pytest.mark.parametrize("eps", [None, 0.2])
+def test_phimoe_sparsemixer_router(eps):
+    """Phi-3.5-MoE's SparseMixer at its declared threshold (the default, and a wide one at which
+    many probe tokens have several experts in each round's softmax); training runs the original."""
+    layers = _check_family("phimoe", 2, **({} if eps is None else dict(router_jitter_noise=eps)))
+    for layer in layers:
+        routing = layer.spec.router.routing
+        assert (routing.scoring, routing.mixer_eps) == ("sparsemixer", layer.original.router.router_jitter_noise)
+        assert layer.spec.training_fallback  # sampled experts in training: the original runs there
+
+
+@pytest.mark.parametrize("shared", [1, 2])
+def test_inkling_shared_experts_weighted_by_the_router(shared):
+    """Inkling: the router scores E routed and S shared ids, renormalises the k chosen and the S
+    shared scores together and scales them by route_scale and a learnable global_scale (set away from
+    1 here, so that the probe sees it); the shared experts module takes its S weights per token."""
+    model, original, report, names = _fused("inkling_text", n_shared_experts=shared, scale_before=1.7)
+    _assert_swapped_whole(report, 2)
+    for name in names:
+        layer, block = model.get_submodule(name), original.get_submodule(name)
+        spec = layer.spec
+        assert (spec.shared_expert, spec.shared_weighted) == ("shared_experts", True)
+        routing = spec.router.routing
+        assert (routing.num_experts, routing.shared_ids, routing.scaling) == (8, shared, block.gate.route_scale)
+        assert (spec.router.weight_scale, spec.router.selection_bias) == ("gate.global_scale",
+                                                                          "gate.e_score_correction_bias")
+        assert layer.spec.gradient_fallback is None and layer.spec.training_fallback is None
+        assert_block_equivalent(layer, block, _block_args(layer))
+
+
+def test_muse_spark_experts_alone_with_their_post_expert_norm():
+    """The experts module swapped alone (its block left to transformers) keeps the norm: outputs
+    and gradients of the inputs, routing weights, expert weights and the norm weight."""
+    model = _build("muse_spark_text")
+    experts = next(m for m in model.modules() if type(m).__name__ == "MuseSparkExperts")
+    original = copy.deepcopy(experts)
+    _eager(original)
+    fused = kernel_moe.optimize(experts)
+    assert type(fused).__name__ == "FusedExperts" and fused.spec.experts.post_norm is not None
+    g = torch.Generator().manual_seed(4)
+    H, E = fused.spec.experts.hidden, fused.spec.num_experts
+    x = torch.randn(11, H, generator=g)
+    weights, ids = torch.randn(11, E, generator=g).softmax(-1).topk(2, dim=-1)
+    outs = []
+    for module in (fused, original):
+        xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        for p in module.parameters():
+            p.grad = None
+        out = module(xi, ids, wi)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(5))).sum().backward()
+        outs.append((out.detach(), xi.grad, wi.grad, {n: p.grad for n, p in module.named_parameters()}))
+    (out, gx, gw, gp), (ref, rgx, rgw, rgp) = outs
+    torch.testing.assert_close(out, ref, **FP32)
+    torch.testing.assert_close(gx, rgx, **GRAD)
+    torch.testing.assert_close(gw, rgw, **GRAD)
+    assert set(gp) == set(rgp)
+    for name in gp:
+        torch.testing.assert_close(gp[name], rgp[name], **GRAD, msg=name)
+
+
+def test_muse_spark_through_the_transformers_experts_interface():
+    """set_experts_implementation("kernel_moe") on MuseSpark: the interface function applies the
+    post-expert norm itself (transformers applies it inside its own implementations only)."""
+    from kernel_moe.adapters import transformers_interface
+
+    assert transformers_interface.register()
+    model = _build("muse_spark_text")
+    original = copy.deepcopy(model)
+    _eager(original)
+    model.set_experts_implementation("kernel_moe")
+    assert transformers_interface.prepare(model) == 2
+    inputs = tiny_inputs(model, batch=2, seq=7, seed=17)
+    with torch.no_grad():
+        out, ref = first_tensor(model(**inputs)), first_tensor(original(**inputs))
+    torch.testing.assert_close(out, ref, **FP32)
+
+
 def test_llama4_routing_weights_scale_the_experts_inputs():
     layers = _check_family("llama4_text", 2)
     spec = layers[0].spec
@@ -256,11 +361,13 @@ def test_privacy_filter_scales_back_its_routed_output():
 FAMILIES = {  # model type: MoE blocks of the tiny model (2 layers; Switch has 2 in the encoder and 2 in the decoder)
     "glm5_next_text": 2, "hy_v4": 2, "deepseek_v4": 2, "inkling2_text": 2, "nemotron_h": 1, "llama4_text": 2,
     "longcat_flash": 2, "dbrx": 2, "switch_transformers": 4, "ernie4_5_vl_moe_text": 4, "openai_privacy_filter": 2,
+    "muse_spark_text": 2, "axk1": 2, "phimoe": 2, "inkling_text": 2,
 }
 GENERATIVE = {  # a family whose tiny model cannot generate: the class that does, and the type of its config
     "glm5_next_text": ("Glm5NextForConditionalGeneration", "glm5_next"),
     "switch_transformers": ("SwitchTransformersForConditionalGeneration", "switch_transformers"),
     "ernie4_5_vl_moe_text": ("Ernie4_5_VLMoeForConditionalGeneration", "ernie4_5_vl_moe"),
+    "muse_spark_text": ("MuseSparkForConditionalGeneration", "muse_spark"),
 }
 NOT_GENERATIVE = {"openai_privacy_filter"}  # a token classifier
 
@@ -317,10 +424,10 @@ def test_whole_model_logits_and_greedy_generation_are_unchanged(model_type):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("model_type", ["dbrx", "longcat_flash", "llama4_text"])
+@pytest.mark.parametrize("model_type", ["dbrx", "longcat_flash", "llama4_text", "muse_spark_text"])
 def test_quantized_experts_of_the_new_layouts(model_type):
     """quantize_experts on packed paired rows (DBRX), an up weight with rows of weightless experts
-    (LongCat) and input-scaled routing (Llama 4): the blocks stay whole and compute what the
+    (LongCat), input-scaled routing (Llama 4) and the post-expert norm (MuseSpark): the blocks stay whole and compute what the
     original computes with the dequantized weights (fp32 tolerance), and a full-precision
     checkpoint quantizes on load into exactly the buffers optimize() made."""
     config = kernel_moe.KernelConfig.for_moe(quantize_experts="int8", quantize_keep_original=True)

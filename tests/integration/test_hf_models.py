@@ -314,25 +314,6 @@ def test_experts_module_alone_matches_for_every_layout(model_type):
         torch.testing.assert_close(layer(x, ids, weights), experts(x, ids, weights), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_type, reason", [
-    ("muse_spark_text", "post-expert norm"),  # X5 (relu^2 and clamped SwiGLU: tests/integration/test_hf_families.py)
-])
-def test_unsupported_experts_are_skipped_with_the_reason(model_type, reason):
-    from tests.integration.hf_tiny import moe_model_types
-
-    if model_type not in moe_model_types():
-        pytest.skip(f"{model_type} is not in this transformers")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = build_tiny_model(model_type, seed=15)
-    original = copy.deepcopy(model)
-    report = kernel_moe.optimize(model, return_report=True)[1]
-    assert report.swapped == []
-    assert report.skipped and all(reason in r.reason for r in report.skipped if "Experts" in r.module_class)
-    assert any("Experts" in r.module_class for r in report.skipped)
-    assert_same_state(model, snapshot_state(original))
-
-
 @pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "gpt_oss"])
 def test_transformers_experts_interface_runs_kernel_moe_and_compiles(model_type):
     """model.set_experts_implementation("kernel_moe"): transformers routes, kernel_moe computes

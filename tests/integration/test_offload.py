@@ -237,3 +237,24 @@ def test_a_deleted_model_frees_its_slots_without_waiting_for_the_garbage_collect
         assert all(r() is None for r in refs)  # no reference cycle keeps the slots alive
     finally:
         gc.enable()
+
+
+def test_experts_with_a_post_expert_norm_are_not_offloaded():
+    """Offloaded experts run the plain op: a layer whose experts normalise each output is skipped
+    with that reason and keeps computing what the original does."""
+    pytest.importorskip("transformers")
+    from transformers.models.muse_spark.configuration_muse_spark import MuseSparkTextConfig
+    from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
+
+    torch.manual_seed(0)
+    module = MuseSparkExperts(MuseSparkTextConfig(moe_hidden_size=16, moe_intermediate_size=12, num_local_experts=4))
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3)
+    config = KernelConfig.for_moe(offload_experts="host", expert_slots=2)
+    model, report = kernel_moe.optimize(copy.deepcopy(module), config, return_report=True)
+    assert report.swapped == [] and "post-expert norm" in report.skipped[0].reason
+    x = torch.randn(5, 16)
+    weights, ids = torch.randn(5, 4).softmax(-1).topk(2, dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, ids, weights), module(x, ids, weights), rtol=0, atol=0)

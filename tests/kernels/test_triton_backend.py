@@ -51,7 +51,7 @@ def test_forward_and_backward_of_a_routed_call(kt, deterministic):
     assert isinstance(grads, ExpertsGrads)
     want = fused_experts_backward_triton(g, x, weights, ids, experts)
     for name, a, b in zip(ExpertsGrads._fields, grads, want):
-        assert torch.equal(a, b), name
+        assert (a is None and b is None) or torch.equal(a, b), name  # post_norm: None without a norm
 
 
 def test_backend_takes_local_ids_and_leaves_the_map_alone(kt):

@@ -70,6 +70,20 @@ def test_opcheck_fused_experts_backward(case):
                                          (grad_out,) + tensors + scalars))
 
 
+@pytest.mark.parametrize("case", ["silu_concat", "dropped_ids", "zero_tokens", "bf16", "expert_map"])
+def test_opcheck_with_a_post_expert_norm(case):
+    """The post-expert norm's scale [H] and epsilon (the schemas' last arguments): both ops, with
+    the scale's gradient from the backward."""
+    tensors, scalars = _args(**CASES[case])
+    scale = (1.0 + 0.1 * torch.randn(H, generator=torch.Generator().manual_seed(2))).to(tensors[0].dtype)
+    norm = (True, scale.requires_grad_(True), 1e-6)
+    _assert_passed(torch.library.opcheck(torch.ops.kernel_moe.fused_experts.default, tensors + scalars + norm))
+    detached = tuple(None if t is None else t.detach() for t in tensors)
+    grad_out = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1)).to(tensors[0].dtype)
+    _assert_passed(torch.library.opcheck(torch.ops.kernel_moe.fused_experts_backward.default,
+                                         (grad_out,) + detached + scalars + (scale.detach(), 1e-6)))
+
+
 def test_fake_implementations_give_the_real_shapes_and_dtypes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -190,6 +190,56 @@ def test_expert_parallel_layer_equals_the_single_process_layer(world):
                 assert torch.equal(ours, ref), f"rank {rank} {what}: {ours} != {ref}"
 
 
+def _post_norm_worker(rank: int, world: int) -> list[tuple]:
+    """MuseSpark experts (post-expert norm) swapped alone and sharded over 2 ranks, against the
+    single-process layer: outputs, input and routing-weight gradients per rank; the expert weights'
+    gradients summed over both ranks' tokens (each rank holds half); the norm weight, replicated, is
+    normalised where the experts run, so its gradient summed over the ranks is the total of both."""
+    from transformers.models.muse_spark.configuration_muse_spark import MuseSparkTextConfig
+    from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
+
+    torch.manual_seed(5)
+    cfg = MuseSparkTextConfig(moe_hidden_size=H, moe_intermediate_size=I, num_local_experts=8)
+    module = MuseSparkExperts(cfg)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3)
+    single = kernel_moe.optimize(copy.deepcopy(module), KernelConfig.for_moe())
+    layer = kernel_moe.optimize(module, KernelConfig.for_moe(expert_parallel=True))
+    g = torch.Generator().manual_seed(6)
+    inputs = []
+    for T in (9, 4):
+        weights, ids = torch.softmax(torch.randn(T, 8, generator=g), dim=-1).topk(2, dim=-1)
+        inputs.append((torch.randn(T, H, generator=g), ids, weights))
+
+    def run(model, x, ids, weights):
+        model.zero_grad(set_to_none=True)
+        x, weights = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        out = model(x, ids, weights)
+        (out * _cotangent(out)).sum().backward()
+        return out.detach(), x.grad, weights.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out, gx, gw, grads = run(layer, *inputs[rank])
+    ref_out, ref_gx, ref_gw, _ = run(single, *inputs[rank])
+    summed = [run(single, *inputs[r])[3] for r in range(2)]
+    norm = "post_expert_norm.weight"
+    total = grads[norm].clone()
+    dist.all_reduce(total)
+    checks = [("post-norm experts output", out, ref_out, FP32), ("input grad", gx, ref_gx, GRAD),
+              ("routing-weight grad", gw, ref_gw, GRAD), ("norm weight grad, summed", total,
+                                                          summed[0][norm] + summed[1][norm], GRAD)]
+    for name in ("gate_up_proj", "down_proj"):
+        checks.append((f"{name} grad", grads[name], (summed[0][name] + summed[1][name])[4 * rank: 4 * rank + 4], GRAD))
+    return checks
+
+
+@pytest.mark.slow
+def test_post_expert_norm_experts_over_two_ranks():
+    for rank, checks in enumerate(run_ranks(_post_norm_worker, 2, timeout_s=300)):
+        for what, ours, ref, tol in checks:
+            torch.testing.assert_close(ours, ref, **tol, msg=lambda m, w=what, r=rank: f"rank {r} {w}: {m}")
+
+
 def test_optimize_without_an_initialised_group_raises_a_clear_error():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="torch.distributed initialised"):
