@@ -89,7 +89,9 @@ def child(experts: int, tokens: int, frozen: bool) -> dict:
 
     block = _phase("build", build, phases)
     expert_bytes = sum(p.numel() * p.element_size() for n, p in block.named_parameters() if "experts" in n)
+    own = {id(p) for p in block.parameters()}
     model = _phase("optimize", lambda: kernel_moe.optimize(block), phases)
+    shared = {id(p) for p in model.parameters()} == own  # the swapped layer holds the very same Parameters
     x = torch.randn(1, tokens, H, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
 
     def forward():
@@ -99,7 +101,7 @@ def child(experts: int, tokens: int, frozen: bool) -> dict:
     _phase("forward", forward, phases)
     swapped = type(model).__name__
     return {"experts": experts, "expert_bytes": expert_bytes, "frozen": frozen, "swapped_to": swapped,
-            "kernel_moe": str(Path(kernel_moe.__file__).parent), "phases": phases}
+            "params_shared": shared, "kernel_moe": str(Path(kernel_moe.__file__).parent), "phases": phases}
 
 
 def run_case(repo: Path, experts: int, tokens: int, frozen: bool) -> dict:
@@ -132,14 +134,15 @@ def main(argv=None) -> int:
     rows = []
     print(f"Qwen3-MoE block H {H} I {I} E {args.experts} top-{K} bf16; peak RSS above the phase's start, "
           "as a multiple of the expert bytes")
-    print(f"{'checkout':<28} {'grad':<6} {'expert MB':>9} {'build':>7} {'optimize':>9} {'forward':>8}")
+    print(f"{'checkout':<28} {'grad':<6} {'expert MB':>9} {'build':>7} {'optimize':>9} {'forward':>8}  swapped to")
     for repo in repos:
         for frozen in (False, True):
             r = run_case(repo.resolve(), args.experts, args.tokens, frozen)
             rows.append(r)
             ratio = {k: v["peak_above_start"] / r["expert_bytes"] for k, v in r["phases"].items()}
             print(f"{str(repo)[-28:]:<28} {'no' if frozen else 'yes':<6} {r['expert_bytes'] / 2**20:>9.1f} "
-                  f"{ratio['build']:>7.2f} {ratio['optimize']:>9.2f} {ratio['forward']:>8.2f}")
+                  f"{ratio['build']:>7.2f} {ratio['optimize']:>9.2f} {ratio['forward']:>8.2f}  {r['swapped_to']}"
+                  f"{'' if r['params_shared'] else ' (parameters not shared)'}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
