@@ -51,8 +51,8 @@ def build_model(vocab: int, smoke: bool):
                             max_position_embeddings=4096, **sizes)
     torch.manual_seed(0)
     model = Qwen3MoeForCausalLM._from_config(config, dtype=torch.bfloat16, experts_implementation="eager")
-    # inference: without grad, optimize() proves outputs only (the gradient proof would allocate
-    # several gradient-sized copies of every expert weight)
+    # inference: without grad, optimize() proves outputs and input gradients only (with grad it would
+    # also hold the original's and the fused layer's gradients of the largest expert weight)
     return model.eval().requires_grad_(False)
 
 

@@ -95,15 +95,15 @@ def _transformers_experts(shape: LayerShape, dtype: torch.dtype) -> nn.Module:
 
 def _memory_plan(shape: LayerShape, dtype: torch.dtype, args, limit: float) -> tuple[bool, str | None]:
     """(whether the layer fits, why dense_total is skipped or None). Counted: one copy of the
-    experts, plus, while optimize() proves the swap, its gradient probe's backward's gradients
-    of the expert weights (counted as 1.25 copies: 1.0 measured in fp32, 1.16 in bf16; none
-    with --no-verify), the dense FFN of the active parameters, and the largest T's intermediate
+    experts, plus, while optimize() proves the swap, what its probes hold beside the model (counted
+    as a quarter copy: the Parameters do not require grad, so no weight gradient is made; 0.08-0.2
+    copies measured in bf16 by benchmarks/bench_optimize_memory.py; none with --no-verify), the dense FFN of the active parameters, and the largest T's intermediate
     activations plus 256 MiB; dense_total (built after the proof) adds a second copy of the
     experts and its own activations."""
     elt = torch.empty((), dtype=dtype).element_size()
     copy = shape.experts * shape.expert_bytes(dtype)
     T = max(args.tokens)
-    proof = 0 if args.no_verify else copy * 5 // 4
+    proof = 0 if args.no_verify else copy // 4
     need = copy + proof + 2**28 + T * 4 * shape.top_k * shape.intermediate * 4
     if "dense_active" not in args.skip:
         need += shape.top_k * shape.expert_bytes(dtype)
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-reps", type=int, default=5, help="timed calls per implementation at least")
     ap.add_argument("--skip", nargs="*", default=[], choices=REFERENCES, help="references not to run")
     ap.add_argument("--no-verify", action="store_true",
-                    help="optimize() without its proof by computation (which briefly holds a second copy of the experts)")
+                    help="optimize() without its proof by computation (which briefly holds up to a quarter copy of the experts)")
     ap.add_argument("--experts", type=int, help="hold this many experts instead of the layer's own E")
     ap.add_argument("--memory-gb", type=float, help="memory the weights may take (default: MemAvailable - 2 GB)")
     ap.add_argument("--smoke", action="store_true", help="tiny layers of the same families (tests)")

@@ -10,6 +10,7 @@ the adapters and the manager run).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,25 @@ def probe_input(shape: tuple[int, ...], like: torch.Tensor, seed: int = PROBE_SE
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
 
 
+CHUNK = 1 << 18  # values compared at a time: the float64 copies (2 MiB each) stay small beside a gradient
+
+
+def _error_terms(out: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float, float, float, float]:
+    """(ref all finite, max |ref|, max |out - ref|, sum (out - ref)^2, sum ref^2) in float64, read
+    ``CHUNK`` values at a time so that no full float64 copy of a large tensor is ever made."""
+    finite, scale, worst, sq_err, sq_ref = True, 0.0, 0.0, 0.0, 0.0
+    for a, b in zip(out.reshape(-1).split(CHUNK), ref.reshape(-1).split(CHUNK)):
+        a, b = a.double(), b.double()
+        finite = finite and bool(torch.isfinite(b).all())
+        d = (a - b).abs_()
+        scale = max(scale, b.abs().max().item() if b.numel() else 0.0)
+        part = d.max().item() if d.numel() else 0.0
+        worst = part if math.isnan(part) or part > worst else worst  # a NaN difference stays NaN: no match
+        sq_err += d.square_().sum().item()
+        sq_ref += b.square().sum().item()
+    return finite, scale, worst, sq_err, sq_ref
+
+
 def mismatch(out: torch.Tensor, ref: torch.Tensor) -> str | None:
     """None when ``out`` matches ``ref`` within the dtype tolerance, else a short description."""
     if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
@@ -35,16 +55,15 @@ def mismatch(out: torch.Tensor, ref: torch.Tensor) -> str | None:
     if not ref.is_floating_point() or not out.is_floating_point():  # ids, counts: exactly equal
         same = out.dtype == ref.dtype and torch.equal(out, ref)
         return None if same else f"{out.dtype} values differ from the original's {ref.dtype} values"
-    a, b = out.double(), ref.double()
-    if not torch.isfinite(b).all():
+    finite, scale, worst, sq_err, sq_ref = _error_terms(out, ref)
+    if not finite:
         return "reference output has non-finite values on the probe"
-    scale = b.abs().max().item()
     if scale == 0.0:
         return "reference output is all zeros on the probe, so equivalence cannot be shown"
     if ref.dtype in (torch.float32, torch.float64):
-        err = (a - b).abs().max().item() / scale
+        err = worst / scale
         return None if err <= 1e-4 else f"max relative error {err:.2e} > 1e-4"
-    err = ((a - b).norm() / b.norm()).item()
+    err = math.sqrt(sq_err) / math.sqrt(sq_ref)
     return None if err <= 2e-2 else f"relative error {err:.2e} > 2e-2"
 
 
@@ -97,6 +116,27 @@ def _float_tensors(out: object) -> list[torch.Tensor]:
     return [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+SEPARATE_BYTES = 1 << 24  # a parameter this large gets a gradient pass of its own (see gradients_mismatch)
+
+
+def _gradients(module: nn.Module, args: tuple, wrt_params: list[nn.Parameter], training: bool,
+               with_inputs: bool) -> list[torch.Tensor | None]:
+    """Gradients (None where nothing flows) of a seeded random projection of every floating output
+    of ``module(*args)`` with respect to the floating inputs (when ``with_inputs``) and
+    ``wrt_params``; nothing else's gradient is computed. The inputs require grad either way, so
+    every pass records the same graph."""
+    inputs = [a.detach().clone().requires_grad_() if a.is_floating_point() else a for a in args]
+    wrt = ([a for a in inputs if a.requires_grad] if with_inputs else []) + list(wrt_params)
+    with torch.enable_grad(), train_mode(module, training), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(PROBE_SEED)
+        outs = [(i, t) for i, t in enumerate(_float_tensors(module(*inputs))) if t.requires_grad]
+        if not outs or not wrt:
+            return [None] * len(wrt)
+        cotangents = [probe_input(tuple(t.shape), t, seed=PROBE_SEED + 2 + i) for i, t in outs]
+        grads = torch.autograd.grad([t for _, t in outs], wrt, cotangents, allow_unused=True)
+    return [None if g is None else g.detach() for g in grads]
+
+
 def probe_gradients(
     module: nn.Module, args: tuple, params: list[nn.Parameter], training: bool
 ) -> list[torch.Tensor]:
@@ -105,16 +145,45 @@ def probe_gradients(
     nothing flows). Each output's projection is seeded by its position among the floating
     outputs, so an output that carries no gradient in one module but does in another shifts
     nothing. The global RNG is forked and seeded, so stochastic layers draw alike."""
-    inputs = [a.detach().clone().requires_grad_() if a.is_floating_point() else a for a in args]
-    wrt = [a for a in inputs if a.requires_grad] + list(params)
-    with torch.enable_grad(), train_mode(module, training), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(PROBE_SEED)
-        outs = [(i, t) for i, t in enumerate(_float_tensors(module(*inputs))) if t.requires_grad]
-        grads = [None] * len(wrt)
-        if outs:
-            cotangents = [probe_input(tuple(t.shape), t, seed=PROBE_SEED + 2 + i) for i, t in outs]
-            grads = torch.autograd.grad([t for _, t in outs], wrt, cotangents, allow_unused=True)
-    return [torch.zeros_like(w) if g is None else g.detach() for g, w in zip(grads, wrt)]
+    grads = _gradients(module, args, params, training, with_inputs=True)
+    n_inputs = len(grads) - len(params)
+    like = [a for a in args if a.is_floating_point()][:n_inputs] + list(params)
+    return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, like)]
+
+
+def _abs_max(t: torch.Tensor | None) -> float:
+    """max |t| read ``CHUNK`` values at a time (0 for None, NaN when t holds a NaN)."""
+    if t is None:
+        return 0.0
+    worst = 0.0
+    for c in t.reshape(-1).split(CHUNK):
+        part = c.abs().max().item() if c.numel() else 0.0
+        worst = part if math.isnan(part) or part > worst else worst
+    return worst
+
+
+def _gradient_passes(n_inputs: int, params: list[tuple[str, nn.Parameter]]) -> list[tuple[bool, list[int]]]:
+    """The passes of :func:`gradients_mismatch` in compare order: (whether the inputs' gradients are
+    taken, indices into ``params``). A parameter of ``SEPARATE_BYTES`` or more has a pass of its own,
+    so at most one large gradient per module is held at a time; the others share a pass."""
+    passes: list[tuple[bool, list[int]]] = [(n_inputs > 0, [])]
+    for i, (_, p) in enumerate(params):
+        if p.numel() * p.element_size() >= SEPARATE_BYTES:
+            passes.append((False, [i]))
+            passes.append((False, []))
+        else:
+            passes[-1][1].append(i)
+    return [(inputs, idx) for inputs, idx in passes if inputs or idx]
+
+
+def _one_mismatch(name: str, a: torch.Tensor | None, b: torch.Tensor | None) -> str | None:
+    """The verdict of :func:`gradients_mismatch` on one gradient (None: nothing flows, a zero)."""
+    if not _abs_max(b) > 0:
+        if _abs_max(a) > 0:
+            return f"gradient of {name} is zero in the original but not in the fused layer"
+        return None
+    why = mismatch(torch.zeros_like(b) if a is None else a, b)
+    return None if why is None else f"gradient of {name}: {why}"
 
 
 def gradients_mismatch(
@@ -122,20 +191,24 @@ def gradients_mismatch(
 ) -> str | None:
     """None when ``layer`` gives the gradients ``module`` gives (inputs and ``params``, shared by
     both) within the dtype tolerance of :func:`mismatch`, else which gradient differs and how. A
-    gradient that is zero in the original must be zero in the layer too."""
-    tensors = [p for _, p in params]
-    ref = probe_gradients(module, args, tensors, training)
-    ours = probe_gradients(layer, args, tensors, training)
-    n_inputs = len(ref) - len(tensors)
-    names = [f"input {i}" for i in range(n_inputs)] + [f"parameter {n}" for n, _ in params]
-    for name, a, b in zip(names, ours, ref):
-        if not b.abs().max().item() > 0:
-            if a.abs().max().item() > 0:
-                return f"gradient of {name} is zero in the original but not in the fused layer"
-            continue
-        why = mismatch(a, b)
-        if why is not None:
-            return f"gradient of {name}: {why}"
+    gradient that is zero in the original must be zero in the layer too.
+
+    Memory: the gradients are taken in passes (:func:`_gradient_passes`), each restricted by
+    ``torch.autograd.grad`` to its own tensors, the original's first (its graph freed when its
+    backward returns), then the layer's; each gradient is freed once compared. A large MoE layer's
+    proof so holds about two copies of its largest expert weight, not two of every weight."""
+    n_inputs = sum(1 for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+    for with_inputs, idx in _gradient_passes(n_inputs, params):
+        tensors = [params[i][1] for i in idx]
+        names = ([f"input {i}" for i in range(n_inputs)] if with_inputs else []) + [
+            f"parameter {params[i][0]}" for i in idx]
+        ref = _gradients(module, args, tensors, training, with_inputs)
+        ours = _gradients(layer, args, tensors, training, with_inputs)
+        for k, name in enumerate(names):
+            why = _one_mismatch(name, ours[k], ref[k])
+            ours[k] = ref[k] = None  # freed as soon as compared
+            if why is not None:
+                return why
     return None
 
 

@@ -125,8 +125,8 @@ def fill_random_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
 def materialize(build: Callable[[], nn.Module], dtype: torch.dtype, seed: int) -> nn.Module:
     """``build()`` run on the meta device, then given uninitialised CPU storage in ``dtype``
     and random weights: a large module is allocated once, in its final dtype. Its parameters do
-    not require grad (inference; optimize() would otherwise also prove the gradients, which
-    allocates several gradient-sized copies of every expert weight)."""
+    not require grad (inference; optimize() would otherwise also prove the weights' gradients,
+    holding two gradient-sized copies of the largest expert weight at once)."""
     with torch.device("meta"):
         module = build()
     module = module.to(dtype).to_empty(device="cpu")

@@ -162,7 +162,8 @@ class ExpertsGrads(NamedTuple):
 
 class ExpertsBackend(Protocol):
     """A peer implementation of the contract. ``ids_TK`` are local (see :func:`local_ids`);
-    routing None is a dense call."""
+    routing None is a dense call. ``weight_grads`` says which of (w_up, w_down) the caller needs a
+    gradient of; the others' come back None (so a probe of input gradients allocates none)."""
 
     name: str
 
@@ -170,7 +171,7 @@ class ExpertsBackend(Protocol):
                 experts: StackedExperts, deterministic: bool) -> Tensor: ...
 
     def backward(self, grad_TH: Tensor, x_TH: Tensor, weights_TK: Optional[Tensor], ids_TK: Optional[Tensor],
-                 experts: StackedExperts) -> ExpertsGrads: ...
+                 experts: StackedExperts, weight_grads: tuple[bool, bool] = (True, True)) -> ExpertsGrads: ...
 
 
 def local_ids(ids_TK: Tensor, experts: StackedExperts) -> Tensor:

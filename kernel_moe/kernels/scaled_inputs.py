@@ -34,13 +34,14 @@ def forward(backend: ExpertsBackend, x_TH: Tensor, weights_TK: Tensor, ids_TK: T
 
 
 def backward(backend: ExpertsBackend, grad_TH: Tensor, x_TH: Tensor, weights_TK: Tensor, ids_TK: Tensor,
-             experts: StackedExperts) -> ExpertsGrads:
-    """d w[t, j] = <d row, x[t]> and d x[t] = sum_j w[t, j] * d row, from the rows' backward."""
+             experts: StackedExperts, weight_grads: tuple[bool, bool] = (True, True)) -> ExpertsGrads:
+    """d w[t, j] = <d row, x[t]> and d x[t] = sum_j w[t, j] * d row, from the rows' backward
+    (weight gradients where ``weight_grads`` asks)."""
     T, K = ids_TK.shape
     H = x_TH.shape[1]
     x_SH, ones_S1, ids_S1 = _rows(x_TH, weights_TK, ids_TK)
     grad_SH = grad_TH.unsqueeze(1).expand(T, K, H).reshape(T * K, H)
-    g = backend.backward(grad_SH, x_SH, ones_S1, ids_S1, experts._replace(scale_inputs=False))
+    g = backend.backward(grad_SH, x_SH, ones_S1, ids_S1, experts._replace(scale_inputs=False), weight_grads)
     acc = torch.promote_types(x_TH.dtype, torch.float32)
     d_rows_TKH = g.x.view(T, K, H).to(acc)
     grad_w_TK = (d_rows_TKH * x_TH.unsqueeze(1).to(acc)).sum(dim=-1).to(weights_TK.dtype)

@@ -173,22 +173,27 @@ def fused_experts_backward(
     backend: str,
     post_norm: Optional[Tensor] = None,
     post_norm_eps: float = 1e-6,
+    w_up_grad: bool = True,
+    w_down_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of fused_experts: (grad_x, grad_topk_weights or [0] for a dense call, grad_w_up,
     grad_w_down, grad_b_up or [0], grad_b_down or [0], grad_post_norm or [0]); quantized weights
-    are frozen: their gradients are [0]."""
+    are frozen, and a weight whose ``w_*_grad`` is False is not asked for: their gradients are [0]
+    (never allocated; the post-norm path computes them and drops them)."""
     experts = _unflat((w_up, w_down, b_up, b_down, expert_map, w_up_scale, w_down_scale, activation, glu, alpha,
                        limit, gate_softcap, up_softcap, scale_inputs, weight_format), post_norm, post_norm_eps)
     chosen = select_backend(backend, x.device)
+    wanted = (w_up_grad, w_down_grad)
     if post_norm is not None:
         ids = None if topk_ids is None else local_ids(topk_ids, experts)
         g = post_norm_path.backward(chosen, grad_out, x, topk_weights, ids, experts)
+        g = g._replace(w_up=None if not w_up_grad else g.w_up, w_down=None if not w_down_grad else g.w_down)
     elif topk_ids is None:
-        g = chosen.backward(grad_out, x, None, None, experts)
+        g = chosen.backward(grad_out, x, None, None, experts, wanted)
     elif experts.scale_inputs:
-        g = scaled_inputs.backward(chosen, grad_out, x, topk_weights, local_ids(topk_ids, experts), experts)
+        g = scaled_inputs.backward(chosen, grad_out, x, topk_weights, local_ids(topk_ids, experts), experts, wanted)
     else:
-        g = chosen.backward(grad_out, x, topk_weights, local_ids(topk_ids, experts), experts)
+        g = chosen.backward(grad_out, x, topk_weights, local_ids(topk_ids, experts), experts, wanted)
     def given(t: Optional[Tensor]) -> Tensor:
         return x.new_empty(0) if t is None else t  # a fresh empty each: outputs may not alias
 
@@ -199,13 +204,14 @@ def fused_experts_backward(
 @fused_experts_backward.register_fake
 def _fused_experts_backward_fake(grad_out, x, topk_weights, topk_ids, w_up, w_down, b_up, b_down, expert_map,
                                  w_up_scale, w_down_scale, activation, glu, alpha, limit, gate_softcap, up_softcap,
-                                 scale_inputs, weight_format, backend, post_norm=None, post_norm_eps=1e-6):
+                                 scale_inputs, weight_format, backend, post_norm=None, post_norm_eps=1e-6,
+                                 w_up_grad=True, w_down_grad=True):
     def like(t: Optional[Tensor]) -> Tensor:
         return x.new_empty(0) if t is None else t.new_empty(t.shape)
 
     frozen = weight_format != "full"
-    return (like(x), like(topk_weights), like(None if frozen else w_up), like(None if frozen else w_down), like(b_up),
-            like(b_down), like(post_norm))
+    return (like(x), like(topk_weights), like(None if frozen or not w_up_grad else w_up),
+            like(None if frozen or not w_down_grad else w_down), like(b_up), like(b_down), like(post_norm))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -216,13 +222,29 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.frozen = inputs[17] != "full"  # quantized weights take no gradient
 
 
+def _gradient_wanted(ctx, index: int, t: Tensor) -> bool:
+    """Whether the backward now running needs the gradient of input ``index`` (``t``): it requires
+    grad, and (in eager autograd) the engine will run the node it flows into; a
+    ``torch.autograd.grad`` restricted to other tensors leaves it out, so a probe of the input
+    gradients allocates no weight gradient."""
+    if ctx.frozen or not ctx.needs_input_grad[index]:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return bool(torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(t).node))
+    except (RuntimeError, AttributeError):  # not inside an engine run (traced backward): assume needed
+        return True
+
+
 def _backward(ctx, grad_out):
     x, topk_weights, topk_ids, w_up, w_down, b_up, b_down = ctx.saved_tensors[:7]
     post_norm = ctx.saved_tensors[10]
+    wanted = (_gradient_wanted(ctx, 3, w_up), _gradient_wanted(ctx, 4, w_down))
     g_x, g_w, g_up, g_down, g_bup, g_bdown, g_norm = torch.ops.kernel_moe.fused_experts_backward(
-        grad_out.contiguous(), *ctx.saved_tensors[:10], *ctx.args, post_norm, ctx.post_norm_eps)
-    if ctx.frozen:
-        g_up = g_down = None
+        grad_out.contiguous(), *ctx.saved_tensors[:10], *ctx.args, post_norm, ctx.post_norm_eps, *wanted)
+    g_up = g_up if wanted[0] else None
+    g_down = g_down if wanted[1] else None
     return (g_x, None if topk_weights is None else g_w, None, g_up, g_down, None if b_up is None else g_bup,
             None if b_down is None else g_bdown) + (None,) * 13 + (None if post_norm is None else g_norm, None)
 

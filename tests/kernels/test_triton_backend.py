@@ -54,6 +54,20 @@ def test_forward_and_backward_of_a_routed_call(kt, deterministic):
         assert (a is None and b is None) or torch.equal(a, b), name  # post_norm: None without a norm
 
 
+@pytest.mark.parametrize("wanted", [(False, False), (True, False), (False, True)])
+def test_backward_returns_only_the_weight_gradients_asked_for(kt, wanted):
+    """Weight gradients nobody asked for come back None; every other gradient is unchanged."""
+    inputs = kt.make_moe(19, H, I, 5, 2, bias=True, seed=43)
+    x, weights, ids, experts = kt.call_args(inputs)
+    g = _grad_out(19)
+    full = BACKEND.backward(g, x, weights, ids, experts)
+    some = BACKEND.backward(g, x, weights, ids, experts, wanted)
+    assert (some.w_up is not None, some.w_down is not None) == wanted
+    for name, a, b in zip(ExpertsGrads._fields, some, full):
+        if a is not None:
+            torch.testing.assert_close(a, b, **GRAD_TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_backend_takes_local_ids_and_leaves_the_map_alone(kt):
     """The op applies local_ids; the backend must not apply the map a second time."""
     inputs = kt.make_moe(17, H, I, 4, 2, seed=41)

@@ -24,10 +24,10 @@ class CPUBackend:
         return experts_forward(x_TH, weights_TK, ids_TK, experts)
 
     def backward(self, grad_TH: Tensor, x_TH: Tensor, weights_TK: Optional[Tensor], ids_TK: Optional[Tensor],
-                 experts: StackedExperts) -> ExpertsGrads:
+                 experts: StackedExperts, weight_grads: tuple[bool, bool] = (True, True)) -> ExpertsGrads:
         if ids_TK is None:
-            return dense_backward(grad_TH, x_TH, experts)
-        return experts_backward(grad_TH, x_TH, weights_TK, ids_TK, experts)
+            return dense_backward(grad_TH, x_TH, experts, weight_grads)
+        return experts_backward(grad_TH, x_TH, weights_TK, ids_TK, experts, weight_grads)
 
 
 BACKEND = CPUBackend()

@@ -16,17 +16,19 @@ from kernel_moe.kernels.cpu.mlp import expert_of, mlp_backward
 
 
 def experts_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_TK: torch.Tensor,
-                     topk_ids_TK: torch.Tensor, experts: StackedExperts) -> ExpertsGrads:
-    """Gradients of :func:`~kernel_moe.kernels.cpu.forward.experts_forward`, one expert at a time."""
+                     topk_ids_TK: torch.Tensor, experts: StackedExperts,
+                     weight_grads: tuple[bool, bool] = (True, True)) -> ExpertsGrads:
+    """Gradients of :func:`~kernel_moe.kernels.cpu.forward.experts_forward`, one expert at a time;
+    the gradient of w_up / w_down only where ``weight_grads`` asks for it (else None, never allocated)."""
     T, H = x_TH.shape
     K = topk_ids_TK.shape[1]
     acc = torch.promote_types(x_TH.dtype, torch.float32)
     w_up, w_down, b_up, b_down = experts[:4]
     grad_x_TH = torch.zeros(T, H, dtype=acc, device=x_TH.device)
     grad_w_S = torch.zeros(T * K, dtype=acc, device=x_TH.device)
-    frozen = experts.quantized  # quantized weights take no gradient
-    grad_w_up = None if frozen else torch.zeros(w_up.shape, dtype=w_up.dtype, device=w_up.device)
-    grad_w_down = None if frozen else torch.zeros(w_down.shape, dtype=w_down.dtype, device=w_down.device)
+    wanted = (False, False) if experts.quantized else weight_grads  # quantized weights take no gradient
+    grad_w_up = torch.zeros(w_up.shape, dtype=w_up.dtype, device=w_up.device) if wanted[0] else None
+    grad_w_down = torch.zeros(w_down.shape, dtype=w_down.dtype, device=w_down.device) if wanted[1] else None
     grad_b_up = torch.zeros_like(b_up) if b_up is not None else None
     grad_b_down = torch.zeros_like(b_down) if b_down is not None else None
     weights_S = topk_weights_TK.reshape(-1)
@@ -35,11 +37,12 @@ def experts_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_TK:
     for e, tok_M, slot_M in groups:
         with stage(DISPATCH):
             rows = grad_TH.index_select(0, tok_M), weights_S.index_select(0, slot_M), x_TH.index_select(0, tok_M)
-        g = mlp_backward(*rows, expert_of(experts, e, x_TH.dtype), experts.activation, weight_grads=not frozen)
+        g = mlp_backward(*rows, expert_of(experts, e, x_TH.dtype), experts.activation, weight_grads=wanted)
         with stage(COMBINE):  # gradients written in place: the routing weights', the expert's, x's
             grad_w_S[slot_M] = g.scale
-            if not frozen:
+            if grad_w_up is not None:
                 grad_w_up[e] = g.w_up
+            if grad_w_down is not None:
                 grad_w_down[e] = g.w_down
             if grad_b_up is not None:
                 grad_b_up[e] = g.b_up
@@ -50,10 +53,13 @@ def experts_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_TK:
                         grad_w_down, grad_b_up, grad_b_down)
 
 
-def dense_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, experts: StackedExperts) -> ExpertsGrads:
-    """Gradients of a dense call (one expert, weight 1): no routing-weight gradient."""
+def dense_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, experts: StackedExperts,
+                   weight_grads: tuple[bool, bool] = (True, True)) -> ExpertsGrads:
+    """Gradients of a dense call (one expert, weight 1): no routing-weight gradient; weight
+    gradients as :func:`experts_backward` gives them."""
+    wanted = (False, False) if experts.quantized else weight_grads
     g = mlp_backward(grad_TH, None, x_TH, expert_of(experts, 0, x_TH.dtype), experts.activation,
-                     weight_grads=not experts.quantized)
+                     weight_grads=wanted)
     w_up, w_down, b_up, b_down = experts[:4]
 
     def one(grad, like):

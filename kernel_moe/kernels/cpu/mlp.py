@@ -72,10 +72,10 @@ class MLPGrads(NamedTuple):
 
 
 def mlp_backward(g_MH: torch.Tensor, scale_M: torch.Tensor | None, x_MH: torch.Tensor, ex: Expert,
-                 act: Activation, weight_grads: bool = True) -> MLPGrads:
+                 act: Activation, weight_grads: tuple[bool, bool] = (True, True)) -> MLPGrads:
     """Gradients of ``scale_M[:, None] * mlp_forward(x_MH)`` given d/d out ``g_MH``, recomputing
-    the forward (nothing was saved); without ``weight_grads`` (frozen, quantized weights) the
-    weight gradients are None."""
+    the forward (nothing was saved); ``weight_grads`` says which of (w_up, w_down) get one: the
+    others' are None (frozen or quantized weights, or gradients nobody asked for)."""
     acc = torch.promote_types(x_MH.dtype, torch.float32)
     with stage(UP):  # the up-projection recomputed
         h_MN = F.linear(x_MH, ex.w_up, ex.b_up)
@@ -88,12 +88,12 @@ def mlp_backward(g_MH: torch.Tensor, scale_M: torch.Tensor | None, x_MH: torch.T
             d_scale = (dy_MH * y_MH.to(acc)).sum(dim=-1)
             dy_MH = dy_MH * scale_M.to(acc).unsqueeze(-1)
         dy_MH = dy_MH.to(ex.w_down.dtype)
-        dw_down = dy_MH.t() @ a_MI.to(dy_MH.dtype) if weight_grads else None
+        dw_down = dy_MH.t() @ a_MI.to(dy_MH.dtype) if weight_grads[1] else None
         db_down = dy_MH.to(acc).sum(dim=0).to(ex.b_down.dtype) if ex.b_down is not None else None
         da_MI = (dy_MH @ ex.w_down).to(a_MI.dtype)
     with stage(UP):  # the activation's and the up-projection's gradients
         dh_MN = activation_backward(h_MN, da_MI, act).to(ex.w_up.dtype)
-        dw_up = dh_MN.t() @ x_MH.to(dh_MN.dtype) if weight_grads else None
+        dw_up = dh_MN.t() @ x_MH.to(dh_MN.dtype) if weight_grads[0] else None
         db_up = dh_MN.to(acc).sum(dim=0).to(ex.b_up.dtype) if ex.b_up is not None else None
         return MLPGrads((dh_MN @ ex.w_up).to(acc), dw_up, dw_down, db_up, db_down, d_scale)
 

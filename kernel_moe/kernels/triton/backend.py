@@ -33,10 +33,10 @@ class TritonBackend:
         return experts_forward(x_TH, weights_TK, ids_TK, experts, deterministic)
 
     def backward(self, grad_TH: Tensor, x_TH: Tensor, weights_TK: Optional[Tensor], ids_TK: Optional[Tensor],
-                 experts: StackedExperts) -> ExpertsGrads:
+                 experts: StackedExperts, weight_grads: tuple[bool, bool] = (True, True)) -> ExpertsGrads:
         """Gradients of :meth:`forward` (always deterministic); ``topk_weights`` is None for a
-        dense call."""
-        return experts_backward(grad_TH, x_TH, weights_TK, ids_TK, experts)
+        dense call; weight gradients only where ``weight_grads`` asks (see the kernels' function)."""
+        return experts_backward(grad_TH, x_TH, weights_TK, ids_TK, experts, weight_grads=weight_grads)
 
     def __repr__(self) -> str:
         return "TritonBackend()"

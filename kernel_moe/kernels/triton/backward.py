@@ -427,10 +427,13 @@ def _zero_grads(x_TH, weights_TK, grads_w, dense) -> ExpertsGrads:
 
 
 def experts_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, weights_TK: torch.Tensor | None,
-                     ids_TK: torch.Tensor | None, experts: StackedExperts, config: dict | None = None) -> ExpertsGrads:
+                     ids_TK: torch.Tensor | None, experts: StackedExperts, config: dict | None = None,
+                     weight_grads: tuple[bool, bool] = (True, True)) -> ExpertsGrads:
     """The Triton backend's backward on inputs the contract's validator has passed and on
     local ids (``experts.expert_map`` is not applied here); checks grad_out and what the
-    kernels support. See :func:`fused_experts_backward_triton` for the semantics."""
+    kernels support. See :func:`fused_experts_backward_triton` for the semantics. ``weight_grads``
+    (w_up, w_down): where neither is asked for, no weight gradient is allocated or computed; where
+    one is, both are computed (one kernel pass writes a weight's and its bias's) and the other dropped."""
     common.check_supported(experts, x=x_TH, topk_weights=weights_TK, grad_out=grad_TH)
     if tuple(grad_TH.shape) != tuple(x_TH.shape) or grad_TH.device != x_TH.device:
         raise UnsupportedInputError(f"grad_out has shape {tuple(grad_TH.shape)} on {grad_TH.device}; expected "
@@ -443,7 +446,7 @@ def experts_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, weights_TK: torc
     E, N = w_up.shape[:2]
     K = ids_TK.shape[1]
     dev = x_TH.device
-    frozen = experts.quantized  # quantized weights take no gradient
+    frozen = experts.quantized or not any(weight_grads)  # quantized weights take no gradient
     grad_w_up = None if frozen else torch.empty(w_up.shape, dtype=w_up.dtype, device=dev)
     grad_w_down = None if frozen else torch.empty(w_down.shape, dtype=w_down.dtype, device=dev)
     grad_b_up = torch.empty_like(b_up, memory_format=torch.contiguous_format) if b_up is not None else None
@@ -472,6 +475,7 @@ def experts_backward(grad_TH: torch.Tensor, x_TH: torch.Tensor, weights_TK: torc
             dh_PN, routing, up_operand(experts).t(), None, common.unit_weights(T, K, dev), x_TH.dtype, True, config
         )
     grad_w = None if dense else dot_partial.sum(dim=0).view(T, K).to(weights_TK.dtype)
+    grad_w_up, grad_w_down = (g if wanted else None for g, wanted in zip((grad_w_up, grad_w_down), weight_grads))
     return ExpertsGrads(grad_x, grad_w, grad_w_up, grad_w_down, grad_b_up, grad_b_down)
 
 
