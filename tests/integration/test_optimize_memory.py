@@ -5,8 +5,10 @@ gradient of every weight per side plus float64 copies (about 11x before); with f
 no weight gradient at all (about 1.2x before: the fused backward made ones nobody asked for).
 
 Run in a subprocess (benchmarks/bench_optimize_memory.py, as a user runs it), so the peak RSS
-is this case's alone. The bound allows 64 MiB beside the ratio for the interpreter's and the
-allocator's own growth during the proof (measured 40-60 MiB), which does not scale with the layer.
+is this case's alone. The bound allows 96 MiB beside the ratio for the interpreter's and the
+allocator's own growth during the proof (measured 40-60 MiB on one machine; the rest is margin for
+another allocator's rounding), which does not scale with the layer; the code before bounding the
+proof's memory held about 1.5 GiB here.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SLACK = 64 * 2**20
+SLACK = 96 * 2**20
 
 pytestmark = pytest.mark.slow
 
