@@ -29,7 +29,7 @@ from kernel_moe.layers.attention import apply_rotary, moa_attend
 from kernel_moe.layers.attention_masks import describe_masks, fused_mask
 from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.spec import SwapSpec
-from kernel_moe.layers.weights import WeightSource, get_attr_path
+from kernel_moe.layers.weights import WeightSource, get_attr_path, weight_rows
 from kernel_moe.ops.projection import run_projection
 from kernel_moe.routing.topk import TopKRouting, route
 
@@ -147,10 +147,6 @@ class HandwrittenMoASpec(SwapSpec):
         return "; ".join(t for t in (text, describe_masks(self.masks), self.mask_note) if t)
 
 
-def _rows(t: torch.Tensor, part: int | None) -> torch.Tensor:
-    return t if part is None else t.chunk(2, dim=0)[part]
-
-
 class FusedHandwrittenMoA(SwappedLayer):
     """The swapped-in layer for a hand-written MoA module: routing, the query projection (gather
     half of the experts op), ``scaled_dot_product_attention`` over the shared keys and values, the
@@ -177,8 +173,8 @@ class FusedHandwrittenMoA(SwappedLayer):
         x_ND = x.reshape(B * T, D)
         weights_NK, ids_NK = route(F.linear(x_ND, get_attr_path(self, spec.router)), self.routing)
         q_NKF = run_projection(x_ND, None, ids_NK, spec.w_q.get(self), backend=self.backend)
-        k_BTF = F.linear(x, _rows(get_attr_path(self, spec.key[0]), spec.key[1]))
-        v_BTF = F.linear(x, _rows(get_attr_path(self, spec.value[0]), spec.value[1]))
+        k_BTF = F.linear(x, weight_rows(self, spec.key[0], spec.key[1]))
+        v_BTF = F.linear(x, weight_rows(self, spec.value[0], spec.value[1]))
         o_NKF = moa_attend(q_NKF, k_BTF, v_BTF, spec.num_heads, (spec.causal, mask, None))
         out_ND = run_projection(o_NKF, weights_NK.to(x.dtype), ids_NK, spec.w_o.get(self), backend=self.backend)
         if spec.bias is not None:

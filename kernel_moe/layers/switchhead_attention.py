@@ -29,7 +29,7 @@ from kernel_moe.layers.attention import attend
 from kernel_moe.layers.attention_masks import describe_masks, fused_mask
 from kernel_moe.layers.base import SwappedLayer
 from kernel_moe.layers.spec import SwapSpec
-from kernel_moe.layers.weights import WeightSource, get_attr_path
+from kernel_moe.layers.weights import WeightSource, get_attr_path, weight_rows
 from kernel_moe.ops.projection import run_projection
 from kernel_moe.routing.topk import TopKRouting, route
 
@@ -69,10 +69,6 @@ class HandwrittenSwitchHeadSpec(SwapSpec):
         return "; ".join(t for t in (text, describe_masks(self.masks), self.mask_note) if t)
 
 
-def _rows(t: torch.Tensor, part: int | None) -> torch.Tensor:
-    return t if part is None else t.chunk(2, dim=0)[part]
-
-
 class FusedHandwrittenSwitchHead(SwappedLayer):
     """The swapped-in layer for a hand-written SwitchHead module (see the module docstring).
     Proven for ``forward(x)`` and ``forward(x, mask)`` with a mask of a proven kind; any other
@@ -108,8 +104,8 @@ class FusedHandwrittenSwitchHead(SwappedLayer):
         v_NSd = run_projection(x_ND, None, ids_s_NS, spec.w_v.get(self), backend=self.backend)  # [N, h*K, d]
         d = v_NSd.shape[-1]
         v_Nhd = (v_NSd.view(N, h, K, d) * ws_NS.view(N, h, K, 1).to(x.dtype)).sum(2)
-        q_BHTd = F.linear(x, _rows(get_attr_path(self, spec.query[0]), spec.query[1])).view(B, T, h, d).transpose(1, 2)
-        k_BHTd = F.linear(x, _rows(get_attr_path(self, spec.key[0]), spec.key[1])).view(B, T, h, d).transpose(1, 2)
+        q_BHTd = F.linear(x, weight_rows(self, spec.query[0], spec.query[1])).view(B, T, h, d).transpose(1, 2)
+        k_BHTd = F.linear(x, weight_rows(self, spec.key[0], spec.key[1])).view(B, T, h, d).transpose(1, 2)
         o_BHTd = attend(q_BHTd, k_BHTd, v_Nhd.view(B, T, h, d).transpose(1, 2), (spec.causal, mask, None))
         wd_NS, ids_d_NS = self._route(x_ND, spec.destination)
         o_NSd = o_BHTd.transpose(1, 2).reshape(N, h, 1, d).expand(N, h, K, d).reshape(N, h * K, d)

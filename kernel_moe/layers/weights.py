@@ -33,6 +33,13 @@ def get_attr_path(root: nn.Module, path: str) -> torch.Tensor:
     return obj  # type: ignore[return-value]
 
 
+def weight_rows(root: nn.Module, path: str, part: int | None) -> torch.Tensor:
+    """The tensor at ``path`` of ``root``, or its first (``part`` 0) or second (1) half of rows: one
+    projection of a fused pair (queries and keys in one Linear)."""
+    t = get_attr_path(root, path)
+    return t if part is None else t.chunk(2, dim=0)[part]
+
+
 @dataclass(frozen=True)
 class StackedWeight:
     """A 3-D tensor at ``path`` laid out [E, out, in], or [E, in, out] when ``transposed``. With
