@@ -20,7 +20,6 @@
 // H hidden, E experts, N up features, I intermediate, M rows of one task.
 
 #include "kernels.h"
-#include "pool.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -178,7 +177,7 @@ void run_task(const Task& t, const Inputs& in, const at::Tensor& y_SH) {
 template <typename scalar_t>
 void combine(const float* y_SH, const float* weights_TK, const int64_t* pos_S, scalar_t* out_TH, int64_t T, int64_t K,
              int64_t H) {
-  kernel_moe::parallel_chunks(T, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(H);
     for (int64_t t = begin; t < end; ++t) {
       std::fill(acc.begin(), acc.end(), 0.f);

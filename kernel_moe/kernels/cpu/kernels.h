@@ -59,6 +59,7 @@ at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_
 // out[t] = sum_j weight[t, j] * y[row of slot t * K + j] (fused_experts.cpp): the weighted combine of
 // expert outputs y_SH [S', H] float32 in sorted order, order_S [S'] int64 the slot of each row
 // (dropped slots left out add nothing), summed in float32 in slot order, returned [T, H] in dtype.
-// Runs on the sleeping pool (pool.h), one thread below 9 tokens: decode opens no parallel region.
+// One thread up to 8 tokens (decode opens no parallel region), else at::parallel_for, whose threads
+// are the ones the surrounding PyTorch ops keep warm.
 at::Tensor combine_sorted(const at::Tensor& y_SH, const at::Tensor& topk_weights_TK, const at::Tensor& order_S,
                           at::ScalarType dtype);
