@@ -211,7 +211,8 @@ inline void dot_rows_best(const W* __restrict w, const float* __restrict x, int6
   dot_rows<W, ROWS>(w, x, K, out);
 }
 
-// Whether dot_pair_best runs a fused kernel for W weights and ROWS x rows.
+// Whether dot_pair_best runs a fused kernel for W weights and ROWS x rows: for one or two x rows
+// each weight row alone is faster (its kernels keep more sums in flight).
 template <typename W, int ROWS>
 inline bool has_pair_kernel(bool deinterleaved) {
 #ifdef KERNEL_MOE_AVX512
@@ -274,17 +275,9 @@ void grouped_matvec_impl(const W* w_ENK, int64_t stride_e, int64_t stride_n, con
       const int64_t r_end = g.first_row + g.rows;
       for (; r + 4 <= r_end; r += 4) rows_block<W, 4>(w0, w1, x_SK, r, deinterleaved, y_SN, n, N, K);
       const int64_t rest = r_end - r;
-      // fewer than three rows: each weight row alone (its kernels keep more sums in flight)
-      for (const W* w : {w0, w1}) {
-        if (w == nullptr) continue;
-        const int64_t nn = w == w0 ? n : n + 1;
-        if (rest == 3) {
-          if (w == w0) rows_block<W, 3>(w0, w1, x_SK, r, deinterleaved, y_SN, n, N, K);
-          continue;
-        }
-        if (rest == 2) rows_block<W, 2>(w, nullptr, x_SK, r, deinterleaved, y_SN, nn, N, K);
-        if (rest == 1) rows_block<W, 1>(w, nullptr, x_SK, r, deinterleaved, y_SN, nn, N, K);
-      }
+      if (rest == 3) rows_block<W, 3>(w0, w1, x_SK, r, deinterleaved, y_SN, n, N, K);
+      if (rest == 2) rows_block<W, 2>(w0, w1, x_SK, r, deinterleaved, y_SN, n, N, K);
+      if (rest == 1) rows_block<W, 1>(w0, w1, x_SK, r, deinterleaved, y_SN, n, N, K);
     }
   });
 }
