@@ -6,6 +6,10 @@ Legend: T tokens, H hidden, E experts, K top-k, I intermediate, N up features (2
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -336,3 +340,16 @@ def simulate_cpu_extension_build(monkeypatch, build) -> None:
 
 def no_compiler():
     raise OSError("no C++ compiler found")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(args: list[str], timeout: float = 600) -> str:
+    """stdout of ``python ARGS`` run from the repository root, as a user runs a benchmark or an
+    example (one thread, the checkout on the path); fails the test with its stderr's tail."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

@@ -4,28 +4,17 @@ shapes (``--smoke``, in a subprocess, as a user runs them) and report every case
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import run_script
 
 pytestmark = pytest.mark.slow
 
 
-def _run(args: list[str]) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
 def test_real_size_layers_smoke(tmp_path):
     out = tmp_path / "layers.json"
-    _run(["benchmarks/bench_cpu_real_size.py", "--smoke", "--tokens", "1", "4", "--min-time", "0", "--min-reps", "1",
+    run_script(["benchmarks/bench_cpu_real_size.py", "--smoke", "--tokens", "1", "4", "--min-time", "0", "--min-reps", "1",
           "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     cases = {(r["layer"], r["dtype"], r["T"]) for r in rows}
@@ -47,19 +36,19 @@ def test_real_size_layers_skip_and_memory_limit(tmp_path):
             "--tokens", "2", "--min-time", "0", "--min-reps", "1"]
     out = tmp_path / "one_copy.json"
     limit = (2**28 + 1.5 * copy_bytes) / 1e9  # one copy (no proof by computation), not two
-    stdout = _run([*base, "--skip", "eager", "--no-verify", "--memory-gb", str(limit), "--json", str(out)])
+    stdout = run_script([*base, "--skip", "eager", "--no-verify", "--memory-gb", str(limit), "--json", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert "ours_over_eager" not in row and "ours_over_dense_total" not in row
     assert row["ours_over_grouped_mm"] > 0 and row["ours_over_dense_active"] > 0
     assert "dense_total skipped" in row["dense_total_skipped"] and "dense_total skipped" in stdout
     out = tmp_path / "none.json"
-    stdout = _run([*base, "--memory-gb", "0.2", "--json", str(out)])
+    stdout = run_script([*base, "--memory-gb", "0.2", "--json", str(out)])
     assert json.loads(out.read_text())["rows"] == [] and "qwen3 float32: skipped" in stdout
 
 
 def test_generate_smoke(tmp_path):
     out = tmp_path / "generate.json"
-    stdout = _run(["benchmarks/bench_cpu_generate.py", "--smoke", "--new-tokens", "4", "--rounds", "1",
+    stdout = run_script(["benchmarks/bench_cpu_generate.py", "--smoke", "--new-tokens", "4", "--rounds", "1",
                    "--json", str(out)])
     result = json.loads(out.read_text())
     assert set(result["rows"]) == {"eager", "grouped_mm", "ours"}

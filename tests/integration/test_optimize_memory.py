@@ -14,26 +14,20 @@ proof's memory held about 1.5 GiB here.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import run_script
+
 SLACK = 96 * 2**20
 
 pytestmark = pytest.mark.slow
 
 
 def _case(frozen: bool) -> dict:
-    args = [sys.executable, "benchmarks/bench_optimize_memory.py", "--child", "--experts", "16", "--tokens", "16"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args + (["--frozen"] if frozen else []), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    args = ["benchmarks/bench_optimize_memory.py", "--child", "--experts", "16", "--tokens", "16"]
+    out = run_script(args + (["--frozen"] if frozen else []))
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("frozen, ratio", [(False, 1.5), (True, 0.25)])

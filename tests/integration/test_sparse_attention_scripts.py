@@ -5,28 +5,17 @@ benchmarks/bench_handwritten_switchhead.py run end to end
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import run_script
 
 pytestmark = pytest.mark.slow
 
 
-def _run(args: list[str]) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
 def test_example_smoke(tmp_path):
     out = tmp_path / "lm.json"
-    _run(["examples/sparse_attention_lm.py", "--smoke", "--json", str(out)])
+    run_script(["examples/sparse_attention_lm.py", "--smoke", "--json", str(out)])
     rows = json.loads(out.read_text())
     assert [r["name"].split(" (")[0] for r in rows] == ["dense MHA", "MoA, equal compute", "MoA, equal params",
                                                        "SwitchHead"]
@@ -35,7 +24,7 @@ def test_example_smoke(tmp_path):
 
 def test_benchmark_small_shape(tmp_path):
     out = tmp_path / "bench.json"
-    _run(["benchmarks/bench_sparse_attention.py", "--shapes", "small", "--min-time", "0", "--json", str(out)])
+    run_script(["benchmarks/bench_sparse_attention.py", "--shapes", "small", "--min-time", "0", "--json", str(out)])
     row = json.loads(out.read_text())["rows"][0]
     assert set(row["median_ms"]) == {"ours", "dense MHA", "naive loop"}
     assert row["active_heads"] == row["top_k"] * row["heads_per_expert"]
@@ -43,7 +32,7 @@ def test_benchmark_small_shape(tmp_path):
 
 def test_handwritten_switchhead_benchmark(tmp_path):
     out = tmp_path / "switchhead.json"
-    _run(["benchmarks/bench_handwritten_switchhead.py", "--shapes", "small", "--min-time", "0", "--json", str(out)])
+    run_script(["benchmarks/bench_handwritten_switchhead.py", "--shapes", "small", "--min-time", "0", "--json", str(out)])
     row = json.loads(out.read_text())["rows"][0]
     assert set(row["median_ms"]) == {f"{v}, {m}" for v in ("original", "swapped") for m in ("no mask", "padding mask")}
     assert row["optimize_s"] > 0 and all(r > 0 for r in row["speedup"].values())
