@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernel_moe import SparseExpertAttention
+from kernel_moe.bench.models import DenseMHA
 from kernel_moe.bench.settings import Timing
 from kernel_moe.bench.timing import sample_interleaved
 
@@ -39,21 +40,6 @@ SHAPES = {
     "medium": (2, 512, 512, 8, 4, 2, 64),
     "many-experts": (2, 256, 512, 32, 2, 2, 64),
 }
-
-
-class DenseMHA(nn.Module):
-    """Causal multi-head attention with ``heads`` heads of ``head_dim``."""
-
-    def __init__(self, d_model: int, heads: int, head_dim: int) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        self.qkv = nn.Linear(d_model, 3 * heads * head_dim, bias=False)
-        self.out = nn.Linear(heads * head_dim, d_model, bias=False)
-
-    def forward(self, x):
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1))
 
 
 class LoopMoA(nn.Module):

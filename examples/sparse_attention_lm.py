@@ -32,24 +32,9 @@ from torch import nn
 
 from kernel_moe import SparseExpertAttention
 from kernel_moe.bench.memory import measure_peak_memory, module_bytes
+from kernel_moe.bench.models import DenseMHA
 
 D, HEAD_DIM, LAYERS, VOCAB = 64, 16, 2, 64
-
-
-class DenseAttention(nn.Module):
-    """Causal multi-head attention: fused q/k/v projection, scaled_dot_product_attention, output."""
-
-    def __init__(self, d_model: int, heads: int, head_dim: int) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        self.qkv = nn.Linear(d_model, 3 * heads * head_dim, bias=False)
-        self.out = nn.Linear(heads * head_dim, d_model, bias=False)
-
-    def forward(self, x):
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(o.transpose(1, 2).reshape(B, T, -1))
 
 
 class Block(nn.Module):
@@ -83,7 +68,7 @@ class TinyLM(nn.Module):
 
 
 MODELS = {
-    "dense MHA (4 heads)": lambda: DenseAttention(D, 4, HEAD_DIM),
+    "dense MHA (4 heads)": lambda: DenseMHA(D, 4, HEAD_DIM),
     "MoA, equal compute (8 experts x 2 heads, top-2)":
         lambda: SparseExpertAttention(D, 8, 2, top_k=2, variant="moa", head_dim=HEAD_DIM),
     "MoA, equal params (3 experts x 2 heads, top-2)":

@@ -3,7 +3,8 @@
 Legend: T tokens, H hidden size, E experts, K experts per token (top-k), I expert
 intermediate size.
 
-- :class:`DenseFFN` is the dense baseline an MoE is compared with.
+- :class:`DenseFFN` is the dense baseline an MoE is compared with; :class:`DenseMHA` the dense
+  attention a sparse-expert attention layer is compared with.
 - :class:`NaiveMoE` is the hand-written MoE that ``kernel_moe.optimize`` swaps: a gate
   ``nn.Linear`` plus an ``nn.ModuleList`` of expert MLPs, softmax -> top-k -> renormalize and
   a Python loop over the experts.
@@ -62,6 +63,22 @@ class DenseFFN(nn.Module):
         if self.gate_proj is not None:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+class DenseMHA(nn.Module):
+    """Causal multi-head attention [B, T, D] -> [B, T, D] with ``heads`` heads of ``head_dim``: one
+    fused q/k/v projection, ``scaled_dot_product_attention``, the output projection; no biases."""
+
+    def __init__(self, d_model: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(d_model, 3 * heads * head_dim, bias=False)
+        self.out = nn.Linear(heads * head_dim, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1))
 
 
 class NaiveMoE(nn.Module):
