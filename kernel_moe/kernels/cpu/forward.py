@@ -283,32 +283,23 @@ def _fused_fits(x_TH: torch.Tensor, experts: StackedExperts) -> bool:
     return x_TH.dtype in FUSED_DTYPES and all(w is None or w.dtype == x_TH.dtype for w in (*weights, *experts[2:4]))
 
 
-def _fused_weights(experts: StackedExperts) -> tuple:
-    """(w_up, w_down, b_up, b_down) as the native fused forward takes them: quantized weights as bytes."""
-    w_up, w_down, b_up, b_down = experts[:4]
-    if experts.quantized:
-        w_up, w_down = w_up.view(torch.uint8), w_down.view(torch.uint8)
-    return w_up, w_down, b_up, b_down
-
-
-def _fused_scales(experts: StackedExperts) -> tuple:
-    """(w_up_scale, w_down_scale, format code) for the native fused forward; no scales and 0 when
-    the weights are full precision."""
+def _native_weights(experts: StackedExperts) -> tuple:
+    """(w_up, w_down, w_up_scale, w_down_scale, format code) as the native kernels take them:
+    quantized weights as bytes with their scales and code, full-precision ones as they are with no
+    scales and code 0."""
     if not experts.quantized:
-        return None, None, 0
-    return experts.w_up_scale, experts.w_down_scale, FORMAT_CODES[experts.weight_format]
-
-
+        return experts.w_up, experts.w_down, None, None, 0
+    return (experts.w_up.view(torch.uint8), experts.w_down.view(torch.uint8), experts.w_up_scale,
+            experts.w_down_scale, FORMAT_CODES[experts.weight_format])
 
 
 def _matvec(ext, x_SK: torch.Tensor, experts: StackedExperts, which: int, counts: list[int]) -> torch.Tensor:
     """The native grouped matrix-vector product with the up (``which`` 0) or down (1) weights."""
-    w = experts.w_up if which == 0 else experts.w_down
-    if not experts.quantized:
+    weights = _native_weights(experts)
+    w, scale, code = weights[which], weights[2 + which], weights[4]
+    if code == 0:
         return ext.grouped_matvec(x_SK, w, counts)
-    scale = experts.w_up_scale if which == 0 else experts.w_down_scale
-    return ext.grouped_matvec_quantized(x_SK, w.view(torch.uint8), scale, counts,
-                                        FORMAT_CODES[experts.weight_format])
+    return ext.grouped_matvec_quantized(x_SK, w, scale, counts, code)
 
 
 def _native_rows(ext, x_SH: torch.Tensor, slots: SortedSlots, experts: StackedExperts) -> torch.Tensor:
@@ -428,9 +419,10 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
     if fused:
         act = experts.activation
         with stage(FUSED):  # gather, up-projection, activation, down-projection and combine in one call
-            return ext.fused_experts(x_TH, topk_weights_TK, slots.order_S, slots.counts, *_fused_weights(experts),
+            w_up, w_down, up_scale, down_scale, code = _native_weights(experts)
+            return ext.fused_experts(x_TH, topk_weights_TK, slots.order_S, slots.counts, w_up, w_down, *experts[2:4],
                                      act.kind, act.glu, act.alpha, act.limit, act.gate_softcap, act.up_softcap,
-                                     *_fused_scales(experts))
+                                     up_scale, down_scale, code)
     if matvec:
         y_SH = _native_rows(ext, x_SH, slots, experts)
         with stage(COMBINE):  # natively: index_add_ opens a parallel region that stalls beside a busy core
