@@ -154,6 +154,27 @@ def test_decode_runs_the_native_quantized_kernel(fmt, group, monkeypatch, cpu_ex
     assert len(calls) == 2  # the up and the down projection
 
 
+@pytest.mark.parametrize("fmt,group,K", [("int4", 32, 256), ("int4", 64, 384), ("int4", 128, 256), ("int4", 32, 1024),
+                                         ("int4", 32, 96), ("int8", None, 96), ("fp8", 32, 128)])
+def test_native_quantized_kernel_takes_bf16_rows(fmt, group, K, cpu_extension_setting):
+    """The native kernel with bf16 x rows: int4 with K a multiple of 128 runs on the bf16 dot products
+    (four weight rows at once for an expert's single x row, one at a time for more), everything else
+    converts x to fp32. 0-6 rows per expert, N not a multiple of four; the dequantized weights in fp64."""
+    module = cpu_extension.cpu_extension()
+    if module is None:
+        pytest.skip("the native kernels are switched off in this parametrization")
+    g = torch.Generator().manual_seed(K)
+    E, N, counts = 9, 70, [1, 0, 2, 3, 4, 5, 1, 1, 6]
+    q = quantize(torch.randn(E, N, K, generator=g), fmt, group)
+    x = torch.randn(sum(counts), K, generator=g).bfloat16()
+    expert = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
+    ref = torch.einsum("snk,sk->sn", dequantize(q.data, q.scale, fmt).double()[expert], x.double())
+    code = {"int8": 1, "fp8": 2, "int4": 3}[fmt]
+    got = module.grouped_matvec_quantized(x, q.data.view(torch.uint8), q.scale, counts, code)
+    assert_fp32_close(got, ref.float())
+    assert torch.equal(got, module.grouped_matvec_quantized(x, q.data.view(torch.uint8), q.scale, counts, code))
+
+
 @pytest.mark.parametrize("fmt,group", FORMATS, ids=IDS)
 def test_one_expert_dequantized_natively_equals_the_reference(fmt, group, cpu_extension_setting):
     """The large-batch path's transient: one expert's weights in fp32 / bf16 / fp16, converted by the

@@ -293,17 +293,24 @@ def _native_weights(experts: StackedExperts) -> tuple:
             experts.w_down_scale, FORMAT_CODES[experts.weight_format])
 
 
-def _matvec(ext, x_SK: torch.Tensor, experts: StackedExperts, which: int, counts: list[int]) -> torch.Tensor:
-    """The native grouped matrix-vector product with the up (``which`` 0) or down (1) weights."""
+def _matvec(ext, x_SK: torch.Tensor, experts: StackedExperts, which: int, counts: list[int],
+            dtype: torch.dtype) -> torch.Tensor:
+    """The native grouped matrix-vector product with the up (``which`` 0) or down (1) weights, of
+    fp32 rows ``x_SK`` of a model in ``dtype``. int4 weights of a bf16 model take x in bf16 (the
+    model's own precision), which the kernel multiplies with the bf16 dot-product instruction."""
     weights = _native_weights(experts)
     w, scale, code = weights[which], weights[2 + which], weights[4]
     if code == 0:
         return ext.grouped_matvec(x_SK, w, counts)
+    if code == FORMAT_CODES["int4"] and dtype == torch.bfloat16:
+        x_SK = x_SK.to(dtype)
     return ext.grouped_matvec_quantized(x_SK, w, scale, counts, code)
 
 
-def _native_rows(ext, x_SH: torch.Tensor, slots: SortedSlots, experts: StackedExperts) -> torch.Tensor:
-    """Expert outputs [S', H] in fp32, sorted-slot order, of the gathered fp32 rows ``x_SH``, from
+def _native_rows(ext, x_SH: torch.Tensor, slots: SortedSlots, experts: StackedExperts,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Expert outputs [S', H] in fp32, sorted-slot order, of the gathered fp32 rows ``x_SH`` of a
+    model in ``dtype``, from
     the native grouped matrix-vector kernel: one pass over each active expert's weights per
     projection, fp32 accumulation and fp32 activation."""
     b_up, b_down = experts.b_up, experts.b_down
@@ -311,12 +318,12 @@ def _native_rows(ext, x_SH: torch.Tensor, slots: SortedSlots, experts: StackedEx
         expert_S = None
         if b_up is not None or b_down is not None:
             expert_S = torch.repeat_interleave(torch.arange(len(slots.counts)), torch.tensor(slots.counts))
-        h_SN = _matvec(ext, x_SH, experts, 0, slots.counts)
+        h_SN = _matvec(ext, x_SH, experts, 0, slots.counts, dtype)
         if b_up is not None:
             h_SN += b_up.index_select(0, expert_S)
         a_SI = apply_activation(h_SN, experts.activation).contiguous()
     with stage(DOWN):
-        y_SH = _matvec(ext, a_SI, experts, 1, slots.counts)
+        y_SH = _matvec(ext, a_SI, experts, 1, slots.counts, dtype)
         if b_down is not None:
             y_SH += b_down.index_select(0, expert_S)
     return y_SH
@@ -424,7 +431,7 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
                                      act.kind, act.glu, act.alpha, act.limit, act.gate_softcap, act.up_softcap,
                                      up_scale, down_scale, code)
     if matvec:
-        y_SH = _native_rows(ext, x_SH, slots, experts)
+        y_SH = _native_rows(ext, x_SH, slots, experts, x_TH.dtype)
         with stage(COMBINE):  # natively: index_add_ opens a parallel region that stalls beside a busy core
             return ext.combine_sorted(y_SH, topk_weights_TK, slots.order_S, x_TH.dtype)
     elif experts.quantized:

@@ -31,7 +31,9 @@ at::Tensor grouped_matvec(const at::Tensor& x_SK, const at::Tensor& w_ENK, const
 
 // grouped_matvec over quantized weights (quant_matvec.cpp): w_ENK one byte per weight (int8,
 // fp8 e4m3) or two per byte (int4, K/2 bytes per row); scale float32 [E, N] (one per row) or
-// [E, N, G] (groups of K / G features); format 1 int8, 2 fp8, 3 int4. Returns y_SN: [S, N] float32.
+// [E, N, G] (groups of K / G features); format 1 int8, 2 fp8, 3 int4. x_SK float32 or bfloat16
+// (int4 against bf16 x runs on the CPU's bf16 dot products where it has them; every other case
+// converts x to float32). Returns y_SN: [S, N] float32.
 at::Tensor grouped_matvec_quantized(const at::Tensor& x_SK, const at::Tensor& w_ENK, const at::Tensor& scale,
                                     const std::vector<int64_t>& counts, int64_t format);
 

@@ -9,12 +9,13 @@
 //
 // int4: element 2j of a group sits in the low nibble of byte j, element 2j + 1 in the high one,
 // as value + 8. The x rows are deinterleaved once per call (even features of a group, then odd),
-// so the inner loop reads bytes and both x halves contiguously.
+// so the inner loop reads bytes and both x halves contiguously. int4 against bf16 x rows (a bf16
+// model's decode) runs on the bf16 dot products instead where the CPU has them (int4_bf16_matvec.cpp).
 //
 // Legend: E experts, N output features, K input features, S rows (sum of counts), G groups per row.
 
 #include "kernels.h"
-#include "pool.h"
+#include "quant_rows.h"
 
 #include <ATen/Parallel.h>
 
@@ -27,6 +28,10 @@
 #endif
 
 namespace {
+
+using kernel_moe::quant::for_each_weight_row;
+using kernel_moe::quant::Layout;
+using kernel_moe::quant::Rows;
 
 enum Format : int64_t { kInt8 = 1, kFp8 = 2, kInt4 = 3 };
 
@@ -86,14 +91,6 @@ inline void group_fma(const uint8_t* __restrict w, const float* __restrict x, in
   }
 }
 
-struct Rows {
-  int64_t expert, first_row, rows;
-};
-
-struct Layout {
-  int64_t N, K, groups, group_len;  // group_len features per scale (K when one scale per row)
-  int64_t bytes_per_row, bytes_per_group;
-};
 
 // one weight row with one scale (int8 / fp8 rows): a plain reduction, scaled once
 template <int F, int ROWS>
@@ -223,32 +220,16 @@ inline void row_dot(const uint8_t* w_row, const float* scale_row, const float* x
   }
 }
 
+
 template <int F>
 void quant_matvec_impl(const uint8_t* w, const float* scale, const float* x_SK, const float* xsum_SG, float* y_SN,
                        const Layout& L, const std::vector<Rows>& groups) {
-  const int64_t R = static_cast<int64_t>(groups.size());
-  kernel_moe::parallel_chunks(R * L.N, 16, [&](int64_t begin, int64_t end) {
-    float acc[4];
-    for (int64_t i = begin; i < end; ++i) {
-      const Rows& g = groups[i / L.N];
-      const int64_t n = i % L.N;
-      const int64_t row = g.expert * L.N + n;
-      const uint8_t* w_row = w + row * L.bytes_per_row;
-      const float* s_row = scale + row * L.groups;
-      int64_t r = g.first_row;
-      const int64_t r_end = g.first_row + g.rows;
-      for (; r + 4 <= r_end; r += 4) {
-        row_dot<F, 4>(w_row, s_row, x_SK + r * L.K, xsum_SG + r * L.groups, L, acc);
-        for (int j = 0; j < 4; ++j) y_SN[(r + j) * L.N + n] = acc[j];
-      }
-      const int64_t rest = r_end - r;
-      if (rest == 3) row_dot<F, 3>(w_row, s_row, x_SK + r * L.K, xsum_SG + r * L.groups, L, acc);
-      if (rest == 2) row_dot<F, 2>(w_row, s_row, x_SK + r * L.K, xsum_SG + r * L.groups, L, acc);
-      if (rest == 1) row_dot<F, 1>(w_row, s_row, x_SK + r * L.K, xsum_SG + r * L.groups, L, acc);
-      for (int64_t j = 0; j < rest; ++j) y_SN[(r + j) * L.N + n] = acc[j];
-    }
+  for_each_weight_row(L, groups, y_SN, [&](auto rows, int64_t row, int64_t r, float* acc) {
+    row_dot<F, decltype(rows)::value>(w + row * L.bytes_per_row, scale + row * L.groups, x_SK + r * L.K,
+                                      xsum_SG + r * L.groups, L, acc);
   });
 }
+
 
 // x rows with each group's features reordered even-then-odd (int4's byte layout)
 at::Tensor deinterleave_groups(const at::Tensor& x_SK, int64_t group_len) {
@@ -262,8 +243,9 @@ at::Tensor grouped_matvec_quantized(const at::Tensor& x_SK, const at::Tensor& w_
                                     const std::vector<int64_t>& counts, int64_t format) {
   TORCH_CHECK(format == kInt8 || format == kFp8 || format == kInt4,
               "grouped_matvec_quantized: format ", format, " is not one of 1 (int8), 2 (fp8), 3 (int4)");
-  TORCH_CHECK(x_SK.dim() == 2 && x_SK.scalar_type() == at::kFloat && x_SK.is_contiguous(),
-              "grouped_matvec_quantized: x must be a contiguous float32 [S, K] tensor");
+  TORCH_CHECK(x_SK.dim() == 2 && (x_SK.scalar_type() == at::kFloat || x_SK.scalar_type() == at::kBFloat16) &&
+                  x_SK.is_contiguous(),
+              "grouped_matvec_quantized: x must be a contiguous float32 or bfloat16 [S, K] tensor");
   TORCH_CHECK(w_ENK.dim() == 3 && w_ENK.is_contiguous() && w_ENK.element_size() == 1,
               "grouped_matvec_quantized: w must be a contiguous one-byte [E, N, K (int4: K/2)] tensor");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && (scale.dim() == 2 || scale.dim() == 3),
@@ -287,12 +269,16 @@ at::Tensor grouped_matvec_quantized(const at::Tensor& x_SK, const at::Tensor& w_
     if (counts[e] > 0) rows.push_back({e, row, counts[e]});
     row += counts[e];
   }
-  const at::Tensor x = format == kInt4 ? deinterleave_groups(x_SK, group_len) : x_SK;
-  // per-group sums of x: the int4 kernels fold the stored values' offset of 8 out of their loop
-  const at::Tensor xsum = x_SK.view({x_SK.size(0), groups, group_len}).sum(-1).contiguous();
-  auto y_SN = at::empty({x_SK.size(0), N}, x_SK.options());
+  auto y_SN = at::empty({x_SK.size(0), N}, x_SK.options().dtype(at::kFloat));
   const auto* w = static_cast<const uint8_t*>(w_ENK.data_ptr());
   const float* s = scale.data_ptr<float>();
+  if (format == kInt4 && kernel_moe::quant::int4_bf16_matvec(w, s, x_SK, y_SN.data_ptr<float>(), L, rows)) {
+    return y_SN;
+  }
+  const at::Tensor x_f = x_SK.to(at::kFloat);
+  const at::Tensor x = format == kInt4 ? deinterleave_groups(x_f, group_len) : x_f.contiguous();
+  // per-group sums of x: the int4 kernels fold the stored values' offset of 8 out of their loop
+  const at::Tensor xsum = x_f.view({x_f.size(0), groups, group_len}).sum(-1).contiguous();
   const float* xs = xsum.data_ptr<float>();
   if (format == kInt8) quant_matvec_impl<kInt8>(w, s, x.data_ptr<float>(), xs, y_SN.data_ptr<float>(), L, rows);
   if (format == kFp8) quant_matvec_impl<kFp8>(w, s, x.data_ptr<float>(), xs, y_SN.data_ptr<float>(), L, rows);
