@@ -53,6 +53,28 @@ def test_grouped_matvec_matches_fp64(ext, dtype, counts, K, N):
     torch.testing.assert_close(y_SN.double(), _reference(x_SK, w_ENK, counts), rtol=1e-5, atol=1e-5 * K**0.5)
 
 
+@pytest.mark.parametrize("M", [17, 31, 64, 70, 100, 200])
+@pytest.mark.parametrize("K,N", [(2, 5), (96, 50), (256, 37)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_gemm_matches_fp64(ext, M, K, N, bias):
+    """The fused forward's bf16 expert GEMM (more than 16 rows): every panel split of M (two to eight
+    16-token vectors, padded tails), N not a multiple of its 6- or 4-row blocks or of 16, strided weight rows. Against
+    the fp64 product (+ bias): one bf16 rounding of the result (2^-8 of it) plus what summing K
+    products in fp32 may lose (K * 2^-24 <= 2^-16 of the sum of their magnitudes)."""
+    if not ext.has_bf16_gemm():
+        pytest.skip("this CPU has no bf16 dot-product instruction")
+    g = torch.Generator().manual_seed(M * K + N)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = torch.randn(N, K + 6, generator=g).bfloat16()[:, 3 : 3 + K]
+    b = torch.randn(N, generator=g).bfloat16() if bias else None
+    ref = x.double() @ w.double().t() + (b.double() if bias else 0)
+    magnitude = x.double().abs() @ w.double().abs().t() + (b.double().abs() if bias else 0)
+    got = ext.bf16_gemm(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    excess = (got.double() - ref).abs() - (2**-8 * ref.abs() + 2**-16 * magnitude)
+    assert excess.max() <= 0, excess.max()
+
+
 def test_grouped_matvec_reads_strided_weight_views(ext):
     """Every other expert of a stack and rows sliced from a wider matrix: any expert and row
     stride, unit stride along K."""

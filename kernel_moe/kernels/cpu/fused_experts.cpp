@@ -19,6 +19,7 @@
 // Legend: T tokens, K top-k, S = T*K slots (the kept ones sorted; dropped slots are left out),
 // H hidden, E experts, N up features, I intermediate, M rows of one task.
 
+#include "bf16_gemm.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -128,11 +129,37 @@ struct Inputs {
   int64_t format;  // 0 full precision, else the weight format code of dequantize_rows
 };
 
+// expert_gemm for bf16 x on the bf16 dot-product kernel (bf16_gemm.cpp): x packed once for every
+// tile; the bias added in fp32 before rounding
+at::Tensor bf16_expert_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const at::Tensor* scale_N,
+                            const at::Tensor* bias_N, int64_t format) {
+  const int64_t N = w_NK.size(0);
+  const kernel_moe::Bf16Gemm gemm(x_MK);
+  at::Tensor y_MN = at::empty({x_MK.size(0), N}, x_MK.options());
+  const at::Tensor bias = bias_N != nullptr ? bias_N->to(at::kFloat).contiguous() : at::Tensor();
+  const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (format == 0) {
+    gemm.run(w_NK, b, y_MN);
+    return y_MN;
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += kDequantRows) {
+    const int64_t len = std::min(kDequantRows, N - n0);
+    const at::Tensor tile = dequantize_rows(w_NK.narrow(0, n0, len), scale_N->narrow(0, n0, len), format,
+                                            at::kBFloat16);
+    at::Tensor out = y_MN.narrow(1, n0, len);
+    gemm.run(tile, b != nullptr ? b + n0 : nullptr, out);
+  }
+  return y_MN;
+}
+
 // x_MK @ w_NK^T (+ bias_N) for expert weights w_NK, full precision or quantized with scale_N[G]:
 // quantized weights are dequantized kDequantRows rows at a time, each tile into x's dtype just
 // before its GEMM.
 at::Tensor expert_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const at::Tensor* scale_N,
                        const at::Tensor* bias_N, int64_t format) {
+  if (kernel_moe::Bf16Gemm::takes_rows(x_MK) && (format != 0 || kernel_moe::Bf16Gemm::takes_weights(w_NK))) {
+    return bf16_expert_gemm(x_MK, w_NK, scale_N, bias_N, format);
+  }
   if (format == 0) return bias_N != nullptr ? at::addmm(*bias_N, x_MK, w_NK.t()) : at::mm(x_MK, w_NK.t());
   const int64_t N = w_NK.size(0);
   at::Tensor y_MN = at::empty({x_MK.size(0), N}, x_MK.options());
