@@ -5,12 +5,12 @@
 // expert's weights into its blocked layout, a pass over memory that the GEMM then waits for (on
 // one core, an expert's two GEMMs took 1.4x longer with the weights in memory than in cache).
 // Here the tokens, not the weights, are repacked: x (small) is laid out once as pairs along K in
-// panels of 64 tokens, [Mp / 64][K / 2][64] 32-bit words (Mp: M rounded up to 16; the last panel
-// narrower), and each step broadcasts one weight pair
-// (w[n, k], w[n, k + 1]) against 16 tokens' pairs, so that 16 fp32 lanes of one dot-product
-// accumulate 16 tokens of one output feature. A 6-row by 64-token block keeps 24 accumulators;
-// each weight row is read once per 64 tokens, front to back, while the next block's rows are
-// prefetched (a few KiB ahead within a row left each new row's start to demand misses). The fp32
+// panels of up to 96 tokens, each [K / 2][panel width] 32-bit words, and each step broadcasts one
+// weight pair (w[n, k], w[n, k + 1]) against 16 tokens' pairs, so that 16 fp32 lanes of one
+// dot-product accumulate 16 tokens of one output feature. A block of 6 rows by up to 64 tokens (or
+// 4 rows by 80-96) keeps up to 24 accumulators; each weight row is read once per panel, front to
+// back, while the next block's rows are prefetched (a few KiB ahead within a row left each new
+// row's start to demand misses). The fp32
 // results go to a transposed buffer with whole-vector stores and reach the output through 16 x 16
 // register transposes (writing 16 tokens down an output column directly cost as much as the
 // products for short rows).
