@@ -10,10 +10,9 @@
 // dot-product accumulate 16 tokens of one output feature. A block of 6 rows by up to 64 tokens (or
 // 4 rows by 80-96) keeps up to 24 accumulators; each weight row is read once per panel, front to
 // back, while the next block's rows are prefetched (a few KiB ahead within a row left each new
-// row's start to demand misses). The fp32
-// results go to a transposed buffer with whole-vector stores and reach the output through 16 x 16
-// register transposes (writing 16 tokens down an output column directly cost as much as the
-// products for short rows).
+// row's start to demand misses). The fp32 results go to a transposed buffer with whole-vector
+// stores and reach the output through 16 x 16 register transposes (writing 16 tokens down an
+// output column directly cost as much as the products for short rows).
 //
 // Legend: M rows (tokens), N output features, K input features, Mp = M rounded up to 16.
 

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <optional>
 
 namespace {
 
@@ -129,50 +130,43 @@ struct Inputs {
   int64_t format;  // 0 full precision, else the weight format code of dequantize_rows
 };
 
-// expert_gemm for bf16 x on the bf16 dot-product kernel (bf16_gemm.cpp): x packed once for every
-// tile; the bias added in fp32 before rounding
-at::Tensor bf16_expert_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const at::Tensor* scale_N,
-                            const at::Tensor* bias_N, int64_t format) {
+// x_MK @ w_NK^T (+ bias_N) for expert weights w_NK, full precision or quantized with scale_N[G]:
+// quantized weights are dequantized kDequantRows rows at a time, each tile into x's dtype just
+// before its GEMM. bf16 rows the bf16 dot-product kernel takes (bf16_gemm.cpp) run there, x packed
+// once for every tile and the bias added in fp32 before rounding; everything else runs at::mm.
+at::Tensor expert_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const at::Tensor* scale_N,
+                       const at::Tensor* bias_N, int64_t format) {
+  const bool ours = kernel_moe::Bf16Gemm::takes_rows(x_MK) &&
+                    (format != 0 || kernel_moe::Bf16Gemm::takes_weights(w_NK));
+  if (format == 0 && !ours) {
+    return bias_N != nullptr ? at::addmm(*bias_N, x_MK, w_NK.t()) : at::mm(x_MK, w_NK.t());
+  }
+  std::optional<kernel_moe::Bf16Gemm> gemm;
+  at::Tensor bias_f;
+  if (ours) {
+    gemm.emplace(x_MK);
+    if (bias_N != nullptr) bias_f = bias_N->to(at::kFloat).contiguous();
+  }
+  // out_MX = x @ w_XK^T + bias[n0 : n0 + X]
+  const auto multiply = [&](const at::Tensor& w_XK, int64_t n0, at::Tensor out_MX) {
+    if (ours) return gemm->run(w_XK, bias_f.defined() ? bias_f.data_ptr<float>() + n0 : nullptr, out_MX);
+    if (bias_N != nullptr) {
+      at::addmm_out(out_MX, bias_N->narrow(0, n0, w_XK.size(0)), x_MK, w_XK.t());
+    } else {
+      at::mm_out(out_MX, x_MK, w_XK.t());
+    }
+  };
   const int64_t N = w_NK.size(0);
-  const kernel_moe::Bf16Gemm gemm(x_MK);
   at::Tensor y_MN = at::empty({x_MK.size(0), N}, x_MK.options());
-  const at::Tensor bias = bias_N != nullptr ? bias_N->to(at::kFloat).contiguous() : at::Tensor();
-  const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
   if (format == 0) {
-    gemm.run(w_NK, b, y_MN);
+    multiply(w_NK, 0, y_MN);
     return y_MN;
   }
   for (int64_t n0 = 0; n0 < N; n0 += kDequantRows) {
     const int64_t len = std::min(kDequantRows, N - n0);
     const at::Tensor tile = dequantize_rows(w_NK.narrow(0, n0, len), scale_N->narrow(0, n0, len), format,
-                                            at::kBFloat16);
-    at::Tensor out = y_MN.narrow(1, n0, len);
-    gemm.run(tile, b != nullptr ? b + n0 : nullptr, out);
-  }
-  return y_MN;
-}
-
-// x_MK @ w_NK^T (+ bias_N) for expert weights w_NK, full precision or quantized with scale_N[G]:
-// quantized weights are dequantized kDequantRows rows at a time, each tile into x's dtype just
-// before its GEMM.
-at::Tensor expert_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const at::Tensor* scale_N,
-                       const at::Tensor* bias_N, int64_t format) {
-  if (kernel_moe::Bf16Gemm::takes_rows(x_MK) && (format != 0 || kernel_moe::Bf16Gemm::takes_weights(w_NK))) {
-    return bf16_expert_gemm(x_MK, w_NK, scale_N, bias_N, format);
-  }
-  if (format == 0) return bias_N != nullptr ? at::addmm(*bias_N, x_MK, w_NK.t()) : at::mm(x_MK, w_NK.t());
-  const int64_t N = w_NK.size(0);
-  at::Tensor y_MN = at::empty({x_MK.size(0), N}, x_MK.options());
-  for (int64_t n0 = 0; n0 < N; n0 += kDequantRows) {
-    const int64_t len = std::min(kDequantRows, N - n0);
-    const at::Tensor tile = dequantize_rows(w_NK.narrow(0, n0, len), scale_N->narrow(0, n0, len), format,
                                             x_MK.scalar_type());
-    at::Tensor out = y_MN.narrow(1, n0, len);
-    if (bias_N != nullptr) {
-      at::addmm_out(out, bias_N->narrow(0, n0, len), x_MK, tile.t());
-    } else {
-      at::mm_out(out, x_MK, tile.t());
-    }
+    multiply(tile, n0, y_MN.narrow(1, n0, len));
   }
   return y_MN;
 }

@@ -91,7 +91,6 @@ inline void group_fma(const uint8_t* __restrict w, const float* __restrict x, in
   }
 }
 
-
 // one weight row with one scale (int8 / fp8 rows): a plain reduction, scaled once
 template <int F, int ROWS>
 inline void row_dot_one_scale(const uint8_t* __restrict w, float scale, const float* __restrict x, int64_t K,
@@ -220,7 +219,6 @@ inline void row_dot(const uint8_t* w_row, const float* scale_row, const float* x
   }
 }
 
-
 template <int F>
 void quant_matvec_impl(const uint8_t* w, const float* scale, const float* x_SK, const float* xsum_SG, float* y_SN,
                        const Layout& L, const std::vector<Rows>& groups) {
@@ -229,7 +227,6 @@ void quant_matvec_impl(const uint8_t* w, const float* scale, const float* x_SK, 
                                       xsum_SG + r * L.groups, L, acc);
   });
 }
-
 
 // x rows with each group's features reordered even-then-odd (int4's byte layout)
 at::Tensor deinterleave_groups(const at::Tensor& x_SK, int64_t group_len) {
