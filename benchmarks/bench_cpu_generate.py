@@ -13,12 +13,18 @@ model). One copy of the weights: the transformers model switches implementation 
 ``set_experts_implementation``, and ours is a copy of the model sharing every Parameter, swapped
 by ``kernel_moe.optimize`` (then ``torch.compile`` of its forward with ``--compile``).
 
-Each round runs every implementation (in a shuffled order) twice: ``generate`` of N new tokens
-and of 1 new token, both from the same prompt (batch 1, greedy, no early stop). Reported
-medians: ``tok/s`` = N / time of N tokens (prefill included), ``decode tok/s`` = (N - 1) /
-(time of N - time of 1), the decode rate without the prefill. Whether each implementation's
-tokens equal eager's is printed (bf16 rounding can flip a near-tie of random weights; the
-first differing step is printed then).
+Each round runs every implementation (in a shuffled order) once: ``generate`` of N new tokens
+from the same prompt (batch 1, greedy, no early stop), with a streamer that clocks each token as
+``generate`` hands it over. Reported medians: ``tok/s`` = N / the call's time (prefill included),
+``decode tok/s`` = 1 / the median time between successive new tokens (one decode step each: the
+prefill's time never enters it), ``prefill ms`` = the time to the first new token.
+
+``no_moe`` is the same model with every MoE block replaced by one that returns zeros: the time of
+everything else in a decode step (attention, norms, the output projection, ``generate`` itself).
+No MoE implementation can make a step faster than that, so grouped_mm's step time over no_moe's is
+the largest decode speedup over grouped_mm that any MoE implementation can give in this model
+(printed as the bound). Whether each implementation's tokens equal eager's is printed (bf16
+rounding can flip a near-tie of random weights; the first differing step is printed then).
 """
 
 from __future__ import annotations
@@ -71,18 +77,53 @@ def ours_model(model, compile_forward: bool, verify: bool = True):
     return ours
 
 
-def _generate(model, prompt, new_tokens: int):
+class _ZeroMoE(torch.nn.Module):
+    """Stands in for an MoE block in the no_moe model: zeros of the block's output shape."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states)
+
+
+def no_moe_model(model):
+    """A copy of ``model`` sharing every Parameter and buffer, its MoE blocks replaced by zeros."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    bare = copy.deepcopy(model, memo=shared)
+    for layer in bare.model.layers:
+        layer.mlp = _ZeroMoE()
+    return bare
+
+
+class StepClock:
+    """A ``generate`` streamer that records when each batch of tokens is handed over: the prompt
+    first, then every new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def steps(self) -> list[float]:
+        """Seconds between successive new tokens (the decode steps; the prefill is not one)."""
+        return [b - a for a, b in zip(self.times[1:], self.times[2:])]
+
+
+def _generate(model, prompt, new_tokens: int, streamer=None):
     return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)
+                          pad_token_id=0, eos_token_id=None, streamer=streamer)
 
 
-def _runner(model, ours, impl: str):
-    """generate(prompt, n) with ``impl``: transformers' model set to eager / grouped_mm, or ours."""
-    def run(prompt, n):
-        if impl == "ours":
-            return _generate(ours, prompt, n)
-        model.set_experts_implementation(impl)
-        return _generate(model, prompt, n)
+def _runner(model, variant, impl: str):
+    """generate(prompt, n, streamer) with ``impl``: transformers' model set to eager / grouped_mm, or
+    ``variant`` (ours, or the no_moe model)."""
+    def run(prompt, n, streamer=None):
+        if impl in ("eager", "grouped_mm"):
+            model.set_experts_implementation(impl)
+            return _generate(model, prompt, n, streamer)
+        return _generate(variant, prompt, n, streamer)
     return run
 
 
@@ -93,8 +134,9 @@ def first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
 
 
 def measure(runners: dict, prompt, new_tokens: int, rounds: int) -> tuple[dict, dict]:
-    """({impl: {"n": [s], "one": [s]}}, {impl: generated ids of the first round})."""
-    samples = {k: {"n": [], "one": []} for k in runners}
+    """({impl: {"total": [s per call], "prefill": [s per call], "steps": [s per decode step]}},
+    {impl: generated ids of the warm-up call})."""
+    samples = {k: {"total": [], "prefill": [], "steps": []} for k in runners}
     tokens = {}
     with torch.no_grad():
         for name, run in runners.items():
@@ -104,10 +146,12 @@ def measure(runners: dict, prompt, new_tokens: int, rounds: int) -> tuple[dict, 
         for _ in range(rounds):
             rng.shuffle(order)
             for name in order:
-                for key, n in (("n", new_tokens), ("one", 1)):
-                    t0 = time.perf_counter()
-                    runners[name](prompt, n)
-                    samples[name][key].append(time.perf_counter() - t0)
+                clock = StepClock()
+                t0 = time.perf_counter()
+                runners[name](prompt, new_tokens, clock)
+                samples[name]["total"].append(time.perf_counter() - t0)
+                samples[name]["prefill"].append(clock.times[1] - t0)
+                samples[name]["steps"].extend(clock.steps())
     return samples, tokens
 
 
@@ -137,24 +181,37 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}; prompt {args.prompt}, {args.new_tokens} new tokens, greedy, "
           f"medians of {args.rounds} rounds" + ("; ours compiled" if args.compile else ""))
     prompt = torch.randint(1, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    runners = {impl: _runner(model, ours, impl) for impl in IMPLS}
+    variants = {"ours": ours, "no_moe": no_moe_model(model)}
+    runners = {impl: _runner(model, variants.get(impl), impl) for impl in (*IMPLS, "no_moe")}
     samples, tokens = measure(runners, prompt, args.new_tokens, args.rounds)
     rows = {}
-    for name in IMPLS:
-        t_n, t_1 = statistics.median(samples[name]["n"]), statistics.median(samples[name]["one"])
-        diff = first_difference(tokens[name], tokens["eager"])
-        rows[name] = {"seconds_n": t_n, "seconds_1": t_1, "tokens_per_s": args.new_tokens / t_n,
-                      "decode_tokens_per_s": (args.new_tokens - 1) / max(t_n - t_1, 1e-9),
-                      "tokens_equal_eager": diff is None, "first_difference": diff}
-    print(f"{'impl':11} | {'tok/s':>8} {'decode tok/s':>12} {'prefill+1 ms':>12} | tokens = eager")
+    for name in runners:
+        step = statistics.median(samples[name]["steps"])
+        diff = None if name == "no_moe" else first_difference(tokens[name], tokens["eager"])
+        rows[name] = {"seconds_n": statistics.median(samples[name]["total"]),
+                      "seconds_prefill": statistics.median(samples[name]["prefill"]),
+                      "seconds_per_step": step, "decode_tokens_per_s": 1.0 / step}
+        rows[name]["tokens_per_s"] = args.new_tokens / rows[name]["seconds_n"]
+        if name != "no_moe":
+            rows[name].update(tokens_equal_eager=diff is None, first_difference=diff)
+    print(f"{'impl':11} | {'tok/s':>8} {'decode tok/s':>12} {'step ms':>8} {'prefill ms':>10} | tokens = eager")
     for name, r in rows.items():
-        same = "yes" if r["tokens_equal_eager"] else f"no (from step {r['first_difference']})"
-        print(f"{name:11} | {r['tokens_per_s']:8.2f} {r['decode_tokens_per_s']:12.2f} {r['seconds_1'] * 1e3:12.1f} | "
-              f"{same}")
+        same = ("n/a (no MoE)" if name == "no_moe" else
+                "yes" if r["tokens_equal_eager"] else f"no (from step {r['first_difference']})")
+        print(f"{name:11} | {r['tokens_per_s']:8.2f} {r['decode_tokens_per_s']:12.2f} {r['seconds_per_step'] * 1e3:8.2f} "
+              f"{r['seconds_prefill'] * 1e3:10.1f} | {same}")
     for ref in ("eager", "grouped_mm"):
         ratio = rows["ours"]["decode_tokens_per_s"] / rows[ref]["decode_tokens_per_s"]
         rows["ours"][f"decode_speedup_over_{ref}"] = ratio
         print(f"ours decode tokens/s / {ref}: {ratio:.2f}x")
+    outside = rows["no_moe"]["seconds_per_step"]
+    bound = rows["grouped_mm"]["seconds_per_step"] / outside
+    rows["ours"]["moe_share_of_step"] = 1.0 - outside / rows["ours"]["seconds_per_step"]
+    rows["grouped_mm"]["moe_share_of_step"] = 1.0 - outside / rows["grouped_mm"]["seconds_per_step"]
+    rows["no_moe"]["bound_over_grouped_mm"] = bound
+    print(f"outside the MoE blocks: {outside * 1e3:.2f} ms per step; the MoE blocks take "
+          f"{rows['ours']['moe_share_of_step']:.0%} of ours, {rows['grouped_mm']['moe_share_of_step']:.0%} of "
+          f"grouped_mm's; bound on any MoE's decode speedup over grouped_mm here: {bound:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": torch.get_num_threads(), "vocab": cfg.vocab_size, "new_tokens": args.new_tokens,

@@ -107,9 +107,7 @@ def test_grouped_matvec_rejects_bad_inputs(ext, bad, match):
 def test_experts_op_on_the_native_path_matches_reference(ext, monkeypatch, dtype, T, activation, glu):
     """The op takes the native path for these shapes (checked) and matches the reference,
     biases included."""
-    calls = []
-    real = cpu_forward._native_rows
-    monkeypatch.setattr(cpu_forward, "_native_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _spy(monkeypatch, ext, "matvec_experts")
     inputs = op_inputs(T, 32, 24, 8, 2, glu=glu, bias=True, dtype=dtype, seed=T)
     out = run_op(inputs, activation, glu, 1.702, limit_for(glu), backend="cpu")
     assert calls, "the native kernel was not used"
@@ -120,16 +118,17 @@ def test_experts_op_on_the_native_path_matches_reference(ext, monkeypatch, dtype
         assert_low_precision_close(out, run_reference(as_fp32(inputs), activation, glu, 1.702, limit_for(glu)))
 
 
-def _spy_fused(monkeypatch, ext) -> list:
+def _spy(monkeypatch, ext, name: str = "fused_experts") -> list:
+    """Calls of the native kernel ``name`` (one entry each) while the test runs."""
     calls = []
-    real = ext.fused_experts
-    monkeypatch.setattr(ext, "fused_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = getattr(ext, name)
+    monkeypatch.setattr(ext, name, lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
 def test_many_rows_per_expert_take_the_fused_forward_and_fp64_the_torch_path(ext, monkeypatch):
-    monkeypatch.setattr(cpu_forward, "_native_rows", lambda *a, **k: pytest.fail("matrix-vector path taken"))
-    calls = _spy_fused(monkeypatch, ext)
+    monkeypatch.setattr(ext, "matvec_experts", lambda *a, **k: pytest.fail("matrix-vector path taken"))
+    calls = _spy(monkeypatch, ext)
     many = op_inputs(200, 32, 24, 4, 2, seed=1)  # 100 rows per expert
     assert_fp32_close(run_op(many, backend="cpu"), run_reference(many))
     assert calls == [1]
@@ -145,7 +144,7 @@ def test_many_rows_per_expert_take_the_fused_forward_and_fp64_the_torch_path(ext
 def test_experts_op_on_the_fused_forward_matches_reference(ext, monkeypatch, dtype, activation, glu):
     """Biases, uneven routing over 6 experts, 40 rows per expert on average (checked that the
     fused forward runs)."""
-    calls = _spy_fused(monkeypatch, ext)
+    calls = _spy(monkeypatch, ext)
     inputs = op_inputs(120, 32, 24, 6, 2, glu=glu, bias=True, dtype=dtype, seed=11)
     out = run_op(inputs, activation, glu, 1.702, limit_for(glu), backend="cpu")
     assert calls == [1] and out.dtype == dtype
@@ -166,7 +165,7 @@ def one_thread():
 @pytest.mark.parametrize("routing", ["one", "few", "random"])
 def test_fused_forward_on_one_thread_matches_reference(ext, monkeypatch, one_thread, routing):
     """One thread runs the tasks one after the other instead of side by side."""
-    calls = _spy_fused(monkeypatch, ext)
+    calls = _spy(monkeypatch, ext)
     inputs = op_inputs(300, 32, 24, 8, 2, bias=True, routing=routing, seed=12)
     assert_fp32_close(run_op(inputs, backend="cpu"), run_reference(inputs))
     assert calls == [1]
@@ -175,7 +174,7 @@ def test_fused_forward_on_one_thread_matches_reference(ext, monkeypatch, one_thr
 def test_fused_forward_with_fewer_tasks_than_threads_matches_reference(ext, monkeypatch):
     """Ten rows, all on one expert: one task, run outside a parallel region so that its GEMMs
     may use every thread."""
-    calls = _spy_fused(monkeypatch, ext)
+    calls = _spy(monkeypatch, ext)
     inputs = op_inputs(10, 32, 24, 4, 1, bias=True, routing="one", seed=16)
     assert_fp32_close(run_op(inputs, backend="cpu"), run_reference(inputs))
     assert calls == [1]
@@ -253,7 +252,7 @@ def test_failed_build_falls_back_with_auto_and_raises_with_require(monkeypatch):
 
 def test_fused_forward_leaves_dropped_slots_out(ext, monkeypatch):
     """Slots with ids outside [0, E) are not in the sorted order: they add nothing."""
-    calls = _spy_fused(monkeypatch, ext)
+    calls = _spy(monkeypatch, ext)
     inputs = op_inputs(300, 32, 24, 4, 2, bias=True, seed=17)
     inputs["topk_ids"][::7, 1] = -1
     inputs["topk_ids"][::11, 0] = 4
@@ -304,36 +303,56 @@ def _child_matvec(queue, x_SK, w_ENK, counts):
     queue.put(cpu_kernels.cpu_extension().grouped_matvec(x_SK, w_ENK, counts).tolist())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("T", [1, 3, 40])
-def test_combine_sorted_sums_each_tokens_slots_in_fp32(ext, dtype, T):
-    """out[t] = sum_j w[t, j] y[row of slot t*K + j], rows in any order, dropped slots (left out
-    of order) adding nothing even with a NaN weight; more than 8 tokens run on the pool."""
-    g = torch.Generator().manual_seed(T)
-    K, H = 3, 40
+def _sorted_call(T: int, K: int, E: int, g: torch.Generator) -> tuple:
+    """(topk_weights [T, K], order [S'], counts [E]) of a random routing, every fifth slot dropped
+    (left out of order, its weight NaN: it must add nothing)."""
+    ids = torch.randint(0, E, (T * K,), generator=g)
     w_TK = torch.rand(T, K, generator=g)
-    kept = [s for s in range(T * K) if s % 5 != 2]
-    for s in range(T * K):
-        if s % 5 == 2:
-            w_TK.view(-1)[s] = float("nan")
-    order = torch.tensor(kept)[torch.randperm(len(kept), generator=g)]
-    y = torch.randn(len(kept), H, generator=g)
-    out = ext.combine_sorted(y, w_TK, order, dtype)
+    kept = torch.tensor([s for s in range(T * K) if s % 5 != 2], dtype=torch.long)
+    w_TK.view(-1)[2::5] = float("nan")
+    order = kept[torch.sort(ids[kept], stable=True).indices]
+    counts = torch.bincount(ids[kept], minlength=E).tolist()
+    return w_TK, order, counts, ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_matvec_experts_sums_each_tokens_kept_slots(ext, dtype, T):
+    """The decode forward called directly: gather, both projections with biases, SwiGLU and the
+    combine in fp32 slot order, dropped slots adding nothing; more than 8 tokens combine in
+    several chunks. Against an fp64 computation of the same formulas."""
+    g = torch.Generator().manual_seed(T)
+    K, E, H, I = 3, 5, 40, 24
+    w_TK, order, counts, ids = _sorted_call(T, K, E, g)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    w_up = (torch.randn(E, 2 * I, H, generator=g) / math.sqrt(H)).to(dtype)  # outputs of order one, as in a layer
+    w_down = (torch.randn(E, H, I, generator=g) / math.sqrt(I)).to(dtype)
+    b_up, b_down = torch.randn(E, 2 * I, generator=g).to(dtype), torch.randn(E, H, generator=g).to(dtype)
+    out = ext.matvec_experts(x, w_TK, order, counts, w_up, w_down, b_up, b_down, "silu", "concat", 1.0,
+                             float("inf"), float("inf"), float("inf"))
     expected = torch.zeros(T, H, dtype=torch.float64)
-    for row, s in enumerate(order.tolist()):
-        expected[s // K] += w_TK.view(-1)[s].double() * y[row].double()
+    for s in order.tolist():
+        e, t = int(ids[s]), s // K
+        h = w_up[e].double() @ x[t].double() + b_up[e].double()
+        a = torch.nn.functional.silu(h[:I]) * h[I:]
+        expected[t] += w_TK.view(-1)[s].double() * (w_down[e].double() @ a + b_down[e].double())
     assert out.dtype == dtype and out.shape == (T, H)
-    tol = {torch.bfloat16: 1e-2, torch.float16: 1e-3}.get(dtype, 1e-5)
-    torch.testing.assert_close(out.double(), expected.to(dtype).double(), rtol=tol, atol=tol)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert_low_precision_close(out, expected.float())
 
 
-def test_combine_sorted_rejects_bad_inputs(ext):
-    y, w, order = torch.randn(2, 4), torch.rand(1, 2), torch.tensor([0, 1])
-    with pytest.raises(RuntimeError, match="float32"):
-        ext.combine_sorted(y.double(), w, order, torch.float32)
-    with pytest.raises(RuntimeError, match="one entry per row"):
-        ext.combine_sorted(y, w, order[:1], torch.float32)
+def test_matvec_experts_rejects_bad_inputs(ext):
+    g = torch.Generator().manual_seed(0)
+    w_TK, order, counts, _ = _sorted_call(2, 2, 3, g)
+    x, w_up, w_down = torch.randn(2, 8), torch.randn(3, 12, 8), torch.randn(3, 8, 6)
+    act = ("silu", "concat", 1.0, float("inf"), float("inf"), float("inf"))
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        ext.matvec_experts(x, w_TK, order, counts, w_up.bfloat16(), w_down, None, None, *act)
     with pytest.raises(RuntimeError, match="or twice"):
-        ext.combine_sorted(y, w, torch.tensor([1, 1]), torch.float32)
-    with pytest.raises(RuntimeError, match="outside"):
-        ext.combine_sorted(y, w, torch.tensor([0, 2]), torch.float32)
+        ext.matvec_experts(x, w_TK, order.repeat(2)[:len(order)] * 0, counts, w_up, w_down, None, None, *act)
+    with pytest.raises(RuntimeError, match="need both scales"):
+        ext.matvec_experts(x, w_TK, order, counts, w_up, w_down, None, None, *act, format=1)
+    with pytest.raises(RuntimeError, match="activation 'tanh' is not supported"):
+        ext.matvec_experts(x, w_TK, order, counts, w_up, w_down, None, None, "tanh", *act[1:])

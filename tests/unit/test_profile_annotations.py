@@ -99,16 +99,12 @@ def _native_or_skip():
         pytest.skip("native CPU kernels not available")
 
 
-def test_the_native_fused_forward_is_one_stage(monkeypatch):
+@pytest.mark.parametrize("tokens", [1, 64], ids=["matrix_vector", "fused"])
+def test_each_native_forward_is_one_stage(tokens, monkeypatch):
+    """Decode (the native matrix-vector forward) and batches (the native fused forward): one native call each."""
     _native_or_skip()
-    names = _forward_ranges(64, monkeypatch, cpu_kernels.extension_setting())
+    names = _forward_ranges(tokens, monkeypatch, cpu_kernels.extension_setting())
     assert names == {ROUTER, GATING, DISPATCH, FUSED}
-
-
-def test_the_native_matrix_vector_path_splits_up_and_down(monkeypatch):
-    _native_or_skip()
-    names = _forward_ranges(1, monkeypatch, cpu_kernels.extension_setting())
-    assert {ROUTER, GATING, DISPATCH, UP, DOWN, COMBINE} <= names and FUSED not in names
 
 
 def test_the_backward_names_dispatch_up_down_and_combine():

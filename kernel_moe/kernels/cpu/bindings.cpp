@@ -13,12 +13,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grouped_matvec over int8 / fp8 / int4 weights converted in registers", py::call_guard<py::gil_scoped_release>());
   m.def("dequantize_rows", &dequantize_rows, "one quantized weight matrix in full precision",
         py::call_guard<py::gil_scoped_release>());
-  m.def("combine_sorted", &combine_sorted, "the weighted combine of sorted expert outputs",
-        py::call_guard<py::gil_scoped_release>());
   m.def("has_bf16_gemm", &kernel_moe::Bf16Gemm::available, "whether this build has the bf16 expert GEMM");
   m.def("bf16_gemm", &bf16_gemm, "x @ w.T (+ bias) in bf16 with fp32 sums: the fused forward's expert GEMM",
         py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("fused_experts", &fused_experts, "the routed-experts forward of a batch, experts run concurrently",
+        py::arg("x"), py::arg("topk_weights"), py::arg("order"), py::arg("counts"), py::arg("w_up"), py::arg("w_down"),
+        py::arg("b_up"), py::arg("b_down"), py::arg("activation"), py::arg("glu"), py::arg("alpha"), py::arg("limit"),
+        py::arg("gate_softcap"), py::arg("up_softcap"), py::arg("w_up_scale") = py::none(),
+        py::arg("w_down_scale") = py::none(), py::arg("format") = 0,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("matvec_experts", &matvec_experts, "the routed-experts forward of decode on the matrix-vector kernels",
         py::arg("x"), py::arg("topk_weights"), py::arg("order"), py::arg("counts"), py::arg("w_up"), py::arg("w_down"),
         py::arg("b_up"), py::arg("b_down"), py::arg("activation"), py::arg("glu"), py::arg("alpha"), py::arg("limit"),
         py::arg("gate_softcap"), py::arg("up_softcap"), py::arg("w_up_scale") = py::none(),

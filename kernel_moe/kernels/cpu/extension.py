@@ -3,6 +3,8 @@
 - ``grouped_matvec.cpp`` multiplies each expert's few token rows with its weights, reading every
   weight row once at close to memory bandwidth: the CPU experts op's decode and small batches;
 - ``quant_matvec.cpp`` does the same over int8 / fp8 / int4 weights, converted in registers;
+- ``matvec_experts.cpp`` runs the whole forward of decode and small batches on those two (gather,
+  projections, activation, weighted combine) without opening an ATen parallel region;
 - ``fused_experts.cpp`` runs the whole forward of larger batches (gather, GEMMs, activation,
   weighted combine) as tasks of one expert's rows, run concurrently, one thread each.
 
@@ -35,8 +37,9 @@ ENV = "KERNEL_MOE_CPU_EXTENSION"
 SETTINGS = ("auto", "off", "require")
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("bindings.cpp", "grouped_matvec.cpp", "quant_matvec.cpp", "int4_bf16_matvec.cpp",
-                             "bf16_gemm.cpp", "fused_experts.cpp"))
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("kernels.h", "pool.h", "quant_rows.h", "bf16_gemm.h"))
+                             "bf16_gemm.cpp", "fused_experts.cpp", "matvec_experts.cpp"))
+HEADERS = tuple(Path(__file__).with_name(name)
+                for name in ("kernels.h", "pool.h", "quant_rows.h", "bf16_gemm.h", "experts_common.h"))
 # hot loops aligned to 64 bytes: where a streaming loop lands relative to the instruction fetch
 # blocks moved the same matrix-vector code by 10-15% from one build to the next (measured)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-falign-functions=64", "-falign-loops=64")

@@ -2,11 +2,11 @@
 
 It runs inside the custom op, where it is opaque to the compiler, so it may read token counts on
 the host. On CPU each small tensor op costs microseconds, so the forward is built to issue few:
-- with the native kernels (``extension.py``), decode and small batches run as grouped
-  matrix-vector products that read each active expert's weights once at close to memory
-  bandwidth (:func:`_native_rows`; oneDNN and MKL read cold weights at a third of it for such
-  shapes), and larger batches run the native fused forward: tasks of one expert's rows (gather,
-  both GEMMs, activation) run concurrently, one thread each, then a weighted combine per token;
+- with the native kernels (``extension.py``), decode and small batches run in one native call
+  on grouped matrix-vector products that read each active expert's weights once at close to
+  memory bandwidth (``matvec_experts.cpp``; oneDNN and MKL read cold weights at a third of it
+  for such shapes), and larger batches run the native fused forward: tasks of one expert's rows
+  (gather, both GEMMs, activation) run concurrently, one thread each, then a weighted combine per token;
 - without them (switched off, not buildable, fp64, other devices): one token runs its K experts
   as one strided batched GEMM per projection; small batches run runs of experts as batched
   GEMMs over strided views of the stacked weights; large batches sort slots by expert once,
@@ -293,42 +293,6 @@ def _native_weights(experts: StackedExperts) -> tuple:
             experts.w_down_scale, FORMAT_CODES[experts.weight_format])
 
 
-def _matvec(ext, x_SK: torch.Tensor, experts: StackedExperts, which: int, counts: list[int],
-            dtype: torch.dtype) -> torch.Tensor:
-    """The native grouped matrix-vector product with the up (``which`` 0) or down (1) weights, of
-    fp32 rows ``x_SK`` of a model in ``dtype``. int4 weights of a bf16 model take x in bf16 (the
-    model's own precision), which the kernel multiplies with the bf16 dot-product instruction."""
-    weights = _native_weights(experts)
-    w, scale, code = weights[which], weights[2 + which], weights[4]
-    if code == 0:
-        return ext.grouped_matvec(x_SK, w, counts)
-    if code == FORMAT_CODES["int4"] and dtype == torch.bfloat16:
-        x_SK = x_SK.to(dtype)
-    return ext.grouped_matvec_quantized(x_SK, w, scale, counts, code)
-
-
-def _native_rows(ext, x_SH: torch.Tensor, slots: SortedSlots, experts: StackedExperts,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """Expert outputs [S', H] in fp32, sorted-slot order, of the gathered fp32 rows ``x_SH`` of a
-    model in ``dtype``, from
-    the native grouped matrix-vector kernel: one pass over each active expert's weights per
-    projection, fp32 accumulation and fp32 activation."""
-    b_up, b_down = experts.b_up, experts.b_down
-    with stage(UP):
-        expert_S = None
-        if b_up is not None or b_down is not None:
-            expert_S = torch.repeat_interleave(torch.arange(len(slots.counts)), torch.tensor(slots.counts))
-        h_SN = _matvec(ext, x_SH, experts, 0, slots.counts, dtype)
-        if b_up is not None:
-            h_SN += b_up.index_select(0, expert_S)
-        a_SI = apply_activation(h_SN, experts.activation).contiguous()
-    with stage(DOWN):
-        y_SH = _matvec(ext, a_SI, experts, 1, slots.counts, dtype)
-        if b_down is not None:
-            y_SH += b_down.index_select(0, expert_S)
-    return y_SH
-
-
 def _chunked_forward(x_TH: torch.Tensor, weights_S: torch.Tensor, slots: SortedSlots,
                      experts: StackedExperts) -> torch.Tensor:
     """Large batches without the native kernels: sorted slots in chunks of per-expert GEMMs
@@ -395,9 +359,9 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
     """out[t] = sum over kept j of w[t, j] * expert_{id[t, j]}(x[t]); accumulated in fp32,
     returned in x's dtype.
 
-    With the native CPU extension: the grouped matrix-vector kernel when experts get few
-    slots each (decode, small batches; :func:`_native_rows`), else its fused forward, which
-    runs the experts' work concurrently. Without it: strided batched GEMMs for few slots per
+    With the native CPU extension: its matrix-vector forward when experts get few slots each
+    (decode, small batches; ``matvec_experts``), else its fused forward, which runs the experts'
+    work concurrently. Without it: strided batched GEMMs for few slots per
     expert (:func:`_small_batch_rows`, :func:`_single_token_forward`), else sorted slots in
     chunks of per-expert GEMMs (:func:`_chunked_forward`).
     """
@@ -419,22 +383,18 @@ def experts_forward(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, topk_ids_
         fused = ext is not None and not matvec and _fused_fits(x_TH, experts)
         if active and not fused and not matvec:
             weights_S = topk_weights_TK.reshape(-1).index_select(0, slots.order_S).to(acc_dtype)
-        if active and matvec:
-            x_SH = x_TH.index_select(0, slots.tok_S).float()
     if not active:  # every slot dropped
         return x_TH.new_zeros(T, H)
-    if fused:
+    if fused or matvec:
+        # gather, up-projection, activation, down-projection and combine in one native call: the
+        # matrix-vector one (no ATen parallel region, see matvec_experts.cpp) or the batch one
         act = experts.activation
-        with stage(FUSED):  # gather, up-projection, activation, down-projection and combine in one call
+        kernel = ext.matvec_experts if matvec else ext.fused_experts
+        with stage(FUSED):
             w_up, w_down, up_scale, down_scale, code = _native_weights(experts)
-            return ext.fused_experts(x_TH, topk_weights_TK, slots.order_S, slots.counts, w_up, w_down, *experts[2:4],
-                                     act.kind, act.glu, act.alpha, act.limit, act.gate_softcap, act.up_softcap,
-                                     up_scale, down_scale, code)
-    if matvec:
-        y_SH = _native_rows(ext, x_SH, slots, experts, x_TH.dtype)
-        with stage(COMBINE):  # natively: index_add_ opens a parallel region that stalls beside a busy core
-            return ext.combine_sorted(y_SH, topk_weights_TK, slots.order_S, x_TH.dtype)
-    elif experts.quantized:
+            return kernel(x_TH, topk_weights_TK, slots.order_S, slots.counts, w_up, w_down, *experts[2:4], act.kind,
+                          act.glu, act.alpha, act.limit, act.gate_softcap, act.up_softcap, up_scale, down_scale, code)
+    if experts.quantized:
         return _per_expert_forward(x_TH, weights_S, slots, experts).to(x_TH.dtype)
     elif S <= MIN_CHUNK_ROWS and S <= SMALL_BATCH_MEAN_ROWS * active:
         y_SH = _small_batch_rows(x_TH, slots, experts).to(acc_dtype)

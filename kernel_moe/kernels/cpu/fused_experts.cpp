@@ -20,6 +20,7 @@
 // H hidden, E experts, N up features, I intermediate, M rows of one task.
 
 #include "bf16_gemm.h"
+#include "experts_common.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -32,6 +33,11 @@
 #include <optional>
 
 namespace {
+
+using kernel_moe::experts::Activation;
+using kernel_moe::experts::combine_dispatch;
+using kernel_moe::experts::parse_activation;
+using kernel_moe::experts::sorted_positions;
 
 // rows of one task: at least this many (a GEMM of fewer rows wastes its weight reads) ...
 constexpr int64_t kMinTaskRows = 16;
@@ -65,56 +71,6 @@ std::vector<Task> plan_tasks(const std::vector<int64_t>& counts, int64_t S, int6
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.rows > b.rows; });
   return tasks;
-}
-
-enum class Glu { kNone, kConcat, kInterleaved };
-
-struct Activation {
-  std::string name;
-  Glu glu;
-  double alpha, limit, gate_softcap, up_softcap;
-
-  at::Tensor pointwise(const at::Tensor& x) const {
-    if (name == "silu") return at::silu(x);
-    if (name == "gelu") return at::gelu(x);
-    if (name == "gelu_tanh") return at::gelu(x, "tanh");
-    if (name == "relu2") return at::relu(x).square();
-    return at::relu(x);
-  }
-
-  static at::Tensor softcap(const at::Tensor& v, double cap) {
-    return std::isinf(cap) ? v : at::tanh(v / cap) * cap;
-  }
-
-  // [M, N] up-projection features -> [M, I], as kernel_moe.kernels.contract.Activation defines it
-  at::Tensor operator()(const at::Tensor& h_MN) const {
-    if (glu == Glu::kNone) return pointwise(h_MN);
-    const int64_t N = h_MN.size(1), I = N / 2;
-    at::Tensor gate = glu == Glu::kConcat ? h_MN.narrow(1, 0, I) : h_MN.slice(1, 0, N, 2);
-    at::Tensor up = glu == Glu::kConcat ? h_MN.narrow(1, I, I) : h_MN.slice(1, 1, N, 2);
-    if (!std::isinf(limit)) {
-      gate = gate.clamp_max(limit);
-      up = up.clamp(-limit, limit);
-    }
-    if (name == "gpt_oss") return (up + 1) * (gate * at::sigmoid(gate * alpha));
-    if (!std::isinf(gate_softcap) || !std::isinf(up_softcap)) {
-      return softcap(gate, gate_softcap) * at::sigmoid(gate) * softcap(up, up_softcap);
-    }
-    return pointwise(gate) * up;
-  }
-};
-
-Activation parse_activation(const std::string& name, const std::string& glu, double alpha, double limit,
-                            double gate_softcap, double up_softcap) {
-  TORCH_CHECK(name == "silu" || name == "gelu" || name == "gelu_tanh" || name == "relu" || name == "relu2" ||
-                  name == "gpt_oss",
-              "fused_experts: activation '", name,
-              "' is not supported; allowed: silu, gelu, gelu_tanh, relu, relu2, gpt_oss");
-  TORCH_CHECK(glu == "none" || glu == "concat" || glu == "interleaved", "fused_experts: glu '", glu,
-              "' is not supported; allowed: none, concat, interleaved");
-  TORCH_CHECK(!(name == "gpt_oss" && glu == "none"), "fused_experts: activation 'gpt_oss' needs a gated layout");
-  const Glu layout = glu == "none" ? Glu::kNone : glu == "concat" ? Glu::kConcat : Glu::kInterleaved;
-  return {name, layout, alpha, limit, gate_softcap, up_softcap};
 }
 
 struct Inputs {
@@ -193,54 +149,6 @@ void run_task(const Task& t, const Inputs& in, const at::Tensor& y_SH) {
   y_SH.narrow(0, t.first_row, t.rows).copy_(y_MH);
 }
 
-// out[t] = sum_j weight[t, j] * y[pos[t * K + j]], summed in fp32 in slot order; a dropped slot
-// (pos -1) adds nothing
-template <typename scalar_t>
-void combine(const float* y_SH, const float* weights_TK, const int64_t* pos_S, scalar_t* out_TH, int64_t T, int64_t K,
-             int64_t H) {
-  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(H);
-    for (int64_t t = begin; t < end; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < K; ++j) {
-        if (pos_S[t * K + j] < 0) continue;
-        const float w = weights_TK[t * K + j];
-        const float* y = y_SH + pos_S[t * K + j] * H;
-#pragma omp simd
-        for (int64_t h = 0; h < H; ++h) acc[h] += w * y[h];
-      }
-      for (int64_t h = 0; h < H; ++h) out_TH[t * H + h] = static_cast<scalar_t>(acc[h]);
-    }
-  });
-}
-
-// The sorted row of each slot t * K + j of S slots (-1 for a dropped slot), from order (the slot
-// of each sorted row); ``kernel`` names the caller in errors.
-std::vector<int64_t> sorted_positions(const char* kernel, const at::Tensor& order, int64_t S) {
-  std::vector<int64_t> pos_S(S, -1);
-  const int64_t* order_ptr = order.data_ptr<int64_t>();
-  for (int64_t i = 0; i < order.size(0); ++i) {
-    const int64_t slot = order_ptr[i];
-    TORCH_CHECK(slot >= 0 && slot < S && pos_S[slot] < 0, kernel, ": order holds slot ", slot, " at ", i,
-                ", outside [0, ", S, ") or twice");
-    pos_S[slot] = i;
-  }
-  return pos_S;
-}
-
-// out[t] = sum_j weight[t, j] * y[pos[t * K + j]] in dtype (combine's slot-order fp32 sum)
-at::Tensor combine_dispatch(const at::Tensor& y_SH, const at::Tensor& topk_weights_TK, const std::vector<int64_t>& pos_S,
-                            at::ScalarType dtype) {
-  const int64_t T = topk_weights_TK.size(0), K = topk_weights_TK.size(1), H = y_SH.size(1);
-  const at::Tensor weights_TK = topk_weights_TK.to(at::kFloat).contiguous();
-  at::Tensor out_TH = at::empty({T, H}, y_SH.options().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fused_experts_combine", [&] {
-    combine<scalar_t>(y_SH.data_ptr<float>(), weights_TK.data_ptr<float>(), pos_S.data(), out_TH.data_ptr<scalar_t>(),
-                      T, K, H);
-  });
-  return out_TH;
-}
-
 }  // namespace
 
 at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_TK, const at::Tensor& order_S,
@@ -293,7 +201,7 @@ at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_
   TORCH_CHECK(!b_down_EH.has_value() || (b_down_EH->dim() == 2 && b_down_EH->size(0) == E && b_down_EH->size(1) == H),
               "fused_experts: b_down must be [E, H]");
   check_counts("fused_experts", counts, E, kept);
-  const Activation act = parse_activation(activation, glu, alpha, limit, gate_softcap, up_softcap);
+  const Activation act = parse_activation("fused_experts", activation, glu, alpha, limit, gate_softcap, up_softcap);
 
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::NoGradGuard no_grad;
@@ -319,21 +227,5 @@ at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_
     });
   }
 
-  return combine_dispatch(y_SH, topk_weights_TK, pos_S, x_TH.scalar_type());
-}
-
-at::Tensor combine_sorted(const at::Tensor& y_SH, const at::Tensor& topk_weights_TK, const at::Tensor& order_S,
-                          at::ScalarType dtype) {
-  TORCH_CHECK(y_SH.dim() == 2 && y_SH.scalar_type() == at::kFloat && y_SH.is_contiguous() && y_SH.device().is_cpu(),
-              "combine_sorted: y must be a contiguous float32 [S', H] CPU tensor");
-  TORCH_CHECK(topk_weights_TK.dim() == 2 && topk_weights_TK.device().is_cpu(),
-              "combine_sorted: topk_weights must be a [T, K] CPU tensor");
-  TORCH_CHECK(order_S.dim() == 1 && order_S.scalar_type() == at::kLong && order_S.size(0) == y_SH.size(0),
-              "combine_sorted: order must be int64 with one entry per row of y (", y_SH.size(0), "), not ",
-              order_S.sizes());
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
-              "combine_sorted: dtype must be float32, bfloat16, float16 or float64");
-  const std::vector<int64_t> pos_S =
-      sorted_positions("combine_sorted", order_S.contiguous(), topk_weights_TK.numel());
-  return combine_dispatch(y_SH, topk_weights_TK, pos_S, dtype);
+  return combine_dispatch(y_SH, topk_weights_TK, pos_S, x_TH.scalar_type(), false);
 }

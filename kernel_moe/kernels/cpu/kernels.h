@@ -63,10 +63,14 @@ at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_
                          double gate_softcap, double up_softcap, const std::optional<at::Tensor>& w_up_scale,
                          const std::optional<at::Tensor>& w_down_scale, int64_t format);
 
-// out[t] = sum_j weight[t, j] * y[row of slot t * K + j] (fused_experts.cpp): the weighted combine of
-// expert outputs y_SH [S', H] float32 in sorted order, order_S [S'] int64 the slot of each row
-// (dropped slots left out add nothing), summed in float32 in slot order, returned [T, H] in dtype.
-// One thread up to 8 tokens (decode opens no parallel region), else at::parallel_for, whose threads
-// are the ones the surrounding PyTorch ops keep warm.
-at::Tensor combine_sorted(const at::Tensor& y_SH, const at::Tensor& topk_weights_TK, const at::Tensor& order_S,
-                          at::ScalarType dtype);
+// The routed-experts forward of decode and small batches (matvec_experts.cpp): fused_experts'
+// arguments and result, computed by gathering the kept slots' rows, grouped_matvec or
+// grouped_matvec_quantized for both projections (biases added in float32, the activation in
+// float32), and the combine; no ATen parallel region is opened. Weights as grouped_matvec takes
+// them (full precision: x's dtype, float32 or bfloat16) or quantized as grouped_matvec_quantized.
+at::Tensor matvec_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_TK, const at::Tensor& order_S,
+                          const std::vector<int64_t>& counts, const at::Tensor& w_up_ENH, const at::Tensor& w_down_EHI,
+                          const std::optional<at::Tensor>& b_up_EN, const std::optional<at::Tensor>& b_down_EH,
+                          const std::string& activation, const std::string& glu, double alpha, double limit,
+                          double gate_softcap, double up_softcap, const std::optional<at::Tensor>& w_up_scale,
+                          const std::optional<at::Tensor>& w_down_scale, int64_t format);

@@ -274,9 +274,9 @@ at::Tensor grouped_matvec_quantized(const at::Tensor& x_SK, const at::Tensor& w_
   }
   const at::Tensor x_f = x_SK.to(at::kFloat);
   const at::Tensor x = format == kInt4 ? deinterleave_groups(x_f, group_len) : x_f.contiguous();
-  // per-group sums of x: the int4 kernels fold the stored values' offset of 8 out of their loop
-  const at::Tensor xsum = x_f.view({x_f.size(0), groups, group_len}).sum(-1).contiguous();
-  const float* xs = xsum.data_ptr<float>();
+  // per-group sums of x (int4 only): its kernels fold the stored values' offset of 8 out of their loop
+  const at::Tensor xsum = format == kInt4 ? x_f.view({x_f.size(0), groups, group_len}).sum(-1).contiguous() : at::Tensor();
+  const float* xs = format == kInt4 ? xsum.data_ptr<float>() : nullptr;
   if (format == kInt8) quant_matvec_impl<kInt8>(w, s, x.data_ptr<float>(), xs, y_SN.data_ptr<float>(), L, rows);
   if (format == kFp8) quant_matvec_impl<kFp8>(w, s, x.data_ptr<float>(), xs, y_SN.data_ptr<float>(), L, rows);
   if (format == kInt4) quant_matvec_impl<kInt4>(w, s, x.data_ptr<float>(), xs, y_SN.data_ptr<float>(), L, rows);

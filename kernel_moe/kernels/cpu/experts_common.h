@@ -1,0 +1,127 @@
+// Shared by the two native routed-experts forwards (fused_experts.cpp for batches,
+// matvec_experts.cpp for decode): the activation as the experts contract defines it, the sorted
+// position of each slot, and the weighted combine of sorted expert outputs.
+//
+// Legend: T tokens, K top-k, S = T*K slots (S' kept, sorted by expert), H hidden, N up features, I intermediate.
+
+#pragma once
+
+#include "pool.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace kernel_moe::experts {
+
+enum class Glu { kNone, kConcat, kInterleaved };
+
+struct Activation {
+  std::string name;
+  Glu glu;
+  double alpha, limit, gate_softcap, up_softcap;
+
+  at::Tensor pointwise(const at::Tensor& x) const {
+    if (name == "silu") return at::silu(x);
+    if (name == "gelu") return at::gelu(x);
+    if (name == "gelu_tanh") return at::gelu(x, "tanh");
+    if (name == "relu2") return at::relu(x).square();
+    return at::relu(x);
+  }
+
+  static at::Tensor softcap(const at::Tensor& v, double cap) {
+    return std::isinf(cap) ? v : at::tanh(v / cap) * cap;
+  }
+
+  // [M, N] up-projection features -> [M, I], as kernel_moe.kernels.contract.Activation defines it
+  at::Tensor operator()(const at::Tensor& h_MN) const {
+    if (glu == Glu::kNone) return pointwise(h_MN);
+    const int64_t N = h_MN.size(1), I = N / 2;
+    at::Tensor gate = glu == Glu::kConcat ? h_MN.narrow(1, 0, I) : h_MN.slice(1, 0, N, 2);
+    at::Tensor up = glu == Glu::kConcat ? h_MN.narrow(1, I, I) : h_MN.slice(1, 1, N, 2);
+    if (!std::isinf(limit)) {
+      gate = gate.clamp_max(limit);
+      up = up.clamp(-limit, limit);
+    }
+    if (name == "gpt_oss") return (up + 1) * (gate * at::sigmoid(gate * alpha));
+    if (!std::isinf(gate_softcap) || !std::isinf(up_softcap)) {
+      return softcap(gate, gate_softcap) * at::sigmoid(gate) * softcap(up, up_softcap);
+    }
+    return pointwise(gate) * up;
+  }
+};
+
+// ``kernel`` names the caller in errors
+inline Activation parse_activation(const char* kernel, const std::string& name, const std::string& glu, double alpha,
+                                   double limit, double gate_softcap, double up_softcap) {
+  TORCH_CHECK(name == "silu" || name == "gelu" || name == "gelu_tanh" || name == "relu" || name == "relu2" ||
+                  name == "gpt_oss",
+              kernel, ": activation '", name, "' is not supported; allowed: silu, gelu, gelu_tanh, relu, relu2, gpt_oss");
+  TORCH_CHECK(glu == "none" || glu == "concat" || glu == "interleaved", kernel, ": glu '", glu,
+              "' is not supported; allowed: none, concat, interleaved");
+  TORCH_CHECK(!(name == "gpt_oss" && glu == "none"), kernel, ": activation 'gpt_oss' needs a gated layout");
+  const Glu layout = glu == "none" ? Glu::kNone : glu == "concat" ? Glu::kConcat : Glu::kInterleaved;
+  return {name, layout, alpha, limit, gate_softcap, up_softcap};
+}
+
+// The sorted row of each slot t * K + j of S slots (-1 for a dropped slot), from order (the slot
+// of each sorted row); ``kernel`` names the caller in errors.
+inline std::vector<int64_t> sorted_positions(const char* kernel, const at::Tensor& order, int64_t S) {
+  std::vector<int64_t> pos_S(S, -1);
+  const int64_t* order_ptr = order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < order.size(0); ++i) {
+    const int64_t slot = order_ptr[i];
+    TORCH_CHECK(slot >= 0 && slot < S && pos_S[slot] < 0, kernel, ": order holds slot ", slot, " at ", i,
+                ", outside [0, ", S, ") or twice");
+    pos_S[slot] = i;
+  }
+  return pos_S;
+}
+
+// out[t] = sum_j weight[t, j] * y[pos[t * K + j]] for tokens [begin, end), summed in fp32 in slot
+// order; a dropped slot (pos -1) adds nothing
+template <typename scalar_t>
+void combine_tokens(const float* y_SH, const float* weights_TK, const int64_t* pos_S, scalar_t* out_TH, int64_t K,
+                    int64_t H, int64_t begin, int64_t end) {
+  std::vector<float> acc(H);
+  for (int64_t t = begin; t < end; ++t) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t j = 0; j < K; ++j) {
+      if (pos_S[t * K + j] < 0) continue;
+      const float w = weights_TK[t * K + j];
+      const float* y = y_SH + pos_S[t * K + j] * H;
+#pragma omp simd
+      for (int64_t h = 0; h < H; ++h) acc[h] += w * y[h];
+    }
+    for (int64_t h = 0; h < H; ++h) out_TH[t * H + h] = static_cast<scalar_t>(acc[h]);
+  }
+}
+
+// The weighted combine in dtype, [T, H], over the tokens in chunks of 8: on the sleeping pool
+// (``on_pool``: a decode call, which opens no ATen parallel region) or at::parallel_for (batches,
+// whose surrounding PyTorch ops keep those threads warm). Either way a token's sum has one order.
+inline at::Tensor combine_dispatch(const at::Tensor& y_SH, const at::Tensor& topk_weights_TK,
+                                   const std::vector<int64_t>& pos_S, at::ScalarType dtype, bool on_pool) {
+  const int64_t T = topk_weights_TK.size(0), K = topk_weights_TK.size(1), H = y_SH.size(1);
+  const at::Tensor weights_TK = topk_weights_TK.to(at::kFloat).contiguous();
+  at::Tensor out_TH = at::empty({T, H}, y_SH.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "experts_combine", [&] {
+    const auto part = [&](int64_t begin, int64_t end) {
+      combine_tokens<scalar_t>(y_SH.data_ptr<float>(), weights_TK.data_ptr<float>(), pos_S.data(),
+                               out_TH.data_ptr<scalar_t>(), K, H, begin, end);
+    };
+    if (on_pool) {
+      kernel_moe::parallel_chunks(T, 8, part);
+    } else {
+      at::parallel_for(0, T, 8, part);
+    }
+  });
+  return out_TH;
+}
+
+}  // namespace kernel_moe::experts
