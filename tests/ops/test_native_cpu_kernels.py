@@ -354,5 +354,9 @@ def test_matvec_experts_rejects_bad_inputs(ext):
         ext.matvec_experts(x, w_TK, order.repeat(2)[:len(order)] * 0, counts, w_up, w_down, None, None, *act)
     with pytest.raises(RuntimeError, match="need both scales"):
         ext.matvec_experts(x, w_TK, order, counts, w_up, w_down, None, None, *act, format=1)
+    with pytest.raises(RuntimeError, match=r"b_up must be \[E, N\]"):
+        ext.matvec_experts(x, w_TK, order, counts, w_up, w_down, torch.randn(3, 6), None, *act)
+    with pytest.raises(RuntimeError, match="for hidden size 8"):
+        ext.matvec_experts(x, w_TK, order, counts, w_up, w_down[:, :4], None, None, *act)
     with pytest.raises(RuntimeError, match="activation 'tanh' is not supported"):
         ext.matvec_experts(x, w_TK, order, counts, w_up, w_down, None, None, "tanh", *act[1:])

@@ -6,6 +6,7 @@
 
 #pragma once
 
+#include "kernels.h"
 #include "pool.h"
 
 #include <ATen/ATen.h>
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -67,6 +69,55 @@ inline Activation parse_activation(const char* kernel, const std::string& name, 
   TORCH_CHECK(!(name == "gpt_oss" && glu == "none"), kernel, ": activation 'gpt_oss' needs a gated layout");
   const Glu layout = glu == "none" ? Glu::kNone : glu == "concat" ? Glu::kConcat : Glu::kInterleaved;
   return {name, layout, alpha, limit, gate_softcap, up_softcap};
+}
+
+// The argument checks both native forwards share (``kernel`` names the caller in errors): ranks,
+// shapes of the weights, scales and biases against x, the format and its scales, the counts, CPU
+// tensors, int64 order, and full-precision weights in x's dtype.
+inline void check_experts_call(const char* kernel, const at::Tensor& x_TH, const at::Tensor& topk_weights_TK,
+                               const at::Tensor& order_S, const std::vector<int64_t>& counts,
+                               const at::Tensor& w_up_ENH, const at::Tensor& w_down_EHI,
+                               const std::optional<at::Tensor>& b_up_EN, const std::optional<at::Tensor>& b_down_EH,
+                               const std::optional<at::Tensor>& w_up_scale,
+                               const std::optional<at::Tensor>& w_down_scale, int64_t format) {
+  TORCH_CHECK(x_TH.dim() == 2 && topk_weights_TK.dim() == 2 && order_S.dim() == 1 && w_up_ENH.dim() == 3 &&
+                  w_down_EHI.dim() == 3,
+              kernel, ": x must be [T, H], topk_weights [T, K], order [S], w_up [E, N, H], w_down [E, H, I]");
+  const int64_t T = x_TH.size(0), H = x_TH.size(1), S = T * topk_weights_TK.size(1);
+  TORCH_CHECK(format >= 0 && format <= 3, kernel, ": format ", format,
+              " is not one of 0 (full precision), 1 (int8), 2 (fp8), 3 (int4)");
+  const bool quantized = format != 0;
+  TORCH_CHECK(quantized == (w_up_scale.has_value() && w_down_scale.has_value()), kernel,
+              ": quantized weights (format ", format, ") need both scales, full-precision ones none");
+  const int64_t packing = format == 3 ? 2 : 1;  // int4: two weights per byte along the input features
+  const int64_t E = w_up_ENH.size(0), N = w_up_ENH.size(1), I = w_down_EHI.size(2) * packing;
+  const int64_t kept = order_S.size(0);  // slots not dropped, in sorted order
+  TORCH_CHECK(topk_weights_TK.size(0) == T && kept <= S, kernel, ": topk_weights is ", topk_weights_TK.sizes(),
+              " and order has ", kept, " entries for ", T, " tokens");
+  TORCH_CHECK(w_up_ENH.size(2) * packing == H && w_down_EHI.size(0) == E && w_down_EHI.size(1) == H, kernel,
+              ": w_up is ", w_up_ENH.sizes(), " and w_down ", w_down_EHI.sizes(), " for hidden size ", H);
+  TORCH_CHECK(N == I || N == 2 * I, kernel, ": w_up has ", N, " features for intermediate ", I);
+  if (quantized) {
+    TORCH_CHECK(w_up_ENH.element_size() == 1 && w_down_EHI.element_size() == 1 && w_up_ENH.is_contiguous() &&
+                    w_down_EHI.is_contiguous(),
+                kernel, ": quantized w_up and w_down must be contiguous one-byte tensors");
+    TORCH_CHECK(w_up_scale->size(0) == E && w_up_scale->size(1) == N && w_down_scale->size(0) == E &&
+                    w_down_scale->size(1) == H,
+                kernel, ": scales ", w_up_scale->sizes(), " and ", w_down_scale->sizes(), " for w_up ",
+                w_up_ENH.sizes(), " and w_down ", w_down_EHI.sizes());
+  } else {
+    TORCH_CHECK(w_up_ENH.scalar_type() == x_TH.scalar_type() && w_down_EHI.scalar_type() == x_TH.scalar_type(),
+                kernel, ": x, w_up and w_down must share one dtype");
+  }
+  TORCH_CHECK(order_S.scalar_type() == at::kLong, kernel, ": order must be int64");
+  TORCH_CHECK(x_TH.device().is_cpu() && w_up_ENH.device().is_cpu() && w_down_EHI.device().is_cpu() &&
+                  topk_weights_TK.device().is_cpu() && order_S.device().is_cpu(),
+              kernel, ": CPU tensors only");
+  TORCH_CHECK(!b_up_EN.has_value() || (b_up_EN->dim() == 2 && b_up_EN->size(0) == E && b_up_EN->size(1) == N),
+              kernel, ": b_up must be [E, N]");
+  TORCH_CHECK(!b_down_EH.has_value() || (b_down_EH->dim() == 2 && b_down_EH->size(0) == E && b_down_EH->size(1) == H),
+              kernel, ": b_down must be [E, H]");
+  check_counts(kernel, counts, E, kept);
 }
 
 // The sorted row of each slot t * K + j of S slots (-1 for a dropped slot), from order (the slot

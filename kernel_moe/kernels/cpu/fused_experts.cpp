@@ -35,6 +35,7 @@
 namespace {
 
 using kernel_moe::experts::Activation;
+using kernel_moe::experts::check_experts_call;
 using kernel_moe::experts::combine_dispatch;
 using kernel_moe::experts::parse_activation;
 using kernel_moe::experts::sorted_positions;
@@ -157,50 +158,17 @@ at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_
                          const std::string& activation, const std::string& glu, double alpha, double limit,
                          double gate_softcap, double up_softcap, const std::optional<at::Tensor>& w_up_scale,
                          const std::optional<at::Tensor>& w_down_scale, int64_t format) {
-  TORCH_CHECK(x_TH.dim() == 2 && topk_weights_TK.dim() == 2 && order_S.dim() == 1 && w_up_ENH.dim() == 3 &&
-                  w_down_EHI.dim() == 3,
-              "fused_experts: x must be [T, H], topk_weights [T, K], order [S], w_up [E, N, H], w_down [E, H, I]");
-  const int64_t T = x_TH.size(0), H = x_TH.size(1), K = topk_weights_TK.size(1), S = T * K;
-  TORCH_CHECK(format >= 0 && format <= 3, "fused_experts: format ", format,
-              " is not one of 0 (full precision), 1 (int8), 2 (fp8), 3 (int4)");
-  const bool quantized = format != 0;
-  TORCH_CHECK(quantized == (w_up_scale.has_value() && w_down_scale.has_value()),
-              "fused_experts: quantized weights (format ", format, ") need both scales, full-precision ones none");
-  const int64_t packing = format == 3 ? 2 : 1;  // int4: two weights per byte along the input features
-  const int64_t E = w_up_ENH.size(0), N = w_up_ENH.size(1), I = w_down_EHI.size(2) * packing;
-  const int64_t kept = order_S.size(0);  // slots not dropped, in sorted order
-  TORCH_CHECK(topk_weights_TK.size(0) == T && kept <= S, "fused_experts: topk_weights is ", topk_weights_TK.sizes(),
-              " and order has ", kept, " entries for ", T, " tokens");
-  TORCH_CHECK(w_up_ENH.size(2) * packing == H && w_down_EHI.size(0) == E && w_down_EHI.size(1) == H,
-              "fused_experts: w_up is ", w_up_ENH.sizes(), " and w_down ", w_down_EHI.sizes(), " for hidden size ", H);
-  TORCH_CHECK(N == I || N == 2 * I, "fused_experts: w_up has ", N, " features for intermediate ", I);
-  if (quantized) {
-    TORCH_CHECK(w_up_ENH.element_size() == 1 && w_down_EHI.element_size() == 1 && w_up_ENH.is_contiguous() &&
-                    w_down_EHI.is_contiguous(),
-                "fused_experts: quantized w_up and w_down must be contiguous one-byte tensors");
-    TORCH_CHECK(w_up_scale->size(0) == E && w_up_scale->size(1) == N && w_down_scale->size(0) == E &&
-                    w_down_scale->size(1) == H,
-                "fused_experts: scales ", w_up_scale->sizes(), " and ", w_down_scale->sizes(), " for w_up ",
-                w_up_ENH.sizes(), " and w_down ", w_down_EHI.sizes());
-  } else {
-    TORCH_CHECK(w_up_ENH.scalar_type() == x_TH.scalar_type() && w_down_EHI.scalar_type() == x_TH.scalar_type(),
-                "fused_experts: x, w_up and w_down must share one dtype");
-  }
-  TORCH_CHECK(order_S.scalar_type() == at::kLong, "fused_experts: order must be int64");
+  check_experts_call("fused_experts", x_TH, topk_weights_TK, order_S, counts, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH,
+                     w_up_scale, w_down_scale, format);
   TORCH_CHECK(x_TH.scalar_type() == at::kFloat || x_TH.scalar_type() == at::kBFloat16 ||
                   x_TH.scalar_type() == at::kHalf,
               "fused_experts: x must be float32, bfloat16 or float16 (outputs are summed in float32)");
-  TORCH_CHECK(x_TH.device().is_cpu() && w_up_ENH.device().is_cpu() && w_down_EHI.device().is_cpu() &&
-                  topk_weights_TK.device().is_cpu() && order_S.device().is_cpu(),
-              "fused_experts: CPU tensors only");
   for (const auto* b : {&b_up_EN, &b_down_EH}) {
     TORCH_CHECK(!b->has_value() || (*b)->scalar_type() == x_TH.scalar_type(), "fused_experts: biases need x's dtype");
   }
-  TORCH_CHECK(!b_up_EN.has_value() || (b_up_EN->dim() == 2 && b_up_EN->size(0) == E && b_up_EN->size(1) == N),
-              "fused_experts: b_up must be [E, N]");
-  TORCH_CHECK(!b_down_EH.has_value() || (b_down_EH->dim() == 2 && b_down_EH->size(0) == E && b_down_EH->size(1) == H),
-              "fused_experts: b_down must be [E, H]");
-  check_counts("fused_experts", counts, E, kept);
+  const int64_t T = x_TH.size(0), H = x_TH.size(1), K = topk_weights_TK.size(1), S = T * K;
+  const bool quantized = format != 0;
+  const int64_t kept = order_S.size(0);  // slots not dropped, in sorted order
   const Activation act = parse_activation("fused_experts", activation, glu, alpha, limit, gate_softcap, up_softcap);
 
   at::AutoDispatchBelowADInplaceOrView below_autograd;

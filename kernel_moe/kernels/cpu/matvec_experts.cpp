@@ -104,20 +104,9 @@ at::Tensor matvec_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights
                           const std::string& activation, const std::string& glu, double alpha, double limit,
                           double gate_softcap, double up_softcap, const std::optional<at::Tensor>& w_up_scale,
                           const std::optional<at::Tensor>& w_down_scale, int64_t format) {
-  TORCH_CHECK(x_TH.dim() == 2 && topk_weights_TK.dim() == 2 && order_S.dim() == 1 && order_S.scalar_type() == at::kLong,
-              "matvec_experts: x must be [T, H], topk_weights [T, K], order [S'] int64");
-  TORCH_CHECK(x_TH.device().is_cpu() && topk_weights_TK.device().is_cpu() && order_S.device().is_cpu(),
-              "matvec_experts: CPU tensors only");
-  TORCH_CHECK(format >= 0 && format <= 3, "matvec_experts: format ", format,
-              " is not one of 0 (full precision), 1 (int8), 2 (fp8), 3 (int4)");
-  TORCH_CHECK((format != 0) == (w_up_scale.has_value() && w_down_scale.has_value()),
-              "matvec_experts: quantized weights (format ", format, ") need both scales, full-precision ones none");
-  TORCH_CHECK(format != 0 || (w_up_ENH.scalar_type() == x_TH.scalar_type() &&
-                              w_down_EHI.scalar_type() == x_TH.scalar_type()),
-              "matvec_experts: full-precision x, w_up and w_down must share one dtype");
+  kernel_moe::experts::check_experts_call("matvec_experts", x_TH, topk_weights_TK, order_S, counts, w_up_ENH,
+                                          w_down_EHI, b_up_EN, b_down_EH, w_up_scale, w_down_scale, format);
   const int64_t T = x_TH.size(0), K = topk_weights_TK.size(1), S = T * K;
-  TORCH_CHECK(topk_weights_TK.size(0) == T && order_S.size(0) <= S, "matvec_experts: topk_weights is ",
-              topk_weights_TK.sizes(), " and order has ", order_S.size(0), " entries for ", T, " tokens");
   const kernel_moe::experts::Activation act = kernel_moe::experts::parse_activation(
       "matvec_experts", activation, glu, alpha, limit, gate_softcap, up_softcap);
 
