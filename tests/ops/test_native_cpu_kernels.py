@@ -56,11 +56,14 @@ def test_grouped_matvec_matches_fp64(ext, dtype, counts, K, N):
 @pytest.mark.parametrize("M", [17, 31, 64, 70, 100, 200])
 @pytest.mark.parametrize("K,N", [(2, 5), (96, 50), (256, 37)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_bf16_gemm_matches_fp64(ext, M, K, N, bias):
+@pytest.mark.parametrize("float_out", [False, True], ids=["bf16_out", "fp32_out"])
+def test_bf16_gemm_matches_fp64(ext, M, K, N, bias, float_out):
     """The fused forward's bf16 expert GEMM (more than 16 rows): every panel split of M (two to eight
-    16-token vectors, padded tails), N not a multiple of its 6- or 4-row blocks or of 16, strided weight rows. Against
-    the fp64 product (+ bias): one bf16 rounding of the result (2^-8 of it) plus what summing K
-    products in fp32 may lose (K * 2^-24 <= 2^-16 of the sum of their magnitudes)."""
+    16-token vectors, padded tails), N not a multiple of its 6- or 4-row blocks or of 16, strided
+    weight rows. Against the fp64 product (+ bias): what summing K products in fp32 may lose
+    (K * 2^-24 <= 2^-16 of the sum of their magnitudes), plus one bf16 rounding of the result
+    (2^-8 of it) for a bf16 out; an fp32 out (the down projection's, summed over the top-k in fp32)
+    is not rounded."""
     if not ext.has_bf16_gemm():
         pytest.skip("this CPU has no bf16 dot-product instruction")
     g = torch.Generator().manual_seed(M * K + N)
@@ -69,9 +72,10 @@ def test_bf16_gemm_matches_fp64(ext, M, K, N, bias):
     b = torch.randn(N, generator=g).bfloat16() if bias else None
     ref = x.double() @ w.double().t() + (b.double() if bias else 0)
     magnitude = x.double().abs() @ w.double().abs().t() + (b.double().abs() if bias else 0)
-    got = ext.bf16_gemm(x, w, b)
-    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
-    excess = (got.double() - ref).abs() - (2**-8 * ref.abs() + 2**-16 * magnitude)
+    got = ext.bf16_gemm(x, w, b, float_out=float_out)
+    assert got.dtype == (torch.float32 if float_out else torch.bfloat16) and got.shape == (M, N)
+    rounding = 0 if float_out else 2**-8
+    excess = (got.double() - ref).abs() - (rounding * ref.abs() + 2**-16 * magnitude)
     assert excess.max() <= 0, excess.max()
 
 
@@ -195,6 +199,34 @@ def test_fused_forward_splits_a_busy_expert_and_repeats_bit_for_bit(ext):
     first = ext.fused_experts(*_fused_args(inputs))
     assert_fp32_close(first, run_reference(inputs))
     assert torch.equal(first, ext.fused_experts(*_fused_args(inputs)))
+
+
+def test_fused_forward_reuses_its_workspace_across_sizes_and_threads(ext):
+    """The buffer of sorted expert outputs is kept between calls (kernels/cpu/workspace.h): a call
+    smaller than the one before uses a prefix of it, a larger one replaces it, and calls from several
+    Python threads at once (one holds it, the others get buffers of their own) each give exactly
+    what that call gives alone."""
+    import threading
+
+    calls = [op_inputs(T, 32, 24, 6, 2, seed=T) for T in (300, 40, 700, 90, 300)]
+    alone = [ext.fused_experts(*_fused_args(c)) for c in calls]
+    for c, out in zip(calls, alone):
+        assert_fp32_close(out, run_reference(c))
+    got = [[None] * len(calls) for _ in range(4)]
+
+    def worker(w):
+        for _ in range(5):
+            for i in range(len(calls)):
+                got[w][(i + w) % len(calls)] = ext.fused_experts(*_fused_args(calls[(i + w) % len(calls)]))
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for per_thread in got:
+        for out, want in zip(per_thread, alone):
+            assert torch.equal(out, want)
 
 
 def test_fused_forward_records_nothing_for_weights_that_require_grad(ext):

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
@@ -111,8 +112,10 @@ inline void transpose16(__m512* r) {
   }
 }
 
-// out[m, n] = bf16(yT[n, m]) for m < M, n < N, 16 x 16 at a time (yT has Np >= N rows of Mp)
-void store_transposed(const float* yT, int64_t M, int64_t Mp, int64_t N, c10::BFloat16* out, int64_t ldo) {
+// out[m, n] = yT[n, m] (rounded to bf16 for a bf16 out) for m < M, n < N, 16 x 16 at a time (yT
+// has Np >= N rows of Mp)
+template <typename out_t>
+void store_transposed(const float* yT, int64_t M, int64_t Mp, int64_t N, out_t* out, int64_t ldo) {
   __m512 r[16];
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
     const __mmask16 cols = N - n0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (N - n0)) - 1);
@@ -120,7 +123,11 @@ void store_transposed(const float* yT, int64_t M, int64_t Mp, int64_t N, c10::BF
       for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(yT + (n0 + i) * Mp + m0);
       transpose16(r);
       for (int64_t i = 0; i < std::min<int64_t>(16, M - m0); ++i) {
-        _mm256_mask_storeu_epi16(out + (m0 + i) * ldo + n0, cols, (__m256i)_mm512_cvtneps_pbh(r[i]));
+        if constexpr (std::is_same_v<out_t, float>) {
+          _mm512_mask_storeu_ps(out + (m0 + i) * ldo + n0, cols, r[i]);
+        } else {
+          _mm256_mask_storeu_epi16(out + (m0 + i) * ldo + n0, cols, (__m256i)_mm512_cvtneps_pbh(r[i]));
+        }
       }
     }
   }
@@ -155,11 +162,10 @@ Bf16Gemm::Bf16Gemm(const at::Tensor& x_MK)
 void Bf16Gemm::run(const at::Tensor& w_NK, const float* bias_N, at::Tensor& out_MN) const {
   const Packed& x = *this;
   const int64_t N = w_NK.size(0), ldw = w_NK.stride(0), ldo = out_MN.stride(0);
-  TORCH_CHECK(out_MN.scalar_type() == at::kBFloat16 && out_MN.stride(1) == 1 && out_MN.size(0) == M &&
-                  out_MN.size(1) == N && w_NK.size(1) == 2 * K2,
-              "Bf16Gemm: out must be a bf16 [M, N] view with unit stride along N, w [N, K]");
+  TORCH_CHECK((out_MN.scalar_type() == at::kBFloat16 || out_MN.scalar_type() == at::kFloat) &&
+                  out_MN.stride(1) == 1 && out_MN.size(0) == M && out_MN.size(1) == N && w_NK.size(1) == 2 * K2,
+              "Bf16Gemm: out must be a bf16 or float32 [M, N] view with unit stride along N, w [N, K]");
   const auto* w = reinterpret_cast<const uint16_t*>(w_NK.data_ptr());
-  auto* out = out_MN.data_ptr<c10::BFloat16>();
   // [Np][Mp]: Np = N rounded up to 16 (rows past N are read by the last transpose, never stored)
   std::vector<float> yT(((N + 15) / 16 * 16) * x.Mp, 0.f);
   // a panel of tokens at a time, every block of weight rows for it: the panel's pairs stay in L2;
@@ -172,7 +178,11 @@ void Bf16Gemm::run(const at::Tensor& w_NK, const float* bias_N, at::Tensor& out_
     if (V == 5) panel<5>(x, m0, w, N, ldw, bias_N, yT.data());
     if (V == 6) panel<6>(x, m0, w, N, ldw, bias_N, yT.data());
   }
-  store_transposed(yT.data(), x.M, x.Mp, N, out, ldo);
+  if (out_MN.scalar_type() == at::kFloat) {
+    store_transposed(yT.data(), x.M, x.Mp, N, out_MN.data_ptr<float>(), ldo);
+  } else {
+    store_transposed(yT.data(), x.M, x.Mp, N, out_MN.data_ptr<c10::BFloat16>(), ldo);
+  }
 }
 
 }  // namespace kernel_moe
@@ -193,7 +203,8 @@ void Bf16Gemm::run(const at::Tensor&, const float*, at::Tensor&) const {}
 
 #endif
 
-at::Tensor bf16_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const std::optional<at::Tensor>& bias_N) {
+at::Tensor bf16_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const std::optional<at::Tensor>& bias_N,
+                     bool float_out) {
   TORCH_CHECK(kernel_moe::Bf16Gemm::available(), "bf16_gemm: this CPU has no bf16 dot-product instruction");
   TORCH_CHECK(x_MK.dim() == 2 && w_NK.dim() == 2 && x_MK.size(1) == w_NK.size(1) && x_MK.device().is_cpu() &&
                   w_NK.device().is_cpu(),
@@ -203,7 +214,7 @@ at::Tensor bf16_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const std::
               kernel_moe::Bf16Gemm::kMinRows, " rows");
   TORCH_CHECK(!bias_N.has_value() || (bias_N->dim() == 1 && bias_N->size(0) == w_NK.size(0)),
               "bf16_gemm: bias must be [N]");
-  at::Tensor out = at::empty({x_MK.size(0), w_NK.size(0)}, x_MK.options());
+  at::Tensor out = at::empty({x_MK.size(0), w_NK.size(0)}, x_MK.options().dtype(float_out ? at::kFloat : at::kBFloat16));
   const at::Tensor bias = bias_N.has_value() ? bias_N->to(at::kFloat).contiguous() : at::Tensor();
   kernel_moe::Bf16Gemm(x_MK).run(w_NK, bias.defined() ? bias.data_ptr<float>() : nullptr, out);
   return out;

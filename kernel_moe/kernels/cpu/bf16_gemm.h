@@ -29,7 +29,8 @@ struct Bf16Gemm {
 
   // x packed once, for any number of weight matrices (or tiles of one)
   explicit Bf16Gemm(const at::Tensor& x_MK);
-  // out_MN (bf16, unit stride along N) = x @ w_NK^T + bias_N (fp32, may be null), in fp32 then rounded
+  // out_MN (bf16 or float32, unit stride along N) = x @ w_NK^T + bias_N (fp32, may be null), summed
+  // in fp32 (then rounded for a bf16 out)
   void run(const at::Tensor& w_NK, const float* bias_N, at::Tensor& out_MN) const;
 
   int64_t M, Mp, K2;

@@ -28,7 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("has_bf16_gemm", &kernel_moe::Bf16Gemm::available, "whether this build has the bf16 expert GEMM");
   m.def("bf16_gemm", &bf16_gemm, "x @ w.T (+ bias) in bf16 with fp32 sums: the fused forward's expert GEMM",
-        py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("float_out") = false,
+        py::call_guard<py::gil_scoped_release>());
   def_experts_forward(m, "fused_experts", &fused_experts, "the routed-experts forward of a batch, experts run concurrently");
   def_experts_forward(m, "matvec_experts", &matvec_experts,
                       "the routed-experts forward of decode on the matrix-vector kernels");

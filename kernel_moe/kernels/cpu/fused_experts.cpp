@@ -3,7 +3,8 @@
 //
 // Work is cut into tasks of one expert's block of consecutive sorted rows. A task gathers its
 // token rows, runs both GEMMs and the activation on one thread, on data that stays in that
-// core's cache, and writes its expert outputs to their sorted rows of an fp32 buffer; then
+// core's cache, and writes its expert outputs, unrounded where the bf16 kernel computes them, to
+// their sorted rows of an fp32 buffer kept between calls (workspace.h); then
 // every token sums its k outputs, weighted, in slot order (so the result does not depend on
 // the schedule). Per-expert GEMMs of tens to hundreds of rows scale poorly when each is spread
 // over every thread in turn (each thread gets a thin slice and waits at its end); whole tasks
@@ -22,6 +23,7 @@
 #include "bf16_gemm.h"
 #include "experts_common.h"
 #include "kernels.h"
+#include "workspace.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -87,17 +89,16 @@ struct Inputs {
   int64_t format;  // 0 full precision, else the weight format code of dequantize_rows
 };
 
-// x_MK @ w_NK^T (+ bias_N) for expert weights w_NK, full precision or quantized with scale_N[G]:
-// quantized weights are dequantized kDequantRows rows at a time, each tile into x's dtype just
-// before its GEMM. bf16 rows the bf16 dot-product kernel takes (bf16_gemm.cpp) run there, x packed
-// once for every tile and the bias added in fp32 before rounding; everything else runs at::mm.
-at::Tensor expert_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const at::Tensor* scale_N,
-                       const at::Tensor* bias_N, int64_t format) {
+// out_MN = x_MK @ w_NK^T (+ bias_N) for expert weights w_NK, full precision or quantized with
+// scale_N[G]: quantized weights are dequantized kDequantRows rows at a time, each tile into x's
+// dtype just before its GEMM. bf16 rows the bf16 dot-product kernel takes (bf16_gemm.cpp) run
+// there, x packed once for every tile, the bias added in fp32 and the sums written in out's dtype
+// (x's or float32) unrounded; everything else runs at::mm in x's dtype, converted where out is
+// float32.
+void expert_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const at::Tensor* scale_N, const at::Tensor* bias_N,
+                 int64_t format, at::Tensor out_MN) {
   const bool ours = kernel_moe::Bf16Gemm::takes_rows(x_MK) &&
                     (format != 0 || kernel_moe::Bf16Gemm::takes_weights(w_NK));
-  if (format == 0 && !ours) {
-    return bias_N != nullptr ? at::addmm(*bias_N, x_MK, w_NK.t()) : at::mm(x_MK, w_NK.t());
-  }
   std::optional<kernel_moe::Bf16Gemm> gemm;
   at::Tensor bias_f;
   if (ours) {
@@ -107,25 +108,23 @@ at::Tensor expert_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const at:
   // out_MX = x @ w_XK^T + bias[n0 : n0 + X]
   const auto multiply = [&](const at::Tensor& w_XK, int64_t n0, at::Tensor out_MX) {
     if (ours) return gemm->run(w_XK, bias_f.defined() ? bias_f.data_ptr<float>() + n0 : nullptr, out_MX);
-    if (bias_N != nullptr) {
-      at::addmm_out(out_MX, bias_N->narrow(0, n0, w_XK.size(0)), x_MK, w_XK.t());
+    const at::Tensor bias_X = bias_N != nullptr ? bias_N->narrow(0, n0, w_XK.size(0)) : at::Tensor();
+    if (out_MX.scalar_type() != x_MK.scalar_type()) {
+      out_MX.copy_(bias_X.defined() ? at::addmm(bias_X, x_MK, w_XK.t()) : at::mm(x_MK, w_XK.t()));
+    } else if (bias_X.defined()) {
+      at::addmm_out(out_MX, bias_X, x_MK, w_XK.t());
     } else {
       at::mm_out(out_MX, x_MK, w_XK.t());
     }
   };
+  if (format == 0) return multiply(w_NK, 0, out_MN);
   const int64_t N = w_NK.size(0);
-  at::Tensor y_MN = at::empty({x_MK.size(0), N}, x_MK.options());
-  if (format == 0) {
-    multiply(w_NK, 0, y_MN);
-    return y_MN;
-  }
   for (int64_t n0 = 0; n0 < N; n0 += kDequantRows) {
     const int64_t len = std::min(kDequantRows, N - n0);
     const at::Tensor tile = dequantize_rows(w_NK.narrow(0, n0, len), scale_N->narrow(0, n0, len), format,
                                             x_MK.scalar_type());
-    multiply(tile, n0, y_MN.narrow(1, n0, len));
+    multiply(tile, n0, out_MN.narrow(1, n0, len));
   }
-  return y_MN;
 }
 
 // y_SH[task rows] = expert(x[tokens of the task rows]) in fp32
@@ -144,10 +143,11 @@ void run_task(const Task& t, const Inputs& in, const at::Tensor& y_SH) {
   }
   if (in.b_up_EN.has_value()) b_up = in.b_up_EN->select(0, t.expert);
   if (in.b_down_EH.has_value()) b_down = in.b_down_EH->select(0, t.expert);
-  const at::Tensor h_MN = expert_gemm(x_MH, w_up_NH, &up_scale, b_up.defined() ? &b_up : nullptr, in.format);
+  const at::Tensor h_MN = at::empty({t.rows, w_up_NH.size(0)}, x_MH.options());
+  expert_gemm(x_MH, w_up_NH, &up_scale, b_up.defined() ? &b_up : nullptr, in.format, h_MN);
   const at::Tensor a_MI = in.activation(h_MN);
-  const at::Tensor y_MH = expert_gemm(a_MI, w_down_HI, &down_scale, b_down.defined() ? &b_down : nullptr, in.format);
-  y_SH.narrow(0, t.first_row, t.rows).copy_(y_MH);
+  expert_gemm(a_MI, w_down_HI, &down_scale, b_down.defined() ? &b_down : nullptr, in.format,
+              y_SH.narrow(0, t.first_row, t.rows));
 }
 
 }  // namespace
@@ -177,7 +177,8 @@ at::Tensor fused_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights_
   const std::vector<int64_t> pos_S = sorted_positions("fused_experts", order, S);
   const at::Tensor tok_S = at::div(order, K, "floor");
   const Inputs in{x_TH, tok_S, w_up_ENH, w_down_EHI, b_up_EN, b_down_EH, act, w_up_scale, w_down_scale, format};
-  const at::Tensor y_SH = at::empty({kept, H}, x_TH.options().dtype(at::kFloat));
+  const kernel_moe::Workspace::Lease y_lease = kernel_moe::workspace().float_rows(kept, H);
+  const at::Tensor& y_SH = y_lease.tensor;
 
   const int64_t threads = at::get_num_threads();
   const std::vector<Task> tasks = plan_tasks(counts, kept, threads, quantized);

@@ -43,9 +43,10 @@ at::Tensor grouped_matvec_quantized(const at::Tensor& x_SK, const at::Tensor& w_
 at::Tensor dequantize_rows(const at::Tensor& w_NK, const at::Tensor& scale, int64_t format, at::ScalarType dtype);
 
 // x_MK @ w_NK^T (+ bias_N) for bf16 x and w (unit stride along K, K even), summed in fp32 and
-// rounded to bf16 (bf16_gemm.cpp): the fused forward's expert GEMM, where the CPU has bf16 dot
-// products (has_bf16_gemm in Python). Returns [M, N] bfloat16.
-at::Tensor bf16_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const std::optional<at::Tensor>& bias_N);
+// rounded to bf16, or kept in fp32 with float_out (bf16_gemm.cpp): the fused forward's expert GEMM,
+// where the CPU has bf16 dot products (has_bf16_gemm in Python). Returns [M, N].
+at::Tensor bf16_gemm(const at::Tensor& x_MK, const at::Tensor& w_NK, const std::optional<at::Tensor>& bias_N,
+                     bool float_out);
 
 // The routed-experts forward for batches: out[t] = sum_j weight[t, j] * expert_{e}(x[t]) over
 // the K slots of token t, with the experts' work run concurrently (fused_experts.cpp).
