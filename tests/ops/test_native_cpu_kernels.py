@@ -392,3 +392,48 @@ def test_matvec_experts_rejects_bad_inputs(ext):
         ext.matvec_experts(x, w_TK, order, counts, w_up, w_down[:, :4], None, None, *act)
     with pytest.raises(RuntimeError, match="activation 'tanh' is not supported"):
         ext.matvec_experts(x, w_TK, order, counts, w_up, w_down, None, None, "tanh", *act[1:])
+
+
+def test_matvec_experts_pool_polls_only_during_calls(ext):
+    """The decode forward holds the pool (kernels/cpu/pool.h): its workers poll between the call's
+    jobs and block once no call holds it. Calls from several Python threads at once stay exact,
+    and afterwards the process uses next to no CPU while it sleeps (a worker still polling would
+    use about the whole sleep)."""
+    import threading
+    import time
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("the pool needs two threads")
+    g = torch.Generator().manual_seed(5)
+    K, E, H, I = 2, 6, 256, 128
+    calls = []
+    for T in (1, 2, 4, 8):
+        w_TK, order, counts, _ = _sorted_call(T, K, E, g)
+        w_TK = torch.nan_to_num(w_TK)
+        calls.append((torch.randn(T, H, generator=g), w_TK, order, counts))
+    w_up, w_down = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
+    act = ("silu", "concat", 1.0, float("inf"), float("inf"), float("inf"))
+
+    def call(c):
+        return ext.matvec_experts(c[0], c[1], c[2], c[3], w_up, w_down, None, None, *act)
+
+    alone = [call(c) for c in calls]
+    got = [[None] * len(calls) for _ in range(3)]
+
+    def worker(w):
+        for _ in range(30):
+            for i, c in enumerate(calls):
+                got[w][i] = call(c)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for per_thread in got:
+        for out, want in zip(per_thread, alone):
+            assert torch.equal(out, want)
+    time.sleep(0.05)
+    start = time.process_time()
+    time.sleep(0.5)
+    assert time.process_time() - start < 0.1

@@ -110,6 +110,8 @@ at::Tensor matvec_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights
   const kernel_moe::experts::Activation act = kernel_moe::experts::parse_activation(
       "matvec_experts", activation, glu, alpha, limit, gate_softcap, up_softcap);
 
+  // the pool's workers wake now, while the gather runs, and poll between this call's four jobs
+  const kernel_moe::SleepingPool::Hold hold(kernel_moe::sleeping_pool(), at::get_num_threads());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::NoGradGuard no_grad;
   const at::Tensor order = order_S.contiguous();

@@ -28,6 +28,19 @@ namespace kernel_moe {
 
 class SleepingPool {
  public:
+  // While alive, the pool's workers poll for the next job instead of blocking (see above);
+  // the workers are woken when the hold begins, so they are ready by the first job.
+  class Hold {
+   public:
+    explicit Hold(SleepingPool& pool, int64_t threads) : pool_(pool) { pool_.begin_hold(threads); }
+    ~Hold() { pool_.held_.fetch_sub(1); }
+    Hold(const Hold&) = delete;
+    Hold& operator=(const Hold&) = delete;
+
+   private:
+    SleepingPool& pool_;
+  };
+
   // fn(chunk) for every chunk in [0, num_chunks), spread over at most `threads` threads (the caller
   // included); returns when all are done. Calls from several threads at once take turns.
   void run(int64_t num_chunks, int64_t threads, const std::function<void(int64_t)>& fn) {
@@ -36,12 +49,12 @@ class SleepingPool {
       return;
     }
     std::lock_guard<std::mutex> one_call(call_mutex_);
-    ensure_workers(threads - 1);
     auto job = std::make_shared<Job>(fn, num_chunks);
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      ensure_workers(threads - 1);
       job_ = job;
-      ++generation_;
+      generation_.fetch_add(1);
     }
     wake_.notify_all();
     job->work();
@@ -52,7 +65,7 @@ class SleepingPool {
     if (owner_pid_ != getpid()) return;  // a forked child: the threads were never its own
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      stopping_ = true;
+      stopping_.store(true);
     }
     wake_.notify_all();
     for (auto& t : workers_) {
@@ -89,6 +102,17 @@ class SleepingPool {
     }
   };
 
+  void begin_hold(int64_t threads) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      held_.fetch_add(1);
+      if (threads <= 1) return;
+      ensure_workers(threads - 1);
+      holds_.fetch_add(1);
+    }
+    wake_.notify_all();
+  }
+
   void ensure_workers(int64_t count) {
     if (owner_pid_ != getpid()) {  // forked: start over with threads of this process
       for (auto& t : workers_) t.detach();
@@ -99,17 +123,23 @@ class SleepingPool {
   }
 
   void loop() {
-    uint64_t seen = 0;
+    uint64_t seen = 0, seen_hold = 0;
     for (;;) {
+      // a caller holds the pool: its next job comes within microseconds
+      while (held_.load() > 0 && generation_.load() == seen && !stopping_) std::this_thread::yield();
       std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+        wake_.wait(lock, [&] {
+          return stopping_ || generation_.load() != seen || (held_.load() > 0 && holds_.load() != seen_hold);
+        });
         if (stopping_) return;
-        seen = generation_;
+        seen_hold = holds_.load();
+        if (generation_.load() == seen) continue;  // woken by a hold: poll for its first job
+        seen = generation_.load();
         job = job_;
       }
-      job->work();  // a late worker finds the chunks taken and goes back to sleep
+      job->work();  // a late worker finds the chunks taken and goes back to waiting
     }
   }
 
@@ -117,8 +147,10 @@ class SleepingPool {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::shared_ptr<Job> job_;
-  uint64_t generation_ = 0;
-  bool stopping_ = false;
+  std::atomic<uint64_t> generation_{0};  // jobs started; written under mutex_
+  std::atomic<uint64_t> holds_{0};       // holds begun; written under mutex_
+  std::atomic<int64_t> held_{0};         // holds alive
+  std::atomic<bool> stopping_{false};
   pid_t owner_pid_ = getpid();
   std::vector<std::thread> workers_;
 };
