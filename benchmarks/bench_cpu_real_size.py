@@ -27,8 +27,12 @@ before. ``GB/s`` is the mean number of distinct experts a call reads times one e
 over our median time; ``of bw`` divides that by the read bandwidth measured just before the
 layer was built: the best of three kernels that each read 1 GiB (fp32 ``sum()``, bf16
 ``sum()``, a bf16 GEMV), all printed. ``dense bw`` is the same fraction for the dense FFN of
-the active parameters (what PyTorch's dense kernels reach on those bytes). Ratios are ours /
-each reference (below 1: ours is faster).
+the active parameters (what PyTorch's dense kernels reach on those bytes). ``of read`` is our rate
+over that of ``read``, a reference in the same rotation: PyTorch's fp32 ``sum()`` of as many bytes
+as ours reads, each call a window of a 1 GiB buffer not read the call before, so it meets the same
+load and the same OpenMP threads as the layer (the 1 GiB probe runs once, seconds earlier, on a
+machine whose bandwidth moves between runs). Ratios are ours / each reference (below 1: ours is
+faster).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from kernel_moe.bench.cpu_real_size import (
 )
 from kernel_moe.bench.models import DenseFFN
 
-REFERENCES = ["eager", "grouped_mm", "dense_active", "dense_total"]
+REFERENCES = ["eager", "grouped_mm", "dense_active", "dense_total", "read"]
 SMOKE_LAYERS = {"mixtral": LayerShape("mixtral", 64, 96, 8, 2, "smoke"),
                 "qwen3": LayerShape("qwen3", 64, 32, 16, 4, "smoke"),
                 "deepseek": LayerShape("deepseek", 96, 32, 16, 4, "smoke")}
@@ -107,6 +111,8 @@ def _memory_plan(shape: LayerShape, dtype: torch.dtype, args, limit: float) -> t
     need = copy + proof + 2**28 + T * 4 * shape.top_k * shape.intermediate * 4
     if "dense_active" not in args.skip:
         need += shape.top_k * shape.expert_bytes(dtype)
+    if "read" not in args.skip:
+        need += _read_buffer_bytes(args)
     if need > limit:
         return False, None
     need_total = need + max(copy - proof, 0) + T * 4 * shape.experts * shape.intermediate * elt
@@ -116,11 +122,29 @@ def _memory_plan(shape: LayerShape, dtype: torch.dtype, args, limit: float) -> t
     return True, None
 
 
+def _read_buffer_bytes(args) -> int:
+    """Bytes of the buffer the interleaved ``read`` reference sums windows of (1 GiB: far beyond
+    the caches, so each window is read from memory)."""
+    return 2**24 if args.smoke else 2**30
+
+
+def _read_call(buffer: torch.Tensor, nbytes: float):
+    """(call(i), bytes it reads): ``sum()`` of the i-th window of ``buffer`` (fp32) of ``nbytes``
+    (at most the whole buffer), windows in turn through the buffer, so none is in the cache from
+    the call before."""
+    n = max(1, min(int(nbytes) // 4, buffer.numel()))
+    windows = buffer.numel() // n
+    return (lambda i: buffer[(i % windows) * n:(i % windows + 1) * n].sum()), 4 * n
+
+
 def _calls(layer: dict, T: int, dtype: torch.dtype, shape: LayerShape) -> dict:
-    """name -> call(i) of one forward on the same T tokens; routed calls use routing i % 16."""
+    """name -> call(i) of one forward on the same T tokens; routed calls use routing i % 16; ``read``
+    sums as many bytes of memory as ours reads (the distinct experts' weights) by PyTorch's fp32
+    ``sum()``, interleaved with the rest: the read bandwidth under the same load, call for call."""
     g = torch.Generator().manual_seed(T)
     x_TH = torch.randn(T, shape.hidden, generator=g).to(dtype)
     routings = prepared_routings(T, shape, dtype)
+    distinct = mean_distinct_experts(routings)
     hf, ours = layer["hf"], layer["ours"]
 
     def hf_call(impl):
@@ -138,8 +162,11 @@ def _calls(layer: dict, T: int, dtype: torch.dtype, shape: LayerShape) -> dict:
     for name in ("dense_active", "dense_total"):
         if layer.get(name) is not None:
             calls[name] = lambda i, m=layer[name]: m(x_TH)
+    read_bytes = 0
+    if layer.get("read_buffer") is not None:
+        calls["read"], read_bytes = _read_call(layer["read_buffer"], distinct * shape.expert_bytes(dtype))
     calls = {k: v for k, v in calls.items() if k not in layer["skip"]}
-    return {"calls": calls, "routings": routings}
+    return {"calls": calls, "routings": routings, "distinct_experts": distinct, "read_bytes": read_bytes}
 
 
 def _check(layer: dict, T: int, dtype: torch.dtype, shape: LayerShape) -> tuple[float, float]:
@@ -169,6 +196,8 @@ def _build(shape: LayerShape, dtype: torch.dtype, dense_total: bool, args) -> di
     if dense_total and "dense_total" not in skip:
         layer["dense_total"] = materialize(lambda: DenseFFN(shape.hidden, shape.experts * shape.intermediate),
                                            dtype, seed=2)
+    if "read" not in skip:
+        layer["read_buffer"] = torch.ones(_read_buffer_bytes(args) // 4)
     return layer
 
 
@@ -180,8 +209,11 @@ def _row(shape: LayerShape, dtype_name: str, T: int, times: dict, extra: dict) -
            "E": shape.experts, "K": shape.top_k, **{f"{k}_s": v for k, v in times.items()},
            "bytes_per_s": rate, "fraction_of_bandwidth": rate / extra["bw"]["best"], **extra}
     for name in REFERENCES:
-        if name in times:
+        if name in times and name != "read":
             row[f"ours_over_{name}"] = times["ours"] / times[name]
+    if "read" in times:
+        row["read_bytes_per_s"] = extra["read_bytes"] / times["read"]
+        row["fraction_of_read"] = rate / row["read_bytes_per_s"]
     if "dense_active" in times:
         dense_bytes = shape.top_k * shape.expert_bytes(dtype)
         row["dense_active_fraction_of_bandwidth"] = dense_bytes / times["dense_active"] / extra["bw"]["best"]
@@ -196,7 +228,8 @@ def _fmt(row: dict, key: str, spec: str = "6.2f") -> str:
 def _print_row(row: dict) -> None:
     print(f"{row['layer']:8} {row['dtype']:8} {row['T']:>5} | {row['ours_s'] * 1e3:9.2f} "
           f"{row['bytes_per_s'] / 1e9:6.1f} {row['fraction_of_bandwidth']:6.2f} "
-          f"{_fmt(row, 'dense_active_fraction_of_bandwidth', '8.2f')} | {_fmt(row, 'ours_over_eager', '7.2f')} "
+          f"{_fmt(row, 'dense_active_fraction_of_bandwidth', '8.2f')} {_fmt(row, 'fraction_of_read', '7.2f')} "
+          f"| {_fmt(row, 'ours_over_eager', '7.2f')} "
           f"{_fmt(row, 'ours_over_grouped_mm', '7.2f')} {_fmt(row, 'ours_over_dense_active', '8.2f')} "
           f"{_fmt(row, 'ours_over_dense_total', '8.2f')}")
 
@@ -223,7 +256,8 @@ def run_layer(shape: LayerShape, dtype_name: str, args, limit: float) -> list[di
     for T in args.tokens:
         made = _calls(layer, T, dtype, shape)
         times = time_cycled(made["calls"], args.min_time, args.min_reps)
-        extra = {"distinct_experts": mean_distinct_experts(made["routings"]), "bw": bw, "max_abs_diff_vs_eager": check}
+        extra = {"distinct_experts": made["distinct_experts"], "read_bytes": made["read_bytes"], "bw": bw,
+                 "max_abs_diff_vs_eager": check}
         if why:
             extra["dense_total_skipped"] = why
         rows.append(_row(shape, dtype_name, T, times, extra))
@@ -255,7 +289,7 @@ def main(argv=None) -> int:
     limit = args.memory_gb * 1e9 if args.memory_gb else (available - 2e9 if available else 8e9)
     print(f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; memory for weights {limit / 1e9:.1f} GB")
-    print(f"{'layer':8} {'dtype':8} {'T':>5} | {'ours ms':>9} {'GB/s':>6} {'of bw':>6} {'dense bw':>8} | "
+    print(f"{'layer':8} {'dtype':8} {'T':>5} | {'ours ms':>9} {'GB/s':>6} {'of bw':>6} {'dense bw':>8} {'of read':>7} | "
           f"{'/eager':>7} {'/gmm':>7} {'/dense_a':>8} {'/dense_t':>8}")
     rows = []
     for name in args.layers:

@@ -394,11 +394,11 @@ def test_matvec_experts_rejects_bad_inputs(ext):
         ext.matvec_experts(x, w_TK, order, counts, w_up, w_down, None, None, "tanh", *act[1:])
 
 
-def test_matvec_experts_pool_polls_only_during_calls(ext):
-    """The decode forward holds the pool (kernels/cpu/pool.h): its workers poll between the call's
-    jobs and block once no call holds it. Calls from several Python threads at once stay exact,
-    and afterwards the process uses next to no CPU while it sleeps (a worker still polling would
-    use about the whole sleep)."""
+def test_matvec_experts_from_several_threads_then_idle(ext):
+    """The decode forward runs on the calling thread's OpenMP team or on the kernels' pool
+    (kernels/cpu/pool.h), chosen per call: calls from several Python threads at once (each with a
+    team of its own) stay exact, and afterwards the process uses next to no CPU while it sleeps (a
+    pool worker that kept polling would use about the whole sleep)."""
     import threading
     import time
 
@@ -437,3 +437,31 @@ def test_matvec_experts_pool_polls_only_during_calls(ext):
     start = time.process_time()
     time.sleep(0.5)
     assert time.process_time() - start < 0.1
+
+
+def test_omp_team_is_awake_right_after_a_parallel_op_and_asleep_later(ext, monkeypatch):
+    """kernels/cpu/omp_team.h: right after a PyTorch parallel region the team's worker spins
+    (libgomp's default), so a decode call may run on it; 0.3 s later it sleeps, and with one
+    thread there is no team. Reads /proc, as the kernels do."""
+    import os
+    import time
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("a team needs two threads")
+    if os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT"):
+        pytest.skip("OpenMP's spinning was configured for this process")
+    big = torch.ones(2**22)
+    awake = []
+    for _ in range(50):  # a moment when no other process's thread is runnable beside ours
+        big.mul_(1.0)
+        awake.append(ext.omp_team_awake())
+    assert any(awake)
+    time.sleep(0.3)
+    assert not ext.omp_team_awake()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        big.mul_(1.0)
+        assert not ext.omp_team_awake()
+    finally:
+        torch.set_num_threads(threads)

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "bf16_gemm.h"
+#include "omp_team.h"
 #include "kernels.h"
 
 namespace {
@@ -26,6 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grouped_matvec over int8 / fp8 / int4 weights converted in registers", py::call_guard<py::gil_scoped_release>());
   m.def("dequantize_rows", &dequantize_rows, "one quantized weight matrix in full precision",
         py::call_guard<py::gil_scoped_release>());
+  m.def("omp_team_awake", [] { return kernel_moe::omp_team().awake(); },
+        "whether a decode call from this thread would run on its OpenMP team now (omp_team.h)");
   m.def("has_bf16_gemm", &kernel_moe::Bf16Gemm::available, "whether this build has the bf16 expert GEMM");
   m.def("bf16_gemm", &bf16_gemm, "x @ w.T (+ bias) in bf16 with fp32 sums: the fused forward's expert GEMM",
         py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::arg("float_out") = false,

@@ -40,7 +40,7 @@ SOURCES = tuple(Path(__file__).with_name(name)
                              "bf16_gemm.cpp", "fused_experts.cpp", "matvec_experts.cpp"))
 HEADERS = tuple(Path(__file__).with_name(name)
                 for name in ("kernels.h", "pool.h", "quant_rows.h", "bf16_gemm.h", "experts_common.h",
-                             "workspace.h"))
+                             "workspace.h", "omp_team.h"))
 # hot loops aligned to 64 bytes: where a streaming loop lands relative to the instruction fetch
 # blocks moved the same matrix-vector code by 10-15% from one build to the next (measured)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-falign-functions=64", "-falign-loops=64")

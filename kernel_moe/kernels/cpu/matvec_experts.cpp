@@ -2,13 +2,15 @@
 // call: gather, up-projection on the grouped matrix-vector kernels (grouped_matvec.cpp,
 // quant_matvec.cpp), bias, activation, down-projection, bias and the weighted combine.
 //
-// Nothing here opens an ATen parallel region: work is spread over the sleeping pool (pool.h) or
-// done on the calling thread, and the activation runs in row chunks under ATen's grain size, so
-// each ATen op inside it runs inline. After every parallel region, PyTorch's OpenMP threads spin
-// for a while; when the next step is one of our kernels, a spinning thread takes the core its
-// pool thread needs. With the same steps as separate PyTorch calls (gather, activation, conversions),
-// a Qwen3-30B-A3B-size bf16 layer at T = 8 took 16.2-16.7 ms, and 11.7-12.3 ms with
-// OMP_WAIT_POLICY=passive set before the process started (no spinning), on this 2-core machine.
+// The call's four parallel jobs (up projection, activation, down projection, combine) run either
+// all on the calling thread's ATen OpenMP team, where PyTorch's last op left that team awake and
+// the machine has a core for each runnable thread (omp_team.h), or all on the sleeping pool
+// (pool.h); nothing else runs in between, and the activation runs in row chunks under ATen's grain
+// size, so each ATen op inside it runs inline. After every parallel region, PyTorch's OpenMP
+// threads spin for a while: with the same steps as separate PyTorch calls (gather, activation,
+// conversions), each opening a region of its own, a Qwen3-30B-A3B-size bf16 layer at T = 8 took
+// 16.2-16.7 ms, and 11.7-12.3 ms with OMP_WAIT_POLICY=passive set before the process started (no
+// spinning), on this 2-core machine.
 //
 // Legend: T tokens, K top-k, S' kept slots sorted by expert, H hidden, N up features, I intermediate.
 
@@ -110,8 +112,8 @@ at::Tensor matvec_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights
   const kernel_moe::experts::Activation act = kernel_moe::experts::parse_activation(
       "matvec_experts", activation, glu, alpha, limit, gate_softcap, up_softcap);
 
-  // the pool's workers wake now, while the gather runs, and poll between this call's four jobs
-  const kernel_moe::SleepingPool::Hold hold(kernel_moe::sleeping_pool(), at::get_num_threads());
+  // every job of this call on the OpenMP team where PyTorch's last op left it awake, else on the pool
+  const kernel_moe::SleepingPool::Hold hold;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::NoGradGuard no_grad;
   const at::Tensor order = order_S.contiguous();

@@ -12,6 +12,8 @@
 
 #pragma once
 
+#include "omp_team.h"
+
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -28,17 +30,18 @@ namespace kernel_moe {
 
 class SleepingPool {
  public:
-  // While alive, the pool's workers poll for the next job instead of blocking (see above);
-  // the workers are woken when the hold begins, so they are ready by the first job.
+  // While alive, run() on the thread that made it spreads its jobs over that thread's ATen OpenMP
+  // team if the team was awake when the hold began, and over the pool otherwise: one choice for
+  // every job of a call.
   class Hold {
    public:
-    explicit Hold(SleepingPool& pool, int64_t threads) : pool_(pool) { pool_.begin_hold(threads); }
-    ~Hold() { pool_.held_.fetch_sub(1); }
+    Hold() : previous_(on_team()) { on_team() = omp_team().awake(); }
+    ~Hold() { on_team() = previous_; }
     Hold(const Hold&) = delete;
     Hold& operator=(const Hold&) = delete;
 
    private:
-    SleepingPool& pool_;
+    bool previous_;
   };
 
   // fn(chunk) for every chunk in [0, num_chunks), spread over at most `threads` threads (the caller
@@ -48,13 +51,18 @@ class SleepingPool {
       for (int64_t c = 0; c < num_chunks; ++c) fn(c);
       return;
     }
+    if (on_team() && !at::in_parallel_region()) {  // each of the team's threads takes chunks in turn
+      Job job(fn, num_chunks);
+      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { job.work(); });
+      return;
+    }
     std::lock_guard<std::mutex> one_call(call_mutex_);
+    ensure_workers(threads - 1);
     auto job = std::make_shared<Job>(fn, num_chunks);
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      ensure_workers(threads - 1);
       job_ = job;
-      generation_.fetch_add(1);
+      ++generation_;
     }
     wake_.notify_all();
     job->work();
@@ -65,7 +73,7 @@ class SleepingPool {
     if (owner_pid_ != getpid()) return;  // a forked child: the threads were never its own
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      stopping_.store(true);
+      stopping_ = true;
     }
     wake_.notify_all();
     for (auto& t : workers_) {
@@ -102,15 +110,10 @@ class SleepingPool {
     }
   };
 
-  void begin_hold(int64_t threads) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      held_.fetch_add(1);
-      if (threads <= 1) return;
-      ensure_workers(threads - 1);
-      holds_.fetch_add(1);
-    }
-    wake_.notify_all();
+  // whether this thread's current call runs on its OpenMP team (a Hold decided so)
+  static bool& on_team() {
+    thread_local bool team = false;
+    return team;
   }
 
   void ensure_workers(int64_t count) {
@@ -123,23 +126,17 @@ class SleepingPool {
   }
 
   void loop() {
-    uint64_t seen = 0, seen_hold = 0;
+    uint64_t seen = 0;
     for (;;) {
-      // a caller holds the pool: its next job comes within microseconds
-      while (held_.load() > 0 && generation_.load() == seen && !stopping_) std::this_thread::yield();
       std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] {
-          return stopping_ || generation_.load() != seen || (held_.load() > 0 && holds_.load() != seen_hold);
-        });
+        wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
         if (stopping_) return;
-        seen_hold = holds_.load();
-        if (generation_.load() == seen) continue;  // woken by a hold: poll for its first job
-        seen = generation_.load();
+        seen = generation_;
         job = job_;
       }
-      job->work();  // a late worker finds the chunks taken and goes back to waiting
+      job->work();  // a late worker finds the chunks taken and goes back to sleep
     }
   }
 
@@ -147,10 +144,8 @@ class SleepingPool {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::shared_ptr<Job> job_;
-  std::atomic<uint64_t> generation_{0};  // jobs started; written under mutex_
-  std::atomic<uint64_t> holds_{0};       // holds begun; written under mutex_
-  std::atomic<int64_t> held_{0};         // holds alive
-  std::atomic<bool> stopping_{false};
+  uint64_t generation_ = 0;
+  bool stopping_ = false;
   pid_t owner_pid_ = getpid();
   std::vector<std::thread> workers_;
 };
