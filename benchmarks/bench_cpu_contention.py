@@ -57,12 +57,18 @@ def _calls(T: int):
     return ours, dense
 
 
-def _medians(fns, rounds: int) -> list[float]:
-    """Median seconds of each callable, timed in alternating rounds."""
+def _medians(fns, rounds: int, warmup: float) -> list[float]:
+    """Median seconds of each callable, timed in alternating rounds after ``warmup`` seconds of
+    untimed ones (a fresh process's first calls run slower: page faults, thread start-up, clock
+    ramp; the first 15 rounds of T = 1 took 1.6x the time of the fourth 15)."""
     times = [[] for _ in fns]
     with torch.no_grad():
-        for fn in fns:
-            fn()
+        end = time.perf_counter() + warmup
+        while True:
+            for fn in fns:
+                fn()
+            if time.perf_counter() >= end:
+                break
         for _ in range(rounds):
             for i, fn in enumerate(fns):
                 t0 = time.perf_counter()
@@ -76,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 1024])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of untimed rounds before each timing")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"{args.threads} threads, torch {torch.__version__}; ms are medians of {args.rounds} alternating rounds")
@@ -84,13 +91,13 @@ def main(argv=None) -> int:
     ctx = mp.get_context("spawn")
     for T in args.tokens:
         fns = _calls(T)
-        quiet = _medians(fns, args.rounds)
+        quiet = _medians(fns, args.rounds, args.warmup)
         stop = ctx.Event()
         competitor = ctx.Process(target=_spin, args=(stop,), daemon=True)
         competitor.start()
         try:
             time.sleep(0.5)
-            loaded = _medians(fns, args.rounds)
+            loaded = _medians(fns, args.rounds, args.warmup)
         finally:
             stop.set()
             competitor.join(timeout=5)

@@ -112,8 +112,12 @@ at::Tensor matvec_experts(const at::Tensor& x_TH, const at::Tensor& topk_weights
   const kernel_moe::experts::Activation act = kernel_moe::experts::parse_activation(
       "matvec_experts", activation, glu, alpha, limit, gate_softcap, up_softcap);
 
-  // every job of this call on the OpenMP team where PyTorch's last op left it awake, else on the pool
-  const kernel_moe::SleepingPool::Hold hold;
+  // one way for every job of this call (pool.h): the OpenMP team where PyTorch's last op left it
+  // awake, the calling thread alone for a short call on a busy machine, else the pool
+  const int64_t E = w_up_ENH.size(0);
+  const int64_t expert_bytes = E == 0 ? 0 : (w_up_ENH.nbytes() + w_down_EHI.nbytes()) / E;
+  const int64_t active = std::count_if(counts.begin(), counts.end(), [](int64_t n) { return n > 0; });
+  const kernel_moe::SleepingPool::Hold hold(active * expert_bytes);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::NoGradGuard no_grad;
   const at::Tensor order = order_S.contiguous();

@@ -1,7 +1,7 @@
-// Whether the calling thread's ATen OpenMP team is awake on a machine with a core free for it:
-// every worker thread of the team running or runnable, as it is for several milliseconds after
-// each PyTorch parallel region (libgomp's workers spin before they sleep: 4-8 ms measured on the
-// 2-core test machine), and no more runnable threads on the machine than it has CPUs.
+// Whether the calling thread's ATen OpenMP team is awake: every worker thread of the team running
+// or runnable, as it is for several milliseconds after each PyTorch parallel region (libgomp's
+// workers spin before they sleep: 4-8 ms measured on the 2-core test machine); and whether the
+// machine has no more runnable threads than CPUs (pool.h's Hold takes the team only then).
 //
 // Why: a decode call that follows a PyTorch op (attention, the router, a dense layer) finds that
 // team's worker spinning on a core. Our own pool thread then shares that core with it, and a
@@ -39,7 +39,7 @@ class OmpTeam {
   ~OmpTeam() { close_all(); }
 
   // whether every worker of the calling thread's team (of at::get_num_threads() threads) is
-  // running or runnable now
+  // running or runnable now (the caller checks cores_free() too)
   bool awake() {
 #if AT_PARALLEL_OPENMP
     const int64_t threads = at::get_num_threads();
@@ -54,28 +54,30 @@ class OmpTeam {
       const char* paren = strrchr(buf, ')');  // "tid (comm) S ...": comm may hold anything
       if (paren == nullptr || paren[1] != ' ' || paren[2] != 'R') return false;
     }
-    return cores_free();
+    return true;
 #else
     return false;
 #endif
   }
 
- private:
+ public:
   // whether the machine's runnable threads (the fourth field of /proc/loadavg, "running/total",
-  // counted now) are no more than its CPUs
+  // counted now) are no more than its CPUs; true where /proc/loadavg cannot be read
   static bool cores_free() {
     static const int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
     static const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     char buf[128];
     const ssize_t n = fd < 0 ? -1 : pread(fd, buf, sizeof(buf) - 1, 0);
-    if (n <= 0) return false;
+    if (n <= 0) return true;
     buf[n] = '\0';
     long running = 0;  // "0.50 0.40 0.30 3/120 4567": three load averages, then running/total
     double load1, load5, load15;
-    if (sscanf(buf, "%lf %lf %lf %ld/", &load1, &load5, &load15, &running) != 4) return false;
+    if (sscanf(buf, "%lf %lf %lf %ld/", &load1, &load5, &load15, &running) != 4) return true;
     return running <= cpus;
   }
 
+
+ private:
   // the team's worker thread ids (thread 0 is the caller), one /proc file open per worker
   void learn(int64_t threads) {
     close_all();

@@ -30,28 +30,39 @@ namespace kernel_moe {
 
 class SleepingPool {
  public:
-  // While alive, run() on the thread that made it spreads its jobs over that thread's ATen OpenMP
-  // team if the team was awake when the hold began, and over the pool otherwise: one choice for
-  // every job of a call.
+  // While alive, run() on the thread that made it takes one way for every job of a call that reads
+  // `bytes` of weights: on the calling thread alone when the machine has more runnable threads
+  // than CPUs and the call is short (under kAloneBytes: a preempted helper holding a chunk would
+  // keep it waiting for a time slice of a few milliseconds, longer than the whole call on one
+  // core); else on the thread's ATen OpenMP team where PyTorch's last op left it awake and the
+  // machine has a core per runnable thread (omp_team.h); else on the pool.
   class Hold {
    public:
-    Hold() : previous_(on_team()) { on_team() = omp_team().awake(); }
-    ~Hold() { on_team() = previous_; }
+    explicit Hold(int64_t bytes) : previous_(way()) {
+      const bool cores_free = OmpTeam::cores_free();
+      if (!cores_free && bytes < kAloneBytes) {
+        way() = Way::kAlone;
+      } else {
+        way() = cores_free && omp_team().awake() ? Way::kTeam : Way::kPool;
+      }
+    }
+    ~Hold() { way() = previous_; }
     Hold(const Hold&) = delete;
     Hold& operator=(const Hold&) = delete;
 
    private:
-    bool previous_;
+    int previous_;
   };
+  static constexpr int64_t kAloneBytes = int64_t{16} << 20;
 
   // fn(chunk) for every chunk in [0, num_chunks), spread over at most `threads` threads (the caller
   // included); returns when all are done. Calls from several threads at once take turns.
   void run(int64_t num_chunks, int64_t threads, const std::function<void(int64_t)>& fn) {
-    if (num_chunks <= 1 || threads <= 1) {
+    if (num_chunks <= 1 || threads <= 1 || way() == Way::kAlone) {
       for (int64_t c = 0; c < num_chunks; ++c) fn(c);
       return;
     }
-    if (on_team() && !at::in_parallel_region()) {  // each of the team's threads takes chunks in turn
+    if (way() == Way::kTeam && !at::in_parallel_region()) {  // each of the team's threads takes chunks in turn
       Job job(fn, num_chunks);
       at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { job.work(); });
       return;
@@ -110,10 +121,13 @@ class SleepingPool {
     }
   };
 
-  // whether this thread's current call runs on its OpenMP team (a Hold decided so)
-  static bool& on_team() {
-    thread_local bool team = false;
-    return team;
+  // how this thread's current call runs its jobs (a Hold decided so; the pool outside a hold)
+  struct Way {
+    static constexpr int kPool = 0, kTeam = 1, kAlone = 2;
+  };
+  static int& way() {
+    thread_local int current = Way::kPool;
+    return current;
   }
 
   void ensure_workers(int64_t count) {
