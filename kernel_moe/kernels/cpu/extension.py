@@ -4,9 +4,11 @@
   weight row once at close to memory bandwidth: the CPU experts op's decode and small batches;
 - ``quant_matvec.cpp`` does the same over int8 / fp8 / int4 weights, converted in registers;
 - ``matvec_experts.cpp`` runs the whole forward of decode and small batches on those two (gather,
-  projections, activation, weighted combine) without opening an ATen parallel region;
-- ``fused_experts.cpp`` runs the whole forward of larger batches (gather, GEMMs, activation,
-  weighted combine) as tasks of one expert's rows, run concurrently, one thread each.
+  projections, activation, weighted combine), its jobs on the OpenMP team PyTorch's last op left
+  awake (``omp_team.h``) or on a pool of its own whose idle threads sleep (``pool.h``);
+- ``fused_experts.cpp`` runs the whole forward of larger batches (gather, GEMMs on
+  ``bf16_gemm.cpp`` for bf16, activation, weighted combine) as tasks of one expert's rows, run
+  concurrently, one thread each, into a buffer kept between calls (``workspace.h``).
 
 ``kernels.h`` declares them and ``bindings.cpp`` makes the Python module. The build needs a C++
 compiler and ninja and takes about a minute on two cores; the result is cached by torch
