@@ -206,23 +206,30 @@ def test_fused_forward_reuses_its_workspace_across_sizes_and_threads(ext):
     smaller than the one before uses a prefix of it, a larger one replaces it, and calls from several
     Python threads at once (one holds it, the others get buffers of their own) each give exactly
     what that call gives alone."""
+    calls = [op_inputs(T, 32, 24, 6, 2, seed=T) for T in (300, 40, 700, 90, 300)]
+    for c in calls:
+        assert_fp32_close(ext.fused_experts(*_fused_args(c)), run_reference(c))
+    _concurrent_calls_match(lambda c: ext.fused_experts(*_fused_args(c)), calls, threads=4, repeats=5)
+
+
+def _concurrent_calls_match(call, args: list, threads: int, repeats: int) -> None:
+    """Several Python threads each call ``call(a)`` for every ``a`` of ``args``, ``repeats`` times,
+    each thread in its own order: every result equals that call's result made alone."""
     import threading
 
-    calls = [op_inputs(T, 32, 24, 6, 2, seed=T) for T in (300, 40, 700, 90, 300)]
-    alone = [ext.fused_experts(*_fused_args(c)) for c in calls]
-    for c, out in zip(calls, alone):
-        assert_fp32_close(out, run_reference(c))
-    got = [[None] * len(calls) for _ in range(4)]
+    alone = [call(a) for a in args]
+    got = [[None] * len(args) for _ in range(threads)]
 
     def worker(w):
-        for _ in range(5):
-            for i in range(len(calls)):
-                got[w][(i + w) % len(calls)] = ext.fused_experts(*_fused_args(calls[(i + w) % len(calls)]))
+        for _ in range(repeats):
+            for i in range(len(args)):
+                j = (i + w) % len(args)
+                got[w][j] = call(args[j])
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
-    for t in threads:
+    pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+    for t in pool:
         t.start()
-    for t in threads:
+    for t in pool:
         t.join(timeout=120)
     for per_thread in got:
         for out, want in zip(per_thread, alone):
@@ -399,7 +406,6 @@ def test_matvec_experts_from_several_threads_then_idle(ext):
     (kernels/cpu/pool.h), chosen per call: calls from several Python threads at once (each with a
     team of its own) stay exact, and afterwards the process uses next to no CPU while it sleeps (a
     pool worker that kept polling would use about the whole sleep)."""
-    import threading
     import time
 
     if torch.get_num_threads() < 2:
@@ -417,22 +423,7 @@ def test_matvec_experts_from_several_threads_then_idle(ext):
     def call(c):
         return ext.matvec_experts(c[0], c[1], c[2], c[3], w_up, w_down, None, None, *act)
 
-    alone = [call(c) for c in calls]
-    got = [[None] * len(calls) for _ in range(3)]
-
-    def worker(w):
-        for _ in range(30):
-            for i, c in enumerate(calls):
-                got[w][i] = call(c)
-
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    for per_thread in got:
-        for out, want in zip(per_thread, alone):
-            assert torch.equal(out, want)
+    _concurrent_calls_match(call, calls, threads=3, repeats=30)
     time.sleep(0.05)
     start = time.process_time()
     time.sleep(0.5)
