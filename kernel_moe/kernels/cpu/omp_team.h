@@ -60,7 +60,6 @@ class OmpTeam {
 #endif
   }
 
- public:
   // whether the machine's runnable threads (the fourth field of /proc/loadavg, "running/total",
   // counted now) are no more than its CPUs; true where /proc/loadavg cannot be read
   static bool cores_free() {
@@ -75,7 +74,6 @@ class OmpTeam {
     if (sscanf(buf, "%lf %lf %lf %ld/", &load1, &load5, &load15, &running) != 4) return true;
     return running <= cpus;
   }
-
 
  private:
   // the team's worker thread ids (thread 0 is the caller), one /proc file open per worker

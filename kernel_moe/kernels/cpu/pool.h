@@ -30,6 +30,9 @@ namespace kernel_moe {
 
 class SleepingPool {
  public:
+  // how this thread's current call runs its jobs (a Hold decides; the pool outside a hold)
+  enum class Way { kPool, kTeam, kAlone };
+
   // While alive, run() on the thread that made it takes one way for every job of a call that reads
   // `bytes` of weights: on the calling thread alone when the machine has more runnable threads
   // than CPUs and the call is short (under kAloneBytes: a preempted helper holding a chunk would
@@ -38,20 +41,20 @@ class SleepingPool {
   // machine has a core per runnable thread (omp_team.h); else on the pool.
   class Hold {
    public:
-    explicit Hold(int64_t bytes) : previous_(way()) {
-      const bool cores_free = OmpTeam::cores_free();
-      if (!cores_free && bytes < kAloneBytes) {
-        way() = Way::kAlone;
-      } else {
-        way() = cores_free && omp_team().awake() ? Way::kTeam : Way::kPool;
-      }
-    }
+    explicit Hold(int64_t bytes) : previous_(way()) { way() = choose(bytes); }
     ~Hold() { way() = previous_; }
     Hold(const Hold&) = delete;
     Hold& operator=(const Hold&) = delete;
 
    private:
-    int previous_;
+    static Way choose(int64_t bytes) {
+      if (at::get_num_threads() <= 1) return Way::kPool;  // run() works alone anyway: nothing to read
+      const bool cores_free = OmpTeam::cores_free();
+      if (!cores_free && bytes < kAloneBytes) return Way::kAlone;
+      return cores_free && omp_team().awake() ? Way::kTeam : Way::kPool;
+    }
+
+    Way previous_;
   };
   static constexpr int64_t kAloneBytes = int64_t{16} << 20;
 
@@ -121,12 +124,8 @@ class SleepingPool {
     }
   };
 
-  // how this thread's current call runs its jobs (a Hold decided so; the pool outside a hold)
-  struct Way {
-    static constexpr int kPool = 0, kTeam = 1, kAlone = 2;
-  };
-  static int& way() {
-    thread_local int current = Way::kPool;
+  static Way& way() {
+    thread_local Way current = Way::kPool;
     return current;
   }
 
